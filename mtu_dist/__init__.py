@@ -1,0 +1,1 @@
+"""mtu_dist: interference-aware multi-task unlearning, data-parallel."""

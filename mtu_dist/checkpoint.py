@@ -1,0 +1,125 @@
+"""Checkpoints: safetensors for tensors, a small JSON for the rest, written atomically and verified.
+
+A checkpoint is a folder `step-NNNNNNN/` holding `model.safetensors`, optionally `optim.safetensors`,
+and `state.json` (step, epoch, resolved config, dataset layout and the sha256 of every tensor file). The
+torch RNG state travels with the optimizer state; data order is a pure function of (seed, epoch), so
+no other RNG state is needed to resume bit-identically. It is written to a temporary folder and renamed into place, so a crash leaves
+either the old checkpoint or the new one, never a torn one; a torn or tampered checkpoint fails its
+checksum on load, and `latest_checkpoint` falls back to the previous good one. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .fileio import sha256_file
+
+TENSOR_FILES = ("model.safetensors", "optim.safetensors")
+
+
+def _optim_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    flat = {f"state.{i}.{name}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            for i, st in sd["state"].items() for name, v in st.items()}
+    return flat, sd["param_groups"]
+
+
+def _optim_from_flat(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, step: int, epoch: int, config: dict,
+                    info: dict, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    meta = {"step": step, "epoch": epoch, "config": config, **info}
+    if optimizer is not None:
+        flat, groups = _optim_to_flat(optimizer)
+        flat["rng.torch"] = torch.get_rng_state()
+        save_file(flat, tmp / "optim.safetensors")
+        meta["optim_param_groups"] = groups
+    meta["sha256"] = {f: sha256_file(tmp / f) for f in TENSOR_FILES if (tmp / f).exists()}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():  # durable before it becomes visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def read_state(folder: str | Path) -> dict:
+    """state.json of a checkpoint, with every tensor file's checksum verified."""
+    folder = Path(folder)
+    if (folder / "final" / "state.json").is_file():  # a run folder: take its final model
+        folder = folder / "final"
+    path = folder / "state.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: not a checkpoint (no state.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt checkpoint metadata (not valid JSON)") from None
+    for name, digest in meta.get("sha256", {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise UserError(f"{f}: checkpoint file missing")
+        if sha256_file(f) != digest:
+            raise UserError(f"{f}: checksum mismatch (torn or modified checkpoint)")
+    if "model.safetensors" not in meta.get("sha256", {}):
+        raise UserError(f"{folder}: checkpoint lists no model.safetensors")
+    meta["_folder"] = str(folder)
+    return meta
+
+
+def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) -> dict:
+    meta = read_state(folder)
+    folder = Path(meta["_folder"])
+    try:
+        tensors = load_file(folder / "model.safetensors")
+        model.load_state_dict(tensors)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"{folder}/model.safetensors: does not fit this model ({str(e).splitlines()[0]})") from None
+    if optimizer is not None and (folder / "optim.safetensors").is_file():
+        flat = load_file(folder / "optim.safetensors")
+        torch.set_rng_state(flat.pop("rng.torch"))
+        _optim_from_flat(optimizer, flat, meta["optim_param_groups"])
+    return meta
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """Newest checkpoint that passes its checksums; torn ones are skipped (and reported)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    for folder in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        try:
+            read_state(folder)
+            return folder
+        except UserError as e:
+            print(f"mtu: skipping checkpoint: {e}")
+    return None
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    for folder in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)

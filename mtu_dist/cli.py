@@ -1,0 +1,143 @@
+"""`mtu`: the command line. Each sub-command imports what it needs lazily so `mtu --help` is fast."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+
+def cmd_data_synth(a):
+    from .data.synth_cmd import synth
+    from .data.verify import summarize
+    for m in synth(a.datasets, a.out, train=a.train, val=a.val, test=a.test, height=a.height,
+                   width=a.width, seed=a.seed, shard_size=a.shard_size, workers=a.workers,
+                   overwrite=a.overwrite):
+        print(summarize(m))
+
+
+def cmd_data_convert(a):
+    from .data.convert import convert
+    from .data.verify import summarize
+    print(summarize(convert(a.kind, a.src, a.out, shard_size=a.shard_size, workers=a.workers,
+                            overwrite=a.overwrite)))
+
+
+def cmd_data_verify(a):
+    from .data.manifest import load_manifest
+    from .data.verify import summarize, verify_dataset
+    bad = 0
+    for path in a.paths:
+        m = load_manifest(path, a.root)
+        problems = verify_dataset(m)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(summarize(m))
+        print(f"  {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        bad += len(problems)
+    if bad:
+        raise UserError(f"verification failed: {bad} problem(s) (listed above)")
+
+
+def cmd_forget_make(a):
+    from .data.manifest import load_manifest
+    from .forget import load_request, make_request, write_request
+    m = load_manifest(a.dataset, a.root)
+    exclude = load_request(a.exclude, m) if a.exclude else None
+    raw = make_request(m, fraction=a.fraction, setting=a.setting, tasks=a.tasks, seed=a.seed, exclude=exclude)
+    write_request(raw, a.out, overwrite=a.overwrite)
+    req = load_request(a.out, m)  # round trip: what we wrote must load
+    print(f"{a.out}: {req.setting} request, {len(req.entries)} instances, tasks "
+          f"{list(req.target_tasks())}, sha256 {req.sha256[:12]}")
+
+
+def cmd_forget_check(a):
+    from .data.manifest import load_manifest
+    from .forget import load_request
+    m = load_manifest(a.dataset, a.root)
+    req = load_request(a.request, m)
+    print(f"{a.request}: OK — {req.setting} request on {req.dataset}, {len(req.entries)} instances, "
+          f"{len(req.pairs())} (instance, task) pairs, sha256 {req.sha256}")
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+    run_demo(a)
+
+
+def _data_args(p, out=True):
+    if out:
+        p.add_argument("--out", default="data_shards", help="root folder for datasets (default: data_shards)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (atomically)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mtu", description="Interference-aware multi-task unlearning, data-parallel.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="generate, convert and verify WebDataset shards").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("synth", help="write the synthetic benchmarks (no download)")
+    p.add_argument("--datasets", nargs="+", default=["synth-indoor", "synth-street"])
+    p.add_argument("--train", type=int, default=384, help="train samples per dataset (default: 384)")
+    p.add_argument("--val", type=int, default=128, help="val samples per dataset (default: 128)")
+    p.add_argument("--test", type=int, default=0, help="test samples per dataset (default: 0)")
+    p.add_argument("--height", type=int, default=48)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    _data_args(p)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("convert", help="convert preprocessed NYUv2/Cityscapes (MTAN/LibMTL layout)")
+    p.add_argument("kind", choices=["nyuv2", "cityscapes"])
+    p.add_argument("src", help="folder with {train,val}/{image,label,depth[,normal]}/N.npy")
+    _data_args(p)
+    p.set_defaults(func=cmd_data_convert)
+    p = data.add_parser("verify", help="check shards against their manifest")
+    p.add_argument("paths", nargs="+", help="dataset folder, its manifest.json, or a dataset name")
+    p.add_argument("--root", default="data_shards")
+    p.set_defaults(func=cmd_data_verify)
+
+    forget = sub.add_parser("forget", help="make and check forget requests").add_subparsers(
+        dest="forget_command", required=True, metavar="ACTION")
+    p = forget.add_parser("make", help="draw a forget request and write it to a file")
+    p.add_argument("--dataset", required=True, help="dataset name or folder")
+    p.add_argument("--fraction", type=float, required=True)
+    p.add_argument("--setting", choices=["full", "partial"], required=True)
+    p.add_argument("--tasks", nargs="+", help="target tasks (partial setting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude", help="an existing request whose instances must not be drawn (dev requests)")
+    p.add_argument("--out", required=True, help="output .yaml or .json")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--root", default="data_shards")
+    p.set_defaults(func=cmd_forget_make)
+    p = forget.add_parser("check", help="validate a forget request against a dataset")
+    p.add_argument("request")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", default="data_shards")
+    p.set_defaults(func=cmd_forget_check)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic data")
+    p.add_argument("--root", default="data_shards")
+    p.add_argument("--overwrite", action="store_true", help="regenerate the synthetic shards")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"mtu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtu: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""One typed config schema for every command (pydantic, unknown fields rejected).
+
+A run's config is: defaults <- YAML file(s) given with `--config` <- `--set section.field=value`
+overrides (values parsed as YAML scalars). The resolved config is saved next to every run's outputs
+and logged to MLflow. Method-specific knobs live under `unlearn.options` and are validated by the
+method's own schema (see `mtu_dist/methods`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = "synth-indoor"          # dataset name under root, or a dataset folder
+    root: str = "data_shards"
+    workers: int = Field(1, ge=0)           # loader worker processes per rank
+    shuffle_buffer: int = Field(64, ge=0)
+
+
+class ModelConfig(Section):
+    arch: Literal["conv", "resnet"] = "conv"  # conv: small CPU model; resnet: torchvision backbone for GPUs
+    width: int = Field(32, ge=8)
+    head_width: int = Field(32, ge=8)
+    resnet_depth: int = 18
+    backbone_checkpoint: str | None = None   # local weights only; nothing is downloaded
+
+
+class TrainConfig(Section):
+    epochs: int = Field(12, ge=1)
+    global_batch: int = Field(16, ge=1)     # split evenly over ranks
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = once per epoch
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class UnlearnConfig(Section):
+    method: str = "neggrad_plus"
+    steps: int = Field(40, ge=1)            # step budget
+    lr: float = Field(1e-3, gt=0)
+    forget_batch: int = Field(8, ge=1)      # global forget batch
+    retain_batch: int = Field(16, ge=1)     # global retain batch
+    alpha: float = Field(0.5, ge=0, le=1)   # weight of the retain term: alpha*retain - (1-alpha)*forget
+    stop_band: float | None = None          # stop when the forget pairs' primary metric <= original val + band
+    diverge_factor: float = Field(20.0, gt=1)  # loss or grad norm above factor x its first value = divergence
+    options: dict[str, Any] = {}            # method-specific knobs, validated by the method
+
+
+class EvalConfig(Section):
+    batch: int = Field(32, ge=1)
+    retain_sample: int = Field(64, ge=1)    # fixed retain sample (first N retain instances in manifest order)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None                  # default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str | None = None           # default: the dataset name
+    enabled: bool = True
+
+
+class RunConfig(Section):
+    seed: int = 0
+    out: str = "runs"
+    deterministic: bool = True
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.field=value")
+    path, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    *parents, leaf = path.strip().split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {item!r}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def load_config(files: list[str] | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    tree: dict = dict(base or {})
+    for f in files or []:
+        try:
+            loaded = yaml.safe_load(Path(f).read_text()) or {}
+        except OSError as e:
+            raise UserError(f"{f}: cannot read config ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{f}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{f}: a config file must be a mapping of sections")
+        tree = _merge(tree, loaded)
+    for item in overrides or []:
+        _apply_override(tree, item)
+    return validate(tree, source=", ".join(files or []) or "config")
+
+
+def validate(tree: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"field '{field}': {msg}")
+        raise UserError(f"{source}: invalid config: " + "; ".join(problems)) from None
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Multi-task data: WebDataset shards, manifests, generators, converters and streams."""

@@ -1,0 +1,281 @@
+"""Streaming multi-task batches from WebDataset shards, with per-sample, per-task supervision masks.
+
+Reader slots. With R ranks and W loader workers per rank there are R*W reader slots; slot
+`rank + R*worker` reads shards `slot::R*W` of the (per-epoch shuffled) shard list — exactly what
+WebDataset's split_by_node followed by split_by_worker gives. Each slot emits fixed-size chunks of
+`local_batch / W` samples and the DataLoader interleaves workers round-robin, so one local batch is
+one chunk from every worker. Consequence: 1 rank x 2 workers and 2 ranks x 1 worker read the same
+global batch at every step, which is what the 1-vs-N-rank equivalence tests rely on.
+
+Uneven shards (policy). Every slot's sample count is known from the manifest, so every slot emits
+the same number of chunks per epoch: `ceil(max_slot_samples / chunk)`. Short slots are padded with
+*invalid* samples (blank inputs, every task mask False, `valid` False) that contribute nothing to
+any loss or metric. Every (sample, task) pair of the split is therefore seen exactly once per epoch
+and all ranks run the same number of steps.
+
+Masks. `mask[b, j]` says whether sample b's task `tasks[j]` may supervise this step. For the retain
+stream it is False on forget pairs, and the label itself is blanked too (ignore/invalid values), so
+forget supervision never reaches a retain step even if a loss forgot to apply the mask.
+
+Integrity. A worker reads each shard into memory, checks its sha256 against the manifest and only
+then expands it; every sample is decoded and range-checked (NaN/inf refused) on load.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+import re
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import UserError
+from ..fileio import sha256_bytes
+from .manifest import Manifest
+from .sample import SEG_IGNORE, decode_sample
+
+MaskFn = Callable[[str], np.ndarray]  # instance key -> bool[T] supervision mask
+
+
+def full_mask(manifest: Manifest) -> MaskFn:
+    ones = np.ones(len(manifest.tasks), dtype=bool)
+    return lambda key: ones
+
+
+def retain_mask(manifest: Manifest, forget_entries: dict[str, tuple[str, ...]]) -> MaskFn:
+    """Supervision mask of the retain signal: everything except the forget pairs."""
+    ones = np.ones(len(manifest.tasks), dtype=bool)
+    masked = {k: np.array([t not in ts for t in manifest.tasks]) for k, ts in forget_entries.items()}
+    return lambda key: masked.get(key, ones)
+
+
+def to_tensors(s: dict, tasks: tuple[str, ...], mask: np.ndarray, key: str, valid: bool = True) -> dict:
+    """Checked numpy sample -> tensors, blanking labels of masked-out tasks."""
+    out = {"image": torch.from_numpy(np.ascontiguousarray(s["image"].transpose(2, 0, 1))).float().div_(255),
+           "mask": torch.from_numpy(mask.copy()), "valid": torch.tensor(valid), "key": key}
+    for j, t in enumerate(tasks):
+        keep = bool(mask[j])
+        if t == "seg":
+            seg = torch.from_numpy(s["seg"].astype(np.int64))
+            out["seg"] = seg if keep else torch.full_like(seg, SEG_IGNORE)
+        elif t == "depth":
+            d = torch.from_numpy(s["depth"].astype(np.float32))[None]
+            out["depth"] = d if keep else torch.zeros_like(d)
+        elif t == "normal":
+            n = torch.from_numpy(s["normal"].astype(np.float32))
+            out["normal"] = n if keep else torch.zeros_like(n)
+    return out
+
+
+def blank_sample(manifest: Manifest) -> dict:
+    h, w = manifest.resolution
+    s = {"image": np.zeros((h, w, 3), np.uint8), "seg": np.full((h, w), SEG_IGNORE, np.uint8),
+         "depth": np.zeros((h, w), np.float32), "normal": np.zeros((3, h, w), np.float32)}
+    return to_tensors(s, manifest.tasks, np.zeros(len(manifest.tasks), bool), key="", valid=False)
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "key"}
+    out["key"] = [s["key"] for s in samples]
+    return out
+
+
+def concat_batches(parts: list[dict]) -> dict:
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "key"}
+    out["key"] = [k for p in parts for k in p["key"]]
+    return out
+
+
+@dataclass
+class SlotPlan:
+    """What every reader slot reads in one epoch; identical on every rank (computed from the manifest)."""
+    shard_order: list[int]  # indices into split.shards, shuffled per epoch
+    num_slots: int
+    chunk: int
+    chunks_per_epoch: int
+
+    def shards_of(self, slot: int) -> list[int]:
+        return self.shard_order[slot::self.num_slots]
+
+
+def plan_epoch(manifest: Manifest, split: str, *, world: int, workers: int, local_batch: int,
+               seed: int, epoch: int, shuffle: bool) -> SlotPlan:
+    if local_batch % max(workers, 1):
+        raise UserError(f"local batch size {local_batch} must be divisible by the number of loader "
+                        f"workers ({workers})")
+    shards = manifest.split(split).shards
+    order = list(range(len(shards)))
+    if shuffle:
+        random.Random(f"{seed}-{epoch}-shards").shuffle(order)
+    num_slots = world * max(workers, 1)
+    chunk = local_batch // max(workers, 1)
+    most = max(sum(shards[i].num_samples for i in order[s::num_slots]) for s in range(num_slots))
+    return SlotPlan(order, num_slots, chunk, max(1, math.ceil(most / chunk)))
+
+
+class ShardStream(IterableDataset):
+    """One epoch of one rank's share of a split, as chunks (see the module docstring)."""
+
+    def __init__(self, manifest: Manifest, split: str, plan: SlotPlan, *, rank: int, world: int,
+                 mask_fn: MaskFn, shuffle_buffer: int, seed: int, epoch: int):
+        self.manifest, self.split, self.plan = manifest, split, plan
+        self.rank, self.world, self.mask_fn = rank, world, mask_fn
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        return self.rank + self.world * (info.id if info else 0)
+
+    def _my_shards(self) -> Iterator[int]:
+        # split_by_node (explicit rank/world, so it never guesses from the environment), then
+        # WebDataset's own split_by_worker.
+        by_node = islice(self.plan.shard_order, self.rank, None, self.world)
+        return wds.split_by_worker(by_node)
+
+    def _open_verified(self, indices) -> Iterator[dict]:
+        for i in indices:
+            shard = self.manifest.split(self.split).shards[i]
+            path = self.manifest.shard_path(shard)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise UserError(f"{path}: cannot read shard ({e.strerror or e})") from None
+            if sha256_bytes(data) != shard.sha256:
+                raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
+                                "run `mtu data verify`)")
+            yield {"url": str(path), "stream": io.BytesIO(data)}
+
+    def _samples(self) -> Iterator[dict]:
+        m = self.manifest
+        expanded = wds.tariterators.tar_file_expander(self._open_verified(self._my_shards()))
+        try:
+            for raw in wds.tariterators.group_by_keys(expanded):
+                key = raw["__key__"]
+                members = {k: v for k, v in raw.items() if not k.startswith("__")}
+                s = decode_sample(members, m.tasks, m.resolution, m.num_classes, where=f"{raw['__url__']}: {key}")
+                yield to_tensors(s, m.tasks, self.mask_fn(key), key)
+        except UserError:
+            raise
+        except Exception as e:  # tar/format errors from the expander carry the url in args
+            url = next((a for a in e.args if isinstance(a, str) and a.endswith(".tar")), "shard")
+            raise UserError(f"{url}: corrupt or truncated tar ({type(e).__name__})") from None
+
+    def _shuffled(self, samples: Iterator[dict]) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self._slot()}")
+        buf = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        blank, chunk, emitted, buf = blank_sample(self.manifest), self.plan.chunk, 0, []
+        for s in self._shuffled(self._samples()):
+            buf.append(s)
+            if len(buf) == chunk:
+                yield collate(buf)
+                emitted, buf = emitted + 1, []
+        while emitted < self.plan.chunks_per_epoch:
+            buf += [blank] * (chunk - len(buf))
+            yield collate(buf)
+            emitted, buf = emitted + 1, []
+
+
+_WRAPPED = re.compile(r"UserError: (.*)\s*$", re.S)
+
+
+class BatchLoader:
+    """Iterate local batches of one split for one rank, epoch by epoch (see module docstring)."""
+
+    def __init__(self, manifest: Manifest, split: str, *, rank: int, world: int, local_batch: int,
+                 workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 64, seed: int = 0,
+                 mask_fn: MaskFn | None = None):
+        self.manifest, self.split, self.rank, self.world = manifest, split, rank, world
+        self.local_batch, self.workers, self.shuffle = local_batch, workers, shuffle
+        self.shuffle_buffer, self.seed = (shuffle_buffer if shuffle else 0), seed
+        self.mask_fn = mask_fn or full_mask(manifest)
+        for shard in manifest.split(split).shards:  # fail fast, before any worker starts
+            if not manifest.shard_path(shard).is_file():
+                raise UserError(f"{manifest.shard_path(shard)}: shard listed in manifest.json is missing")
+
+    def plan(self, epoch: int) -> SlotPlan:
+        return plan_epoch(self.manifest, self.split, world=self.world, workers=self.workers,
+                          local_batch=self.local_batch, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return self.plan(epoch).chunks_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        plan = self.plan(epoch)
+        ds = ShardStream(self.manifest, self.split, plan, rank=self.rank, world=self.world,
+                         mask_fn=self.mask_fn, shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=epoch)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.workers,
+                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+        parts, nw = [], max(self.workers, 1)
+        try:
+            for chunk in loader:
+                parts.append(chunk)
+                if len(parts) == nw:
+                    yield concat_batches(parts)
+                    parts = []
+        except UserError:
+            raise
+        except Exception as e:  # a UserError raised inside a worker arrives re-wrapped
+            match = _WRAPPED.search(str(e))
+            if match:
+                raise UserError(match.group(1).strip().splitlines()[-1]) from None
+            raise
+
+
+def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: MaskFn) -> list[dict]:
+    """Materialise a few instances (the forget stream is small) by reading only their shards."""
+    from .tario import iter_entries
+
+    wanted, keys, offset = set(ids), manifest.split(split).keys, 0
+    found = {}
+    for shard in manifest.split(split).shards:
+        span = set(keys[offset:offset + shard.num_samples])
+        offset += shard.num_samples
+        if not span & wanted:
+            continue
+        path = manifest.shard_path(shard)
+        if not path.is_file():
+            raise UserError(f"{path}: shard listed in manifest.json is missing")
+        for key, members in iter_entries(path):
+            if key in wanted:
+                s = decode_sample(members, manifest.tasks, manifest.resolution, manifest.num_classes,
+                                  where=f"{path}: {key}")
+                found[key] = to_tensors(s, manifest.tasks, mask_fn(key), key)
+    missing = wanted - set(found)
+    if missing:
+        raise UserError(f"instances not found in the shards: {sorted(missing)[:5]}")
+    return [found[i] for i in ids]
+
+
+def forget_batches(samples: list[dict], *, global_batch: int, rank: int, world: int, seed: int,
+                   blank: dict) -> Iterator[dict]:
+    """Endless local forget batches: each step draws the next `global_batch` instances of a seeded
+    per-pass permutation (identical on every rank) and rank r takes the r-th equal slice; the global
+    batch is padded with invalid samples to a multiple of the world size."""
+    gb = min(global_batch, len(samples))
+    per_rank = math.ceil(gb / world)
+    pass_no = 0
+    while True:
+        order = list(range(len(samples)))
+        random.Random(f"{seed}-forget-{pass_no}").shuffle(order)
+        for start in range(0, len(order) - gb + 1, gb):
+            picked = [samples[i] for i in order[start:start + gb]]
+            picked += [blank] * (per_rank * world - len(picked))
+            yield collate(picked[rank * per_rank:(rank + 1) * per_rank])
+        pass_no += 1

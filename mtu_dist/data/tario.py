@@ -1,0 +1,38 @@
+"""Read shard entries in memory with the standard tarfile module (never extracted to disk)."""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import UserError
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`synth-indoor/train/000001.image.png` -> (key, 'image.png'); WebDataset's rule: the key ends
+    at the first dot of the last path component."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        raise ValueError(f"member '{name}' has no extension")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def iter_entries(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {member: bytes}) in archive order. Raises UserError on a corrupt/truncated tar."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            key, members = None, {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = split_member_name(info.name)
+                if k != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = tar.extractfile(info).read()
+            if key is not None:
+                yield key, members
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None

@@ -1,0 +1,1 @@
+"""Distributed pieces: process-group set-up, the per-task gradient step and its collectives."""

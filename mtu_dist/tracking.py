@@ -1,0 +1,111 @@
+"""MLflow tracking: embedded sqlite store by default, a server when asked; only rank 0 logs.
+
+URI: `tracking.uri` (or `--tracking-uri`) > `MLFLOW_TRACKING_URI` > `sqlite:///<cwd>/mlflow.db`.
+Metrics are buffered and sent with `log_batch` (one request per flush instead of one per point).
+`mlflow` is imported lazily: it costs ~2 s and most processes (workers, non-zero ranks) never need it.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+from .errors import UserError
+
+FLUSH_EVERY = 200  # buffered metric points
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any work starts if the store cannot be used; the message names the URI."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except Exception as e:
+            raise UserError(f"tracking URI {uri}: MLflow server unreachable ({e})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"tracking URI {uri}: folder {folder} does not exist or is not writable")
+    elif uri.startswith(("file:", "/", ".")):
+        raise UserError(f"tracking URI {uri}: the file store is retired in MLflow 3; use sqlite:///path/mlflow.db")
+
+
+class Tracker:
+    """One MLflow run (optionally the child of `parent_run_id`). A no-op where `enabled` is False."""
+
+    def __init__(self, *, enabled: bool, uri: str | None, experiment: str, run_name: str,
+                 parent_run_id: str | None = None, tags: dict | None = None):
+        self.enabled, self.run_id, self._buffer = enabled, None, []
+        if not enabled:
+            return
+        self.uri = resolve_uri(uri)
+        check_reachable(self.uri)
+        from mlflow import MlflowClient
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def log_params(self, params: dict) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self._buffer) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._buffer:
+            for i in range(0, len(self._buffer), 1000):
+                self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+            self._buffer = []
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.flush()
+            self.client.set_terminated(self.run_id, status)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

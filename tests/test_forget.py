@@ -1,0 +1,94 @@
+"""Forget requests: generation, round trip, and every validation error naming its entry."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mtu_dist.data.manifest import load_manifest
+from mtu_dist.errors import UserError
+from mtu_dist.forget import load_request, make_request, parse_request
+
+from conftest import run_mtu
+
+K = "synth-indoor/train/{:06d}"
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_root):
+    return load_manifest(tiny_root / "synth-indoor")
+
+
+def _req(**kw):
+    raw = {"setting": "partial", "dataset": "synth-indoor", "entries": [{"id": K.format(1), "tasks": ["seg"]}]}
+    raw.update(kw)
+    return raw
+
+
+BAD = {
+    "unknown id": (_req(entries=[{"id": "synth-indoor/train/999999", "tasks": ["seg"]}]), "entries[0] (id 'synth-indoor/train/999999'): unknown id"),
+    "unknown task": (_req(entries=[{"id": K.format(1), "tasks": ["edges"]}]), "unknown task(s) ['edges']"),
+    "duplicate": (_req(entries=[{"id": K.format(1), "tasks": ["seg"]}, {"id": K.format(1), "tasks": ["depth"]}]), "entries[1] (id 'synth-indoor/train/000001'): duplicate entry"),
+    "empty": (_req(entries=[]), "'entries' is empty"),
+    "full with subset": (_req(setting="full"), "setting 'full' removes every task"),
+    "partial with all": (_req(entries=[{"id": K.format(1), "tasks": ["seg", "depth", "normal"]}]), "strict task subset"),
+    "other dataset": (_req(dataset="synth-street"), "request is for dataset 'synth-street'"),
+    "bad setting": (_req(setting="some"), "field 'setting'"),
+    "unknown field": (_req(forget_all=True), "unknown field(s) ['forget_all']"),
+    "entry without tasks": (_req(entries=[{"id": K.format(2)}]), "entries[0] (id 'synth-indoor/train/000002'): field 'tasks'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_request_errors_name_the_entry(manifest, tmp_path, case):
+    raw, message = BAD[case]
+    with pytest.raises(UserError) as err:
+        parse_request(raw, manifest, "0" * 64)
+    assert message in str(err.value)
+    # and through the CLI: non-zero exit, no traceback, the file named
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    p = run_mtu("forget", "check", path, "--dataset", manifest.root)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and str(path) in p.stderr and message in p.stderr
+
+
+def test_make_round_trip_and_hash(manifest, tmp_path):
+    out = tmp_path / "req.yaml"
+    run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.1, "--setting", "partial",
+            "--tasks", "normal", "seg", "--seed", 3, "--out", out, check=True)
+    req = load_request(out, manifest)
+    assert req.setting == "partial" and len(req.entries) == 4
+    assert all(ts == ("seg", "normal") for ts in req.entries.values())  # manifest task order
+    assert len(req.pairs()) == 8
+    raw = yaml.safe_load(out.read_text())
+    assert raw["generated"] == {"fraction": 0.1, "seed": 3, "tasks": ["seg", "normal"]}
+    # deterministic per seed, different across seeds; file hash is the identity
+    again = make_request(manifest, fraction=0.1, setting="partial", tasks=["seg", "normal"], seed=3)
+    assert [e["id"] for e in again["entries"]] == list(req.entries)
+    other = make_request(manifest, fraction=0.1, setting="partial", tasks=["seg", "normal"], seed=4)
+    assert [e["id"] for e in other["entries"]] != list(req.entries)
+    from mtu_dist.fileio import sha256_file
+    assert req.sha256 == sha256_file(out)
+    # never clobber without --overwrite
+    p = run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.2, "--setting", "full", "--out", out)
+    assert p.returncode != 0 and "already exists" in p.stderr
+    assert load_request(out, manifest).sha256 == req.sha256
+
+
+def test_dev_request_is_disjoint(manifest, tmp_path):
+    out = tmp_path / "eval.json"
+    run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.25, "--setting", "full", "--out", out, check=True)
+    dev = tmp_path / "dev.json"
+    run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.25, "--setting", "full",
+            "--exclude", out, "--out", dev, check=True)
+    a, b = load_request(out, manifest), load_request(dev, manifest)
+    assert a.setting == "full" and all(ts == manifest.tasks for ts in a.entries.values())
+    assert len(a.entries) == len(b.entries) == 10 and not set(a.entries) & set(b.entries)
+
+
+def test_make_errors(manifest):
+    with pytest.raises(UserError, match="--tasks is required"):
+        make_request(manifest, fraction=0.1, setting="partial", tasks=None, seed=0)
+    with pytest.raises(UserError, match="fraction"):
+        make_request(manifest, fraction=1.5, setting="full", tasks=None, seed=0)
+    with pytest.raises(UserError, match="unknown task"):
+        make_request(manifest, fraction=0.1, setting="partial", tasks=["edges"], seed=0)
