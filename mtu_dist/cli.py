@@ -61,6 +61,45 @@ def cmd_forget_check(a):
           f"{len(req.pairs())} (instance, task) pairs, sha256 {req.sha256}")
 
 
+def _config(a, base: dict | None = None):
+    from .config import load_config
+    return load_config(a.config, a.set, base=base)
+
+
+def cmd_train(a):
+    from .commands import train_command
+    _print_summary(train_command(_config(a), name=a.name, resume=a.resume, overwrite=a.overwrite,
+                                 tracking_uri=a.tracking_uri))
+
+
+def cmd_retrain(a):
+    from .commands import retrain_command
+    _print_summary(retrain_command(_config(a), request=a.request, name=a.name, resume=a.resume,
+                                   overwrite=a.overwrite, tracking_uri=a.tracking_uri))
+
+
+def cmd_unlearn(a):
+    from .commands import config_from_checkpoint, unlearn_command
+    cfg = _config(a, base=config_from_checkpoint(getattr(a, "from")))
+    if a.method:
+        cfg.unlearn.method = a.method
+    _print_summary(unlearn_command(cfg, request=a.request, origin=getattr(a, "from"), name=a.name,
+                                   overwrite=a.overwrite, tracking_uri=a.tracking_uri))
+
+
+def cmd_eval(a):
+    from .commands import config_from_checkpoint, eval_command
+    _print_summary(eval_command(_config(a, base=config_from_checkpoint(a.ckpt)), ckpt=a.ckpt, request=a.request,
+                                tracking_uri=a.tracking_uri))
+
+
+def _print_summary(report: dict) -> None:
+    from .report import split_table
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(split_table(report))
+
+
 def cmd_demo(a):
     from .demo import run_demo
     run_demo(a)
@@ -72,6 +111,15 @@ def _data_args(p, out=True):
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (atomically)")
+
+
+def _run_args(p, run: bool = True):
+    p.add_argument("--config", action="append", default=[], help="YAML config (repeatable; later wins)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    if run:
+        p.add_argument("--name", help="run folder name under <out>/<dataset>/")
+        p.add_argument("--overwrite", action="store_true", help="redo an existing run (its final model is replaced only at the end)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,9 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="data_shards")
     p.set_defaults(func=cmd_forget_check)
 
+    p = sub.add_parser("train", help="train the original multi-task model")
+    _run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's last good checkpoint")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("retrain", help="train from scratch on the retain signal of a request (gold standard)")
+    _run_args(p)
+    p.add_argument("--request", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_retrain)
+    p = sub.add_parser("unlearn", help="apply an unlearning method to a trained checkpoint")
+    _run_args(p)
+    p.add_argument("--method", help="registered method (overrides unlearn.method)")
+    p.add_argument("--request", required=True)
+    p.add_argument("--from", required=True, help="checkpoint folder or run folder of the original model")
+    p.set_defaults(func=cmd_unlearn)
+    p = sub.add_parser("eval", help="evaluate a checkpoint per split and task; writes metrics.json beside it")
+    _run_args(p, run=False)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--request", help="forget request defining the forget/retain splits")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic data")
     p.add_argument("--root", default="data_shards")
     p.add_argument("--overwrite", action="store_true", help="regenerate the synthetic shards")
+    p.add_argument("--out", default="runs", help="run folders (default: runs)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_demo)
     return ap
 

@@ -135,14 +135,11 @@ class _Scene:
 
     def add_inst(self, cls, c1, c2=None, tex=_T_FLAT, scale=1.0, origin=(0.0, 0.0, 0.0),
                  yaw=0.0, duty=0.5, emissive=False) -> int:
-        rng = self.rng
-        c1 = np.clip(np.asarray(c1, dtype=np.float64), 0.0, 1.0)
-        c2 = c1 * 0.6 if c2 is None else np.clip(np.asarray(c2, dtype=np.float64), 0.0, 1.0)
-        pa, pb = rng.random(2)
-        orient = int(rng.random() < 0.5)
-        seed = int(rng.integers(0, 1 << 16))
-        self.inst.append((cls, c1, c2, tex, float(scale), float(pa), float(pb), float(duty),
-                          orient, tuple(float(o) for o in origin), float(yaw), bool(emissive), seed))
+        # colours are clipped to [0, 1] once, when the instance tables are built
+        pa, pb, po, ps = self.rng.random(4).tolist()
+        c2 = np.asarray(c1) * 0.6 if c2 is None else c2
+        self.inst.append((cls, c1, c2, tex, float(scale), pa, pb, float(duty), int(po < 0.5),
+                          tuple(float(o) for o in origin), float(yaw), bool(emissive), int(ps * 65536)))
         return len(self.inst) - 1
 
     def add_box(self, center, half, yaw, inst):
@@ -170,11 +167,11 @@ def _rand_color(rng, s=(0.35, 0.9), v=(0.35, 0.95)):
 
 
 def _jitter(rng, base, amt=0.15):
-    return np.clip(np.asarray(base) * rng.uniform(1 - amt, 1 + amt, 3), 0, 1)
+    return np.asarray(base) * rng.uniform(1 - amt, 1 + amt, 3)
 
 
 def _gray(rng, lo, hi, tint=0.05):
-    return np.clip(rng.uniform(lo, hi) + rng.uniform(-tint, tint, 3), 0, 1)
+    return rng.uniform(lo, hi) + rng.uniform(-tint, tint, 3)
 
 
 def _wood(rng):
@@ -185,10 +182,10 @@ def _wood(rng):
 # indoor scenes
 # ----------------------------------------------------------------------------
 class _Floorplan:
-    """Rejection sampler for non-overlapping footprints (circles) in the room."""
+    """Occupied footprints (circles on the floor), starting with a keep-out disc
+    around the camera so that no primitive ever contains it."""
 
-    def __init__(self, rng, room_x, room_z, cam_xz):
-        self.rng, self.rx, self.rz = rng, room_x, room_z
+    def __init__(self, cam_xz):
         self.occ = [(cam_xz[0], cam_xz[1], 0.45)]
 
     def free(self, x, z, r, pad=0.02):
@@ -222,7 +219,7 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
     C = _IC
     rx, rz, ry = rng.uniform(3.2, 6.5), rng.uniform(3.5, 7.5), rng.uniform(2.4, 3.2)
     cam = np.array([rng.uniform(0.3, 0.7) * rx, rng.uniform(1.1, 1.8), rng.uniform(0.25, 1.0)])
-    sc.camera = (cam, rng.uniform(-0.6, 0.6), math.radians(rng.uniform(-28, -5)),
+    sc.camera = (cam, rng.uniform(-0.6, 0.6), math.radians(rng.uniform(-25, 0)),
                  math.radians(rng.uniform(-3, 3)))
     el, az = math.radians(rng.uniform(35, 80)), rng.uniform(0, 2 * math.pi)
     sc.light = np.array([math.cos(el) * math.cos(az), math.sin(el), math.cos(el) * math.sin(az)])
@@ -240,7 +237,7 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
     ceil = sc.add_inst(C["ceiling"], _gray(rng, 0.75, 0.97, 0.03), tex=_T_FLAT)
     sc.room = ((rx, ry, rz), wall, floor, ceil)
 
-    plan = _Floorplan(rng, rx, rz, (cam[0], cam[2]))
+    plan = _Floorplan((cam[0], cam[2]))
     hosts: list[tuple] = []  # (x, z, top_y, hx, hz, yaw) surfaces for books/objects
 
     def place_wall(hx, hz, walls=(0, 1, 5)):
@@ -351,9 +348,9 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
                 sc.add_part(base, a, (sx * 0.2, (sh - 0.05) / 2, sz * 0.2), (0.02, (sh - 0.05) / 2, 0.02), ci)
 
     # TV on a wall
-    if rng.random() < 0.45:
+    if rng.random() < 0.6:
         hw = rng.uniform(0.4, 0.65)
-        pose = _wall_pose(rng, rx, rz, hw, 0.03, walls=(0, 1, 5), gap=0.01)
+        pose = _wall_pose(rng, rx, rz, hw, 0.03, walls=(0, 1, 5, 5), gap=0.01)
         if pose:
             x, z, a = pose
             yc = rng.uniform(1.0, 1.5)
@@ -475,7 +472,7 @@ def _build_street(rng: np.random.Generator) -> _Scene:
     sc.ambient, sc.diffuse = rng.uniform(0.3, 0.5), rng.uniform(0.55, 0.85)
     horizon = _jitter(rng, np.array([0.78, 0.85, 0.92]), 0.08)
     zenith = _jitter(rng, np.array([0.35, 0.55, 0.85]), 0.15)
-    sc.sky = (horizon, zenith)
+    sc.sky = (np.clip(horizon, 0.0, 1.0), np.clip(zenith, 0.0, 1.0))
     sc.fog = rng.uniform(150, 600)
 
     road = sc.add_inst(C["flat"], _gray(rng, 0.22, 0.42, 0.02), _gray(rng, 0.85, 0.97, 0.02), tex=_T_ROAD,
@@ -614,15 +611,15 @@ _BOX_CORNERS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz
 
 
 def _screen_windows(corners, origin, rot, intr, height, width):
-    """Pixel rectangles (v0, v1, u0, u1) containing the projection of each corner set."""
+    """Pixel rectangles ``(v0, v1, u0, u1)`` containing the projection of each corner
+    set, plus the smallest camera z of each set (a lower bound on the depth)."""
     fx, fy, cx, cy = intr
     cam = (corners - origin) @ rot  # [P, K, 3] camera coordinates
     z = cam[..., 2]
     zmin, zmax = z.min(1), z.max(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zs = np.where(z > 1e-9, z, 1.0)
-        u = fx * cam[..., 0] / zs + cx
-        v = fy * cam[..., 1] / zs + cy
+    zs = np.where(z > 1e-9, z, 1.0)
+    u = fx * cam[..., 0] / zs + cx
+    v = fy * cam[..., 1] / zs + cy
     u0 = np.clip(np.floor(u.min(1)), 0, width).astype(np.int64)
     u1 = np.clip(np.floor(u.max(1)) + 2, 0, width).astype(np.int64)
     v0 = np.clip(np.floor(v.min(1)), 0, height).astype(np.int64)
@@ -631,7 +628,7 @@ def _screen_windows(corners, origin, rot, intr, height, width):
     u0[straddle], v0[straddle], u1[straddle], v1[straddle] = 0, 0, width, height
     behind = zmax <= 1e-6
     u1[behind], v1[behind] = 0, 0
-    return np.stack([v0, v1, u0, u1], 1).tolist()
+    return np.stack([v0, v1, u0, u1], 1).tolist(), zmin.tolist()
 
 
 class _Raster:
@@ -645,10 +642,9 @@ class _Raster:
         self.dx = rot[0, 0] * dcx[None, :] + rot[0, 1] * dcy[:, None] + rot[0, 2]
         self.dy = rot[1, 0] * dcx[None, :] + rot[1, 1] * dcy[:, None] + rot[1, 2]
         self.dz = rot[2, 0] * dcx[None, :] + rot[2, 1] * dcy[:, None] + rot[2, 2]
-        with np.errstate(divide="ignore"):
-            self.idx = 1.0 / self.dx
-            self.idy = 1.0 / self.dy
-            self.idz = 1.0 / self.dz
+        self.idx = 1.0 / self.dx
+        self.idy = 1.0 / self.dy
+        self.idz = 1.0 / self.dz
         self.dxz2 = self.dx * self.dx + self.dz * self.dz
         self.dd = self.dxz2 + self.dy * self.dy
         self.o = tuple(float(c) for c in origin)
@@ -672,16 +668,13 @@ class _Raster:
         self.sid = base + 2 * axis + pos
 
     def ground(self, sid):
-        with np.errstate(invalid="ignore"):
-            t = -self.o[1] * self.idy
+        t = -self.o[1] * self.idy
         m = self.dy < 0
         self.t = np.where(m, t, _INF)
         self.sid = np.where(m, sid, -1)
 
     def box(self, win, cx, cy, cz, hx, hy, hz, yaw, base):
         v0, v1, u0, u1 = win
-        if v0 >= v1 or u0 >= u1:
-            return
         sl = (slice(v0, v1), slice(u0, u1))
         ox, oy, oz = self.o[0] - cx, self.o[1] - cy, self.o[2] - cz
         dy, idy = self.dy[sl], self.idy[sl]
@@ -694,17 +687,15 @@ class _Raster:
             dx0, dz0 = self.dx[sl], self.dz[sl]
             dx = ca * dx0 - sa * dz0
             dz = sa * dx0 + ca * dz0
-            with np.errstate(divide="ignore"):
-                idx, idz = 1.0 / dx, 1.0 / dz
-        with np.errstate(invalid="ignore"):
-            a1, a2 = (-hx - lox) * idx, (hx - lox) * idx
-            b1, b2 = (-hy - oy) * idy, (hy - oy) * idy
-            c1, c2 = (-hz - loz) * idz, (hz - loz) * idz
-            tmx, tmy, tmz = np.minimum(a1, a2), np.minimum(b1, b2), np.minimum(c1, c2)
-            tnear = np.maximum(np.maximum(tmx, tmy), tmz)
-            tfar = np.minimum(np.minimum(np.maximum(a1, a2), np.maximum(b1, b2)), np.maximum(c1, c2))
-            tz = self.t[sl]
-            m = (tnear <= tfar) & (tnear > _EPS) & (tnear < tz)
+            idx, idz = 1.0 / dx, 1.0 / dz
+        a1, a2 = (-hx - lox) * idx, (hx - lox) * idx
+        b1, b2 = (-hy - oy) * idy, (hy - oy) * idy
+        c1, c2 = (-hz - loz) * idz, (hz - loz) * idz
+        tmx, tmy, tmz = np.minimum(a1, a2), np.minimum(b1, b2), np.minimum(c1, c2)
+        tnear = np.maximum(np.maximum(tmx, tmy), tmz)
+        tfar = np.minimum(np.minimum(np.maximum(a1, a2), np.maximum(b1, b2)), np.maximum(c1, c2))
+        tz = self.t[sl]
+        m = (tnear <= tfar) & (tnear > _EPS) & (tnear < tz)
         if not m.any():
             return
         tn = tnear[m]
@@ -715,8 +706,6 @@ class _Raster:
 
     def sphere(self, win, cx, cy, cz, r, sid):
         v0, v1, u0, u1 = win
-        if v0 >= v1 or u0 >= u1:
-            return
         sl = (slice(v0, v1), slice(u0, u1))
         ox, oy, oz = self.o[0] - cx, self.o[1] - cy, self.o[2] - cz
         c = ox * ox + oy * oy + oz * oz - r * r
@@ -724,10 +713,9 @@ class _Raster:
             return  # camera inside
         dd = self.dd[sl]
         b = ox * self.dx[sl] + oy * self.dy[sl] + oz * self.dz[sl]
-        with np.errstate(invalid="ignore"):
-            t = (-b - np.sqrt(b * b - dd * c)) / dd
-            tz = self.t[sl]
-            m = (t > _EPS) & (t < tz)
+        t = (-b - np.sqrt(b * b - dd * c)) / dd
+        tz = self.t[sl]
+        m = (t > _EPS) & (t < tz)
         if not m.any():
             return
         tz[m] = t[m]
@@ -735,8 +723,6 @@ class _Raster:
 
     def cylinder(self, win, cx, cz, y0, y1, r, base):
         v0, v1, u0, u1 = win
-        if v0 >= v1 or u0 >= u1:
-            return
         sl = (slice(v0, v1), slice(u0, u1))
         ox, oy, oz = self.o[0] - cx, self.o[1], self.o[2] - cz
         c = ox * ox + oz * oz - r * r
@@ -746,19 +732,17 @@ class _Raster:
         if c > 0:
             a = self.dxz2[sl]
             b = ox * dx + oz * dz
-            with np.errstate(invalid="ignore", divide="ignore"):
-                t = (-b - np.sqrt(b * b - a * c)) / a
-                y = oy + t * dy
-                m = (t > _EPS) & (y >= y0) & (y <= y1) & (t < tz)
+            t = (-b - np.sqrt(b * b - a * c)) / a
+            y = oy + t * dy
+            m = (t > _EPS) & (y >= y0) & (y <= y1) & (t < tz)
             if m.any():
                 tz[m] = t[m]
                 sids[m] = base
         if oy > y1 or oy < y0:
             yc, face = (y1, 1) if oy > y1 else (y0, 2)
-            with np.errstate(invalid="ignore"):
-                t = (yc - oy) * self.idy[sl]
-                px, pz = ox + t * dx, oz + t * dz
-                m = (t > _EPS) & (px * px + pz * pz <= r * r) & (t < tz)
+            t = (yc - oy) * self.idy[sl]
+            px, pz = ox + t * dx, oz + t * dz
+            m = (t > _EPS) & (px * px + pz * pz <= r * r) & (t < tz)
             if m.any():
                 tz[m] = t[m]
                 sids[m] = base + face
@@ -781,95 +765,107 @@ class _Raster:
 
 
 def _cast(sc: _Scene, rot, intr, height, width):
-    """Ray-cast the scene. Returns raster, per-surface tables (kind, inst, normal, centre, radius)."""
+    """Ray-cast the scene.
+
+    Returns the raster and per-surface tables ``(kind, inst, normal, centre, radius)``
+    indexed by surface id; each table has one extra sentinel row at the end so that
+    indexing with ``-1`` (no hit) is valid.
+    """
     cam = sc.camera[0]
     ras = _Raster(cam, rot, intr, height, width)
-    kinds: list[int] = []
-    insts: list[int] = []
-    normals: list[tuple] = []
-    centres: list[tuple] = []
-    radii: list[float] = []
+    kinds, insts, normals, centres, radii = [], [], [], [], []
+    n_surf = 0
 
-    def add_surf(kind, inst, n=(0.0, 0.0, 0.0), c=(0.0, 0.0, 0.0), r=1.0):
-        kinds.append(kind)
-        insts.append(inst)
-        normals.append(n)
-        centres.append(c)
-        radii.append(r)
-        return len(kinds) - 1
+    def add_group(kind, inst, normal, centre=None, radius=None):
+        nonlocal n_surf
+        m = len(kind)
+        kinds.append(np.asarray(kind, dtype=np.int64))
+        insts.append(np.asarray(inst, dtype=np.int64))
+        normals.append(np.asarray(normal, dtype=np.float64).reshape(m, 3))
+        centres.append(np.zeros((m, 3)) if centre is None else np.asarray(centre, dtype=np.float64).reshape(m, 3))
+        radii.append(np.ones(m) if radius is None else np.asarray(radius, dtype=np.float64))
+        first = n_surf
+        n_surf += m
+        return first
 
     room_base = -1
+    room_normals = None
     if sc.room is not None:
         size, wall, floor, ceil = sc.room
-        room_base = len(kinds)
-        for k in range(3):
-            for pos in (0, 1):
-                n = [0.0, 0.0, 0.0]
-                n[k] = -1.0 if pos else 1.0  # inward
-                inst = wall if k != 1 else (ceil if pos else floor)
-                add_surf(_S_PLANE, inst, tuple(n))
+        # face 2k: min plane of axis k (normal +e_k, inward), face 2k+1: max plane (normal -e_k)
+        room_normals = np.repeat(np.eye(3), 2, axis=0) * np.array([1.0, -1.0] * 3)[:, None]
+        room_base = add_group([_S_PLANE] * 6, [wall, wall, floor, ceil, wall, wall], room_normals)
         ras.room(size, room_base)
     if sc.ground is not None:
-        ras.ground(add_surf(_S_PLANE, sc.ground, (0.0, 1.0, 0.0)))
+        ras.ground(add_group([_S_PLANE], [sc.ground], [0.0, 1.0, 0.0]))
 
-    # boxes
+    draws = []  # (depth lower bound, window, intersector, args)
+    # boxes: 6 planar faces each, id = base + 2 * local_axis + (face on the + side)
     if sc.boxes:
         bx = np.array([b[:7] for b in sc.boxes])
-        yaw = bx[:, 6]
-        ca, sa = np.cos(yaw), np.sin(yaw)
+        nb = len(bx)
+        ca, sa = np.cos(bx[:, 6]), np.sin(bx[:, 6])
         loc = _BOX_CORNERS[None] * bx[:, None, 3:6]
         corners = np.stack([ca[:, None] * loc[..., 0] + sa[:, None] * loc[..., 2],
                             loc[..., 1],
                             -sa[:, None] * loc[..., 0] + ca[:, None] * loc[..., 2]], -1) + bx[:, None, 0:3]
-        wins = _screen_windows(corners, cam, rot, intr, height, width)
-        for b, win, c, s in zip(sc.boxes, wins, ca.tolist(), sa.tolist()):
-            base = len(kinds)
-            cols = ((c, 0.0, -s), (0.0, 1.0, 0.0), (s, 0.0, c))
-            for k in range(3):
-                add_surf(_S_PLANE, b[7], tuple(-x for x in cols[k]))
-                add_surf(_S_PLANE, b[7], cols[k])
-            ras.box(win, *b[:7], base)
-    # cylinders
+        zero, one = np.zeros(nb), np.ones(nb)
+        cols = np.stack([np.stack([ca, zero, -sa], -1), np.stack([zero, one, zero], -1),
+                         np.stack([sa, zero, ca], -1)], 1)  # [P, 3 axes, 3] local axes in world
+        face_n = np.stack([-cols, cols], 2).reshape(nb * 6, 3)
+        first = add_group(np.zeros(nb * 6, dtype=np.int64), np.repeat([b[7] for b in sc.boxes], 6), face_n)
+        wins, zmins = _screen_windows(corners, cam, rot, intr, height, width)
+        for k, (b, win, zm) in enumerate(zip(sc.boxes, wins, zmins)):
+            draws.append((zm, win, ras.box, (*b[:7], first + 6 * k)))
+    # vertical cylinders: side (curved), top cap, bottom cap
     if sc.cyls:
         cy_ = np.array([c[:5] for c in sc.cyls])
+        nc = len(cy_)
         lo = np.stack([cy_[:, 0] - cy_[:, 4], cy_[:, 2], cy_[:, 1] - cy_[:, 4]], 1)
         hi = np.stack([cy_[:, 0] + cy_[:, 4], cy_[:, 3], cy_[:, 1] + cy_[:, 4]], 1)
         corners = lo[:, None] + (_BOX_CORNERS[None] + 1) / 2 * (hi - lo)[:, None]
-        wins = _screen_windows(corners, cam, rot, intr, height, width)
-        for cyl, win in zip(sc.cyls, wins):
-            cx, cz, y0, y1, r, inst = cyl
-            base = add_surf(_S_CYL, inst, c=(cx, 0.0, cz), r=r)
-            add_surf(_S_PLANE, inst, (0.0, 1.0, 0.0))
-            add_surf(_S_PLANE, inst, (0.0, -1.0, 0.0))
-            ras.cylinder(win, cx, cz, y0, y1, r, base)
+        cn = np.tile(np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]), (nc, 1))
+        cc = np.repeat(np.stack([cy_[:, 0], np.zeros(nc), cy_[:, 1]], 1), 3, axis=0)
+        first = add_group(np.tile([_S_CYL, _S_PLANE, _S_PLANE], nc), np.repeat([c[5] for c in sc.cyls], 3),
+                          cn, cc, np.repeat(cy_[:, 4], 3))
+        wins, zmins = _screen_windows(corners, cam, rot, intr, height, width)
+        for k, (cyl, win, zm) in enumerate(zip(sc.cyls, wins, zmins)):
+            draws.append((zm, win, ras.cylinder, (*cyl[:5], first + 3 * k)))
     # spheres
     if sc.spheres:
         sp = np.array([s[:4] for s in sc.spheres])
         corners = sp[:, None, :3] + _BOX_CORNERS[None] * sp[:, None, 3:4]
-        wins = _screen_windows(corners, cam, rot, intr, height, width)
-        for s, win in zip(sc.spheres, wins):
-            sid = add_surf(_S_SPHERE, s[4], c=tuple(s[:3]), r=s[3])
-            ras.sphere(win, *s[:4], sid)
-    # decals on room walls (coplanar; relabel visible wall pixels)
+        first = add_group(np.full(len(sp), _S_SPHERE), [s[4] for s in sc.spheres], np.zeros((len(sp), 3)),
+                          sp[:, :3], sp[:, 3])
+        wins, zmins = _screen_windows(corners, cam, rot, intr, height, width)
+        for k, (s, win, zm) in enumerate(zip(sc.spheres, wins, zmins)):
+            draws.append((zm, win, ras.sphere, (*s[:4], first + k)))
+    # near-to-far, skipping primitives that lie behind everything already drawn in their window
+    draws.sort(key=lambda d: d[0])
+    for zm, win, fn, args in draws:
+        v0, v1, u0, u1 = win
+        if v0 >= v1 or u0 >= u1:
+            continue
+        if zm > 0.0 and zm >= ras.t[v0:v1, u0:u1].max():
+            continue
+        fn(win, *args)
+    # decals on room walls (coplanar; relabel visible wall pixels inside the rectangle)
     if sc.decals and sc.room is not None:
         size = sc.room[0]
         corners = []
         for face, h0, h1, y0, y1, _inst in sc.decals:
             k, pos = divmod(face, 2)
             wc = size[k] if pos else 0.0
-            pts = []
-            for hh in (h0, h1):
-                for yy in (y0, y1):
-                    pts.append((wc, yy, hh) if k == 0 else (hh, yy, wc))
+            pts = [(wc, yy, hh) if k == 0 else (hh, yy, wc) for hh in (h0, h1) for yy in (y0, y1)]
             corners.append(pts + pts)
-        wins = _screen_windows(np.array(corners), cam, rot, intr, height, width)
-        for (face, h0, h1, y0, y1, inst), win in zip(sc.decals, wins):
-            sid = add_surf(_S_PLANE, inst, normals[room_base + face])
-            ras.decal(win, 2 if face < 2 else 0, h0, h1, y0, y1, room_base + face, sid)
+        faces = [d[0] for d in sc.decals]
+        first = add_group(np.zeros(len(faces), dtype=np.int64), [d[5] for d in sc.decals], room_normals[faces])
+        wins, _ = _screen_windows(np.array(corners), cam, rot, intr, height, width)
+        for k, ((face, h0, h1, y0, y1, _inst), win) in enumerate(zip(sc.decals, wins)):
+            ras.decal(win, 2 if face < 2 else 0, h0, h1, y0, y1, room_base + face, first + k)
 
-    tables = (np.array(kinds + [_S_PLANE]), np.array(insts + [-1]),
-              np.array(normals + [(0.0, 0.0, 0.0)]), np.array(centres + [(0.0, 0.0, 0.0)]),
-              np.array(radii + [1.0]))
+    add_group([_S_PLANE], [-1], [0.0, 0.0, 0.0])  # sentinel for sid == -1
+    tables = tuple(np.concatenate(x) for x in (kinds, insts, normals, centres, radii))
     return ras, tables
 
 
@@ -948,8 +944,8 @@ def _albedo(inst, px, py, pz, nx, ny, nz, itab):
 def _inst_tables(sc: _Scene):
     rec = sc.inst
     return (
-        np.array([r[1] for r in rec]).reshape(-1, 3),
-        np.array([r[2] for r in rec]).reshape(-1, 3),
+        np.clip(np.array([r[1] for r in rec], dtype=np.float64).reshape(-1, 3), 0.0, 1.0),
+        np.clip(np.array([r[2] for r in rec], dtype=np.float64).reshape(-1, 3), 0.0, 1.0),
         np.array([r[3] for r in rec], dtype=np.int64),
         np.array([r[4] for r in rec]),
         np.array([r[5] for r in rec]),
@@ -984,6 +980,11 @@ def render_sample(dataset: str, seed: int, split: str, index: int, height: int, 
     height, width = int(height), int(width)
     if height < 2 or width < 2:
         raise ValueError(f"height and width must be >= 2, got {height}x{width}")
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _render(dataset, seed, split, index, height, width, return_ids)
+
+
+def _render(dataset, seed, split, index, height, width, return_ids):
     spec = SPECS[dataset]
     rng = np.random.default_rng([int(seed), SPLIT_ID[split], int(index)])
     indoor = dataset == "synth-indoor"
@@ -1068,7 +1069,9 @@ def render_sample(dataset: str, seed: int, split: str, index: int, height: int, 
         far_b = diff & (ti[b] > 1.05 * ti[a])
         band[a] |= far_a
         band[b] |= far_b
-    ign |= band & (u > 1.0 - p_band)
+    # the band is one pixel wide at any resolution: thin it out at low resolution so the
+    # ignored fraction stays roughly resolution independent
+    ign |= band & (u > 1.0 - p_band * min(1.0, max(height, width) / 256.0))
     seg[ign] = IGNORE_INDEX
     seg = seg.astype(np.uint8)
 

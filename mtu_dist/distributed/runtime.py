@@ -21,9 +21,11 @@ def make_accelerator(**kwargs):
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT)]
-    acc = Accelerator(cpu=cpu, kwargs_handlers=handlers + kwargs.pop("kwargs_handlers", []), **kwargs)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
+    handlers = kwargs.pop("kwargs_handlers", [])
+    if expected > 1:  # in a single process this handler would make Accelerate expect a process group
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT))
+    acc = Accelerator(cpu=cpu, kwargs_handlers=handlers, **kwargs)
     if acc.num_processes != expected:
         raise UserError(f"launcher asked for WORLD_SIZE={expected} but {acc.num_processes} process(es) joined; "
                         "on CPU launch with --config_file launch/accelerate/cpu_2proc.yaml")

@@ -1,0 +1,109 @@
+"""The run commands, flat and in order: set up, do the work, save, evaluate, record."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .checkpoint import read_state, save_checkpoint
+from .config import RunConfig
+from .errors import UserError
+from .evaluate import evaluate, flat_metrics
+from .fileio import atomic_write_json
+from .session import Session, open_session, run_info
+
+
+def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None = None) -> dict:
+    """Save the final model (atomically), evaluate it, write metrics.json beside it, log everything."""
+    final = s.run_dir / "final"
+    if s.is_main:
+        save_checkpoint(final, model, step=step, epoch=0, config=s.cfg.model_dump(mode="json"), info=run_info(s))
+    s.barrier()
+    t0 = time.perf_counter()
+    results = evaluate(model, s, s.request)
+    report = {"run": {**run_info(s), "run_dir": str(s.run_dir), "mlflow_run_id": s.tracker.run_id},
+              "time_s": elapsed, "eval_time_s": time.perf_counter() - t0, **(extra or {}),
+              "splits": results["splits"]}
+    if s.is_main:
+        atomic_write_json(final / "metrics.json", report)
+        atomic_write_json(final / "losses.json", results["losses"])
+        if getattr(s, "ledger", None) is not None:
+            atomic_write_json(final / "ledger.json", s.ledger)
+            s.tracker.log_artifact(final / "ledger.json")
+        s.tracker.log_metrics(flat_metrics(results["splits"]), step)
+        s.tracker.log_artifact(final / "metrics.json")
+    s.tracker.finish()
+    return report
+
+
+def train_command(cfg: RunConfig, *, name: str | None, resume: bool, overwrite: bool, tracking_uri: str | None) -> dict:
+    from .train import fit
+    s = open_session(cfg, "train", name or "original", resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
+    model, elapsed = fit(s, resume=resume)
+    return finish(s, model, elapsed=elapsed, step=cfg.train.epochs)
+
+
+def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: bool, overwrite: bool,
+                    tracking_uri: str | None) -> dict:
+    from .forget import load_request
+    from .data.manifest import load_manifest
+    from .train import fit
+    req = load_request(request, load_manifest(cfg.data.dataset, cfg.data.root))
+    s = open_session(cfg, "retrain", name or f"retrain-{req.setting}-{req.sha256[:8]}", request_path=request,
+                     resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
+    model, elapsed = fit(s, resume=resume)
+    return finish(s, model, elapsed=elapsed, step=cfg.train.epochs)
+
+
+def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool,
+                    tracking_uri: str | None) -> dict:
+    from .data.manifest import load_manifest
+    from .forget import load_request
+    from .methods import build_method
+    from .unlearn import load_original, unlearn
+    build_method(cfg.unlearn.method, cfg.unlearn.options)  # unknown method / bad options: fail before any work
+    meta = read_state(origin)
+    req = load_request(request, load_manifest(cfg.data.dataset, cfg.data.root))
+    s = open_session(cfg, "unlearn", name or f"unlearn-{cfg.unlearn.method}-{req.setting}-{req.sha256[:8]}",
+                     request_path=request, overwrite=overwrite, tracking_uri=tracking_uri,
+                     extra_params={"method": cfg.unlearn.method, "origin": meta["_folder"]})
+    model, _ = load_original(s, origin)
+    original_val = _original_val(meta)
+    model, elapsed, stopped = unlearn(s, model, original_val)
+    return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped})
+
+
+def _original_val(meta: dict) -> dict | None:
+    path = Path(meta["_folder"]) / "metrics.json"
+    if path.is_file():
+        import json
+        return json.loads(path.read_text())["splits"].get("val")
+    return None
+
+
+def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri: str | None) -> dict:
+    from .unlearn import load_original
+    meta = read_state(ckpt)
+    folder = Path(meta["_folder"])
+    s = open_session(cfg, "eval", f"eval-{folder.parent.name}", request_path=request, tracking_uri=tracking_uri,
+                     run_dir=folder)
+    model, _ = load_original(s, ckpt)
+    results = evaluate(model, s, s.request)
+    out = folder / ("metrics.json" if request is None or (s.request.sha256 == meta.get("request_sha256"))
+                    else f"metrics-{s.request.sha256[:12]}.json")
+    report = {"run": {**run_info(s), "checkpoint": str(folder)}, "splits": results["splits"]}
+    if s.is_main:
+        atomic_write_json(out, report)
+        s.tracker.log_metrics(flat_metrics(results["splits"]), 0)
+        s.tracker.log_artifact(out)
+        print(f"wrote {out}")
+    s.tracker.finish()
+    return report
+
+
+def config_from_checkpoint(ckpt: str) -> dict:
+    """The model/data sections of the run that produced `ckpt` (so eval/unlearn rebuild the same model)."""
+    meta = read_state(ckpt)
+    conf = meta.get("config") or {}
+    if not conf:
+        raise UserError(f"{ckpt}: checkpoint has no recorded config")
+    return {"model": conf["model"], "data": conf["data"], "seed": conf.get("seed", 0)}

@@ -1,0 +1,25 @@
+"""The method registry: the runner looks methods up here and never names one."""
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import Method
+from .finetune import Finetune
+from .grad_ascent import GradAscent
+from .neggrad_plus import NegGradPlus
+
+METHODS: dict[str, type[Method]] = {
+    "finetune": Finetune,
+    "grad_ascent": GradAscent,
+    "neggrad_plus": NegGradPlus,
+}
+
+
+def build_method(name: str, options: dict) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}' (available: {', '.join(sorted(METHODS))})")
+    from pydantic import ValidationError
+    try:
+        return METHODS[name](options)
+    except ValidationError as e:
+        fields = "; ".join(f"unlearn.options.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise UserError(f"method '{name}': invalid options: {fields}") from None

@@ -1,0 +1,108 @@
+"""What every command sets up: accelerator, resolved config, data, request, run folder, tracker."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig, dump
+from .data.manifest import Manifest, load_manifest
+from .distributed.runtime import make_accelerator
+from .errors import UserError
+from .fileio import atomic_write_text, ensure_writable_dir
+from .forget import ForgetRequest, load_request
+from .runinfo import git_commit
+from .tracking import Tracker, check_reachable, flatten, resolve_uri
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    command: str
+    run_dir: Path
+    manifest: Manifest
+    request: ForgetRequest | None
+    acc: object
+    tracker: Tracker
+    extra_params: dict = field(default_factory=dict)
+    ledger: dict | None = None  # consumed supervision pairs, set by the training/unlearning loop
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    def local_batch(self, global_batch: int, what: str) -> int:
+        if global_batch % self.world:
+            raise UserError(f"config field '{what}' = {global_batch} must be divisible by the world size {self.world}")
+        return global_batch // self.world
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+
+def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: str | None = None,
+                 resume: bool = False, overwrite: bool = False, tracking_uri: str | None = None,
+                 parent_run_id: str | None = None, extra_params: dict | None = None,
+                 run_dir: Path | None = None) -> Session:
+    """Validate everything the command needs before anything is written. `run_dir` given = write
+    beside an existing checkpoint (eval) instead of creating a run folder."""
+    if tracking_uri:
+        cfg.tracking.uri = tracking_uri
+    acc = make_accelerator()
+    seed_everything(cfg.seed, cfg.deterministic)
+    manifest = load_manifest(cfg.data.dataset, cfg.data.root)
+    request = load_request(request_path, manifest) if request_path else None
+    if cfg.tracking.enabled:
+        check_reachable(resolve_uri(cfg.tracking.uri))  # on every rank, before any rank waits on another
+    fresh = run_dir is None
+    run_dir = Path(run_dir or Path(cfg.out) / manifest.dataset / run_name)
+    if fresh and run_dir.exists() and not (resume or overwrite):  # checked on every rank: no rank waits alone
+        raise UserError(f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to redo it")
+    if fresh and acc.is_main_process:
+        if run_dir.exists() and overwrite and not resume:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ is replaced atomically at the end
+        ensure_writable_dir(run_dir)
+        atomic_write_text(run_dir / "config.yaml", dump(cfg))
+    acc.wait_for_everyone()
+    tracker = Tracker(enabled=acc.is_main_process and cfg.tracking.enabled, uri=cfg.tracking.uri,
+                      experiment=cfg.tracking.experiment or manifest.dataset, run_name=run_name,
+                      parent_run_id=parent_run_id or os.environ.get("MTU_PARENT_RUN_ID"), tags={"mtu.command": command})
+    s = Session(cfg, command, run_dir, manifest, request, acc, tracker, extra_params or {})
+    params = {**flatten(cfg.model_dump(mode="json")), "git_commit": git_commit(), "world_size": acc.num_processes,
+              "command": command, "request_sha256": request.sha256 if request else "none",
+              "request_setting": request.setting if request else "none", **s.extra_params}
+    tracker.log_params(params)
+    if (run_dir / "config.yaml").is_file():
+        tracker.log_artifact(run_dir / "config.yaml")
+    if request and request.path:
+        tracker.log_artifact(request.path)
+    return s
+
+
+def run_info(s: Session) -> dict:
+    """Recorded in every checkpoint's state.json: enough to rebuild the model and trace its data."""
+    m = s.manifest
+    return {"dataset": m.dataset, "tasks": list(m.tasks), "num_classes": m.num_classes,
+            "world_size": s.world, "git_commit": git_commit(), "command": s.command,
+            "request_sha256": s.request.sha256 if s.request else None, **s.extra_params}

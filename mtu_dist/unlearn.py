@@ -1,0 +1,118 @@
+"""`mtu unlearn`: run a registered method from an original checkpoint on a forget request.
+
+The loop is method-agnostic: stream forget and retain batches, ask the method for its objective,
+backward, clip, guard, step. The divergence guard stops on a non-finite loss or gradient, or on a
+loss / gradient norm above `unlearn.diverge_factor` times its first value, restores the last good
+parameters (kept on CPU every step) and says so. The optional stop rule (`unlearn.stop_band`) ends
+the run once every target task's primary metric on the forget pairs is at or below the original
+model's val level plus the band: observable without a retrain, and the same for every method.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, read_state
+from .data.stream import BatchLoader, blank_sample, forget_batches, load_instances, retain_mask
+from .errors import UserError
+from .evaluate import _instance_batches, _run_split, primary
+from .ledger import Ledger
+from .methods import build_method
+from .methods.base import StepContext
+from .model import build_model
+from .objective import reduce_for_logging
+from .session import Session
+
+
+def load_original(s: Session, ckpt: str):
+    meta = read_state(ckpt)
+    m = s.manifest
+    if meta.get("dataset") != m.dataset:
+        raise UserError(f"{ckpt}: checkpoint was trained on {meta.get('dataset')!r}, the data is {m.dataset!r}")
+    model = build_model(s.cfg.model, m.tasks, m.num_classes)
+    load_checkpoint(meta["_folder"], model)
+    return model, meta
+
+
+def _endless(loader: BatchLoader):
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def unlearn(s: Session, model, original_val: dict | None):
+    cfg, m, req = s.cfg, s.manifest, s.request
+    u = cfg.unlearn
+    method = build_method(u.method, u.options)
+    opt = torch.optim.Adam(model.parameters(), lr=u.lr)
+    model, opt = s.acc.prepare(model, opt)
+    blank = blank_sample(m)
+    target_mask = lambda k: np.array([t in req.entries[k] for t in m.tasks])  # noqa: E731
+    forget_set = load_instances(m, "train", list(req.entries), target_mask)
+    forget_it = forget_batches(forget_set, global_batch=u.forget_batch, rank=s.rank, world=s.world, seed=cfg.seed, blank=blank)
+    retain_it = None
+    if method.uses_retain:
+        retain_it = _endless(BatchLoader(m, "train", rank=s.rank, world=s.world,
+                                         local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
+                                         workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries)))
+    raw = s.acc.unwrap_model(model)
+    good = copy.deepcopy(raw.state_dict())
+    first, stopped, t0 = None, "budget", time.perf_counter()
+    from tqdm import tqdm
+    bar = tqdm(total=u.steps, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False, dynamic_ncols=True)
+    step, ledger = 0, Ledger()
+    for step in range(1, u.steps + 1):
+        fb, rb = next(forget_it), next(retain_it) if retain_it else None
+        ledger.record(fb, m.tasks, role="forget")
+        if rb is not None:
+            ledger.record(rb, m.tasks, role="retain")
+        ctx = StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step)
+        loss, parts = method.objective(ctx, fb, rb)
+        s.acc.backward(loss * s.world)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        logged = reduce_for_logging({"loss": loss, **parts}, s.world)
+        first = first or (abs(logged["loss"]) + 1e-8, float(gnorm) + 1e-8)
+        why = _diverged(logged["loss"], float(gnorm), first, u.diverge_factor)
+        if why:
+            raw.load_state_dict(good)
+            stopped = f"diverged at step {step} ({why}); restored the parameters of step {step - 1}"
+            if s.is_main:
+                print(f"mtu: unlearning stopped: {stopped}")
+            break
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        good = copy.deepcopy(raw.state_dict())
+        s.tracker.log_metrics({f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm)}, step)
+        bar.update(1)
+        if u.stop_band is not None and original_val and step % 5 == 0 and _reached_val_level(s, raw, forget_set, original_val):
+            stopped = f"stop rule at step {step}: forget-pair metrics reached the original val level"
+            break
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    s.tracker.log_metrics({"time/unlearn_s": elapsed, "unlearn/steps_run": step}, step)
+    s.tracker.set_tags({"mtu.stop_reason": stopped})
+    s.ledger = ledger.gather(s.world)
+    return raw, elapsed, stopped
+
+
+def _diverged(loss: float, gnorm: float, first: tuple[float, float], factor: float) -> str | None:
+    if not math.isfinite(loss) or not math.isfinite(gnorm):
+        return "non-finite loss or gradient"
+    if abs(loss) > factor * first[0]:
+        return f"|loss| {abs(loss):.3g} > {factor} x first {first[0]:.3g}"
+    if gnorm > factor * first[1]:
+        return f"grad norm {gnorm:.3g} > {factor} x first {first[1]:.3g}"
+    return None
+
+
+def _reached_val_level(s: Session, model, forget_set, original_val) -> bool:
+    m = s.manifest
+    metrics, _ = _run_split(model, _instance_batches(forget_set, s.rank, s.world, 16, blank_sample(m)),
+                            m.tasks, m.num_classes, s.world)
+    model.train()
+    return all(primary(metrics, t) <= primary(original_val, t) + s.cfg.unlearn.stop_band for t in metrics)
