@@ -55,7 +55,11 @@ class Session:
     def local_batch(self, global_batch: int, what: str) -> int:
         if global_batch % self.world:
             raise UserError(f"config field '{what}' = {global_batch} must be divisible by the world size {self.world}")
-        return global_batch // self.world
+        local, workers = global_batch // self.world, max(self.cfg.data.workers, 1)
+        if local % workers:
+            raise UserError(f"config field '{what}' = {global_batch}: the per-rank batch {local} must be divisible "
+                            f"by data.workers = {workers}")
+        return local
 
     def barrier(self) -> None:
         self.acc.wait_for_everyone()
@@ -79,6 +83,7 @@ def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: s
     run_dir = Path(run_dir or Path(cfg.out) / manifest.dataset / run_name)
     if fresh and run_dir.exists() and not (resume or overwrite):  # checked on every rank: no rank waits alone
         raise UserError(f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to redo it")
+    acc.wait_for_everyone()  # every rank has checked before rank 0 creates anything
     if fresh and acc.is_main_process:
         if run_dir.exists() and overwrite and not resume:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ is replaced atomically at the end
