@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--gen-samples", type=int, help="samples written per generator run (default 1024; quick 256)")
     p.add_argument("--render-samples", type=int, help="samples rendered per render-only run (default 128; quick 32)")
     p.add_argument("--loader-samples", type=int, help="train samples in the loader dataset (default 1024; quick 256)")
-    p.add_argument("--steps", type=int, help="timed training steps per repeat and thread setting (default 15; quick 5)")
+    p.add_argument("--steps", type=int, help="timed training steps per repeat and thread setting (default 10; quick 5)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument("--workdir", type=Path, help="folder for the temporary shards (default: system temp)")
     a = p.parse_args(argv)
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     gen_n = a.gen_samples or (256 if q else 1024)
     render_n = a.render_samples or (32 if q else 128)
     loader_n = a.loader_samples or (256 if q else 1024)
-    steps = a.steps or (5 if q else 15)
+    steps = a.steps or (5 if q else 10)
     if repeats < 1 or min(gen_n, render_n, loader_n, steps) < 1:
         p.error("--repeats, --*-samples and --steps must be >= 1")
 

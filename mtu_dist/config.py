@@ -33,6 +33,7 @@ class ModelConfig(Section):
     head_width: int = Field(32, ge=8)
     resnet_depth: int = 18
     backbone_checkpoint: str | None = None   # local weights only; nothing is downloaded
+    dtype: Literal["float32", "float64"] = "float32"  # float64: exact equivalence checks
 
 
 class TrainConfig(Section):
@@ -49,11 +50,16 @@ class UnlearnConfig(Section):
     method: str = "neggrad_plus"
     steps: int = Field(40, ge=1)            # step budget
     lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd keeps the update in the projected directions; adam rescales per coordinate
+    momentum: float = Field(0.0, ge=0, lt=1)
     forget_batch: int = Field(8, ge=1)      # global forget batch
     retain_batch: int = Field(16, ge=1)     # global retain batch
     alpha: float = Field(0.5, ge=0, le=1)   # weight of the retain term: alpha*retain - (1-alpha)*forget
     stop_band: float | None = None          # stop when the forget pairs' primary metric <= original val + band
     diverge_factor: float = Field(20.0, gt=1)  # loss or grad norm above factor x its first value = divergence
+    check_sync: bool = False                # every step: compare a parameter checksum across ranks (one tiny all_gather)
+    signal_engine: Literal["auto", "sequential", "batched"] = "auto"  # per-task gradient signals (auto: measured)
+    reduction: Literal["replicated", "sharded"] = "replicated"          # the distributed gradient step's mode
     options: dict[str, Any] = {}            # method-specific knobs, validated by the method
 
 

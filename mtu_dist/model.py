@@ -102,6 +102,7 @@ class MultiTaskModel(nn.Module):
         return out
 
     def forward(self, x) -> dict[str, torch.Tensor]:
+        x = x.to(next(self.parameters()).dtype)  # data is float32; a float64 model gets float64 inputs
         return self.forward_heads(self.encoder(x), x.shape[-2:])
 
 
@@ -112,4 +113,4 @@ def build_model(cfg, tasks: tuple[str, ...], num_classes: int) -> MultiTaskModel
     else:
         enc = ResNetEncoder(cfg.resnet_depth, cfg.backbone_checkpoint)
     heads = {t: Head(enc.out_channels, num_classes if t == "seg" else OUT_CHANNELS[t], cfg.head_width) for t in tasks}
-    return MultiTaskModel(enc, heads)
+    return MultiTaskModel(enc, heads).to(getattr(torch, cfg.dtype))

@@ -49,8 +49,12 @@ def unlearn(s: Session, model, original_val: dict | None):
     cfg, m, req = s.cfg, s.manifest, s.request
     u = cfg.unlearn
     method = build_method(u.method, u.options)
-    opt = torch.optim.Adam(model.parameters(), lr=u.lr)
-    model, opt = s.acc.prepare(model, opt)
+    opt = (torch.optim.SGD(model.parameters(), lr=u.lr, momentum=u.momentum) if u.optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=u.lr))
+    if method.manages_gradients:  # its own collectives: DDP's all-reduce must not run a second time
+        opt = s.acc.prepare(opt)
+    else:
+        model, opt = s.acc.prepare(model, opt)
     blank = blank_sample(m)
     target_mask = lambda k: np.array([t in req.entries[k] for t in m.tasks])  # noqa: E731
     forget_set = load_instances(m, "train", list(req.entries), target_mask)
@@ -61,6 +65,13 @@ def unlearn(s: Session, model, original_val: dict | None):
                                          local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
                                          workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries)))
     raw = s.acc.unwrap_model(model)
+    targets = req.target_tasks()
+    make_ctx = lambda step: StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
+                                        rank=s.rank, targets=targets, config=u)
+    t_setup = time.perf_counter()
+    setup_logs = method.setup(make_ctx(0), retain_it)
+    s.tracker.log_metrics({**{f"setup/{k}": v for k, v in setup_logs.items()},
+                           "time/setup_s": time.perf_counter() - t_setup}, 0)
     good = copy.deepcopy(raw.state_dict())
     first, stopped, t0 = None, "budget", time.perf_counter()
     from tqdm import tqdm
@@ -71,9 +82,7 @@ def unlearn(s: Session, model, original_val: dict | None):
         ledger.record(fb, m.tasks, role="forget")
         if rb is not None:
             ledger.record(rb, m.tasks, role="retain")
-        ctx = StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step)
-        loss, parts = method.objective(ctx, fb, rb)
-        s.acc.backward(loss * s.world)
+        loss, parts = method.step(make_ctx(step), fb, rb)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         logged = reduce_for_logging({"loss": loss, **parts}, s.world)
         first = first or (abs(logged["loss"]) + 1e-8, float(gnorm) + 1e-8)
@@ -86,6 +95,8 @@ def unlearn(s: Session, model, original_val: dict | None):
             break
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if u.check_sync:
+            _check_in_sync(raw, s.world, step)
         good = copy.deepcopy(raw.state_dict())
         s.tracker.log_metrics({f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm)}, step)
         bar.update(1)
@@ -98,6 +109,17 @@ def unlearn(s: Session, model, original_val: dict | None):
     s.tracker.set_tags({"mtu.stop_reason": stopped})
     s.ledger = ledger.gather(s.world)
     return raw, elapsed, stopped
+
+
+def _check_in_sync(model, world: int, step: int) -> None:
+    """Every rank must hold bit-identical parameters: compare a checksum across ranks."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype)).sum()])
+    if world > 1:
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(every, mine)
+        if any(not torch.equal(every[0], e) for e in every[1:]):
+            raise RuntimeError(f"ranks hold different parameters after step {step}: {[e.tolist() for e in every]}")
 
 
 def _diverged(loss: float, gnorm: float, first: tuple[float, float], factor: float) -> str | None:

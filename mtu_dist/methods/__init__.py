@@ -5,12 +5,16 @@ from ..errors import UserError
 from .base import Method
 from .finetune import Finetune
 from .grad_ascent import GradAscent
+from .iamu import Iamu, IamuNoOrth, IamuNoProj
 from .neggrad_plus import NegGradPlus
 
 METHODS: dict[str, type[Method]] = {
     "finetune": Finetune,
     "grad_ascent": GradAscent,
     "neggrad_plus": NegGradPlus,
+    "iamu": Iamu,
+    "iamu_no_proj": IamuNoProj,
+    "iamu_no_orth": IamuNoOrth,
 }
 
 

@@ -22,11 +22,14 @@ class NoOptions(BaseModel):
 @dataclass
 class StepContext:
     """What a method may use at one step."""
-    model: torch.nn.Module       # possibly DDP-wrapped
+    model: torch.nn.Module       # DDP-wrapped unless the method manages gradients itself
     tasks: tuple[str, ...]
     world: int
     alpha: float                 # unlearn.alpha: retain weight
     step: int
+    rank: int = 0
+    targets: tuple[str, ...] = ()  # tasks with at least one forget pair in the request
+    config: object = None          # the `unlearn` config section
 
     def losses(self, *batches: dict) -> list[dict[str, torch.Tensor]]:
         """Per batch and task: this rank's share of the global-batch loss (masked, globally normalised).
@@ -45,14 +48,26 @@ class StepContext:
 
 
 class Method:
-    """Base class. Subclasses set `Options` and implement `objective`."""
+    """Base class. Subclasses set `Options` and implement `objective` (loss-based methods) or
+    override `step` and set `manages_gradients` (methods that combine per-task gradient signals)."""
 
     Options: type[BaseModel] = NoOptions
-    uses_retain: bool = True     # whether the runner needs to stream retain batches
+    uses_retain: bool = True          # whether the runner needs to stream retain batches
+    manages_gradients: bool = False   # True: `step` writes .grad itself; the model is not DDP-wrapped
 
     def __init__(self, options: dict):
         self.opts = self.Options.model_validate(options)
 
+    def setup(self, ctx: StepContext, retain_batches) -> dict[str, float]:
+        """Once before unlearning (e.g. subspaces from the retain stream). Returns values to log."""
+        return {}
+
     def objective(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (scalar to minimise, named parts to log) for this rank's share of the global batch."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement objective() or step()")
+
+    def step(self, ctx: StepContext, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict]:
+        """Leave this step's gradient in every parameter's .grad; return (objective, parts to log)."""
+        loss, parts = self.objective(ctx, forget, retain)
+        (loss * ctx.world).backward()  # DDP averages over ranks; the objective is a sum
+        return loss, parts

@@ -1,0 +1,304 @@
+"""`iamu`: interference-aware multi-task unlearning ("Interference-Aware Multi-Task Unlearning",
+arXiv 2605.19042; DESIGN section 4).
+
+1. Task subspaces (setup): for every shared weight (gradient viewed as [out, in]) and task u, the
+   top eigenvectors, up to energy `energy`, of C^u = sum_b G_b^u^T G_b^u over retain batches — from
+   per-task retain *gradients* (an activation basis is the same for every task in a shared layer, so
+   `subspace: activations` is only the task-agnostic, GPM-style ablation).
+2. Task-aware projection (each step): target task t's forget gradient, layer by layer,
+   G <- G (I - B B^T) with B the orthonormal union of the other tasks' bases (`off_others`; in the
+   partial setting the others include the kept tasks of the same instances), or G <- G B_t B_t^T
+   (`onto_own`), or onto the part of t's subspace orthogonal to the others' (`both`).
+3. Instance-level orthogonalization: the summed forget direction loses its component in the span of
+   the retain gradients (per task, or per sample as in OrthoGrad) — from a Gram matrix only.
+4. Update: alpha * sum_u g_retain^u - (1 - alpha) * g_forget; task heads follow their own
+   forget/retain gradients (heads are never projected).
+All of it runs on the distributed step of `mtu_dist/distributed/gradstep.py`, in either reduction mode.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..distributed import signals as engines
+from ..distributed.gradstep import ParamLayout, allreduce_small, gather_blocks, gather_update, reduce_signals
+from ..objective import global_counts, normalised_losses
+from ..tasks import TASKS
+from .base import Method
+
+
+class IamuOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: bool = True                                   # step 2 (off: ablation iamu_no_proj)
+    orthogonalize: bool = True                             # step 3 (off: ablation iamu_no_orth)
+    subspace: Literal["gradients", "activations"] = "gradients"
+    energy: float = Field(0.97, gt=0, le=1)                # epsilon: energy kept per task basis
+    subspace_batches: int = Field(8, ge=1)                 # retain batches used for the bases
+    mode: Literal["off_others", "onto_own", "both"] = "off_others"
+    span: Literal["per_task", "per_sample"] = "per_task"   # retain span for step 3
+    span_samples: int = Field(4, ge=1)                     # per rank, for span: per_sample
+    trace_dir: str | None = None                           # tests/debugging: rank 0 dumps each step's tensors
+
+
+def _orth(mat: torch.Tensor, tol: float = 1e-7) -> torch.Tensor:
+    """Orthonormal basis of the column space of `mat` [n, m] (possibly empty)."""
+    if mat.numel() == 0 or mat.shape[1] == 0:
+        return mat.new_zeros(mat.shape[0], 0)
+    u, sv, _ = torch.linalg.svd(mat, full_matrices=False)
+    return u[:, sv > tol * sv.max().clamp(min=1e-30)] if sv.max() > 0 else mat.new_zeros(mat.shape[0], 0)
+
+
+def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
+    """Top eigenvectors of a PSD matrix holding `energy` of its trace."""
+    vals, vecs = torch.linalg.eigh(cov)
+    vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(1)
+    total = vals.sum()
+    if total <= 0:
+        return cov.new_zeros(cov.shape[0], 0)
+    k = int(torch.searchsorted(torch.cumsum(vals, 0) / total, torch.tensor(energy, dtype=vals.dtype)).item()) + 1
+    return vecs[:, :min(k, vals.numel())]
+
+
+def project_rows(g: torch.Tensor, basis: torch.Tensor, mode: str) -> torch.Tensor:
+    """g [..., rows, in]: remove (off) or keep (onto) the component in span(basis) [in, q], row by row."""
+    if basis.shape[1] == 0:
+        return g if mode == "off" else torch.zeros_like(g)
+    inside = (g @ basis) @ basis.T
+    return g - inside if mode == "off" else inside
+
+
+def orthogonalize(gram: torch.Tensor) -> torch.Tensor:
+    """Coefficients c with g_f' = g_f - c @ R orthogonal to span(R), from the Gram of [g_f; R] only.
+
+    gram [1+m, 1+m] = [[<g,g>, <g,R>], [<R,g>, R R^T]]; c = (R R^T)^+ R g. The pseudo-inverse handles
+    rank-deficient spans (duplicate or zero retain gradients)."""
+    return torch.linalg.pinv(gram[1:, 1:], hermitian=True, rtol=1e-10) @ gram[1:, 0]
+
+
+class Iamu(Method):
+    Options = IamuOptions
+    manages_gradients = True
+
+    # ---------------------------------------------------------------- setup: layout + task subspaces
+    def setup(self, ctx, retain_batches) -> dict[str, float]:
+        model, cfg = ctx.model, ctx.config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.layout = ParamLayout(self.params, ctx.world)
+        self.mode, self.engine = cfg.reduction, cfg.signal_engine
+        self.blocks = list(range(ctx.world)) if (self.mode == "replicated" or ctx.world == 1) else [ctx.rank]
+        shared_ids = {id(p) for p in model.shared_parameters()}
+        self.shared_idx = {i for i, p in enumerate(self.params) if id(p) in shared_ids}
+        self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
+        self.shared_cols = self._shared_column_mask()
+        logs = {}
+        if self.opts.project:
+            covs = (self._gradient_covariances(ctx, retain_batches) if self.opts.subspace == "gradients"
+                    else self._activation_covariances(ctx, retain_batches))
+            self.bases = self._bases(ctx, covs)
+            dims = [b.shape[1] for per_t in self.bases.values() for b in per_t.values()]
+            logs["basis_dim_mean"] = sum(dims) / max(len(dims), 1)
+        return logs
+
+    def _shared_column_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool)
+        for pc in self.layout.pieces:
+            if pc.index in self.shared_idx:
+                mask[pc.rank, pc.dst:pc.dst + pc.n] = True
+        return mask
+
+    def _my_pieces(self, indices):
+        wanted = set(indices)
+        return [pc for b in self.blocks for pc in self.layout.pieces_of(b) if pc.index in wanted]
+
+    def _signals(self, losses: list[torch.Tensor], ctx) -> torch.Tensor:
+        """Losses -> reduced signals, as [blocks, K, S] (the columns this rank works on)."""
+        dtype = self.params[0].dtype
+        buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
+        if self.engine == "auto":
+            self.engine = engines.pick_engine(losses, self.params, self.layout, buf)
+        engines.ENGINES[self.engine](losses, self.params, self.layout, buf)
+        out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
+        return out if out.dim() == 3 else out[None]
+
+    def _gradient_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
+        covs: dict[int, dict[str, torch.Tensor]] = {}
+        for _ in range(self.opts.subspace_batches):
+            batch = next(retain_batches)
+            losses = normalised_losses(ctx.model(batch["image"]), batch, ctx.tasks, global_counts(batch, ctx.world))
+            sig = self._signals([losses[t] for t in ctx.tasks], ctx)
+            for pc in self._my_pieces(self.projected_idx):
+                g = sig[self.blocks.index(pc.rank), :, pc.dst:pc.dst + pc.n].view(len(ctx.tasks), -1, pc.row_size)
+                per_t = covs.setdefault(pc.index, {})
+                for j, t in enumerate(ctx.tasks):
+                    per_t[t] = per_t.get(t, 0) + g[j].T @ g[j]
+        return self._complete(covs, ctx)
+
+    def _activation_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
+        """GPM-style ablation: input-patch covariance per shared conv, identical for every task."""
+        modules = {id(m.weight): m for m in ctx.model.modules() if isinstance(m, torch.nn.Conv2d)}
+        acts: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i in self.projected_idx:
+            conv = modules.get(id(self.params[i]))
+            if conv is None:
+                continue
+
+            def hook(mod, inp, out, i=i):
+                x = torch.nn.functional.unfold(inp[0], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                x = x.transpose(1, 2).reshape(-1, x.shape[1]).detach()
+                acts[i] = acts.get(i, 0) + x.T @ x
+            hooks.append(conv.register_forward_hook(hook))
+        with torch.no_grad():
+            for _ in range(self.opts.subspace_batches):
+                batch = next(retain_batches)
+                ctx.model(batch["image"][batch["valid"]])
+        for h in hooks:
+            h.remove()
+        if ctx.world > 1:  # activations are local to each rank: always summed
+            order = sorted(acts)
+            flat = torch.cat([acts[i].reshape(-1) for i in order])
+            torch.distributed.all_reduce(flat)
+            sizes = [acts[i].numel() for i in order]
+            acts = {i: part.view_as(acts[i]) for i, part in zip(order, flat.split(sizes))}
+        return {i: {t: c for t in ctx.tasks} for i, c in acts.items()}
+
+    def _complete(self, covs, ctx):
+        """Sharded: each rank summed G^T G over its rows only -> one all_reduce completes every C."""
+        if self.mode != "sharded" or ctx.world == 1:
+            return covs
+        keys = [(i, t) for i in self.projected_idx for t in ctx.tasks]
+        sizes = [self.params[i][0].numel() for i, _ in keys]
+        zeros = lambda n: torch.zeros(n * n, dtype=self.params[0].dtype)  # noqa: E731 (a rank may own no row)
+        flat = torch.cat([covs[i][t].reshape(-1) if i in covs else zeros(n) for (i, t), n in zip(keys, sizes)])
+        torch.distributed.all_reduce(flat)
+        out, off = {}, 0
+        for (i, t), n in zip(keys, sizes):
+            out.setdefault(i, {})[t] = flat[off:off + n * n].view(n, n)
+            off += n * n
+        return out
+
+    def _bases(self, ctx, covs) -> dict[str, dict[int, tuple[torch.Tensor, str]]]:
+        """Per target task and layer: (basis, 'off'|'onto') implementing `mode`."""
+        own = {i: {t: energy_basis(c, self.opts.energy) for t, c in per_t.items()} for i, per_t in covs.items()}
+        bases: dict[str, dict[int, torch.Tensor]] = {}
+        self.direction = "onto" if self.opts.mode in ("onto_own", "both") else "off"
+        for t in ctx.targets:
+            bases[t] = {}
+            for i, per_t in own.items():
+                if self.opts.subspace == "activations":
+                    bases[t][i] = per_t[t]  # task-agnostic: the same basis whatever the task
+                    continue
+                others = _orth(torch.cat([b for u, b in per_t.items() if u != t], dim=1))
+                if self.opts.mode == "off_others":
+                    bases[t][i] = others
+                elif self.opts.mode == "onto_own":
+                    bases[t][i] = per_t[t]
+                else:  # both: t's own directions, minus what the others use
+                    mine = per_t[t]
+                    bases[t][i] = _orth(mine - others @ (others.T @ mine))
+        return bases
+
+    # ---------------------------------------------------------------- one step
+    def step(self, ctx, forget, retain):
+        nf, tasks, targets = forget["image"].shape[0], ctx.tasks, ctx.targets
+        preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
+        f_losses = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
+        r_losses = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
+        signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
+        signals += self._per_sample_signals(preds, retain, nf, ctx)
+        x = self._signals(signals, ctx)  # [blocks, K, S]
+        nF, nT = len(targets), len(tasks)
+        logs, trace = {}, {}
+        if self.opts.trace_dir:
+            trace["signals"] = self.layout.to_natural(gather_blocks(x, self.mode, ctx.world))
+        if self.opts.project:
+            logs.update(self._project(x, targets, ctx))
+        g_f = x[:, :nF].sum(1)                      # summed forget direction [blocks, S]
+        g_r = x[:, nF:nF + nT].sum(1)               # retain gradient of the summed task losses
+        span = x[:, nF:nF + nT] if self.opts.span == "per_task" else x[:, nF + nT:]
+        g_f = self._orthogonalize(g_f, g_r, span, ctx, logs)
+        update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
+        full = gather_update(update, self.mode, ctx.world)
+        self.layout.unpack_into_grads(full)
+        if self.opts.trace_dir:
+            self._dump(ctx, {**trace, "gram": self.last_gram, "update": self.layout.to_natural(full[:, None])[0]})
+        loss = ctx.alpha * sum(r_losses.values()) - (1 - ctx.alpha) * sum(f_losses.values())
+        parts = {**{f"forget/{t}": f_losses[t] for t in targets}, **{f"retain/{t}": r_losses[t] for t in tasks}}
+        # the runner sums parts over ranks (they are per-rank shares); these stats are already global
+        return loss.detach(), {**parts, **{k: v / ctx.world for k, v in logs.items()}}
+
+    def _per_sample_signals(self, preds, retain, nf, ctx) -> list[torch.Tensor]:
+        """span: per_sample — rank r fills global rows r*n..r*n+n-1 (zeros elsewhere); the sum-reduce
+        then concatenates every rank's per-sample retain gradients."""
+        if self.opts.span != "per_sample":
+            return []
+        n = self.opts.span_samples
+        zero = sum(p.sum() * 0 for p in preds.values())
+        mine = []
+        sup = (retain["mask"] & retain["valid"][:, None]).float()
+        per = sum(TASKS[t].per_sample_loss(preds[t][nf:], retain[t]) * sup[:, j] for j, t in enumerate(ctx.tasks))
+        for i in range(n):
+            mine.append(per[i] if i < per.shape[0] else zero)
+        return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]
+
+    def _project(self, x, targets, ctx) -> dict[str, torch.Tensor]:
+        before = torch.zeros(len(targets), dtype=x.dtype)
+        after = torch.zeros(len(targets), dtype=x.dtype)
+        for pc in self._my_pieces(self.projected_idx):
+            blk = self.blocks.index(pc.rank)
+            for j, t in enumerate(targets):
+                basis = self.bases[t].get(pc.index)
+                if basis is None:
+                    continue
+                g = x[blk, j, pc.dst:pc.dst + pc.n].view(-1, pc.row_size)
+                before[j] += g.pow(2).sum()
+                g.copy_(project_rows(g, basis.to(g.dtype), self.direction))
+                after[j] += g.pow(2).sum()
+        sums = allreduce_small(torch.cat([before, after]), self.mode, ctx.world)
+        before, after = sums[:len(targets)], sums[len(targets):]
+        return {f"proj_removed/{t}": 1 - after[j] / before[j].clamp(min=1e-30) for j, t in enumerate(targets)}
+
+    def _orthogonalize(self, g_f, g_r, span, ctx, logs) -> torch.Tensor:
+        """Gram of [g_f; g_r; span] over this rank's shared columns -> one small all_reduce."""
+        cols = self.shared_cols[self.blocks]                 # [blocks, S]
+        vecs = torch.cat([g_f[:, None], g_r[:, None], span], 1) * cols[:, None].to(g_f.dtype)
+        gram = allreduce_small(torch.einsum("bks,bls->kl", vecs, vecs), self.mode, ctx.world)
+        self.last_gram = gram
+        keep = [0] + list(range(2, gram.shape[0]))           # [g_f; span]
+        sub = gram[keep][:, keep]
+        logs["cos_forget_retain/before"] = gram[0, 1] / (gram[0, 0] * gram[1, 1]).clamp(min=1e-30).sqrt()
+        if not self.opts.orthogonalize:
+            return g_f
+        c = orthogonalize(sub)
+        g_new = g_f - torch.einsum("k,bks->bs", c, span * cols[:, None].to(g_f.dtype))
+        # after: <g_f', g_r> and |g_f'|^2 from the same Gram, no second pass over the columns
+        dot = gram[0, 1] - c @ gram[2:, 1]
+        norm2 = gram[0, 0] - 2 * c @ gram[2:, 0] + c @ gram[2:, 2:] @ c
+        logs["cos_forget_retain/after"] = dot / (norm2.clamp(min=1e-30) * gram[1, 1]).sqrt()
+        return g_new
+
+
+    def _dump(self, ctx, tensors: dict) -> None:
+        if ctx.rank == 0:
+            from pathlib import Path
+
+            from safetensors.torch import save_file
+            Path(self.opts.trace_dir).mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()},
+                      Path(self.opts.trace_dir) / f"step-{ctx.step:04d}.safetensors")
+
+
+class IamuNoProj(Iamu):
+    """Ablation: iamu without the task-aware projection (step 2)."""
+
+    def __init__(self, options: dict):
+        super().__init__({**options, "project": False})
+
+
+class IamuNoOrth(Iamu):
+    """Ablation: iamu without the instance-level orthogonalization (step 3)."""
+
+    def __init__(self, options: dict):
+        super().__init__({**options, "orthogonalize": False})

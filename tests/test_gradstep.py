@@ -1,0 +1,96 @@
+"""The distributed gradient step's pieces, without processes: layout, engines, projection, Gram."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtu_dist.config import RunConfig
+from mtu_dist.distributed import signals as engines
+from mtu_dist.distributed.gradstep import ParamLayout
+from mtu_dist.methods.iamu import _orth, energy_basis, orthogonalize, project_rows
+from mtu_dist.model import build_model
+from mtu_dist.tasks import TASKS
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    cfg = RunConfig().model.model_copy(update={"width": 8, "head_width": 8, "dtype": "float64"})
+    return build_model(cfg, ("seg", "depth", "normal"), 5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_layout_is_row_aligned_and_round_trips(world):
+    params = list(_tiny_model().parameters())
+    layout = ParamLayout(params, world)
+    assert sum(layout.owned) == layout.total
+    assert max(layout.owned) - min(layout.owned) <= max(p[0].numel() for p in params if p.dim() > 1)  # balanced
+    k = 3
+    grads = [torch.randn(k, *p.shape, dtype=torch.float64) for p in params]
+    buf = layout.new_buffer(k, torch.float64, "cpu")
+    layout.pack_batched(buf, grads)
+    natural = layout.to_natural(buf)
+    assert torch.equal(natural, torch.cat([g.reshape(k, -1) for g in grads], 1))
+    for pc in layout.pieces:  # every piece holds whole rows of one parameter
+        assert 0 <= pc.row0 < pc.row1 <= (params[pc.index].shape[0] if params[pc.index].dim() else 1)
+    layout.unpack_into_grads(buf[:, 1])  # signal 1 as an "update"
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g[1])
+
+
+def test_batched_and_sequential_engines_agree():
+    model = _tiny_model()
+    params = list(model.parameters())
+    x = torch.rand(4, 3, 16, 24, dtype=torch.float64)
+    preds = model(x)
+    seg = torch.randint(0, 5, (4, 16, 24))
+    depth = torch.rand(4, 1, 16, 24, dtype=torch.float64) + 0.1
+    losses = [TASKS["seg"].per_sample_loss(preds["seg"], seg)[:2].sum(),
+              TASKS["depth"].per_sample_loss(preds["depth"], depth)[2:].sum(),
+              TASKS["seg"].per_sample_loss(preds["seg"], seg).sum()]
+    layout = ParamLayout(params, 2)
+    a, b = layout.new_buffer(3, torch.float64, "cpu"), layout.new_buffer(3, torch.float64, "cpu")
+    engines.sequential(losses, params, layout, a)
+    engines.batched(losses, params, layout, b)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert a.abs().sum() > 0
+
+
+def test_projection_is_exact():
+    torch.manual_seed(1)
+    basis = _orth(torch.randn(20, 6, dtype=torch.float64))
+    grads = torch.randn(5, 7, 20, dtype=torch.float64)          # 5 signals, 7 rows, in = 20
+    off = project_rows(grads, basis, "off")
+    # protected component after projection <= 1e-6 of the norm
+    assert (off @ basis).norm() <= 1e-6 * off.norm()
+    onto = project_rows(grads, basis, "onto")
+    torch.testing.assert_close(off + onto, grads, rtol=0, atol=1e-12)
+    # linear: projecting the mean == mean of projections (what makes the reduce-then-project order valid)
+    torch.testing.assert_close(project_rows(grads.mean(0), basis, "off"), off.mean(0), rtol=0, atol=1e-12)
+
+
+def test_energy_basis_keeps_stated_energy():
+    torch.manual_seed(2)
+    q = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0]
+    vals = torch.tensor([50, 30, 15, 3, 1, 0.5, 0.3, 0.1, 0.1, 0.0], dtype=torch.float64)
+    cov = q @ torch.diag(vals) @ q.T
+    b = energy_basis(cov, 0.97)
+    assert b.shape[1] == 4  # 50+30+15 = 95% < 97% <= 98%
+    assert energy_basis(torch.zeros(4, 4, dtype=torch.float64), 0.97).shape[1] == 0
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_gram_orthogonalization_matches_direct_reference(rank_deficient):
+    torch.manual_seed(3)
+    span = torch.randn(4, 50, dtype=torch.float64)
+    if rank_deficient:
+        span[2] = span[0] + 2 * span[1]   # dependent row
+        span[3] = 0                        # empty retain gradient
+    g = torch.randn(50, dtype=torch.float64)
+    vecs = torch.cat([g[None], span])
+    c = orthogonalize(vecs @ vecs.T)
+    ours = g - c @ span
+    # direct: subtract the projection onto the column space of span^T
+    q = _orth(span.T)
+    ref = g - q @ (q.T @ g)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    assert (span @ ours).abs().max() <= 1e-9 * g.norm()
