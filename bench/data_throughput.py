@@ -9,13 +9,18 @@ slow drift of a shared machine hits all variants alike):
 2. Loader: decoded samples/s of `BatchLoader` (local batch 16) with 0 (in-process), 1 and 2 worker
    processes, timing whole epochs. Workers are not persistent, so every epoch pays worker start-up;
    epoch 0 is reported separately as warm-up and the time to the first batch is recorded too.
+   Two extra variants (0 and 2 workers with the main process at 1 torch thread) show the cost of
+   intra-op threading in the main process, where batches are concatenated.
 3. Step: samples/s consumed by one forward + backward + AdamW step of the default model on a batch
    of 16 random 3x48x64 images with all three indoor tasks, with 1 torch thread and with the
    default thread count.
 
 Ratios: generator 2 vs 1 processes, loader 2 vs 1 workers, loader (2 workers) / step (goal >= 5x).
-Figures are medians over repeats. Results go to bench/results/data_throughput.json and a Markdown
-table is printed.
+Figures are medians over repeats. Besides wall-clock samples/s, every figure also has samples per
+CPU-second (this process plus its writer/loader children), and the run records how many cores
+other processes kept busy meanwhile (from /proc/stat): on a shared machine wall-clock scaling with
+processes is only meaningful when that is near 0. Results go to bench/results/data_throughput.json
+and a Markdown table is printed.
 
     .venv/bin/python bench/data_throughput.py            # full run (a few minutes on 2 cores)
     .venv/bin/python bench/data_throughput.py --quick    # smaller run, to check it works
@@ -68,6 +73,31 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all processes of the machine have been busy (Linux /proc/stat), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """Average number of cores busy with *other* processes while a section ran (shared machines)."""
+
+    def __enter__(self):
+        self.t0, self.c0, self.m0 = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall, m1 = time.perf_counter() - self.t0, machine_busy_seconds()
+        own = cpu_seconds() - self.c0
+        self.result = {"wall_s": wall, "own_cores": own / wall,
+                       "other_cores": None if m1 is None else max(0.0, (m1 - self.m0 - own) / wall)}
+        return False
+
+
 def summary(rates, per_cpu):
     """Wall-clock rates (samples/s) and CPU-normalised rates (samples per CPU-second, all processes)."""
     return {"median": median(rates), "min": min(rates), "max": max(rates), "runs": rates,
@@ -116,44 +146,59 @@ def bench_generator(tmp: Path, n: int, n_render: int, repeats: int) -> dict:
 
 # --------------------------------------------------------------------------- loader
 
-def one_epoch(loader: BatchLoader, epoch: int) -> dict:
-    n, t_first = 0, None
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    for batch in loader.epoch(epoch):
-        if t_first is None:
-            t_first = time.perf_counter() - t0
-        n += int(batch["valid"].sum())
-    dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+def one_epoch(loader: BatchLoader, epoch: int, threads: int | None = None) -> dict:
+    """Iterate one whole epoch; `threads` sets the main process's torch threads meanwhile."""
+    default = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        n, t_first = 0, None
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        for batch in loader.epoch(epoch):
+            if t_first is None:
+                t_first = time.perf_counter() - t0
+            n += int(batch["valid"].sum())
+        dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    finally:
+        torch.set_num_threads(default)
     return {"samples": n, "seconds": dt, "cpu_s": cpu, "first_batch_s": t_first, "rate": n / dt,
             "per_cpu_s": n / cpu}
 
 
-def bench_loader(tmp: Path, n: int, repeats: int, worker_counts=(0, 1, 2)) -> dict:
+# (name, loader workers, main-process torch threads; None = default). The first three are the
+# measurement asked for; the "main 1 thread" ones isolate the cost of intra-op threading in the main
+# process (batch concatenation), which matters when the cores are shared.
+LOADER_VARIANTS = (("0", 0, None), ("1", 1, None), ("2", 2, None),
+                   ("0_main1thread", 0, 1), ("2_main1thread", 2, 1))
+
+
+def bench_loader(tmp: Path, n: int, repeats: int, variants=LOADER_VARIANTS) -> dict:
     write_shards(tmp / "loader", n, 2)
     manifest = load_manifest(tmp / "loader" / DATASET)
     loaders = {w: BatchLoader(manifest, "train", rank=0, world=1, local_batch=BATCH, workers=w, seed=0)
-               for w in worker_counts}
-    warm = {w: one_epoch(loaders[w], 0) for w in ordered(worker_counts, 0)}  # epoch 0: warm-up
-    runs = {w: [] for w in worker_counts}
+               for w in {v[1] for v in variants}}
+    warm = {name: one_epoch(loaders[w], 0, th) for name, w, th in ordered(variants, 0)}  # warm-up
+    runs = {name: [] for name, _, _ in variants}
     for rep in range(repeats):
-        for w in ordered(worker_counts, rep + 1):
-            runs[w].append(one_epoch(loaders[w], rep + 1))
+        for name, w, th in ordered(variants, rep + 1):
+            runs[name].append(one_epoch(loaders[w], rep + 1, th))
     out = {"samples_per_epoch": n, "local_batch": BATCH,
-           "main_process_torch_threads": torch.get_num_threads(), "workers": {}}
-    for w in worker_counts:
-        rates = [r["rate"] for r in runs[w]]
-        bad = [r["samples"] for r in runs[w] + [warm[w]] if r["samples"] != n]
+           "default_main_process_torch_threads": torch.get_num_threads(), "workers": {}}
+    for name, w, th in variants:
+        rates = [r["rate"] for r in runs[name]]
+        bad = [r["samples"] for r in runs[name] + [warm[name]] if r["samples"] != n]
         if bad:
-            raise RuntimeError(f"loader with {w} workers delivered {bad} valid samples, expected {n}")
-        out["workers"][str(w)] = {
-            **summary(rates, [r["per_cpu_s"] for r in runs[w]]),
-            "first_batch_s_median": median([r["first_batch_s"] for r in runs[w]]),
-            "warmup_epoch": warm[w],
-            "epochs": runs[w],
+            raise RuntimeError(f"loader variant {name} delivered {bad} valid samples per epoch, expected {n}")
+        out["workers"][name] = {
+            "workers": w, "main_threads": th or torch.get_num_threads(),
+            **summary(rates, [r["per_cpu_s"] for r in runs[name]]),
+            "first_batch_s_median": median([r["first_batch_s"] for r in runs[name]]),
+            "warmup_epoch": warm[name],
+            "epochs": runs[name],
         }
-    r = {w: out["workers"][str(w)]["median"] for w in worker_counts}
-    out["ratio_2_vs_1"] = r[2] / r[1]
-    out["ratio_2_vs_0"] = r[2] / r[0]
+    r = {name: out["workers"][name]["median"] for name, _, _ in variants}
+    out["ratio_2_vs_1"] = r["2"] / r["1"]
+    out["ratio_2_vs_0"] = r["2"] / r["0"]
     return out
 
 
@@ -184,28 +229,35 @@ def make_step(seed: int = 0):
     return step
 
 
-def bench_step(steps: int, repeats: int, warmup: int = 3) -> dict:
+def bench_step(steps: int, repeats: int, warmup: int = 2, budget_s: float = 3.0, min_steps: int = 3) -> dict:
+    """Median step time per repeat; a repeat stops early after `budget_s` (at least `min_steps` steps),
+    which bounds the run when a contended machine makes multi-threaded steps very slow."""
     default_threads = torch.get_num_threads()
     settings = {"1_thread": 1, "default_threads": default_threads}
     step = make_step()
     times = {k: [] for k in settings}  # per repeat: median step time
     cpu = {k: [] for k in settings}  # per repeat: CPU seconds per step (all threads)
+    counts = {k: [] for k in settings}  # per repeat: timed steps
     try:
         for rep in range(repeats):
             for name in ordered(settings, rep):
                 torch.set_num_threads(settings[name])
                 for _ in range(warmup):
                     step()
-                c0 = cpu_seconds()
-                times[name].append(median([step() for _ in range(steps)]))
-                cpu[name].append((cpu_seconds() - c0) / steps)
+                c0, t0, ts = cpu_seconds(), time.perf_counter(), []
+                while len(ts) < steps and (len(ts) < min_steps or time.perf_counter() - t0 < budget_s):
+                    ts.append(step())
+                times[name].append(median(ts))
+                cpu[name].append((cpu_seconds() - c0) / len(ts))
+                counts[name].append(len(ts))
     finally:
         torch.set_num_threads(default_threads)
-    out = {"batch": BATCH, "steps_per_repeat": steps, "default_thread_count": default_threads}
+    out = {"batch": BATCH, "max_steps_per_repeat": steps, "budget_s_per_repeat": budget_s,
+           "default_thread_count": default_threads}
     for name, ts in times.items():
         out[name] = {"step_s_median": median(ts), "step_s_runs": ts,
                      "samples_per_s": BATCH / median(ts), "threads": settings[name],
-                     "cpu_s_per_step_median": median(cpu[name]),
+                     "cpu_s_per_step_median": median(cpu[name]), "timed_steps": counts[name],
                      "per_cpu_s_median": BATCH / median(cpu[name])}
     return out
 
@@ -222,6 +274,8 @@ def table(res: dict) -> str:
         ("Loader, 0 workers (in-process)", l["workers"]["0"]),
         ("Loader, 1 worker", l["workers"]["1"]),
         ("Loader, 2 workers", l["workers"]["2"]),
+        ("Loader, 0 workers, main process 1 thread", l["workers"]["0_main1thread"]),
+        ("Loader, 2 workers, main process 1 thread", l["workers"]["2_main1thread"]),
     ]
     lines = ["| Measurement | samples/s (median) | min - max | samples per CPU-s |", "|---|---:|---:|---:|"]
     for name, d in rows:
@@ -240,6 +294,8 @@ def table(res: dict) -> str:
               f"| Loader 2 workers vs 0 (in-process) | {r['loader_2_vs_0_workers']:.2f}x |",
               f"| Loader (2 workers) / step, 1 thread | {r['loader_vs_step_1_thread']:.1f}x |",
               f"| Loader (2 workers) / step, default threads | {r['loader_vs_step_default_threads']:.1f}x |",
+              f"| Loader (2 workers, main 1 thread) / step, 1 thread | "
+              f"{r['loader_vs_step_matched_1_thread']:.1f}x |",
               f"| Goal loader / step >= {STEP_GOAL:g}x met (worst case) | "
               f"{'yes' if r['loader_vs_step_goal_met'] else 'no'} |"]
     return "\n".join(lines)
@@ -253,7 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-samples", type=int, help="samples written per generator run (default 1024; quick 256)")
     p.add_argument("--render-samples", type=int, help="samples rendered per render-only run (default 128; quick 32)")
     p.add_argument("--loader-samples", type=int, help="train samples in the loader dataset (default 1024; quick 256)")
-    p.add_argument("--steps", type=int, help="timed training steps per repeat and thread setting (default 10; quick 5)")
+    p.add_argument("--steps", type=int, help="most timed training steps per repeat and thread setting "
+                   "(default 10; quick 5; a repeat also stops after 3 s, quick 1.5 s, with at least 3 steps)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument("--workdir", type=Path, help="folder for the temporary shards (default: system temp)")
     a = p.parse_args(argv)
@@ -273,16 +330,23 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mtu-bench-", dir=a.workdir) as tmp:
         tmp = Path(tmp)
         print(f"generator: {gen_n} samples x {repeats} repeats ...", file=sys.stderr, flush=True)
-        gen = bench_generator(tmp, gen_n, render_n, repeats)
+        with ForeignLoad() as fl_gen:
+            gen = bench_generator(tmp, gen_n, render_n, repeats)
         print(f"loader: {loader_n} samples/epoch x {repeats} epochs (+1 warm-up) ...", file=sys.stderr, flush=True)
-        loader = bench_loader(tmp, loader_n, repeats)
+        with ForeignLoad() as fl_loader:
+            loader = bench_loader(tmp, loader_n, repeats)
     print(f"step: {steps} steps x {repeats} repeats ...", file=sys.stderr, flush=True)
-    step = bench_step(steps, repeats)
+    with ForeignLoad() as fl_step:
+        step = bench_step(steps, repeats, budget_s=1.5 if q else 3.0)
+    env["machine_load"] = {"generator": fl_gen.result, "loader": fl_loader.result, "step": fl_step.result}
     env["loadavg_end"] = list(os.getloadavg())
     env["wall_s"] = time.perf_counter() - t_start
 
     l2 = loader["workers"]["2"]["median"]
     ratios = {
+        # matched: loader and step with the same main-process thread setting, as in one training process
+        "loader_vs_step_matched_1_thread": (loader["workers"]["2_main1thread"]["median"]
+                                            / step["1_thread"]["samples_per_s"]),
         "generator_2_vs_1_proc": gen["ratio_2_vs_1"],
         "loader_2_vs_1_workers": loader["ratio_2_vs_1"],
         "loader_2_vs_0_workers": loader["ratio_2_vs_0"],
@@ -300,8 +364,11 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
-    print(f"\n{'quick' if q else 'full'} run, {repeats} repeats, {env['wall_s']:.0f} s wall, "
-          f"load avg {env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f}; results: {a.out}")
+    other = ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in env["machine_load"].items()
+                      if v["other_cores"] is not None)
+    print(f"\n{'quick' if q else 'full'} run, {repeats} repeats, {env['wall_s']:.0f} s wall on "
+          f"{env['cpu_count']} cores; cores busy with other processes: {other or 'unknown'}; "
+          f"results: {a.out}")
     return 0
 
 

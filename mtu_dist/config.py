@@ -55,7 +55,8 @@ class UnlearnConfig(Section):
     forget_batch: int = Field(8, ge=1)      # global forget batch
     retain_batch: int = Field(16, ge=1)     # global retain batch
     alpha: float = Field(0.5, ge=0, le=1)   # weight of the retain term: alpha*retain - (1-alpha)*forget
-    stop_band: float | None = None          # stop when the forget pairs' primary metric <= original val + band
+    stop_band: float | None = None          # a task is done when its forget-pair primary metric <= original val + band
+    stop_drop: float | None = Field(None, gt=0, lt=1)  # ... or has fallen by this fraction (equal-forgetting comparisons)
     diverge_factor: float = Field(20.0, gt=1)  # loss or grad norm above factor x its first value = divergence
     check_sync: bool = False                # every step: compare a parameter checksum across ranks (one tiny all_gather)
     signal_engine: Literal["auto", "sequential", "batched"] = "auto"  # per-task gradient signals (auto: measured)

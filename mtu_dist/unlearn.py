@@ -3,9 +3,12 @@
 The loop is method-agnostic: stream forget and retain batches, ask the method for its objective,
 backward, clip, guard, step. The divergence guard stops on a non-finite loss or gradient, or on a
 loss / gradient norm above `unlearn.diverge_factor` times its first value, restores the last good
-parameters (kept on CPU every step) and says so. The optional stop rule (`unlearn.stop_band`) ends
-the run once every target task's primary metric on the forget pairs is at or below the original
-model's val level plus the band: observable without a retrain, and the same for every method.
+parameters (kept on CPU every step) and says so. The optional stop rule is checked after every step on
+the forget pairs: a target task is *done* once its primary metric is at or below the original model's
+val level plus `unlearn.stop_band`, or (`unlearn.stop_drop`) has fallen by that fraction of its value
+before unlearning (for comparing methods at an equal forget drop). A done task — its forget pairs are masked out of later forget
+batches, so no method keeps ascending a task that is already forgotten — and the run ends when every
+target task is done. Observable without a retrain, and the same for every method.
 """
 from __future__ import annotations
 
@@ -77,8 +80,13 @@ def unlearn(s: Session, model, original_val: dict | None):
     from tqdm import tqdm
     bar = tqdm(total=u.steps, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False, dynamic_ncols=True)
     step, ledger = 0, Ledger()
+    done: set[str] = set()
+    thresholds = _stop_thresholds(s, raw, forget_set, original_val)
+    done_mask = torch.zeros(len(m.tasks), dtype=torch.bool)
     for step in range(1, u.steps + 1):
         fb, rb = next(forget_it), next(retain_it) if retain_it else None
+        if done:
+            fb = {**fb, "mask": fb["mask"] & ~done_mask}
         ledger.record(fb, m.tasks, role="forget")
         if rb is not None:
             ledger.record(rb, m.tasks, role="retain")
@@ -100,9 +108,12 @@ def unlearn(s: Session, model, original_val: dict | None):
         good = copy.deepcopy(raw.state_dict())
         s.tracker.log_metrics({f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm)}, step)
         bar.update(1)
-        if u.stop_band is not None and original_val and step % 5 == 0 and _reached_val_level(s, raw, forget_set, original_val):
-            stopped = f"stop rule at step {step}: forget-pair metrics reached the original val level"
-            break
+        if thresholds:
+            done |= _tasks_done(s, raw, forget_set, thresholds)
+            done_mask = torch.tensor([t in done for t in m.tasks])
+            if done >= set(targets):
+                stopped = f"stop rule at step {step}: every target task's forget-pair metric reached the original val level"
+                break
     bar.close()
     elapsed = time.perf_counter() - t0
     s.tracker.log_metrics({"time/unlearn_s": elapsed, "unlearn/steps_run": step}, step)
@@ -132,9 +143,27 @@ def _diverged(loss: float, gnorm: float, first: tuple[float, float], factor: flo
     return None
 
 
-def _reached_val_level(s: Session, model, forget_set, original_val) -> bool:
+def _forget_metrics(s: Session, model, forget_set) -> dict:
     m = s.manifest
     metrics, _ = _run_split(model, _instance_batches(forget_set, s.rank, s.world, 16, blank_sample(m)),
                             m.tasks, m.num_classes, s.world)
     model.train()
-    return all(primary(metrics, t) <= primary(original_val, t) + s.cfg.unlearn.stop_band for t in metrics)
+    return metrics
+
+
+def _stop_thresholds(s: Session, model, forget_set, original_val) -> dict[str, float]:
+    """Per target task: the primary-metric level on the forget pairs at which the task is done."""
+    u = s.cfg.unlearn
+    if u.stop_drop is not None:
+        before = _forget_metrics(s, model, forget_set)
+        return {t: primary(before, t) * (1 - u.stop_drop) for t in before}
+    if u.stop_band is not None:
+        if not original_val:
+            raise UserError("unlearn.stop_band needs the original model's val metrics (metrics.json beside --from)")
+        return {t: primary(original_val, t) + u.stop_band for t in s.request.target_tasks()}
+    return {}
+
+
+def _tasks_done(s: Session, model, forget_set, thresholds: dict[str, float]) -> set[str]:
+    metrics = _forget_metrics(s, model, forget_set)
+    return {t for t in metrics if t in thresholds and primary(metrics, t) <= thresholds[t]}

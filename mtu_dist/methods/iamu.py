@@ -39,6 +39,9 @@ class IamuOptions(BaseModel):
     mode: Literal["off_others", "onto_own", "both"] = "off_others"
     span: Literal["per_task", "per_sample"] = "per_task"   # retain span for step 3
     span_samples: int = Field(4, ge=1)                     # per rank, for span: per_sample
+    orth_heads: bool = True                                # step 3 over the heads' columns too (instance-level
+                                                           # interference also runs through a task's own head)
+    rescale: bool = False                                  # restore the forget direction's pre-projection norm
     trace_dir: str | None = None                           # tests/debugging: rank 0 dumps each step's tensors
 
 
@@ -91,7 +94,7 @@ class Iamu(Method):
         shared_ids = {id(p) for p in model.shared_parameters()}
         self.shared_idx = {i for i, p in enumerate(self.params) if id(p) in shared_ids}
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
-        self.shared_cols = self._shared_column_mask()
+        self.orth_cols = self._shared_column_mask()
         logs = {}
         if self.opts.project:
             covs = (self._gradient_covariances(ctx, retain_batches) if self.opts.subspace == "gradients"
@@ -102,9 +105,10 @@ class Iamu(Method):
         return logs
 
     def _shared_column_mask(self) -> torch.Tensor:
+        """Columns step 3 acts on: the shared parameters (and the heads, with `orth_heads`); never padding."""
         mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool)
         for pc in self.layout.pieces:
-            if pc.index in self.shared_idx:
+            if pc.index in self.shared_idx or self.opts.orth_heads:
                 mask[pc.rank, pc.dst:pc.dst + pc.n] = True
         return mask
 
@@ -112,13 +116,15 @@ class Iamu(Method):
         wanted = set(indices)
         return [pc for b in self.blocks for pc in self.layout.pieces_of(b) if pc.index in wanted]
 
-    def _signals(self, losses: list[torch.Tensor], ctx) -> torch.Tensor:
+    def _signals(self, losses: list[torch.Tensor], ctx, probe: bool = False) -> torch.Tensor:
         """Losses -> reduced signals, as [blocks, K, S] (the columns this rank works on)."""
         dtype = self.params[0].dtype
         buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
-        if self.engine == "auto":
-            self.engine = engines.pick_engine(losses, self.params, self.layout, buf)
-        engines.ENGINES[self.engine](losses, self.params, self.layout, buf)
+        engine = self.engine
+        if engine == "auto":  # measured once, on the first real step's K signals (setup just uses sequential)
+            engine = engines.pick_engine(losses, self.params, self.layout, buf, repeats=1) if probe else "sequential"
+            self.engine = engine if probe else "auto"
+        engines.ENGINES[engine](losses, self.params, self.layout, buf)
         out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
         return out if out.dim() == 3 else out[None]
 
@@ -208,9 +214,11 @@ class Iamu(Method):
         r_losses = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
         signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
         signals += self._per_sample_signals(preds, retain, nf, ctx)
-        x = self._signals(signals, ctx)  # [blocks, K, S]
+        x = self._signals(signals, ctx, probe=True)  # [blocks, K, S]
         nF, nT = len(targets), len(tasks)
         logs, trace = {}, {}
+        cols = self.orth_cols[self.blocks][:, None].to(x.dtype)
+        pre_norm2 = (x[:, :nF].sum(1, keepdim=True) * cols).pow(2).sum()  # partial over owned columns
         if self.opts.trace_dir:
             trace["signals"] = self.layout.to_natural(gather_blocks(x, self.mode, ctx.world))
         if self.opts.project:
@@ -218,7 +226,7 @@ class Iamu(Method):
         g_f = x[:, :nF].sum(1)                      # summed forget direction [blocks, S]
         g_r = x[:, nF:nF + nT].sum(1)               # retain gradient of the summed task losses
         span = x[:, nF:nF + nT] if self.opts.span == "per_task" else x[:, nF + nT:]
-        g_f = self._orthogonalize(g_f, g_r, span, ctx, logs)
+        g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
         update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
         full = gather_update(update, self.mode, ctx.world)
         self.layout.unpack_into_grads(full)
@@ -260,24 +268,35 @@ class Iamu(Method):
         before, after = sums[:len(targets)], sums[len(targets):]
         return {f"proj_removed/{t}": 1 - after[j] / before[j].clamp(min=1e-30) for j, t in enumerate(targets)}
 
-    def _orthogonalize(self, g_f, g_r, span, ctx, logs) -> torch.Tensor:
-        """Gram of [g_f; g_r; span] over this rank's shared columns -> one small all_reduce."""
-        cols = self.shared_cols[self.blocks]                 # [blocks, S]
+    def _orthogonalize(self, g_f, g_r, span, ctx, logs, pre_norm2) -> torch.Tensor:
+        """Gram of [g_f; g_r; span] over this rank's shared columns -> one small all_reduce (which also
+        completes the pre-projection norm of the forget direction)."""
+        cols = self.orth_cols[self.blocks]                 # [blocks, S]
         vecs = torch.cat([g_f[:, None], g_r[:, None], span], 1) * cols[:, None].to(g_f.dtype)
-        gram = allreduce_small(torch.einsum("bks,bls->kl", vecs, vecs), self.mode, ctx.world)
+        local = torch.einsum("bks,bls->kl", vecs, vecs)
+        packed = allreduce_small(torch.cat([local.reshape(-1), pre_norm2.reshape(1)]), self.mode, ctx.world)
+        gram, pre_norm2 = packed[:-1].view_as(local), packed[-1]
         self.last_gram = gram
         keep = [0] + list(range(2, gram.shape[0]))           # [g_f; span]
         sub = gram[keep][:, keep]
         logs["cos_forget_retain/before"] = gram[0, 1] / (gram[0, 0] * gram[1, 1]).clamp(min=1e-30).sqrt()
         if not self.opts.orthogonalize:
-            return g_f
+            return self._rescaled(g_f, gram[0, 0], pre_norm2, cols)
         c = orthogonalize(sub)
         g_new = g_f - torch.einsum("k,bks->bs", c, span * cols[:, None].to(g_f.dtype))
         # after: <g_f', g_r> and |g_f'|^2 from the same Gram, no second pass over the columns
         dot = gram[0, 1] - c @ gram[2:, 1]
         norm2 = gram[0, 0] - 2 * c @ gram[2:, 0] + c @ gram[2:, 2:] @ c
         logs["cos_forget_retain/after"] = dot / (norm2.clamp(min=1e-30) * gram[1, 1]).sqrt()
-        return g_new
+        return self._rescaled(g_new, norm2, pre_norm2, cols)
+
+    def _rescaled(self, g_f, norm2, pre_norm2, cols) -> torch.Tensor:
+        """`rescale`: give the shared part of the forget direction back its pre-projection norm, so the
+        constraints change the direction of the forget step but not its size."""
+        if not self.opts.rescale:
+            return g_f
+        scale = (pre_norm2 / norm2.clamp(min=1e-30)).sqrt()
+        return torch.where(cols.bool(), g_f * scale, g_f)
 
 
     def _dump(self, ctx, tensors: dict) -> None:
