@@ -84,10 +84,12 @@ def unlearn(s: Session, model, original_val: dict | None):
     thresholds = _stop_thresholds(s, raw, forget_set, original_val)
     done_mask = torch.zeros(len(m.tasks), dtype=torch.bool)
     for step in range(1, u.steps + 1):
-        fb, rb = next(forget_it), next(retain_it) if retain_it else None
-        if done:
+        fb = next(forget_it) if method.uses_forget else None
+        rb = next(retain_it) if retain_it else None
+        if fb is not None and done:
             fb = {**fb, "mask": fb["mask"] & ~done_mask}
-        ledger.record(fb, m.tasks, role="forget")
+        if fb is not None:
+            ledger.record(fb, m.tasks, role="forget")
         if rb is not None:
             ledger.record(rb, m.tasks, role="retain")
         loss, parts = method.step(make_ctx(step), fb, rb)

@@ -52,7 +52,8 @@ class Method:
     override `step` and set `manages_gradients` (methods that combine per-task gradient signals)."""
 
     Options: type[BaseModel] = NoOptions
-    uses_retain: bool = True          # whether the runner needs to stream retain batches
+    uses_retain: bool = True          # whether the runner streams retain batches to this method
+    uses_forget: bool = True          # ... and forget batches (what is not used is not consumed or recorded)
     manages_gradients: bool = False   # True: `step` writes .grad itself; the model is not DDP-wrapped
 
     def __init__(self, options: dict):

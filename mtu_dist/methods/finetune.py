@@ -7,6 +7,7 @@ from .base import Method
 
 
 class Finetune(Method):
+    uses_forget = False
     def objective(self, ctx, forget, retain):
         (r,) = ctx.losses(retain)
         total = sum(r.values())
