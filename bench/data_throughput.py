@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from mtu_dist.data.synth import render_sample
 from mtu_dist.data.synth_cmd import synth
 from mtu_dist.model import build_model
 from mtu_dist.tasks import TASKS
+from timing import ForeignLoad, cpu_seconds, median, ordered  # noqa: E402 (bench/ is on sys.path)
 
 DATASET = "synth-indoor"
 TASK_NAMES = ("seg", "depth", "normal")
@@ -56,46 +56,6 @@ SHARD_SIZE = 64
 BATCH = 16
 STEP_GOAL = 5.0
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "data_throughput.json"
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def ordered(variants, rep):
-    """Alternate the variant order between repeats (A B C, C B A, ...)."""
-    return list(variants) if rep % 2 == 0 else list(reversed(variants))
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process plus its reaped children (writer pools, loader workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU-seconds all processes of the machine have been busy (Linux /proc/stat), or None."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class ForeignLoad:
-    """Average number of cores busy with *other* processes while a section ran (shared machines)."""
-
-    def __enter__(self):
-        self.t0, self.c0, self.m0 = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
-        return self
-
-    def __exit__(self, *exc):
-        wall, m1 = time.perf_counter() - self.t0, machine_busy_seconds()
-        own = cpu_seconds() - self.c0
-        self.result = {"wall_s": wall, "own_cores": own / wall,
-                       "other_cores": None if m1 is None else max(0.0, (m1 - self.m0 - own) / wall)}
-        return False
 
 
 def summary(rates, per_cpu):

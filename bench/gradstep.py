@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import pstats
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ from mtu_dist.methods.neggrad_plus import NegGradPlus
 from mtu_dist.model import build_model
 from mtu_dist.objective import global_counts, normalised_losses
 from mtu_dist.tasks import TASKS
+from timing import ForeignLoad, median, ordered  # noqa: E402 (bench/ is on sys.path)
 
 TASK_NAMES = ("seg", "depth", "normal")
 NUM_CLASSES = 13
@@ -84,15 +84,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gradstep.json"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def ordered(variants, rep):
-    """Alternate the variant order between repeats (A B C, C B A, ...)."""
-    return list(variants) if rep % 2 == 0 else list(reversed(variants))
-
-
 def stats(ts):
     return {"median": median(ts), "min": min(ts), "max": max(ts), "runs": ts}
 
@@ -102,37 +93,6 @@ def timed(fn, *args, **kwargs):
     out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
 
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def machine_busy_seconds() -> float | None:
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class ForeignLoad:
-    """Average number of cores busy with *other* processes while a section ran (shared machines)."""
-
-    def __enter__(self):
-        self.t0, self.c0, self.m0 = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
-        return self
-
-    def __exit__(self, *exc):
-        wall, m1 = time.perf_counter() - self.t0, machine_busy_seconds()
-        own = cpu_seconds() - self.c0
-        self.result = {"wall_s": wall, "own_cores": own / wall,
-                       "other_cores": None if m1 is None else max(0.0, (m1 - self.m0 - own) / wall)}
-        return False
-
-
-# --------------------------------------------------------------------------- synthetic data
 
 def make_batch(n: int, seed: int, h: int, w: int, forget: bool = False) -> dict:
     """A random batch in the loader's format (255 = ignored seg pixel, depth 0 = invalid)."""

@@ -1,8 +1,6 @@
 """`mtu data verify`: check every shard against the manifest and report each problem by file and key."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import UserError
 from ..fileio import sha256_file
 from .manifest import Manifest
