@@ -46,7 +46,7 @@ from mtu_dist.data.synth import render_sample
 from mtu_dist.data.synth_cmd import synth
 from mtu_dist.model import build_model
 from mtu_dist.tasks import TASKS
-from timing import ForeignLoad, cpu_seconds, median, ordered  # noqa: E402 (bench/ is on sys.path)
+from timing import ForeignLoad, cpu_seconds, describe_load, median, ordered  # noqa: E402 (bench/ is on sys.path)
 
 DATASET = "synth-indoor"
 TASK_NAMES = ("seg", "depth", "normal")
@@ -324,10 +324,8 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
-    other = ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in env["machine_load"].items()
-                      if v["other_cores"] is not None)
     print(f"\n{'quick' if q else 'full'} run, {repeats} repeats, {env['wall_s']:.0f} s wall on "
-          f"{env['cpu_count']} cores; cores busy with other processes: {other or 'unknown'}; "
+          f"{env['cpu_count']} cores; cores busy with other processes: {describe_load(env['machine_load'])}; "
           f"results: {a.out}")
     return 0
 

@@ -68,7 +68,7 @@ from mtu_dist.methods.neggrad_plus import NegGradPlus
 from mtu_dist.model import build_model
 from mtu_dist.objective import global_counts, normalised_losses
 from mtu_dist.tasks import TASKS
-from timing import ForeignLoad, median, ordered  # noqa: E402 (bench/ is on sys.path)
+from timing import ForeignLoad, describe_load, median, ordered  # noqa: E402 (bench/ is on sys.path)
 
 TASK_NAMES = ("seg", "depth", "normal")
 NUM_CLASSES = 13
@@ -783,10 +783,9 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(tables(res))
-    other = ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in load.items() if v["other_cores"] is not None)
     print(f"\n{'quick' if q else 'full'} run at {h}x{w}, {repeats} repeats ({setup_repeats} setup/epoch, "
           f"{dist_repeats} reduction), {env['wall_s']:.0f} s wall on {env['cpu_count']} cores; "
-          f"cores busy with other processes: {other or 'unknown'}; results: {a.out}")
+          f"cores busy with other processes: {describe_load(load)}; results: {a.out}")
     return 0
 
 

@@ -47,3 +47,9 @@ class ForeignLoad:
         self.result = {"wall_s": wall, "own_cores": own / wall,
                        "other_cores": None if m1 is None else max(0.0, (m1 - self.m0 - own) / wall)}
         return False
+
+
+def describe_load(load: dict) -> str:
+    """'section cores, ...' for the sections whose foreign load could be measured."""
+    busy = ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in load.items() if v["other_cores"] is not None)
+    return busy or "unknown"

@@ -38,8 +38,8 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
 def train_command(cfg: RunConfig, *, name: str | None, resume: bool, overwrite: bool, tracking_uri: str | None) -> dict:
     from .train import fit
     s = open_session(cfg, "train", name or "original", resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
-    model, elapsed = fit(s, resume=resume)
-    return finish(s, model, elapsed=elapsed, step=cfg.train.epochs)
+    model, elapsed, step = fit(s, resume=resume)
+    return finish(s, model, elapsed=elapsed, step=step)
 
 
 def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: bool, overwrite: bool,
@@ -50,8 +50,8 @@ def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: b
     req = load_request(request, load_manifest(cfg.data.dataset, cfg.data.root))
     s = open_session(cfg, "retrain", name or f"retrain-{req.setting}-{req.sha256[:8]}", request_path=request,
                      resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
-    model, elapsed = fit(s, resume=resume)
-    return finish(s, model, elapsed=elapsed, step=cfg.train.epochs)
+    model, elapsed, step = fit(s, resume=resume)
+    return finish(s, model, elapsed=elapsed, step=step)
 
 
 def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool,

@@ -17,7 +17,7 @@ from .data.stream import BatchLoader, blank_sample, collate, load_instances
 from .tasks import TASKS, reduce_meters
 
 
-def _instance_batches(samples: list[dict], rank: int, world: int, local_batch: int, blank: dict):
+def instance_batches(samples: list[dict], rank: int, world: int, local_batch: int, blank: dict):
     """Rank r evaluates samples r::world, padded so every rank runs the same number of batches."""
     mine = samples[rank::world]
     n = math.ceil(math.ceil(len(samples) / world) / local_batch) if samples else 0
@@ -27,7 +27,7 @@ def _instance_batches(samples: list[dict], rank: int, world: int, local_batch: i
 
 
 @torch.no_grad()
-def _run_split(model, batches, tasks, num_classes, world) -> tuple[dict, list]:
+def run_split(model, batches, tasks, num_classes, world) -> tuple[dict, list]:
     meters = {t: TASKS[t].new_meter(num_classes) for t in tasks}
     losses = []  # (key, task, loss)
     for batch in batches:
@@ -65,10 +65,10 @@ def evaluate(model, s, request=None) -> dict:
             sets["forget_kept"] = (list(forgotten), lambda k: np.array([t not in forgotten[k] for t in tasks]))
     for name, (ids, mask_fn) in sets.items():
         samples = load_instances(m, "train", ids, mask_fn)
-        splits[name], losses[name] = _run_split(model, _instance_batches(samples, s.rank, s.world, local, blank),
+        splits[name], losses[name] = run_split(model, instance_batches(samples, s.rank, s.world, local, blank),
                                                 tasks, m.num_classes, s.world)
     val = BatchLoader(m, "val", rank=s.rank, world=s.world, local_batch=local, shuffle=False, workers=0)
-    splits["val"], losses["val"] = _run_split(model, val.epoch(0), tasks, m.num_classes, s.world)
+    splits["val"], losses["val"] = run_split(model, val.epoch(0), tasks, m.num_classes, s.world)
     model.train()
     return {"splits": splits, "losses": losses}
 

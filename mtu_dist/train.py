@@ -74,7 +74,7 @@ def fit(s: Session, resume: bool = False):
     elapsed = time.perf_counter() - t0
     s.tracker.log_metrics({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9)}, step)
     s.ledger = ledger.gather(s.world)
-    return s.acc.unwrap_model(model), elapsed
+    return s.acc.unwrap_model(model), elapsed, step
 
 
 def _checkpoint(s: Session, model, opt, step, epoch, ckpt_dir, ledger):

@@ -22,7 +22,7 @@ import torch
 from .checkpoint import load_checkpoint, read_state
 from .data.stream import BatchLoader, blank_sample, forget_batches, load_instances, retain_mask
 from .errors import UserError
-from .evaluate import _instance_batches, _run_split, primary
+from .evaluate import instance_batches, run_split, primary
 from .ledger import Ledger
 from .methods import build_method
 from .methods.base import StepContext
@@ -147,7 +147,7 @@ def _diverged(loss: float, gnorm: float, first: tuple[float, float], factor: flo
 
 def _forget_metrics(s: Session, model, forget_set) -> dict:
     m = s.manifest
-    metrics, _ = _run_split(model, _instance_batches(forget_set, s.rank, s.world, 16, blank_sample(m)),
+    metrics, _ = run_split(model, instance_batches(forget_set, s.rank, s.world, 16, blank_sample(m)),
                             m.tasks, m.num_classes, s.world)
     model.train()
     return metrics
