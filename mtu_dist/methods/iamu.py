@@ -22,11 +22,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..distributed import signals as engines
-from ..distributed.gradstep import ParamLayout, allreduce_small, gather_blocks, gather_update, reduce_signals
+from ..distributed.gradstep import allreduce_small, gather_blocks, gather_update
 from ..objective import global_counts, normalised_losses
 from ..tasks import TASKS
-from .base import Method
+from .signal_method import SignalMethod
 
 
 class IamuOptions(BaseModel):
@@ -80,21 +79,14 @@ def orthogonalize(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(gram[1:, 1:], hermitian=True, rtol=1e-10) @ gram[1:, 0]
 
 
-class Iamu(Method):
+class Iamu(SignalMethod):
     Options = IamuOptions
-    manages_gradients = True
 
     # ---------------------------------------------------------------- setup: layout + task subspaces
     def setup(self, ctx, retain_batches) -> dict[str, float]:
-        model, cfg = ctx.model, ctx.config
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.layout = ParamLayout(self.params, ctx.world)
-        self.mode, self.engine = cfg.reduction, cfg.signal_engine
-        self.blocks = list(range(ctx.world)) if (self.mode == "replicated" or ctx.world == 1) else [ctx.rank]
-        shared_ids = {id(p) for p in model.shared_parameters()}
-        self.shared_idx = {i for i, p in enumerate(self.params) if id(p) in shared_ids}
+        self.setup_layout(ctx)
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
-        self.orth_cols = self._shared_column_mask()
+        self.orth_cols = self.column_mask(heads=self.opts.orth_heads)
         logs = {}
         if self.opts.project:
             covs = (self._gradient_covariances(ctx, retain_batches) if self.opts.subspace == "gradients"
@@ -104,37 +96,13 @@ class Iamu(Method):
             logs["basis_dim_mean"] = sum(dims) / max(len(dims), 1)
         return logs
 
-    def _shared_column_mask(self) -> torch.Tensor:
-        """Columns step 3 acts on: the shared parameters (and the heads, with `orth_heads`); never padding."""
-        mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool)
-        for pc in self.layout.pieces:
-            if pc.index in self.shared_idx or self.opts.orth_heads:
-                mask[pc.rank, pc.dst:pc.dst + pc.n] = True
-        return mask
-
-    def _my_pieces(self, indices):
-        wanted = set(indices)
-        return [pc for b in self.blocks for pc in self.layout.pieces_of(b) if pc.index in wanted]
-
-    def _signals(self, losses: list[torch.Tensor], ctx, probe: bool = False) -> torch.Tensor:
-        """Losses -> reduced signals, as [blocks, K, S] (the columns this rank works on)."""
-        dtype = self.params[0].dtype
-        buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
-        engine = self.engine
-        if engine == "auto":  # measured once, on the first real step's K signals (setup just uses sequential)
-            engine = engines.pick_engine(losses, self.params, self.layout, buf, repeats=1) if probe else "sequential"
-            self.engine = engine if probe else "auto"
-        engines.ENGINES[engine](losses, self.params, self.layout, buf)
-        out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
-        return out if out.dim() == 3 else out[None]
-
     def _gradient_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
         covs: dict[int, dict[str, torch.Tensor]] = {}
         for _ in range(self.opts.subspace_batches):
             batch = next(retain_batches)
             losses = normalised_losses(ctx.model(batch["image"]), batch, ctx.tasks, global_counts(batch, ctx.world))
-            sig = self._signals([losses[t] for t in ctx.tasks], ctx)
-            for pc in self._my_pieces(self.projected_idx):
+            sig = self.signals([losses[t] for t in ctx.tasks], ctx)
+            for pc in self.my_pieces(self.projected_idx):
                 g = sig[self.blocks.index(pc.rank), :, pc.dst:pc.dst + pc.n].view(len(ctx.tasks), -1, pc.row_size)
                 per_t = covs.setdefault(pc.index, {})
                 for j, t in enumerate(ctx.tasks):
@@ -214,7 +182,7 @@ class Iamu(Method):
         r_losses = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
         signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
         signals += self._per_sample_signals(preds, retain, nf, ctx)
-        x = self._signals(signals, ctx, probe=True)  # [blocks, K, S]
+        x = self.signals(signals, ctx, probe=True)  # [blocks, K, S]
         nF, nT = len(targets), len(tasks)
         logs, trace = {}, {}
         cols = self.orth_cols[self.blocks][:, None].to(x.dtype)
@@ -254,7 +222,7 @@ class Iamu(Method):
     def _project(self, x, targets, ctx) -> dict[str, torch.Tensor]:
         before = torch.zeros(len(targets), dtype=x.dtype)
         after = torch.zeros(len(targets), dtype=x.dtype)
-        for pc in self._my_pieces(self.projected_idx):
+        for pc in self.my_pieces(self.projected_idx):
             blk = self.blocks.index(pc.rank)
             for j, t in enumerate(targets):
                 basis = self.bases[t].get(pc.index)

@@ -1,0 +1,53 @@
+"""Base for methods that combine per-task gradient *signals* (iamu, pcgrad, orthograd, ...).
+
+`setup_layout` builds the row-aligned parameter partition once; `signals` turns K scalar losses into
+their reduced gradients with ONE collective over the [K, P] buffer (DESIGN section 5), in either
+reduction mode, and returns the columns this rank works on as [blocks, K, S]. A subclass combines
+them into an update, writes it with `self.layout.unpack_into_grads(gather_update(...))`, and the
+runner's optimizer steps. The model is not DDP-wrapped for these methods (no second all-reduce).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..distributed import signals as engines
+from ..distributed.gradstep import ParamLayout, reduce_signals
+from .base import Method
+
+
+class SignalMethod(Method):
+    manages_gradients = True
+
+    def setup_layout(self, ctx) -> None:
+        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        self.layout = ParamLayout(self.params, ctx.world)
+        self.mode, self.engine = ctx.config.reduction, ctx.config.signal_engine
+        # replicated (or 1 rank): this rank works on every block; sharded: only on its own
+        self.blocks = list(range(ctx.world)) if (self.mode == "replicated" or ctx.world == 1) else [ctx.rank]
+        shared_ids = {id(p) for p in ctx.model.shared_parameters()}
+        self.shared_idx = {i for i, p in enumerate(self.params) if id(p) in shared_ids}
+
+    def column_mask(self, heads: bool) -> torch.Tensor:
+        """[N, S] bool: the shared parameters' columns (and the heads', with `heads`); never padding."""
+        mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool)
+        for pc in self.layout.pieces:
+            if pc.index in self.shared_idx or heads:
+                mask[pc.rank, pc.dst:pc.dst + pc.n] = True
+        return mask
+
+    def my_pieces(self, indices):
+        """The pieces (parameter rows) of `indices` that live in this rank's blocks."""
+        wanted = set(indices)
+        return [pc for b in self.blocks for pc in self.layout.pieces_of(b) if pc.index in wanted]
+
+    def signals(self, losses: list[torch.Tensor], ctx, probe: bool = False) -> torch.Tensor:
+        """Losses -> reduced signals, as [blocks, K, S] (the columns this rank works on)."""
+        dtype = self.params[0].dtype
+        buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
+        engine = self.engine
+        if engine == "auto":  # measured once, on the first real step's K signals (setup just uses sequential)
+            engine = engines.pick_engine(losses, self.params, self.layout, buf, repeats=1) if probe else "sequential"
+            self.engine = engine if probe else "auto"
+        engines.ENGINES[engine](losses, self.params, self.layout, buf)
+        out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
+        return out if out.dim() == 3 else out[None]
