@@ -23,6 +23,9 @@ class Ledger:
                 if on:
                     self.pairs[f"{role}|{key}|{t}"] += 1
 
+    def recording(self, batches, tasks: tuple[str, ...], role: str) -> "RecordedStream":
+        return RecordedStream(batches, self, tasks, role)
+
     def gather(self, world: int) -> dict[str, int]:
         if world > 1:
             parts = [None] * world
@@ -32,6 +35,29 @@ class Ledger:
                 total.update(p)
             return dict(total)
         return dict(self.pairs)
+
+
+class RecordedStream:
+    """Wraps a batch iterator: every batch handed out is recorded under `role` first, after the
+    optional task mask (so what is recorded is exactly what the consumer could use)."""
+
+    def __init__(self, batches, ledger: Ledger, tasks: tuple[str, ...], role: str):
+        self.batches, self.ledger, self.tasks, self.role = batches, ledger, tasks, role
+        self.masked = None
+
+    def mask_tasks(self, mask) -> None:
+        """Turn off these tasks' supervision in every later batch (a bool tensor over tasks)."""
+        self.masked = mask if mask is not None and bool(mask.any()) else None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        if self.masked is not None:
+            batch = {**batch, "mask": batch["mask"] & ~self.masked}
+        self.ledger.record(batch, self.tasks, role=self.role)
+        return batch
 
 
 def leaked(ledger: dict[str, int], forget_pairs: set[tuple[str, str]], role: str = "retain") -> list[str]:

@@ -71,27 +71,27 @@ def unlearn(s: Session, model, original_val: dict | None):
     targets = req.target_tasks()
     make_ctx = lambda step: StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
                                         rank=s.rank, targets=targets, config=u)
+    ledger = Ledger()
+    # every batch a method sees, in setup or in a step, is recorded (the leak audit reads the ledger)
+    forget_it = ledger.recording(forget_it, m.tasks, role="forget") if method.uses_forget else None
+    retain_it = ledger.recording(retain_it, m.tasks, role="retain") if retain_it else None
     t0 = t_setup = time.perf_counter()  # the unlearning cost includes the method's setup
-    setup_logs = method.setup(make_ctx(0), retain_it)
+    setup_logs = method.setup(make_ctx(0), retain_it, forget_it)
     s.tracker.log_metrics({**{f"setup/{k}": v for k, v in setup_logs.items()},
                            "time/setup_s": time.perf_counter() - t_setup}, 0)
     good = copy.deepcopy(raw.state_dict())
     first, stopped = None, "budget"
     from tqdm import tqdm
     bar = tqdm(total=u.steps, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False, dynamic_ncols=True)
-    step, ledger = 0, Ledger()
+    step = 0
     done: set[str] = set()
     thresholds = _stop_thresholds(s, raw, forget_set, original_val)
     done_mask = torch.zeros(len(m.tasks), dtype=torch.bool)
     for step in range(1, u.steps + 1):
-        fb = next(forget_it) if method.uses_forget else None
-        rb = next(retain_it) if retain_it else None
-        if fb is not None and done:
-            fb = {**fb, "mask": fb["mask"] & ~done_mask}
-        if fb is not None:
-            ledger.record(fb, m.tasks, role="forget")
-        if rb is not None:
-            ledger.record(rb, m.tasks, role="retain")
+        if forget_it is not None:
+            forget_it.mask_tasks(done_mask)  # a task already forgotten is not ascended further
+        fb = next(forget_it) if forget_it is not None else None
+        rb = next(retain_it) if retain_it is not None else None
         loss, parts = method.step(make_ctx(step), fb, rb)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         logged = reduce_for_logging({"loss": loss, **parts}, s.world)

@@ -59,8 +59,9 @@ class Method:
     def __init__(self, options: dict):
         self.opts = self.Options.model_validate(options)
 
-    def setup(self, ctx: StepContext, retain_batches) -> dict[str, float]:
-        """Once before unlearning (e.g. subspaces from the retain stream). Returns values to log."""
+    def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
+        """Once before unlearning (e.g. subspaces from the retain stream, a saliency mask from the forget
+        stream); either iterator is None when the method does not use it. Returns values to log."""
         return {}
 
     def objective(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -83,7 +83,7 @@ class Iamu(SignalMethod):
     Options = IamuOptions
 
     # ---------------------------------------------------------------- setup: layout + task subspaces
-    def setup(self, ctx, retain_batches) -> dict[str, float]:
+    def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
         self.setup_layout(ctx)
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
         self.orth_cols = self.column_mask(heads=self.opts.orth_heads)
