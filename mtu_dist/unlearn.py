@@ -70,7 +70,8 @@ def unlearn(s: Session, model, original_val: dict | None):
     raw = s.acc.unwrap_model(model)
     targets = req.target_tasks()
     make_ctx = lambda step: StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
-                                        rank=s.rank, targets=targets, config=u)
+                                        rank=s.rank, targets=targets, config=u, seed=cfg.seed,
+                                        num_classes=m.num_classes, record=lambda b, role: ledger.record(b, m.tasks, role))
     ledger = Ledger()
     # every batch a method sees, in setup or in a step, is recorded (the leak audit reads the ledger)
     forget_it = ledger.recording(forget_it, m.tasks, role="forget") if method.uses_forget else None

@@ -6,12 +6,24 @@ from .base import Method
 from .finetune import Finetune
 from .grad_ascent import GradAscent
 from .iamu import Iamu, IamuNoOrth, IamuNoProj
+from .l1_sparse import L1Sparse
 from .neggrad_plus import NegGradPlus
+from .orthograd import OrthoGrad
+from .pcgrad import PCGrad
+from .random_label import RandomLabel
+from .salun import SalUn
+from .scrub import Scrub
 
 METHODS: dict[str, type[Method]] = {
     "finetune": Finetune,
     "grad_ascent": GradAscent,
     "neggrad_plus": NegGradPlus,
+    "random_label": RandomLabel,
+    "l1_sparse": L1Sparse,
+    "salun": SalUn,
+    "scrub": Scrub,
+    "pcgrad": PCGrad,
+    "orthograd": OrthoGrad,
     "iamu": Iamu,
     "iamu_no_proj": IamuNoProj,
     "iamu_no_orth": IamuNoOrth,

@@ -7,7 +7,8 @@ Methods that manipulate per-task gradients override `step` instead. Method knobs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -17,6 +18,10 @@ from ..objective import global_counts, normalised_losses
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _record_nothing(batch: dict, role: str) -> None:
+    pass
 
 
 @dataclass
@@ -30,6 +35,11 @@ class StepContext:
     rank: int = 0
     targets: tuple[str, ...] = ()  # tasks with at least one forget pair in the request
     config: object = None          # the `unlearn` config section
+    seed: int = 0                  # the run's seed: methods derive every random draw from it (same on every rank)
+    num_classes: int = 0           # seg classes
+    # record(batch, role): put the supervision pairs of `batch` in the run's ledger under `role` (e.g. the
+    # retain pairs a method borrows as targets); the runner wires it to the ledger
+    record: Callable[[dict, str], None] = field(default=_record_nothing)
 
     def losses(self, *batches: dict) -> list[dict[str, torch.Tensor]]:
         """Per batch and task: this rank's share of the global-batch loss (masked, globally normalised).

@@ -12,6 +12,7 @@ import torch
 
 from ..distributed import signals as engines
 from ..distributed.gradstep import ParamLayout, reduce_signals
+from ..tasks import TASKS
 from .base import Method
 
 
@@ -51,3 +52,14 @@ class SignalMethod(Method):
         engines.ENGINES[engine](losses, self.params, self.layout, buf)
         out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
         return out if out.dim() == 3 else out[None]
+
+    def per_sample_signals(self, preds: dict, batch: dict, ctx, n: int) -> list[torch.Tensor]:
+        """Per-sample losses (summed over supervised tasks) of this rank's first `n` samples, as world * n
+        signals: rank r fills rows r*n..r*n+n-1 and zeros elsewhere, so the sum-reduce of the signal
+        buffer concatenates every rank's per-sample gradients (the OrthoGrad span)."""
+        zero = sum(p.sum() * 0 for p in preds.values())
+        sup = batch["mask"] & batch["valid"][:, None]
+        per = sum(TASKS[t].per_sample_loss(preds[t], batch[t]) * sup[:, j].to(preds[t].dtype)
+                  for j, t in enumerate(ctx.tasks))
+        mine = [per[i] if i < per.shape[0] else zero for i in range(n)]
+        return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]

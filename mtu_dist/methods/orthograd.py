@@ -1,0 +1,55 @@
+"""`orthograd`: the forget gradient projected off the span of the per-sample retain gradients
+(OrthoGrad: Shamsian et al., "Go Beyond Your Means: Unlearning with Per-Sample Gradient
+Orthogonalization", arXiv 2503.02312).
+
+Each step: g_f = gradient of the summed forget losses of the target tasks; R = the per-sample retain
+gradients of the retain batch (each sample's supervised task losses summed; `span_samples` per rank,
+default the whole local batch). g_f <- g_f - R^T (R R^T)^+ R g_f, over every parameter, so to first
+order the forget step changes no retain sample's loss. Only the Gram matrix of [g_f; R] is needed:
+one small all-reduce in the sharded mode (DESIGN section 5). The update is the runner's common
+alpha * g_retain - (1 - alpha) * g_f (alpha = `unlearn.alpha`; the retain term does not compete with
+the forget term, which is orthogonal to every retain sample; `unlearn.alpha=0` is the pure projected
+ascent).
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..distributed.gradstep import allreduce_small, gather_update
+from ..objective import global_counts, normalised_losses
+from .iamu import orthogonalize
+from .signal_method import SignalMethod
+
+
+class OrthoGradOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    span_samples: int | None = Field(None, ge=1)  # per-sample retain gradients per rank (None: the local batch)
+
+
+class OrthoGrad(SignalMethod):
+    Options = OrthoGradOptions
+
+    def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
+        self.setup_layout(ctx)
+        return {}
+
+    def step(self, ctx, forget, retain):
+        nf, tasks, targets = forget["image"].shape[0], ctx.tasks, ctx.targets
+        preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
+        f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
+        r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
+        n = self.opts.span_samples or retain["image"].shape[0]
+        per_sample = self.per_sample_signals({t: p[nf:] for t, p in preds.items()}, retain, ctx, n)
+        x = self.signals([sum(f[t] for t in targets), sum(r.values()), *per_sample], ctx, probe=True)
+        g_f, g_r, span = x[:, 0], x[:, 1], x[:, 2:]                   # [blocks, S], [blocks, S], [blocks, m, S]
+        vecs = torch.cat([g_f[:, None], span], 1)
+        gram = allreduce_small(torch.einsum("bks,bls->kl", vecs, vecs), self.mode, ctx.world)
+        c = orthogonalize(gram)
+        g_orth = g_f - torch.einsum("k,bks->bs", c, span)
+        kept = (gram[0, 0] - 2 * c @ gram[1:, 0] + c @ gram[1:, 1:] @ c) / gram[0, 0].clamp(min=1e-30)
+        self.layout.unpack_into_grads(gather_update(ctx.alpha * g_r - (1 - ctx.alpha) * g_orth, self.mode, ctx.world))
+        loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
+        parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},
+                 "orthograd/kept_norm2": kept.detach() / ctx.world}  # global; the runner sums parts over ranks
+        return loss.detach(), parts

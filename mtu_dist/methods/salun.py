@@ -1,0 +1,62 @@
+"""`salun`: saliency-masked random labeling (Fan et al., "SalUn: Empowering Machine Unlearning via
+Gradient-based Weight Saliency", ICLR 2024).
+
+1. Weight saliency (setup, once, at the original parameters): s = |grad of the forget loss|, the loss
+   summed over `saliency_batches` batches of the forget stream (the paper uses the whole forget set).
+   The mask keeps exactly the top `fraction` of all trainable weights by saliency — one global
+   ranking over every parameter, as in the authors' mask generation (paper default: half).
+2. Each step: the random_label objective (random targets for the forget pairs + the retain loss), with
+   the gradient of every non-salient weight set to zero, so only salient weights move (under SGD, with
+   or without momentum, and Adam alike: a weight whose gradient is always zero never moves).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from .random_label import RandomLabel
+
+
+class SalUnOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fraction: float = Field(0.5, gt=0, le=1)   # share of weights kept trainable (the most salient)
+    saliency_batches: int = Field(4, ge=1)     # forget batches the saliency gradient is summed over
+
+
+def top_fraction_mask(scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    """Bool masks (shaped like `scores`) keeping exactly round(fraction * total) of the highest scores,
+    ranked globally across every tensor (ties broken by position, identically on every rank)."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.topk(flat, round(fraction * flat.numel()), sorted=False).indices] = True
+    return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
+class SalUn(RandomLabel):
+    Options = SalUnOptions
+
+    def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
+        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        for p in self.params:
+            p.grad = None
+        for _ in range(self.opts.saliency_batches):
+            (f,) = ctx.losses(next(forget_batches))
+            (sum(f.values()) * ctx.world).backward()  # DDP averages: the global forget-loss gradient
+        scores = [p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.masks = top_fraction_mask(scores, self.opts.fraction)
+        if ctx.world > 1:  # one mask for every rank, whatever the last bits of the reduced gradients
+            flat = torch.cat([m.reshape(-1) for m in self.masks]).to(torch.uint8)
+            dist.broadcast(flat, src=0)
+            self.masks = [m.view_as(p).bool() for m, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+        for p in self.params:
+            p.grad = None
+        kept = sum(int(m.sum()) for m in self.masks) / sum(m.numel() for m in self.masks)
+        return {"saliency_kept": kept}
+
+    def step(self, ctx, forget, retain):
+        loss, parts = super().step(ctx, forget, retain)
+        for p, m in zip(self.params, self.masks):
+            if p.grad is not None:
+                p.grad.mul_(m)
+        return loss, parts
