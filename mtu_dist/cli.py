@@ -84,7 +84,7 @@ def cmd_unlearn(a):
     if a.method:
         cfg.unlearn.method = a.method
     _print_summary(unlearn_command(cfg, request=a.request, origin=getattr(a, "from"), name=a.name,
-                                   overwrite=a.overwrite, tracking_uri=a.tracking_uri))
+                                   overwrite=a.overwrite, tracking_uri=a.tracking_uri, retrain=a.retrain))
 
 
 def cmd_eval(a):
@@ -93,11 +93,20 @@ def cmd_eval(a):
                                 tracking_uri=a.tracking_uri))
 
 
+def cmd_score(a):
+    from .scoring import block_table, score_command
+    report = score_command(a.run, original=a.original, retrain=a.retrain, tracking_uri=a.tracking_uri)
+    print(block_table(report["unlearning"]))
+
+
 def _print_summary(report: dict) -> None:
     from .report import split_table
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(split_table(report))
+        if report.get("unlearning"):
+            from .scoring import block_table
+            print(block_table(report["unlearning"]))
 
 
 def cmd_demo(a):
@@ -181,12 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="registered method (overrides unlearn.method)")
     p.add_argument("--request", required=True)
     p.add_argument("--from", required=True, help="checkpoint folder or run folder of the original model")
+    p.add_argument("--retrain", help="retrain run on the same request: adds the gap to retrain and the cost ratio")
     p.set_defaults(func=cmd_unlearn)
     p = sub.add_parser("eval", help="evaluate a checkpoint per split and task; writes metrics.json beside it")
     _run_args(p, run=False)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--request", help="forget request defining the forget/retain splits")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("score", help="recompute a finished run's unlearning scores from its files (no model run)")
+    p.add_argument("run", help="run folder of an unlearn or retrain run")
+    p.add_argument("--original", help="the original model (default: the run's --from); its evaluation on the "
+                   "run's request must be cached (mtu eval / mtu unlearn write it)")
+    p.add_argument("--retrain", help="retrain run on the same request (gap to retrain, cost ratio)")
+    p.add_argument("--tracking-uri", help="MLflow store the run was logged to (default: sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic data")
     p.add_argument("--root", default="data_shards")

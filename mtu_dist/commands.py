@@ -1,6 +1,7 @@
 """The run commands, flat and in order: set up, do the work, save, evaluate, record."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,8 +13,12 @@ from .fileio import atomic_write_json
 from .session import Session, open_session, run_info
 
 
-def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None = None) -> dict:
-    """Save the final model (atomically), evaluate it, write metrics.json beside it, log everything."""
+def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None = None,
+           original=None, retrain=None) -> dict:
+    """Save the final model (atomically), evaluate it, write metrics.json beside it, log everything.
+    A run on a forget request also gets its unlearning scores (scoring.py) against the references given."""
+    from .reference import fingerprint
+    from .scoring import mlflow_metrics, unlearning_block
     final = s.run_dir / "final"
     if s.is_main:
         save_checkpoint(final, model, step=step, epoch=0, config=s.cfg.model_dump(mode="json"), info=run_info(s))
@@ -24,12 +29,16 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
               "time_s": elapsed, "eval_time_s": time.perf_counter() - t0, **(extra or {}),
               "splits": results["splits"]}
     if s.is_main:
+        state = json.loads((final / "state.json").read_text())
+        report["eval"] = fingerprint(state, state.get("request_sha256"), s.cfg.eval.retain_sample)
+        if s.request is not None:
+            report["unlearning"] = unlearning_block(report, results["losses"], original=original, retrain=retrain)
         atomic_write_json(final / "metrics.json", report)
         atomic_write_json(final / "losses.json", results["losses"])
         if getattr(s, "ledger", None) is not None:
             atomic_write_json(final / "ledger.json", s.ledger)
             s.tracker.log_artifact(final / "ledger.json")
-        s.tracker.log_metrics(flat_metrics(results["splits"]), step)
+        s.tracker.log_metrics(flat_metrics(results["splits"]) | mlflow_metrics(report.get("unlearning")), step)
         s.tracker.log_artifact(final / "metrics.json")
     s.tracker.finish()
     return report
@@ -55,21 +64,27 @@ def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: b
 
 
 def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool,
-                    tracking_uri: str | None) -> dict:
+                    tracking_uri: str | None, retrain: str | None = None) -> dict:
     from .data.manifest import load_manifest
     from .forget import load_request
     from .methods import build_method
+    from .reference import reference_eval
+    from .scoring import Results, retrain_reference
     from .unlearn import load_original, unlearn
     build_method(cfg.unlearn.method, cfg.unlearn.options)  # unknown method / bad options: fail before any work
     meta = read_state(origin)
     req = load_request(request, load_manifest(cfg.data.dataset, cfg.data.root))
+    # the retrain reference (gap, cost ratio) is checked before any work
+    retrain_ref = retrain_reference(retrain, req.sha256, cfg.eval.retain_sample) if retrain else None
     s = open_session(cfg, "unlearn", name or f"unlearn-{cfg.unlearn.method}-{req.setting}-{req.sha256[:8]}",
                      request_path=request, overwrite=overwrite, tracking_uri=tracking_uri,
                      extra_params={"method": cfg.unlearn.method, "origin": meta["_folder"]})
     model, _ = load_original(s, origin)
     original_val = _original_val(meta)
     model, elapsed, stopped = unlearn(s, model, original_val)
-    return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped})
+    original_ref = reference_eval(s, origin)  # evaluated once per (checkpoint, request), then cached beside it
+    return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped},
+                  original=original_ref and Results(*original_ref, meta["_folder"]), retrain=retrain_ref)
 
 
 def _original_val(meta: dict) -> dict | None:
@@ -81,6 +96,7 @@ def _original_val(meta: dict) -> dict | None:
 
 
 def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri: str | None) -> dict:
+    from .reference import write_eval
     from .unlearn import load_original
     meta = read_state(ckpt)
     folder = Path(meta["_folder"])
@@ -88,11 +104,9 @@ def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri
                      run_dir=folder)
     model, _ = load_original(s, ckpt)
     results = evaluate(model, s, s.request)
-    out = folder / ("metrics.json" if request is None or (s.request.sha256 == meta.get("request_sha256"))
-                    else f"metrics-{s.request.sha256[:12]}.json")
-    report = {"run": {**run_info(s), "checkpoint": str(folder)}, "splits": results["splits"]}
-    if s.is_main:
-        atomic_write_json(out, report)
+    report = {"splits": results["splits"]}
+    if s.is_main:  # metrics-<sha12>.json + losses-<sha12>.json: also the cache `mtu unlearn` reads (reference.py)
+        out, report = write_eval(s, folder, meta, results["splits"], results["losses"])
         s.tracker.log_metrics(flat_metrics(results["splits"]), 0)
         s.tracker.log_artifact(out)
         print(f"wrote {out}")

@@ -42,6 +42,7 @@ def _requests(manifest, out: Path) -> dict[str, Path]:
 
 def run_demo(args) -> None:
     from .commands import eval_command, retrain_command, train_command, unlearn_command
+    from .scoring import score_command
     from .methods import METHODS
     from .tracking import Tracker
     for m in ensure_synthetic(args.root, args.overwrite):
@@ -62,11 +63,12 @@ def run_demo(args) -> None:
         requests = _requests(manifest, Path(args.out) / "requests")
         for setting, req in requests.items():
             rows = {"original": eval_command(cfg(), ckpt=str(original), request=str(req), **common)}
-            rows["retrain"] = retrain_command(cfg(), request=str(req), name=f"retrain-{setting}", resume=False,
-                                              overwrite=True, **common)
+            retrain = Path(args.out) / DEMO_DATASET / f"retrain-{setting}"
+            retrain_command(cfg(), request=str(req), name=retrain.name, resume=False, overwrite=True, **common)
+            rows["retrain"] = score_command(str(retrain), original=str(original), retrain=None, **common)  # its UIS
             for method in METHODS:
                 rows[method] = unlearn_command(cfg([f"unlearn.method={method}"]), request=str(req), origin=str(original),
-                                               name=f"{method}-{setting}", overwrite=True, **common)
+                                               name=f"{method}-{setting}", overwrite=True, retrain=str(retrain), **common)
             print(f"\n## {DEMO_DATASET}, {setting}-task request ({req})\n")
             print(method_table(rows))
     finally:
@@ -75,13 +77,21 @@ def run_demo(args) -> None:
     print("\nAll runs are in MLflow (experiment synth-indoor, parent run 'demo'): `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
 
 
+SCORES = {"UIS": lambda u: (u["uis"] or {}).get("mean"), "MIA AUC": lambda u: u["mia_auc"],
+          "gap pp": lambda u: u["gap_retrain"]}  # column -> value in a run's `unlearning` block
+
+
 def method_table(rows: dict[str, dict]) -> str:
-    """Methods x splits: the primary metric of every task per split, and the wall time."""
+    """Methods x splits: the primary metric of every task per split, the unlearning scores (UIS: lower
+    is better; MIA AUC: the nearer the retrain's, the better; gap to retrain in percentage points) and
+    the wall time. A score a row has no reference for is left empty."""
     splits = [sp for sp in ("forget", "forget_kept", "retain", "val") if sp in next(iter(rows.values()))["splits"]]
     cols = [(sp, t) for sp in splits for t in TASKS if t in next(iter(rows.values()))["splits"][sp]]
-    head = "| method | " + " | ".join(f"{sp} {t}" for sp, t in cols) + " | time s |"
-    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    head = "| method | " + " | ".join(f"{sp} {t}" for sp, t in cols) + " | " + " | ".join(SCORES) + " | time s |"
+    lines = [head, "|" + "---|" * (len(cols) + len(SCORES) + 2)]
     for name, rep in rows.items():
         cells = [f"{rep['splits'][sp][t][TASKS[t].primary]:.3f}" for sp, t in cols]
+        scores = [score(rep["unlearning"]) if rep.get("unlearning") else None for score in SCORES.values()]
+        cells += ["" if v is None else f"{v:.3f}" for v in scores]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {rep.get('time_s', 0):.1f} |")
     return "\n".join(lines)

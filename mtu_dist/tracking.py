@@ -38,10 +38,11 @@ def check_reachable(uri: str) -> None:
 
 
 class Tracker:
-    """One MLflow run (optionally the child of `parent_run_id`). A no-op where `enabled` is False."""
+    """One MLflow run (optionally the child of `parent_run_id`). A no-op where `enabled` is False.
+    With `run_id`, an existing run is reopened to add to it (`mtu score`) instead of a new one made."""
 
     def __init__(self, *, enabled: bool, uri: str | None, experiment: str, run_name: str,
-                 parent_run_id: str | None = None, tags: dict | None = None):
+                 parent_run_id: str | None = None, tags: dict | None = None, run_id: str | None = None):
         self.enabled, self.run_id, self._buffer = enabled, None, []
         if not enabled:
             return
@@ -49,6 +50,9 @@ class Tracker:
         check_reachable(self.uri)
         from mlflow import MlflowClient
         self.client = MlflowClient(self.uri)
+        if run_id:
+            self.run_id = self._existing(run_id)
+            return
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = None
@@ -61,6 +65,14 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def _existing(self, run_id: str) -> str:
+        from mlflow.exceptions import MlflowException
+        try:
+            return self.client.get_run(run_id).info.run_id
+        except MlflowException:
+            raise UserError(f"tracking URI {self.uri}: no MLflow run {run_id}; pass the --tracking-uri "
+                            "the run was logged to") from None
 
     def log_params(self, params: dict) -> None:
         if not self.enabled:

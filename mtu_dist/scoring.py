@@ -1,0 +1,174 @@
+"""The `unlearning` block of a run's metrics.json: MIA AUC, UIS, gap to retrain, Delta_m, cost.
+
+`mtu unlearn` and `mtu retrain` write it at the end of a run (their own losses give the MIA AUC; the
+original model's evaluation on the same request, cached beside it, gives UIS and Delta_m; a retrain
+run given with `--retrain` gives the gap and the cost ratio). `mtu score RUN` recomputes it from the
+files a finished run left, without running a model, so a benchmark can score every method once the
+retrain has finished. The numbers themselves are pure functions (`unlearning_metrics`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .tasks import TASKS
+from .unlearning_metrics import cost_ratio, delta_m, gap_to_retrain, mia_auc, uis
+
+
+@dataclass
+class Results:
+    """One model's evaluation on a request: metrics.json, losses.json, and where they came from."""
+    report: dict
+    losses: dict
+    path: str
+
+
+def request_tasks(splits: dict) -> tuple[str, list[str]]:
+    """(setting, target tasks) of the request a report was evaluated on, read off its splits: only a
+    partial request has `forget_kept`, and `forget` holds exactly the target tasks."""
+    setting = "partial" if "forget_kept" in splits else "full"
+    return setting, [t for t in TASKS if t in splits.get("forget", {})]
+
+
+def unlearning_block(report: dict, losses: dict, original: Results | None = None,
+                     retrain: Results | None = None) -> dict:
+    """Every unlearning score of one run; a score whose reference is missing is None."""
+    splits = report["splits"]
+    tasks = report["run"].get("tasks") or [t for t in TASKS if t in splits.get("val", {})]
+    setting, targets = request_tasks(splits)
+    block = {"setting": setting, "target_tasks": targets,
+             **mia_auc(losses, tasks, targets if setting == "partial" else None),
+             "mia_auc_retrain": None, "mia_auc_gap": None, "uis": None, "delta_m": None, "delta_m_per_split": None,
+             "gap_retrain": None, "gap_retrain_per_split": None, "cost_s": report.get("time_s"), "cost_ratio": None,
+             "references": {"original": original and original.path, "retrain": retrain and retrain.path}}
+    if original is not None:
+        _check_same_instances(losses, original, "original")
+        block["uis"] = uis(original.report["splits"], splits, setting, targets)
+        dm = delta_m(original.report["splits"], splits)
+        block["delta_m"], block["delta_m_per_split"] = dm.pop("mean"), dm
+    if retrain is not None:
+        _check_same_instances(losses, retrain, "retrain")
+        ref = mia_auc(retrain.losses, tasks, targets if setting == "partial" else None)["mia_auc"]
+        block["mia_auc_retrain"] = ref
+        if ref is not None and block["mia_auc"] is not None:
+            block["mia_auc_gap"] = abs(block["mia_auc"] - ref)
+        gap = gap_to_retrain(splits, retrain.report["splits"])
+        block["gap_retrain"], block["gap_retrain_per_split"] = gap["mean"], gap["per_split"]
+        block["cost_ratio"] = cost_ratio(report.get("time_s"), retrain.report.get("time_s"))
+    return block
+
+
+def mlflow_metrics(block: dict | None) -> dict[str, float]:
+    """The block as MLflow metrics (DESIGN section 7 names); undefined scores are left out."""
+    if not block:
+        return {}
+    out = {k: block[k] for k in ("mia_auc", "mia_auc_target", "mia_auc_gap", "gap_retrain", "delta_m", "cost_ratio")}
+    if block["uis"]:
+        out["uis"] = block["uis"]["mean"]
+        out.update({f"uis/{t}": v for t, v in block["uis"]["per_task"].items()})
+    out.update({f"delta_m/{sp}": v for sp, v in (block["delta_m_per_split"] or {}).items()})
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def _check_same_instances(losses: dict, ref: Results, what: str) -> None:
+    """A reference scored on other instances would compare different things: refuse it."""
+    for sp in ("forget", "retain", "val"):
+        mine, theirs = ({r[0] for r in x.get(sp, [])} for x in (losses, ref.losses))
+        if mine != theirs:
+            raise UserError(f"{ref.path}: the {what} reference was evaluated on other {sp} instances "
+                            f"({len(theirs)} vs {len(mine)}); evaluate it with the same request and eval.retain_sample")
+
+
+# --------------------------------------------------------------------------
+# run folders
+# --------------------------------------------------------------------------
+
+def _final(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "final" if (path / "final").is_dir() else path
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no {what} (is this a finished run?)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
+
+
+def run_results(path: str | Path) -> Results:
+    """A finished run's own final/metrics.json and final/losses.json."""
+    folder = _final(path)
+    return Results(_read_json(folder / "metrics.json", "metrics.json"), _read_json(folder / "losses.json", "losses.json"),
+                   str(Path(path)))
+
+
+def retain_sample_of(path: str | Path) -> int:
+    """The `eval.retain_sample` a run was evaluated with (its recorded config; the model is not needed)."""
+    return _read_json(_final(path) / "state.json", "state.json")["config"]["eval"]["retain_sample"]
+
+
+def retrain_reference(path: str | Path, request_sha: str, retain_sample: int) -> Results:
+    """The retrain run on the same request, checked before it is compared with anything."""
+    ref = run_results(path)
+    theirs = ref.report.get("run", {}).get("request_sha256")
+    if theirs != request_sha:
+        raise UserError(f"{path}: the retrain run is for request {str(theirs)[:12]}, not {request_sha[:12]}")
+    if retain_sample_of(path) != retain_sample:
+        raise UserError(f"{path}: the retrain run was evaluated with eval.retain_sample = {retain_sample_of(path)}, "
+                        f"this run with {retain_sample}")
+    return ref
+
+
+def original_reference(path: str | Path, request_sha: str, retain_sample: int) -> Results:
+    """The original model's cached evaluation on the request (`mtu eval` or `mtu unlearn` wrote it)."""
+    from .checkpoint import read_state
+    from .reference import eval_paths, load_cached
+    meta = read_state(path)
+    cached = load_cached(Path(meta["_folder"]), meta, request_sha, retain_sample)
+    if cached is None:
+        expected = eval_paths(Path(meta["_folder"]), meta, request_sha)[0]
+        raise UserError(f"{expected}: no valid evaluation of the original on request {request_sha[:12]} with "
+                        f"eval.retain_sample = {retain_sample}; run `mtu eval --ckpt {path} --request REQUEST "
+                        f"--set eval.retain_sample={retain_sample}` first")
+    return Results(*cached, meta["_folder"])
+
+
+def score_command(run: str, *, original: str | None, retrain: str | None, tracking_uri: str | None) -> dict:
+    """Recompute a finished run's unlearning block from its files; rewrite metrics.json, log to its MLflow run."""
+    from .fileio import atomic_write_json
+    from .tracking import Tracker
+    mine = run_results(run)
+    report = mine.report
+    if "forget" not in report.get("splits", {}):
+        raise UserError(f"{_final(run) / 'metrics.json'}: no forget split; the run was not made on a forget request")
+    sha, n = report["run"]["request_sha256"], retain_sample_of(run)
+    origin = original or report["run"].get("origin")
+    block = unlearning_block(report, mine.losses,
+                             original=original_reference(origin, sha, n) if origin else None,
+                             retrain=retrain_reference(retrain, sha, n) if retrain else None)
+    report["unlearning"] = block
+    atomic_write_json(_final(run) / "metrics.json", report)
+    run_id = report["run"].get("mlflow_run_id")
+    if run_id:
+        tracker = Tracker(enabled=True, uri=tracking_uri, experiment="", run_name="", run_id=run_id)
+        tracker.log_metrics(mlflow_metrics(block), 0)
+        tracker.log_artifact(_final(run) / "metrics.json")
+        tracker.flush()
+    else:
+        print(f"{run}: the run was not tracked (no MLflow run id); metrics.json updated only")
+    return report
+
+
+def block_table(block: dict) -> str:
+    """The block as a two-column Markdown table."""
+    rows = [("MIA AUC", block["mia_auc"]), ("MIA AUC, target tasks", block["mia_auc_target"]),
+            ("MIA AUC gap to retrain", block["mia_auc_gap"]), ("UIS (mean)", (block["uis"] or {}).get("mean")),
+            *[(f"UIS {t}", v) for t, v in ((block["uis"] or {}).get("per_task") or {}).items()],
+            ("gap to retrain (pp)", block["gap_retrain"]), ("delta_m (%)", block["delta_m"]),
+            ("cost s", block["cost_s"]), ("cost ratio to retrain", block["cost_ratio"])]
+    return "\n".join(["| score | value |", "|---|---|"] +
+                     [f"| {k} | {'' if v is None else f'{v:.4f}'} |" for k, v in rows])
