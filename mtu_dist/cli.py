@@ -109,6 +109,16 @@ def _print_summary(report: dict) -> None:
             print(block_table(report["unlearning"]))
 
 
+def cmd_sweep(a):
+    from .sweep.driver import run_sweep
+    run_sweep(a.grid, out=a.out, tracking_uri=a.tracking_uri, dry_run=a.dry_run)
+
+
+def cmd_compare(a):
+    from .compare import compare_command
+    compare_command(parent=a.parent, experiment=a.experiment, sweep=a.sweep, tracking_uri=a.tracking_uri, out=a.out)
+
+
 def cmd_demo(a):
     from .demo import run_demo
     run_demo(a)
@@ -204,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", help="retrain run on the same request (gap to retrain, cost ratio)")
     p.add_argument("--tracking-uri", help="MLflow store the run was logged to (default: sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("sweep", help="a scaling study (world size x data size x forget fraction x method), resumable")
+    p.add_argument("grid", help="grid YAML (see configs/sweep_tiny.yaml, configs/sweep_scaling.yaml)")
+    p.add_argument("--out", help="sweep folder (default: sweeps/<grid name>)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the grid's, MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and their launch commands; run nothing")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("compare", help="tables and scaling plots of a sweep, read from MLflow and logged back to it")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sweep", help="sweep folder (reads its parent run and tracking URI)")
+    which.add_argument("--parent", help="the sweep's parent run id")
+    which.add_argument("--experiment", help="experiment name: its latest sweep")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--out", help="output folder (default: <sweep>/report or reports/<name>-<id>)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic data")
     p.add_argument("--root", default="data_shards")

@@ -72,7 +72,8 @@ def fit(s: Session, resume: bool = False):
             fault_point("train", step)
     bar.close()
     elapsed = time.perf_counter() - t0
-    s.tracker.log_metrics({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9)}, step)
+    s.tracker.log_metrics({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9),
+                           "time/step_s": elapsed / max(step - start_step, 1)}, step)
     s.ledger = ledger.gather(s.world)
     return s.acc.unwrap_model(model), elapsed, step
 

@@ -1,0 +1,93 @@
+"""Scaling plots of a sweep's cells (matplotlib, Agg: no display needed), returned as PNG bytes.
+
+* `scaling.png`: training throughput vs world size (with the linear-scaling line from the smallest
+  world size), and step time vs world size for training and for each unlearning method (mean over
+  forget fractions);
+* `cost_vs_forget.png`: unlearning wall time (setup included; retrain: its training time) vs forget fraction;
+* `uis_vs_forget.png`: UIS vs forget fraction — only when the runs recorded `uis`.
+One line per method and world size (and data size, when the sweep has several).
+"""
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from statistics import mean
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _series(rows, key, x, y) -> dict[str, list[tuple[float, float]]]:
+    """Points (x, y) grouped by a label; y averaged where several rows share a label and x."""
+    acc = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if y(r) is not None:
+            acc[key(r)][x(r)].append(y(r))
+    return {k: sorted((xv, mean(ys)) for xv, ys in pts.items()) for k, pts in sorted(acc.items())}
+
+
+def _lines(ax, series, style="-o") -> None:
+    for label, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    if series:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def scaling(rows) -> bytes:
+    many_n = len({r.train_size for r in rows}) > 1
+    n_label = (lambda r: f", n={r.train_size}") if many_n else (lambda r: "")
+    train = [r for r in rows if r.kind == "train"]
+    unl = [r for r in rows if r.kind == "unlearn"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    thr = _series(train, lambda r: f"train{n_label(r)}", lambda r: r.world_size, lambda r: r.samples_per_s)
+    _lines(left, thr)
+    for label, pts in thr.items():  # ideal: throughput proportional to world size
+        (w0, s0) = pts[0]
+        left.plot([p[0] for p in pts], [s0 * p[0] / w0 for p in pts], ":", color="gray")
+    left.set(xlabel="world size (ranks)", ylabel="samples / s", title="training throughput (dotted: linear)")
+    _lines(right, _series(train, lambda r: f"train{n_label(r)}", lambda r: r.world_size, lambda r: r.step_s))
+    _lines(right, _series(unl, lambda r: f"unlearn {r.method}{n_label(r)}", lambda r: r.world_size, lambda r: r.step_s), "--s")
+    right.set(xlabel="world size (ranks)", ylabel="seconds / step", title="step time")
+    for ax in (left, right):
+        ax.set_xticks(sorted({r.world_size for r in rows}))
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def vs_forget(rows, y, ylabel: str, title: str) -> bytes:
+    many_n = len({r.train_size for r in rows}) > 1
+    key = lambda r: f"{r.method}, W={r.world_size}" + (f", n={r.train_size}" if many_n else "")  # noqa: E731
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _lines(ax, _series(rows, key, lambda r: r.forget_fraction, y))
+    ax.set(xlabel="forget fraction", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def draw_all(rows) -> tuple[dict[str, bytes], list[str]]:
+    """The figures that the rows support, and a note for each one that had to be left out."""
+    unl = [r for r in rows if r.kind != "train"]  # with the retrain reference, when the sweep has one
+    figures, notes = {"scaling.png": scaling(rows)}, []
+    if unl:
+        figures["cost_vs_forget.png"] = vs_forget(unl, lambda r: r.cost_s, "wall time (s)",
+                                                  "unlearning cost (retrain: its training time)")
+    else:
+        notes.append("no unlearning cells: cost_vs_forget.png not drawn")
+    if any("uis" in r.quality for r in unl):
+        figures["uis_vs_forget.png"] = vs_forget(unl, lambda r: r.quality.get("uis"), "UIS (lower is better)",
+                                                 "unlearning impact score")
+    else:
+        notes.append("no run recorded `uis` (`mtu unlearn --retrain RUN` records it): uis_vs_forget.png not drawn")
+    return figures, notes
