@@ -35,10 +35,10 @@ class IamuOptions(BaseModel):
     subspace: Literal["gradients", "activations"] = "gradients"
     energy: float = Field(0.97, gt=0, le=1)                # epsilon: energy kept per task basis
     subspace_batches: int = Field(8, ge=1)                 # retain batches used for the bases
-    mode: Literal["off_others", "onto_own", "both"] = "off_others"
+    mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
     span: Literal["per_task", "per_sample"] = "per_task"   # retain span for step 3
     span_samples: int = Field(4, ge=1)                     # per rank, for span: per_sample
-    orth_heads: bool = True                                # step 3 over the heads' columns too (instance-level
+    orth_heads: bool = True                                # step 3 over the target tasks' head columns too (instance-level
                                                            # interference also runs through a task's own head)
     rescale: bool = False                                  # restore the forget direction's pre-projection norm
     trace_dir: str | None = None                           # tests/debugging: rank 0 dumps each step's tensors
@@ -86,7 +86,9 @@ class Iamu(SignalMethod):
     def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
         self.setup_layout(ctx)
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
-        self.orth_cols = self.column_mask(heads=self.opts.orth_heads)
+        # the target tasks' heads only: a correction along a retain gradient must not leak into a kept
+        # task's head, which the forget signal never touches
+        self.orth_cols = self.column_mask(heads=ctx.targets if self.opts.orth_heads else ())
         logs = {}
         if self.opts.project:
             covs = (self._gradient_covariances(ctx, retain_batches) if self.opts.subspace == "gradients"

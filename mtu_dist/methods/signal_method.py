@@ -27,12 +27,17 @@ class SignalMethod(Method):
         self.blocks = list(range(ctx.world)) if (self.mode == "replicated" or ctx.world == 1) else [ctx.rank]
         shared_ids = {id(p) for p in ctx.model.shared_parameters()}
         self.shared_idx = {i for i, p in enumerate(self.params) if id(p) in shared_ids}
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.head_idx = {t: {index[id(p)] for p in ctx.model.task_parameters(t) if id(p) in index} for t in ctx.tasks}
 
-    def column_mask(self, heads: bool) -> torch.Tensor:
-        """[N, S] bool: the shared parameters' columns (and the heads', with `heads`); never padding."""
+    def column_mask(self, heads) -> torch.Tensor:
+        """[N, S] bool: the shared parameters' columns, plus the heads' — all of them (`heads=True`), or
+        those of the tasks named in `heads`; never padding."""
+        tasks = self.head_idx if heads is True else (heads or ())
+        wanted = self.shared_idx.union(*(self.head_idx[t] for t in tasks))
         mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool)
         for pc in self.layout.pieces:
-            if pc.index in self.shared_idx or heads:
+            if pc.index in wanted:
                 mask[pc.rank, pc.dst:pc.dst + pc.n] = True
         return mask
 
@@ -52,6 +57,12 @@ class SignalMethod(Method):
         engines.ENGINES[engine](losses, self.params, self.layout, buf)
         out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
         return out if out.dim() == 3 else out[None]
+
+    def resume_state(self) -> dict:
+        return {"engine": self.engine}  # `auto` is measured once: a resumed run keeps what was picked
+
+    def restore(self, state: dict) -> None:
+        self.engine = state.get("engine", self.engine)
 
     def per_sample_signals(self, preds: dict, batch: dict, ctx, n: int) -> list[torch.Tensor]:
         """Per-sample losses (summed over supervised tasks) of this rank's first `n` samples, as world * n
