@@ -6,6 +6,9 @@ torch RNG state travels with the optimizer state; data order is a pure function 
 no other RNG state is needed to resume bit-identically. It is written to a temporary folder and renamed into place, so a crash leaves
 either the old checkpoint or the new one, never a torn one; a torn or tampered checkpoint fails its
 checksum on load, and `latest_checkpoint` falls back to the previous good one. Nothing is unpickled.
+A write that fails (full disk, unwritable folder) removes its temporary folder and names the
+checkpoint; the previous checkpoints are untouched. `check_resumable` refuses to continue a run under
+a different config, world size, request or origin model: that would silently change its result.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
@@ -38,10 +42,24 @@ def _optim_from_flat(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor], 
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+# config sections that may change between a crash and `--resume` without changing the result
+RESUME_FREE = ("tracking", "out", "data.root")
+RESUME_SAME = ("dataset", "world_size", "request_sha256", "origin_sha256")  # run info that must match
+
+
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, step: int, epoch: int, config: dict,
                     info: dict, optimizer: torch.optim.Optimizer | None = None) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        _write(folder, tmp, model, step=step, epoch=epoch, config=config, info=info, optimizer=optimizer)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{folder}: could not write checkpoint ({e}); earlier checkpoints are untouched") from None
+    return folder
+
+
+def _write(folder: Path, tmp: Path, model, *, step, epoch, config, info, optimizer) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -64,7 +82,6 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, step: int, ep
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
-    return folder
 
 
 def read_state(folder: str | Path) -> dict:
@@ -97,6 +114,8 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) 
     try:
         tensors = load_file(folder / "model.safetensors")
         model.load_state_dict(tensors)
+    except SafetensorError as e:  # not a safetensors file at all (never unpickled, whatever it holds)
+        raise UserError(f"{folder}/model.safetensors: not a safetensors file ({str(e).splitlines()[0]})") from None
     except (RuntimeError, OSError, ValueError) as e:
         raise UserError(f"{folder}/model.safetensors: does not fit this model ({str(e).splitlines()[0]})") from None
     if optimizer is not None and (folder / "optim.safetensors").is_file():
@@ -104,6 +123,30 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) 
         torch.set_rng_state(flat.pop("rng.torch"))
         _optim_from_flat(optimizer, flat, meta["optim_param_groups"])
     return meta
+
+
+def check_resumable(meta: dict, config: dict, info: dict) -> None:
+    """A run may only continue from `meta` (a checkpoint's state.json) under the same config (except
+    `RESUME_FREE`), world size, data, request and origin: anything else gives another result."""
+    where = meta["_folder"]
+    for key in RESUME_SAME:
+        if meta.get(key) != info.get(key):
+            raise UserError(f"{where}: written with {key} = {meta.get(key)!r}, this run has {info.get(key)!r}; "
+                            "resume under the same launcher/request/origin, or start anew with --overwrite")
+    then, now = _flat(meta.get("config", {})), _flat(config)
+    changed = sorted(k for k in then.keys() | now.keys()
+                     if then.get(k) != now.get(k) and not k.startswith(RESUME_FREE))
+    if changed:
+        shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise UserError(f"{where}: the config changed since this checkpoint ({shown}); resume with the config "
+                        "it was written with, or start anew with --overwrite")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:

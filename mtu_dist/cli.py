@@ -83,7 +83,7 @@ def cmd_unlearn(a):
     cfg = _config(a, base=config_from_checkpoint(getattr(a, "from")))
     if a.method:
         cfg.unlearn.method = a.method
-    _print_summary(unlearn_command(cfg, request=a.request, origin=getattr(a, "from"), name=a.name,
+    _print_summary(unlearn_command(cfg, request=a.request, origin=getattr(a, "from"), name=a.name, resume=a.resume,
                                    overwrite=a.overwrite, tracking_uri=a.tracking_uri, retrain=a.retrain))
 
 
@@ -117,6 +117,11 @@ def cmd_sweep(a):
 def cmd_compare(a):
     from .compare import compare_command
     compare_command(parent=a.parent, experiment=a.experiment, sweep=a.sweep, tracking_uri=a.tracking_uri, out=a.out)
+
+
+def cmd_audit(a):
+    from .audit import audit_command
+    audit_command(a.run, request=a.request, tracking_uri=a.tracking_uri)
 
 
 def cmd_demo(a):
@@ -200,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="registered method (overrides unlearn.method)")
     p.add_argument("--request", required=True)
     p.add_argument("--from", required=True, help="checkpoint folder or run folder of the original model")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last good checkpoint")
     p.add_argument("--retrain", help="retrain run on the same request: adds the gap to retrain and the cost ratio")
     p.set_defaults(func=cmd_unlearn)
     p = sub.add_parser("eval", help="evaluate a checkpoint per split and task; writes metrics.json beside it")
@@ -230,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <sweep>/report or reports/<name>-<id>)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("audit", help="check that no forget pair supervised a run (from its ledger; non-zero exit on a leak)")
+    p.add_argument("run", help="run folder (runs/<dataset>/<name>) of a retrain or unlearn run")
+    p.add_argument("--request", help="the forget request file, if it moved (its sha256 must match the run's)")
+    p.add_argument("--tracking-uri", help="MLflow store the run was logged to (default: MLFLOW_TRACKING_URI "
+                   "or sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic data")
     p.add_argument("--root", default="data_shards")
     p.add_argument("--overwrite", action="store_true", help="regenerate the synthetic shards")
@@ -239,11 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _close_progress_bars() -> None:
+    """A bar the failing command left open would share its line with the error message."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as e:
+        _close_progress_bars()
         print(f"mtu: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

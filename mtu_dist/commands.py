@@ -9,7 +9,8 @@ from .checkpoint import read_state, save_checkpoint
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import evaluate, flat_metrics
-from .fileio import atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .ledger import ledger_bytes
 from .session import Session, open_session, run_info
 
 
@@ -20,8 +21,11 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
     from .reference import fingerprint
     from .scoring import mlflow_metrics, unlearning_block
     final = s.run_dir / "final"
+    # the ledger's sha256 goes into state.json, so `mtu audit` can tell whether ledger.json was edited
+    ledger = ledger_bytes(s.ledger, s.request and s.request.sha256) if s.ledger is not None else None
     if s.is_main:
-        save_checkpoint(final, model, step=step, epoch=0, config=s.cfg.model_dump(mode="json"), info=run_info(s))
+        info = {**run_info(s), "ledger_sha256": sha256_bytes(ledger) if ledger else None}
+        save_checkpoint(final, model, step=step, epoch=0, config=s.cfg.model_dump(mode="json"), info=info)
     s.barrier()
     t0 = time.perf_counter()
     results = evaluate(model, s, s.request)
@@ -35,8 +39,8 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
             report["unlearning"] = unlearning_block(report, results["losses"], original=original, retrain=retrain)
         atomic_write_json(final / "metrics.json", report)
         atomic_write_json(final / "losses.json", results["losses"])
-        if getattr(s, "ledger", None) is not None:
-            atomic_write_json(final / "ledger.json", s.ledger)
+        if ledger is not None:
+            atomic_write_bytes(final / "ledger.json", ledger)
             s.tracker.log_artifact(final / "ledger.json")
         s.tracker.log_metrics(flat_metrics(results["splits"]) | mlflow_metrics(report.get("unlearning")), step)
         s.tracker.log_artifact(final / "metrics.json")
@@ -63,7 +67,7 @@ def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: b
     return finish(s, model, elapsed=elapsed, step=step)
 
 
-def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool,
+def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool, resume: bool = False,
                     tracking_uri: str | None, retrain: str | None = None) -> dict:
     from .data.manifest import load_manifest
     from .forget import load_request
@@ -77,11 +81,12 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
     # the retrain reference (gap, cost ratio) is checked before any work
     retrain_ref = retrain_reference(retrain, req.sha256, cfg.eval.retain_sample) if retrain else None
     s = open_session(cfg, "unlearn", name or f"unlearn-{cfg.unlearn.method}-{req.setting}-{req.sha256[:8]}",
-                     request_path=request, overwrite=overwrite, tracking_uri=tracking_uri,
-                     extra_params={"method": cfg.unlearn.method, "origin": meta["_folder"]})
+                     request_path=request, resume=resume, overwrite=overwrite, tracking_uri=tracking_uri,
+                     extra_params={"method": cfg.unlearn.method, "origin": meta["_folder"],
+                                   "origin_sha256": meta["sha256"]["model.safetensors"]})
     model, _ = load_original(s, origin)
     original_val = _original_val(meta)
-    model, elapsed, stopped = unlearn(s, model, original_val)
+    model, elapsed, stopped = unlearn(s, model, original_val, resume=resume)
     original_ref = reference_eval(s, origin)  # evaluated once per (checkpoint, request), then cached beside it
     return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped},
                   original=original_ref and Results(*original_ref, meta["_folder"]), retrain=retrain_ref)

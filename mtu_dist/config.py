@@ -59,6 +59,8 @@ class UnlearnConfig(Section):
     stop_drop: float | None = Field(None, gt=0, lt=1)  # ... or has fallen by this fraction (equal-forgetting comparisons)
     diverge_factor: float = Field(20.0, gt=1)  # loss or grad norm above factor x its first value = divergence
     check_sync: bool = False                # every step: compare a parameter checksum across ranks (one tiny all_gather)
+    checkpoint_every: int = Field(10, ge=0) # steps between resume points (`mtu unlearn --resume`); 0 = none
+    keep_checkpoints: int = Field(2, ge=1)
     signal_engine: Literal["auto", "sequential", "batched"] = "auto"  # per-task gradient signals (auto: measured)
     reduction: Literal["replicated", "sharded"] = "replicated"          # the distributed gradient step's mode
     options: dict[str, Any] = {}            # method-specific knobs, validated by the method

@@ -1,15 +1,34 @@
-"""Which (instance, task) supervision pairs a run consumed, and deliberate fault injection for tests.
+"""Which (instance, task) supervision pairs a run consumed, and deliberate faults for tests.
 
-Every training or unlearning step records the pairs whose supervision mask was on. The counts are
-gathered to rank 0 and written as `ledger.json` beside the final model, so a run can prove that no
-forget pair ever supervised it (`mtu_dist.ledger.leaked`).
+Every training or unlearning step records the pairs whose supervision mask was on, per role:
+`retain` (supervised toward its own labels), `forget` (the forget signal a method removes) and
+`target` (a pair whose labels a method borrows as the substitute target of another instance). The
+counts are gathered to rank 0 and written as `final/ledger.json` (`ledger_document`): per role the
+number of distinct pairs, the total uses, and the pairs both as sha256 keys (`pair_hash`, what
+`mtu audit` matches against the request) and as plain `instance|task` keys (kept so an auditor can
+name any pair without re-hashing the dataset; instance ids are dataset positions, and the request
+holding the same ids is logged with the run anyway).
+
+Test hooks, both loud and off unless their environment variable is set: `MTU_FAULT` kills a rank
+hard at a chosen step (`fault_point`); `MTU_TEST_LEAK` leaves one forget pair in the retain stream
+(`deliberate_leak`), a real leak through the real loop that the audit must catch.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 from collections import Counter
 
 import torch.distributed as dist
+
+FORMAT = "mtu-ledger/1"
+ROLES = ("retain", "forget", "target")
+
+
+def pair_hash(instance: str, task: str) -> str:
+    return hashlib.sha256(f"{instance}|{task}".encode()).hexdigest()
 
 
 class Ledger:
@@ -25,6 +44,11 @@ class Ledger:
 
     def recording(self, batches, tasks: tuple[str, ...], role: str) -> "RecordedStream":
         return RecordedStream(batches, self, tasks, role)
+
+    def restore(self, counts: dict[str, int], is_main: bool) -> None:
+        """Resume: rank 0 carries everything consumed up to the checkpoint (gathered over every rank),
+        the other ranks start empty, so the next `gather` equals an uninterrupted run's."""
+        self.pairs = Counter(counts) if is_main else Counter()
 
     def gather(self, world: int) -> dict[str, int]:
         if world > 1:
@@ -44,6 +68,12 @@ class RecordedStream:
     def __init__(self, batches, ledger: Ledger, tasks: tuple[str, ...], role: str):
         self.batches, self.ledger, self.tasks, self.role = batches, ledger, tasks, role
         self.masked = None
+        self.drawn = 0  # batches handed out so far: the stream position a checkpoint records
+
+    def resume_at(self, batches, drawn: int) -> None:
+        """Continue from `batches`, an iterator already positioned after `drawn` batches (not recorded
+        again: the restored ledger holds them)."""
+        self.batches, self.drawn = batches, drawn
 
     def mask_tasks(self, mask) -> None:
         """Turn off these tasks' supervision in every later batch (a bool tensor over tasks)."""
@@ -54,19 +84,56 @@ class RecordedStream:
 
     def __next__(self) -> dict:
         batch = next(self.batches)
+        self.drawn += 1
         if self.masked is not None:
             batch = {**batch, "mask": batch["mask"] & ~self.masked}
         self.ledger.record(batch, self.tasks, role=self.role)
         return batch
 
 
-def leaked(ledger: dict[str, int], forget_pairs: set[tuple[str, str]], role: str = "retain") -> list[str]:
-    """Ledger entries of `role` steps that are forget pairs (must be empty)."""
-    return sorted(k for k in ledger if k.startswith(role + "|") and tuple(k.split("|")[1:]) in forget_pairs)
+def ledger_document(counts: dict[str, int], request_sha256: str | None) -> dict:
+    """`role|instance|task -> uses` (what `Ledger.gather` returns) as the ledger.json document."""
+    roles: dict[str, dict] = {}
+    for key in sorted(counts):
+        role, instance, task = key.split("|")
+        r = roles.setdefault(role, {"pairs": 0, "uses": 0, "sha256": {}, "keys": {}})
+        r["pairs"] += 1
+        r["uses"] += counts[key]
+        r["sha256"][pair_hash(instance, task)] = counts[key]
+        r["keys"][f"{instance}|{task}"] = counts[key]
+    return {"format": FORMAT, "key_hash": "sha256 of the UTF-8 string '<instance>|<task>'",
+            "request_sha256": request_sha256, "roles": roles}
+
+
+def ledger_bytes(counts: dict[str, int], request_sha256: str | None) -> bytes:
+    """ledger.json's exact bytes (their sha256 is recorded in the final state.json)."""
+    return (json.dumps(ledger_document(counts, request_sha256), indent=1) + "\n").encode()
+
+
+def flat_counts(document: dict) -> dict[str, int]:
+    """ledger.json -> `role|instance|task -> uses` (the inverse of `ledger_document`)."""
+    return {f"{role}|{key}": n for role, r in document["roles"].items() for key, n in r["keys"].items()}
+
+
+def deliberate_leak(forget_entries: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Test hook: with `MTU_TEST_LEAK=1` the request's first forget pair is NOT masked out of the retain
+    stream (its label stays too), so a run really trains on it. Only for proving the audit catches it."""
+    if os.environ.get("MTU_TEST_LEAK") != "1" or not forget_entries:
+        return forget_entries
+    instance, tasks = next(iter(forget_entries.items()))
+    print(f"mtu: WARNING: MTU_TEST_LEAK=1: forget pair {instance}|{tasks[0]} is deliberately left in the "
+          "retain stream", file=sys.stderr)
+    out = dict(forget_entries)
+    if tasks[1:]:
+        out[instance] = tasks[1:]
+    else:
+        del out[instance]
+    return out
 
 
 def fault_point(phase: str, step: int) -> None:
-    """Test hook: `MTU_FAULT=phase:step[:rank]` kills this process hard (like kill -9) after that step."""
+    """Test hook: `MTU_FAULT=phase:step[:rank]` kills this process hard (like kill -9) after that step;
+    phases: train, retrain, unlearn."""
     spec = os.environ.get("MTU_FAULT")
     if not spec:
         return

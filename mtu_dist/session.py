@@ -88,7 +88,8 @@ def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: s
         if run_dir.exists() and overwrite and not resume:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ is replaced atomically at the end
         ensure_writable_dir(run_dir)
-        atomic_write_text(run_dir / "config.yaml", dump(cfg))
+        if not (resume and (run_dir / "config.yaml").is_file()):  # a resumed run keeps the config it began with
+            atomic_write_text(run_dir / "config.yaml", dump(cfg))  # (its checkpoint refuses a changed one)
     acc.wait_for_everyone()
     tracker = Tracker(enabled=acc.is_main_process and cfg.tracking.enabled, uri=cfg.tracking.uri,
                       experiment=cfg.tracking.experiment or manifest.dataset, run_name=run_name,
@@ -110,4 +111,6 @@ def run_info(s: Session) -> dict:
     m = s.manifest
     return {"dataset": m.dataset, "tasks": list(m.tasks), "num_classes": m.num_classes,
             "world_size": s.world, "git_commit": git_commit(), "command": s.command,
-            "request_sha256": s.request.sha256 if s.request else None, **s.extra_params}
+            "request_sha256": s.request.sha256 if s.request else None,
+            "request_path": str(Path(s.request.path).resolve()) if s.request and s.request.path else None,
+            **s.extra_params}

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, prune, save_checkpoint
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, save_checkpoint
 from .data.stream import BatchLoader, full_mask, retain_mask
 from .errors import UserError
 from .ledger import Ledger, fault_point
@@ -28,6 +28,7 @@ def fit(s: Session, resume: bool = False):
     ckpt_dir = s.run_dir / "checkpoints"
     if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
         meta = load_checkpoint(last, model, opt)
+        check_resumable(meta, cfg.model_dump(mode="json"), run_info(s))
         start_step = meta["step"]
         if s.is_main:  # the ledger is cumulative: rank 0 carries what was consumed before the crash
             ledger.pairs.update(meta.get("ledger", {}))
@@ -69,7 +70,7 @@ def fit(s: Session, resume: bool = False):
             bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
             if step % every == 0 or step == total:
                 _checkpoint(s, model, opt, step, epoch, ckpt_dir, ledger)
-            fault_point("train", step)
+            fault_point(s.command, step)  # phase = train or retrain
     bar.close()
     elapsed = time.perf_counter() - t0
     s.tracker.log_metrics({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9),

@@ -9,26 +9,34 @@ val level plus `unlearn.stop_band`, or (`unlearn.stop_drop`) has fallen by that 
 before unlearning (for comparing methods at an equal forget drop). A done task — its forget pairs are masked out of later forget
 batches, so no method keeps ascending a task that is already forgotten — and the run ends when every
 target task is done. Observable without a retrain, and the same for every method.
+
+Resume points (`unlearn.checkpoint_every` steps; `mtu unlearn --resume`): parameters, optimizer and
+RNG state, the method's own state after setup (`Method.resume_state`), the divergence guard's
+reference, the stop rule's done set, the ledger and how many batches each stream has handed out. On
+resume the method's setup and the stop thresholds are recomputed on the original model exactly as in
+the first attempt (same batches, same result), then the resume point is loaded and each stream
+restarts at its recorded position, so the run ends bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
+from itertools import islice
 
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, read_state
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from .data.stream import BatchLoader, blank_sample, forget_batches, load_instances, retain_mask
 from .errors import UserError
 from .evaluate import instance_batches, run_split, primary
-from .ledger import Ledger
+from .ledger import Ledger, fault_point
 from .methods import build_method
 from .methods.base import StepContext
 from .model import build_model
 from .objective import reduce_for_logging
-from .session import Session
+from .session import Session, run_info
 
 
 def load_original(s: Session, ckpt: str):
@@ -41,14 +49,17 @@ def load_original(s: Session, ckpt: str):
     return model, meta
 
 
-def _endless(loader: BatchLoader):
+def _endless(loader: BatchLoader, start: int = 0):
+    """Local batches, epoch after epoch, from batch number `start` on (whole epochs skipped unread)."""
     epoch = 0
+    while start >= loader.steps_per_epoch(epoch):
+        start, epoch = start - loader.steps_per_epoch(epoch), epoch + 1
     while True:
-        yield from loader.epoch(epoch)
-        epoch += 1
+        yield from islice(loader.epoch(epoch), start, None)
+        start, epoch = 0, epoch + 1
 
 
-def unlearn(s: Session, model, original_val: dict | None):
+def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     cfg, m, req = s.cfg, s.manifest, s.request
     u = cfg.unlearn
     method = build_method(u.method, u.options)
@@ -61,12 +72,16 @@ def unlearn(s: Session, model, original_val: dict | None):
     blank = blank_sample(m)
     target_mask = lambda k: np.array([t in req.entries[k] for t in m.tasks])  # noqa: E731
     forget_set = load_instances(m, "train", list(req.entries), target_mask)
-    forget_it = forget_batches(forget_set, global_batch=u.forget_batch, rank=s.rank, world=s.world, seed=cfg.seed, blank=blank)
-    retain_it = None
+    # role -> (batches already handed out -> the stream from there on); a resumed run restarts each one
+    restart = {"forget": lambda drawn: islice(forget_batches(forget_set, global_batch=u.forget_batch, rank=s.rank,
+                                                              world=s.world, seed=cfg.seed, blank=blank), drawn, None)}
+    forget_it, retain_it = restart["forget"](0), None
     if method.uses_retain:
-        retain_it = _endless(BatchLoader(m, "train", rank=s.rank, world=s.world,
-                                         local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
-                                         workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries)))
+        loader = BatchLoader(m, "train", rank=s.rank, world=s.world,
+                             local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
+                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries))
+        restart["retain"] = lambda drawn: _endless(loader, drawn)
+        retain_it = restart["retain"](0)
     raw = s.acc.unwrap_model(model)
     targets = req.target_tasks()
     make_ctx = lambda step: StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
@@ -80,15 +95,19 @@ def unlearn(s: Session, model, original_val: dict | None):
     setup_logs = method.setup(make_ctx(0), retain_it, forget_it)
     s.tracker.log_metrics({**{f"setup/{k}": v for k, v in setup_logs.items()},
                            "time/setup_s": time.perf_counter() - t_setup}, 0)
+    thresholds = _stop_thresholds(s, raw, forget_set, original_val)  # on the original model, resumed or not
+    streams = {"forget": forget_it, "retain": retain_it}
+    start, first, done = 0, None, set()
+    if resume and (last := latest_checkpoint(s.run_dir / "checkpoints")) is not None:
+        start, first, done = _resume(s, last, raw, opt, method, ledger, streams, restart)
     good = copy.deepcopy(raw.state_dict())
-    first, stopped = None, "budget"
+    stopped = "budget"
     from tqdm import tqdm
-    bar = tqdm(total=u.steps, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False, dynamic_ncols=True)
-    step = 0
-    done: set[str] = set()
-    thresholds = _stop_thresholds(s, raw, forget_set, original_val)
-    done_mask = torch.zeros(len(m.tasks), dtype=torch.bool)
-    for step in range(1, u.steps + 1):
+    bar = tqdm(total=u.steps, initial=start, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False,
+               dynamic_ncols=True)
+    step = start
+    done_mask = torch.tensor([t in done for t in m.tasks])
+    for step in range(start + 1, u.steps + 1):
         if forget_it is not None:
             forget_it.mask_tasks(done_mask)  # a task already forgotten is not ascended further
         fb = next(forget_it) if forget_it is not None else None
@@ -114,15 +133,45 @@ def unlearn(s: Session, model, original_val: dict | None):
         if thresholds:
             done |= _tasks_done(s, raw, forget_set, thresholds)
             done_mask = torch.tensor([t in done for t in m.tasks])
-            if done >= set(targets):
-                stopped = f"stop rule at step {step}: every target task's forget-pair metric reached its threshold"
-                break
+        if u.checkpoint_every and step % u.checkpoint_every == 0:
+            _save_resume_point(s, raw, opt, step, method, ledger, streams, first, done)
+        fault_point("unlearn", step)
+        if thresholds and done >= set(targets):
+            stopped = f"stop rule at step {step}: every target task's forget-pair metric reached its threshold"
+            break
     bar.close()
     elapsed = time.perf_counter() - t0
     s.tracker.log_metrics({"time/unlearn_s": elapsed, "unlearn/steps_run": step}, step)
     s.tracker.set_tags({"mtu.stop_reason": stopped})
     s.ledger = ledger.gather(s.world)
     return raw, elapsed, stopped
+
+
+def _save_resume_point(s: Session, raw, opt, step: int, method, ledger: Ledger, streams: dict, first, done) -> None:
+    consumed = ledger.gather(s.world)  # collective: every rank calls it
+    if s.is_main:
+        state = {"drawn": {role: it.drawn for role, it in streams.items() if it is not None},
+                 "first": list(first) if first else None, "done": sorted(done), "method": method.resume_state()}
+        folder = s.run_dir / "checkpoints" / f"step-{step:07d}"
+        save_checkpoint(folder, raw, step=step, epoch=0, config=s.cfg.model_dump(mode="json"), optimizer=opt,
+                        info={**run_info(s), "ledger": consumed, "unlearn": state})
+        prune(folder.parent, s.cfg.unlearn.keep_checkpoints)
+    s.barrier()
+
+
+def _resume(s: Session, folder, raw, opt, method, ledger: Ledger, streams: dict, restart: dict):
+    """Load a resume point into a run whose setup has just been redone on the original model."""
+    meta = load_checkpoint(folder, raw, opt)
+    check_resumable(meta, s.cfg.model_dump(mode="json"), run_info(s))
+    state = meta["unlearn"]
+    method.restore(state["method"])
+    for role, it in streams.items():
+        if it is not None:  # batches before the resume point are not recorded again: the ledger holds them
+            it.resume_at(restart[role](state["drawn"][role]), state["drawn"][role])
+    ledger.restore(meta["ledger"], s.is_main)
+    if s.is_main:
+        print(f"resuming from {folder} (step {meta['step']})")
+    return meta["step"], tuple(state["first"]) if state["first"] else None, set(state["done"])
 
 
 def _check_in_sync(model, world: int, step: int) -> None:

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mtu_dist.ledger import flat_counts
+
 from conftest import ROOT, accelerate_launch, run_mtu
 
 pytestmark = pytest.mark.slow
@@ -25,6 +27,11 @@ def _history(db: Path, run_name: str, key: str) -> list[float]:
     exp = client.get_experiment_by_name("synth-indoor")
     run = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'")[0]
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def _ledger(final: Path) -> dict[str, int]:
+    """ledger.json as `role|instance|task -> uses`."""
+    return flat_counts(json.loads((final / "ledger.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +74,8 @@ def test_resume_after_kill_is_bit_identical(tiny_root, tmp_path):
     b = load_file(tmp_path / "runs/synth-indoor/crashed/final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the resumed ledger is cumulative: every pair seen once per epoch, as in the straight run
-    la = json.loads((tmp_path / "runs/synth-indoor/straight/final/ledger.json").read_text())
-    lb = json.loads((tmp_path / "runs/synth-indoor/crashed/final/ledger.json").read_text())
+    la = _ledger(tmp_path / "runs/synth-indoor/straight/final")
+    lb = _ledger(tmp_path / "runs/synth-indoor/crashed/final")
     assert la == lb and set(la.values()) == {2}
 
 
@@ -78,7 +85,7 @@ def test_partial_retrain_never_sees_forget_pairs(original, tiny_root, tmp_path):
             "--tasks", "seg", "--out", req, check=True)
     run_mtu("retrain", *_common(tiny_root, tmp_path), "--request", req, "--name", "rt", cwd=tmp_path, check=True)
     final = tmp_path / "runs/synth-indoor/rt/final"
-    ledger = json.loads((final / "ledger.json").read_text())
+    ledger = _ledger(final)
     import yaml
     forgotten = {e["id"] for e in yaml.safe_load(req.read_text())["entries"]}
     assert len(forgotten) == 8
@@ -109,7 +116,7 @@ def test_baselines_run_and_respect_masks(original, tiny_root, tmp_path, method):
     final = next((tmp_path / "runs/synth-indoor").glob(f"unlearn-{method}-*")) / "final"
     import yaml
     forgotten = {e["id"] for e in yaml.safe_load(req.read_text())["entries"]}
-    ledger = json.loads((final / "ledger.json").read_text())
+    ledger = _ledger(final)
     assert {k.split("|")[0] for k in ledger} == EXPECTED_ROLES[method]
     for key in ledger:  # forget steps use only forget pairs; retain steps never do
         role, inst, _ = key.split("|")

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from ..fileio import sha256_bytes
+from ..ledger import deliberate_leak
 from .manifest import Manifest
 from .sample import SEG_IGNORE, decode_sample
 
@@ -50,6 +51,7 @@ def full_mask(manifest: Manifest) -> MaskFn:
 
 def retain_mask(manifest: Manifest, forget_entries: dict[str, tuple[str, ...]]) -> MaskFn:
     """Supervision mask of the retain signal: everything except the forget pairs."""
+    forget_entries = deliberate_leak(forget_entries)  # a no-op unless the MTU_TEST_LEAK test hook is set
     ones = np.ones(len(manifest.tasks), dtype=bool)
     masked = {k: np.array([t not in ts for t in manifest.tasks]) for k, ts in forget_entries.items()}
     return lambda key: masked.get(key, ones)
@@ -229,10 +231,8 @@ class BatchLoader:
                 if len(parts) == nw:
                     yield concat_batches(parts)
                     parts = []
-        except UserError:
-            raise
-        except Exception as e:  # a UserError raised inside a worker arrives re-wrapped
-            match = _WRAPPED.search(str(e))
+        except Exception as e:  # a UserError raised inside a worker arrives re-wrapped, the worker's traceback
+            match = _WRAPPED.search(str(e))  # in its message: keep only the original message
             if match:
                 raise UserError(match.group(1).strip().splitlines()[-1]) from None
             raise

@@ -71,8 +71,17 @@ class Method:
 
     def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
         """Once before unlearning (e.g. subspaces from the retain stream, a saliency mask from the forget
-        stream); either iterator is None when the method does not use it. Returns values to log."""
+        stream); either iterator is None when the method does not use it. Returns values to log.
+        A resumed run calls it again on the original model with the same batches, so whatever it
+        computes comes back by itself; state that changes later belongs in `resume_state`."""
         return {}
+
+    def resume_state(self) -> dict:
+        """JSON-able state, changed after `setup`, that a resumed run must get back (`restore`)."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back what `resume_state` returned at the resume point."""
 
     def objective(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (scalar to minimise, named parts to log) for this rank's share of the global batch."""

@@ -1,0 +1,171 @@
+"""`mtu audit RUN`: prove from a run's ledger that no forget pair supervised it.
+
+Reads `RUN/final/{state.json, ledger.json, metrics.json}` and the run's forget request (the path in
+state.json, or `--request` if the file moved; either way its sha256 must be the one the run recorded).
+The audit needs neither the shards nor the model code: pairs are matched by their sha256 keys.
+
+1. Integrity: ledger.json's bytes hash to state.json's `ledger_sha256`; the ledger, state.json and the
+   request file agree on the request's sha256; every hashed key is the hash of its plain key.
+2. No leak: no forget pair under role `retain` or `target` (any run); a `retrain` run consumed no
+   forget pair at all, under any role.
+3. The `forget` role holds forget pairs only (anything else was ascended on data nobody asked to forget).
+
+The summary is printed, written atomically to `RUN/final/audit.json` and logged to the run's MLflow
+run (artifact `audit.json`, tag `mtu.audit`, metric `audit/leaks`). A failed check exits non-zero with
+a message naming the pairs; audit.json is written either way.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import read_state
+from .errors import UserError
+from .fileio import atomic_write_json, sha256_bytes, sha256_file
+from .ledger import FORMAT, pair_hash
+from .tracking import check_reachable, resolve_uri
+
+SHOWN = 5  # pairs named in an error message
+
+
+def audit_command(run: str, *, request: str | None = None, tracking_uri: str | None = None) -> dict:
+    final = _final_folder(Path(run))
+    state = read_state(final)
+    report = _json(final / "metrics.json")
+    mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
+    ledger = _checked_ledger(final, state)
+    forget = _forget_pairs(request, state)
+    result = audit(ledger, forget, command=state.get("command"))
+    result = {"run": str(final.parent), "command": state.get("command"), "method": state.get("method"),
+              "request_sha256": state["request_sha256"], "ledger_sha256": state["ledger_sha256"], **result}
+    atomic_write_json(final / "audit.json", result)
+    if mlflow_run:
+        client, run_id = mlflow_run
+        client.log_artifact(run_id, str(final / "audit.json"))
+        client.set_tag(run_id, "mtu.audit", "passed" if result["passed"] else "LEAK")
+        client.log_metric(run_id, "audit/leaks", result["leak_count"])
+    print(summary(result, final / "audit.json", logged=bool(mlflow_run)))
+    if not result["passed"]:
+        raise UserError(f"{final.parent}: audit FAILED: {_failures(result)} (details in {final / 'audit.json'})")
+    return result
+
+
+def audit(ledger: dict, forget: dict[str, str], *, command: str | None) -> dict:
+    """The checks on a ledger document. `forget`: sha256 key -> plain `instance|task` of every forget pair."""
+    roles = ledger["roles"]
+    leaks = {}
+    for role, r in roles.items():
+        if role == "forget" and command != "retrain":
+            continue  # the forget role of an unlearning run is where forget pairs belong
+        hit = sorted(h for h in r["sha256"] if h in forget)
+        if hit:
+            leaks[role] = [{"pair": forget[h], "sha256": h, "uses": r["sha256"][h]} for h in hit]
+    forget_role = roles.get("forget", {"sha256": {}, "keys": {}})
+    consumed = set(forget_role["sha256"]) & set(forget)
+    stray = sorted(k for k in forget_role["keys"] if pair_hash(*k.split("|")) not in forget)
+    leak_count = sum(len(v) for v in leaks.values())
+    return {"roles": {role: {"pairs": r["pairs"], "uses": r["uses"]} for role, r in roles.items()},
+            "forget_pairs": len(forget), "forget_pairs_consumed": len(consumed),
+            "leaks": leaks, "leak_count": leak_count, "stray_forget_pairs": stray,
+            "passed": leak_count == 0 and not stray}
+
+
+def summary(result: dict, path: Path, logged: bool) -> str:
+    lines = [f"audit {result['run']}: {result['command']}"
+             + (f" ({result['method']})" if result.get("method") else "")
+             + f", request sha256 {result['request_sha256'][:12]}, {result['forget_pairs']} forget pairs"]
+    for role, r in sorted(result["roles"].items()):
+        lines.append(f"  {role:<7} {r['pairs']:>7} pairs {r['uses']:>9} uses")
+    lines.append(f"  forget pairs consumed by the forget role: {result['forget_pairs_consumed']}")
+    lines.append(f"  leaks: {result['leak_count']}" + (f"  stray forget pairs: {len(result['stray_forget_pairs'])}"
+                                                         if result["stray_forget_pairs"] else ""))
+    lines.append(f"  {'passed' if result['passed'] else 'FAILED'}; wrote {path}"
+                 + ("; logged to MLflow" if logged else " (run not tracked in MLflow)"))
+    return "\n".join(lines)
+
+
+def _failures(result: dict) -> str:
+    parts = []
+    for role, pairs in result["leaks"].items():
+        names = ", ".join(p["pair"] for p in pairs[:SHOWN]) + (", ..." if len(pairs) > SHOWN else "")
+        parts.append(f"{len(pairs)} forget pair(s) reached role '{role}': {names}")
+    if result["stray_forget_pairs"]:
+        stray = result["stray_forget_pairs"]
+        parts.append(f"{len(stray)} pair(s) outside the request under role 'forget': {', '.join(stray[:SHOWN])}")
+    return "; ".join(parts)
+
+
+def _final_folder(run: Path) -> Path:
+    final = run / "final" if (run / "final").is_dir() else run
+    if not (final / "state.json").is_file():
+        raise UserError(f"{run}: not a run folder (no final/state.json); pass runs/<dataset>/<name> of a finished run")
+    return final
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON") from None
+
+
+def _checked_ledger(final: Path, state: dict) -> dict:
+    path = final / "ledger.json"
+    if state.get("ledger_sha256") is None:
+        raise UserError(f"{final}/state.json: the run recorded no ledger (a run from before ledger checksums?)")
+    if not path.is_file():
+        raise UserError(f"{path}: ledger missing")
+    if sha256_file(path) != state["ledger_sha256"]:
+        raise UserError(f"{path}: sha256 does not match state.json's ledger_sha256 (ledger edited after the run)")
+    doc = _json(path)
+    if doc.get("format") != FORMAT:
+        raise UserError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
+    if doc.get("request_sha256") != state.get("request_sha256"):
+        raise UserError(f"{path}: request sha256 {doc.get('request_sha256')} differs from state.json's "
+                        f"{state.get('request_sha256')}")
+    for role, r in doc["roles"].items():
+        if {pair_hash(*k.split("|")): n for k, n in r["keys"].items()} != r["sha256"]:
+            raise UserError(f"{path}: role '{role}': hashed keys do not match the plain keys")
+    return doc
+
+
+def _forget_pairs(request: str | None, state: dict) -> dict[str, str]:
+    """sha256 key -> `instance|task` for every pair of the run's request, after checking its sha256."""
+    if not state.get("request_sha256"):
+        raise UserError(f"{state['_folder']}: a '{state.get('command')}' run has no forget request to audit against")
+    path = Path(request or state.get("request_path") or "")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the run's forget request ({e.strerror or e}); "
+                        "pass --request if it moved") from None
+    if sha256_bytes(data) != state["request_sha256"]:
+        raise UserError(f"{path}: sha256 {sha256_bytes(data)[:12]}... is not the run's request "
+                        f"{state['request_sha256'][:12]}... (the file changed since the run)")
+    raw = yaml.safe_load(data)  # the run validated these very bytes; only the pairs are needed here
+    pairs = {}
+    for e in raw["entries"]:
+        e = {"id": e} if isinstance(e, str) else e
+        for t in e.get("tasks") or state["tasks"]:
+            pairs[pair_hash(e["id"], t)] = f"{e['id']}|{t}"
+    return pairs
+
+
+def _mlflow_run(run_id: str | None, tracking_uri: str | None):
+    if not run_id:
+        return None
+    uri = resolve_uri(tracking_uri)
+    check_reachable(uri)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"tracking URI {uri}: no MLflow run {run_id}; pass the --tracking-uri the run was "
+                        "logged to") from None
+    return client, run_id
