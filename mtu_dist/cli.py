@@ -124,6 +124,11 @@ def cmd_audit(a):
     audit_command(a.run, request=a.request, tracking_uri=a.tracking_uri)
 
 
+def cmd_server(a):
+    from .server import serve
+    serve(store=a.store, artifacts=a.artifacts, host=a.host, port=a.port, workers=a.workers)
+
+
 def cmd_demo(a):
     from .demo import run_demo
     run_demo(a)
@@ -242,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store the run was logged to (default: MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("server", help="start an MLflow tracking server (binds 127.0.0.1 unless --host says otherwise)")
+    p.add_argument("--store", default="sqlite:///mlflow.db", help="backend store URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--artifacts", default="mlartifacts", help="artifact folder (default: mlartifacts)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic data")
     p.add_argument("--root", default="data_shards")

@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import UserError
 
 FLUSH_EVERY = 200  # buffered metric points
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")  # other stores MLflow accepts
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -35,6 +36,9 @@ def check_reachable(uri: str) -> None:
             raise UserError(f"tracking URI {uri}: folder {folder} does not exist or is not writable")
     elif uri.startswith(("file:", "/", ".")):
         raise UserError(f"tracking URI {uri}: the file store is retired in MLflow 3; use sqlite:///path/mlflow.db")
+    elif not uri.startswith(DATABASE_SCHEMES):
+        raise UserError(f"tracking URI {uri}: unsupported scheme (expected sqlite:///path/mlflow.db, http(s)://host:port "
+                        f"or a database URI: {', '.join(DATABASE_SCHEMES)})")
 
 
 class Tracker:

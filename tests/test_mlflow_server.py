@@ -1,9 +1,11 @@
-"""Tracking against a real MLflow server over HTTP: params, per-step metrics, eval metrics, artifacts."""
+"""Tracking against a real MLflow server over HTTP: params, per-step metrics, eval metrics, artifacts.
+The server is the project's own (`mtu server`), started with its defaults: it must listen on 127.0.0.1 only."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -37,6 +39,19 @@ def _wait_healthy(proc: subprocess.Popen, uri: str, log: Path, limit: float = 60
     raise AssertionError(f"mlflow server not healthy after {limit:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6; state 0A = LISTEN)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]) if len(addr) == 8 else
+                          "::" if int(addr, 16) == 0 else f"v6:{addr}")
+    return found
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = _free_port()
@@ -45,12 +60,12 @@ def mlflow_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                                 "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1"],
+        proc = subprocess.Popen([str(BIN / "mtu"), "server", "--store", f"sqlite:///{tmp_path / 'srv.db'}",
+                                 "--artifacts", str(tmp_path / "art"), "--port", str(port)],
                                 cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(proc, uri, log)
+        assert listening_addresses(port) == {"127.0.0.1"}, "the server must bind 127.0.0.1 by default"
         yield uri
     finally:
         try:

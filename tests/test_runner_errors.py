@@ -1,18 +1,31 @@
 """Run commands given one bad input each: a clear one-line error naming the culprit, never a traceback,
-and nothing already on disk touched (the original model, its metrics, the folder the command targeted)."""
+and nothing already on disk touched (the original model, its metrics, the folder the command targeted).
+
+Each case returns (argv, words the error must contain, folders that must not change[, options]); options:
+`env`, `fsize_kib` (RLIMIT_FSIZE: every write past it fails with EFBIG, which stands in for a full disk —
+no small filesystem can be mounted here), `hold` (a socket kept open during the run), `absent` (paths
+that must not exist afterwards). Runs are as root, so an unwritable output location is a path through a
+regular file (permission bits would not stop root)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import resource
 import shutil
+import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.forget import make_request, write_request
 
-from conftest import ROOT, run_mtu
+from conftest import BIN, ROOT, _free_port, run_mtu
+from test_data import _copy, _mutate_sample, _set_depth
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +177,102 @@ def batch_not_divisible_by_workers(c: Ctx):
             ["train.global_batch", "7", "data.workers"], [])
 
 
+def shard_tampered(c: Ctx):
+    ds = _copy(c.data_root, c.tmp)
+    _flip_bytes(ds / "train-000001.tar")
+    return (c.train("--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}", "--set", "tracking.enabled=false"),
+            ["synth-indoor/train-000001.tar", "sha256 does not match manifest.json"], [])
+
+
+def shard_nan_depth(c: Ctx):
+    ds = _copy(c.data_root, c.tmp)
+    key = _mutate_sample(ds, "train-000002.tar", 1, _set_depth(lambda d: np.where(d > 0, np.nan, d).astype(np.float32)))
+    return (c.train("--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}", "--set", "tracking.enabled=false"),
+            [key, "depth.npy", "NaN or inf"], [])
+
+
+def request_python_tag(c: Ctx):
+    req, pwned = c.tmp / "evil.yaml", c.tmp / "PWNED"
+    req.write_text(f'setting: full\ndataset: synth-indoor\nentries: !!python/object/apply:os.system ["touch {pwned}"]\n')
+    return c.unlearn(c.run, request=req), [str(req), "not valid YAML"], [], {"absent": [pwned]}
+
+
+def config_python_tag(c: Ctx):
+    cfg, pwned = c.tmp / "evil.yaml", c.tmp / "PWNED"
+    cfg.write_text(f'train: !!python/object/apply:os.system ["touch {pwned}"]\n')
+    return c.train("--config", cfg), [str(cfg), "not valid YAML"], [], {"absent": [pwned]}
+
+
+def _copied_run(c: Ctx) -> tuple[Path, list]:
+    """A copy of the original's run folder (checkpoints included) under this case's own `out`."""
+    out = c.tmp / "runs"
+    shutil.copytree(c.run, out / "synth-indoor" / "original")
+    return out / "synth-indoor" / "original", ["--set", f"out={out}"]
+
+
+def resume_changed_config(c: Ctx):
+    run, out = _copied_run(c)
+    return c.train(*out, "--resume", "--set", "train.lr=0.1"), ["config changed", "train.lr", "--overwrite"], [run]
+
+
+def resume_other_world_size(c: Ctx):
+    run, out = _copied_run(c)
+    for state in run.glob("checkpoints/step-*/state.json"):  # as if written by a 2-rank launch
+        state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))
+    return c.train(*out, "--resume"), ["world_size = 2", "this run has 1"], [run]
+
+
+def checkpoint_file_missing(c: Ctx):
+    ckpt = c.copy_final("incomplete")
+    (ckpt / "model.safetensors").unlink()
+    return c.unlearn(ckpt), [str(ckpt / "model.safetensors"), "checkpoint file missing"], [ckpt]
+
+
+def tracking_bad_scheme(c: Ctx):
+    args = c.train("--name", "never")
+    args[args.index(c.uri)] = "ftp://example.org/mlflow"
+    return args, ["ftp://example.org/mlflow", "unsupported scheme"], []
+
+
+def world_size_without_launcher(c: Ctx):
+    return (c.train("--name", "never"), ["WORLD_SIZE=2", "MASTER_ADDR", "accelerate launch"], [],
+            {"env": {"WORLD_SIZE": "2"}})
+
+
+def output_not_writable(c: Ctx):
+    (c.tmp / "a-file").write_text("")
+    out = c.tmp / "a-file" / "runs"
+    return c.train("--set", f"out={out}"), [str(out / "synth-indoor"), "not writable"], []
+
+
+def disk_full_at_checkpoint(c: Ctx):
+    out = c.tmp / "runs"
+    args = c.train("--set", f"out={out}", "--set", "tracking.enabled=false", "--set", "data.workers=0")
+    return (args, [str(out / "synth-indoor/original/checkpoints/step-"), "could not write checkpoint", "File too large"],
+            [], {"fsize_kib": 16, "absent": [out / "synth-indoor/original/final"]})
+
+
+def server_port_in_use(c: Ctx):
+    port = _free_port()
+    held = socket.socket()
+    held.bind(("127.0.0.1", port))
+    held.listen()
+    return (["server", "--port", port, "--store", f"sqlite:///{c.tmp / 'srv.db'}"],
+            [f"port {port} on 127.0.0.1", "cannot listen"], [], {"hold": held})
+
+
+def audit_not_a_run(c: Ctx):
+    return ["audit", c.tmp, "--tracking-uri", c.uri], [str(c.tmp), "not a run folder"], []
+
+
+def audit_ledger_edited(c: Ctx):
+    final = c.copy_final("edited")
+    ledger = json.loads((final / "ledger.json").read_text())
+    ledger["roles"]["retain"]["uses"] -= 1
+    (final / "ledger.json").write_text(json.dumps(ledger))
+    return ["audit", final, "--tracking-uri", c.uri], [str(final / "ledger.json"), "ledger edited after the run"], []
+
+
 CASES = {
     "missing --from folder": missing_from,
     "corrupt checkpoint (unlearn)": corrupt_checkpoint,
@@ -181,18 +290,43 @@ CASES = {
     "sqlite tracking folder missing": tracking_sqlite_no_folder,
     "train into existing run folder": train_into_existing_run,
     "batch not divisible by loader workers": batch_not_divisible_by_workers,
+    "shard tampered (sha256)": shard_tampered,
+    "NaN depth in a shard": shard_nan_depth,
+    "request with a !!python tag": request_python_tag,
+    "config with a !!python tag": config_python_tag,
+    "resume under a changed config": resume_changed_config,
+    "resume under another world size": resume_other_world_size,
+    "checkpoint file missing": checkpoint_file_missing,
+    "tracking URI with an unknown scheme": tracking_bad_scheme,
+    "WORLD_SIZE set without a launcher": world_size_without_launcher,
+    "output location not writable": output_not_writable,
+    "disk full while checkpointing": disk_full_at_checkpoint,
+    "server port in use": server_port_in_use,
+    "audit of a folder that is no run": audit_not_a_run,
+    "audit of an edited ledger": audit_ledger_edited,
 }
+
+
+def _run(args, cwd, env=None, fsize_kib=None):
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_kib * 1024,) * 2)) if fsize_kib else None
+    return subprocess.run([str(BIN / "mtu"), *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=90, preexec_fn=limit)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_fails_cleanly(ctx_base, tmp_path, case):
     c = Ctx(tmp=tmp_path, **ctx_base)
-    args, needles, watched = CASES[case](c)
+    args, needles, watched, *opts = CASES[case](c)
+    opts = opts[0] if opts else {}
     original = snapshot(c.run)
     assert "final/model.safetensors" in original and "final/metrics.json" in original
     before = {Path(w): snapshot(Path(w)) for w in watched}
 
-    proc = run_mtu(*args, cwd=tmp_path, timeout=90)  # a hang (e.g. on an unreachable server) fails here
+    try:  # a hang (e.g. on an unreachable server) fails at the timeout
+        proc = _run(args, tmp_path, env=opts.get("env"), fsize_kib=opts.get("fsize_kib"))
+    finally:
+        if opts.get("hold"):
+            opts["hold"].close()
 
     assert proc.returncode != 0, f"expected failure, got success:\n{proc.stdout[-2000:]}"
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-4000:]
@@ -203,3 +337,5 @@ def test_bad_input_fails_cleanly(ctx_base, tmp_path, case):
     assert snapshot(c.run) == original, "the original run folder changed"
     for folder, files in before.items():
         assert snapshot(folder) == files, f"{folder} changed"
+    for path in opts.get("absent", []):
+        assert not Path(path).exists(), f"{path} exists"

@@ -21,7 +21,7 @@ def make_accelerator(**kwargs):
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = launcher_world_size()
     handlers = kwargs.pop("kwargs_handlers", [])
     if expected > 1:  # in a single process this handler would make Accelerate expect a process group
         handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT))
@@ -30,3 +30,22 @@ def make_accelerator(**kwargs):
         raise UserError(f"launcher asked for WORLD_SIZE={expected} but {acc.num_processes} process(es) joined; "
                         "on CPU launch with --config_file launch/accelerate/cpu_2proc.yaml")
     return acc
+
+
+def launcher_world_size() -> int:
+    """WORLD_SIZE, checked with the rest of the launcher's environment: a half-set environment (say
+    WORLD_SIZE exported by hand) would otherwise fail deep inside the process-group set-up."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"environment WORLD_SIZE={raw!r}: expected a positive integer")
+    world = int(raw)
+    if world == 1:
+        return 1
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"environment WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks with "
+                        "a launcher (accelerate launch --config_file launch/accelerate/cpu_2proc.yaml ...)")
+    rank = os.environ["RANK"]
+    if not rank.isdigit() or int(rank) >= world:
+        raise UserError(f"environment RANK={rank!r}: expected 0..{world - 1} for WORLD_SIZE={world}")
+    return world
