@@ -1,4 +1,4 @@
-"""`mtu audit RUN`: prove from a run's ledger that no forget pair supervised it.
+"""`mtu audit RUN [RUN ...]`: prove from a run's ledger that no forget pair supervised it.
 
 Reads `RUN/final/{state.json, ledger.json, metrics.json}` and the run's forget request (the path in
 state.json, or `--request` if the file moved; either way its sha256 must be the one the run recorded).
@@ -30,13 +30,25 @@ from .tracking import check_reachable, resolve_uri
 SHOWN = 5  # pairs named in an error message
 
 
-def audit_command(run: str, *, request: str | None = None, tracking_uri: str | None = None) -> dict:
+def audit_command(runs: list[str], *, request: str | None = None, tracking_uri: str | None = None) -> list[dict]:
+    """Audit each run (a sweep's worth at once); a bad input stops at once, leaks are reported together."""
+    if request and len(runs) > 1:
+        raise UserError("--request is one run's request file: audit that run on its own")
+    results = [audit_run(run, request=request, tracking_uri=tracking_uri) for run in runs]
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        raise UserError("; ".join(f"{r['run']}: audit FAILED: {_failures(r)} (details in {r['run']}/final/audit.json)"
+                                  for r in failed))
+    return results
+
+
+def audit_run(run: str, *, request: str | None = None, tracking_uri: str | None = None) -> dict:
     final = _final_folder(Path(run))
     state = read_state(final)
-    report = _json(final / "metrics.json")
-    mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
     ledger = _checked_ledger(final, state)
     forget = _forget_pairs(request, state)
+    report = _json(final / "metrics.json")
+    mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
     result = audit(ledger, forget, command=state.get("command"))
     result = {"run": str(final.parent), "command": state.get("command"), "method": state.get("method"),
               "request_sha256": state["request_sha256"], "ledger_sha256": state["ledger_sha256"], **result}
@@ -47,8 +59,6 @@ def audit_command(run: str, *, request: str | None = None, tracking_uri: str | N
         client.set_tag(run_id, "mtu.audit", "passed" if result["passed"] else "LEAK")
         client.log_metric(run_id, "audit/leaks", result["leak_count"])
     print(summary(result, final / "audit.json", logged=bool(mlflow_run)))
-    if not result["passed"]:
-        raise UserError(f"{final.parent}: audit FAILED: {_failures(result)} (details in {final / 'audit.json'})")
     return result
 
 

@@ -121,7 +121,7 @@ def cmd_compare(a):
 
 def cmd_audit(a):
     from .audit import audit_command
-    audit_command(a.run, request=a.request, tracking_uri=a.tracking_uri)
+    audit_command(a.runs, request=a.request, tracking_uri=a.tracking_uri)
 
 
 def cmd_server(a):
@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <sweep>/report or reports/<name>-<id>)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("audit", help="check that no forget pair supervised a run (from its ledger; non-zero exit on a leak)")
-    p.add_argument("run", help="run folder (runs/<dataset>/<name>) of a retrain or unlearn run")
+    p = sub.add_parser("audit", help="check from its ledger that no forget pair supervised a run (non-zero on a leak)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder runs/<dataset>/<name> (retrain or unlearn)")
     p.add_argument("--request", help="the forget request file, if it moved (its sha256 must match the run's)")
     p.add_argument("--tracking-uri", help="MLflow store the run was logged to (default: MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")

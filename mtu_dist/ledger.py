@@ -24,7 +24,6 @@ from collections import Counter
 import torch.distributed as dist
 
 FORMAT = "mtu-ledger/1"
-ROLES = ("retain", "forget", "target")
 
 
 def pair_hash(instance: str, task: str) -> str:

@@ -40,7 +40,8 @@ def server_argv(*, store: str, artifacts: str, host: str, port: int, workers: in
 
 def serve(*, store: str, artifacts: str, host: str = DEFAULT_HOST, port: int = 5000, workers: int = 1) -> None:
     if store.startswith(("http://", "https://")):
-        raise UserError(f"--store {store}: a server needs a database store (e.g. sqlite:///mlflow.db), not another server")
+        raise UserError(f"--store {store}: a server needs a database store (e.g. sqlite:///mlflow.db), "
+                        "not another server")
     check_reachable(store)
     check_port_free(host, port)
     argv = server_argv(store=store, artifacts=artifacts, host=host, port=port, workers=workers)

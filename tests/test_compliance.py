@@ -5,8 +5,8 @@ Faults: one rank is killed hard (`MTU_FAULT`: os._exit(137), like kill -9) at a 
 RNG; the launch must fail, not hang (a subprocess timeout bounds it), and `--resume` must end
 bit-identical (torch.equal on every tensor; CPU, deterministic mode) to an uninterrupted run, with an
 equal ledger. Train at 1 rank is covered in test_runner.py; here retrain (the same loop as train) and
-unlearn at 2 ranks. Leaks: a real one, through the real loop (`MTU_TEST_LEAK`), must fail the audit;
-the clean runs must pass it.
+unlearn at 2 ranks, and a 1-rank unlearn killed and resumed on its way to the leak audit.
+Leaks: a real one, through the real loop (`MTU_TEST_LEAK`), must fail the audit; clean runs pass it.
 """
 from __future__ import annotations
 
@@ -64,14 +64,15 @@ def two_rank_retrain(tiny_root, tmp_path_factory):
     request = tmp / "full.yaml"
     run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "full",
             "--out", request, check=True)
-    args = ["retrain", *_common(tiny_root, tmp), "--request", request, "--set", "train.checkpoint_every=4"]
+    args = ["retrain", *_common(tiny_root, tmp), "--request", request, "--set", "train.epochs=1",
+            "--set", "train.checkpoint_every=2"]
     _launch2([*args, "--name", "straight"], tmp)
     return tmp, request, args, tmp / "runs" / "synth-indoor" / "straight"
 
 
 def test_retrain_killed_rank_resumes_bit_identical(two_rank_retrain):
     tmp, _, args, straight = two_rank_retrain
-    step = kill_step("retrain", 2, 5, 11)  # 12 steps; resume points every 4
+    step = kill_step("retrain", 2, 3, 5)  # 6 steps; resume points every 2
     assert_same_run(straight / "final", _crash_then_resume(args, "retrain-crashed", "retrain", step, tmp))
 
 
@@ -86,27 +87,32 @@ def test_unlearn_killed_rank_resumes_bit_identical_and_passes_audit(two_rank_ret
     resumed = _crash_then_resume(args, "unlearn-crashed", "unlearn", kill_step("unlearn", 2, 4, 7), tmp)
     assert_same_run(tmp / "runs/synth-indoor/unlearn-straight/final", resumed)
 
-    for run in (resumed.parent, origin):  # the resumed unlearn run and the retrain both pass
-        proc = run_mtu("audit", run, cwd=tmp, check=True)
+    proc = run_mtu("audit", resumed.parent, origin, cwd=tmp, check=True)  # the resumed unlearn run and the retrain
+    assert proc.stdout.count("leaks: 0") == 2, proc.stdout
+    for run in (resumed.parent, origin):
         audit = json.loads((run / "final" / "audit.json").read_text())
-        assert audit["passed"] and audit["leak_count"] == 0 and "leaks: 0" in proc.stdout, proc.stdout
-        assert audit["forget_pairs"] == 8 * 3
+        assert audit["passed"] and audit["leak_count"] == 0 and audit["forget_pairs"] == 8 * 3
     unlearned = json.loads((resumed / "audit.json").read_text())
     assert unlearned["forget_pairs_consumed"] == 24 and set(unlearned["roles"]) == {"forget", "retain"}
     assert set(json.loads((origin / "final" / "audit.json").read_text())["roles"]) == {"retain"}
 
 
 def test_audit_catches_a_deliberate_leak(two_rank_retrain, tiny_root, tmp_path):
-    """MTU_TEST_LEAK leaves the request's first forget pair in the retain stream of a real run."""
+    """MTU_TEST_LEAK leaves the request's first forget pair in the retain stream of a real run, here a
+    1-rank run killed and resumed on the way (the leak must survive the resume in the ledger)."""
     from mlflow import MlflowClient
 
     _, request, _, origin = two_rank_retrain
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = [*_common(tiny_root, tmp_path), "--set", "tracking.enabled=true", "--tracking-uri", uri]
-    p = run_mtu("unlearn", *common, "--request", request, "--from", origin, "--method", "finetune", "--name", "leaky",
-                cwd=tmp_path, env={"MTU_TEST_LEAK": "1"}, check=True)
+    args = ["unlearn", *_common(tiny_root, tmp_path), "--set", "tracking.enabled=true", "--tracking-uri", uri,
+            "--request", request, "--from", origin, "--method", "finetune", "--name", "leaky",
+            "--set", "unlearn.checkpoint_every=2"]
+    step = kill_step("unlearn", 1, 3, 5)
+    crashed = run_mtu(*args, cwd=tmp_path, env={"MTU_TEST_LEAK": "1", "MTU_FAULT": f"unlearn:{step}"}, timeout=HANG_S)
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    p = run_mtu(*args, "--resume", cwd=tmp_path, env={"MTU_TEST_LEAK": "1"}, check=True, timeout=HANG_S)
     first = yaml.safe_load(request.read_text())["entries"][0]["id"]
-    assert f"{first}|seg is deliberately left" in p.stderr
+    assert f"{first}|seg is deliberately left" in p.stderr and "resuming from" in p.stdout
 
     run = tmp_path / "runs" / "synth-indoor" / "leaky"
     proc = run_mtu("audit", run, "--tracking-uri", uri, cwd=tmp_path)

@@ -193,7 +193,8 @@ def shard_nan_depth(c: Ctx):
 
 def request_python_tag(c: Ctx):
     req, pwned = c.tmp / "evil.yaml", c.tmp / "PWNED"
-    req.write_text(f'setting: full\ndataset: synth-indoor\nentries: !!python/object/apply:os.system ["touch {pwned}"]\n')
+    req.write_text(f'setting: full\ndataset: synth-indoor\n'
+                   f'entries: !!python/object/apply:os.system ["touch {pwned}"]\n')
     return c.unlearn(c.run, request=req), [str(req), "not valid YAML"], [], {"absent": [pwned]}
 
 
@@ -207,7 +208,7 @@ def _copied_run(c: Ctx) -> tuple[Path, list]:
     """A copy of the original's run folder (checkpoints included) under this case's own `out`."""
     out = c.tmp / "runs"
     shutil.copytree(c.run, out / "synth-indoor" / "original")
-    return out / "synth-indoor" / "original", ["--set", f"out={out}"]
+    return out / "synth-indoor" / "original", ["--set", f"out={out}", "--set", "tracking.enabled=false"]
 
 
 def resume_changed_config(c: Ctx):
@@ -247,8 +248,10 @@ def output_not_writable(c: Ctx):
 
 def disk_full_at_checkpoint(c: Ctx):
     out = c.tmp / "runs"
-    args = c.train("--set", f"out={out}", "--set", "tracking.enabled=false", "--set", "data.workers=0")
-    return (args, [str(out / "synth-indoor/original/checkpoints/step-"), "could not write checkpoint", "File too large"],
+    args = c.train("--set", f"out={out}", "--set", "tracking.enabled=false", "--set", "data.workers=0",
+                   "--set", "train.checkpoint_every=1")
+    ckpt = out / "synth-indoor/original/checkpoints/step-0000001"
+    return (args, [str(ckpt), "could not write checkpoint", "File too large"],
             [], {"fsize_kib": 16, "absent": [out / "synth-indoor/original/final"]})
 
 

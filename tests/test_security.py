@@ -123,7 +123,8 @@ def test_a_pickle_posing_as_a_checkpoint_is_never_unpickled(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(pickle.dumps(_Payload(pwned)))
-    (ckpt / "state.json").write_text(json.dumps({"sha256": {"model.safetensors": sha256_file(ckpt / "model.safetensors")}}))
+    digest = sha256_file(ckpt / "model.safetensors")
+    (ckpt / "state.json").write_text(json.dumps({"sha256": {"model.safetensors": digest}}))
     with pytest.raises(UserError, match="not a safetensors file"):
         load_checkpoint(ckpt, model=None)
     shutil.copy(ckpt / "model.safetensors", tmp_path / "backbone.pt")  # torch.load(weights_only=True) path
