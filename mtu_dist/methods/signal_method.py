@@ -3,15 +3,15 @@
 `setup_layout` builds the row-aligned parameter partition once; `signals` turns K scalar losses into
 their reduced gradients with ONE collective over the [K, P] buffer (DESIGN section 5), in either
 reduction mode, and returns the columns this rank works on as [blocks, K, S]. A subclass combines
-them into an update, writes it with `self.layout.unpack_into_grads(gather_update(...))`, and the
-runner's optimizer steps. The model is not DDP-wrapped for these methods (no second all-reduce).
+them into an update, hands it to `write_update` (the optimizer's gradient, with or without DeepSpeed),
+and the runner's optimizer steps. The model is not DDP-wrapped for these methods (no second all-reduce).
 """
 from __future__ import annotations
 
 import torch
 
 from ..distributed import signals as engines
-from ..distributed.gradstep import ParamLayout, reduce_signals
+from ..distributed.gradstep import ParamLayout, gather_update, reduce_signals
 from ..tasks import TASKS
 from .base import Method
 
@@ -52,17 +52,44 @@ class SignalMethod(Method):
         buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
         engine = self.engine
         if engine == "auto":  # measured once, on the first real step's K signals (setup just uses sequential)
-            engine = engines.pick_engine(losses, self.params, self.layout, buf, repeats=1) if probe else "sequential"
+            engine = self._agreed(engines.pick_engine(losses, self.params, self.layout, buf, repeats=1), ctx) if probe \
+                else "sequential"
             self.engine = engine if probe else "auto"
         engines.ENGINES[engine](losses, self.params, self.layout, buf)
         out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
         return out if out.dim() == 3 else out[None]
+
+    def write_update(self, update: torch.Tensor, ctx) -> None:
+        """The combined update, [blocks, S] (the columns this rank worked on) -> the optimizer's gradient.
+
+        Plain path: all-gathered (sharded mode) and written to .grad. Under DeepSpeed the engine's
+        backward averages over the ranks, so each rank backwards the surrogate `sum_p <p, u_p>`, whose
+        gradient is exactly its `u`: the whole update (replicated), or only the rows it owns times the
+        world size (sharded: the average is the whole update, and no rank ever gathers it). The engine
+        then reduces and partitions it like any gradient, and ZeRO steps each rank's partition.
+        """
+        if not ctx.reducing_backward:
+            self.layout.unpack_into_grads(gather_update(update, self.mode, ctx.world))
+            return
+        scale = ctx.world if len(self.blocks) < ctx.world else 1  # sharded: rank r feeds only block r
+        grads = [torch.zeros_like(p) for p in self.params]
+        self.layout.unpack(update.reshape(len(self.blocks), -1) * scale, self.blocks, grads)
+        ctx.backward(sum((p * g).sum() for p, g in zip(self.params, grads)))
 
     def resume_state(self) -> dict:
         return {"engine": self.engine}  # `auto` is measured once: a resumed run keeps what was picked
 
     def restore(self, state: dict) -> None:
         self.engine = state.get("engine", self.engine)
+
+    @staticmethod
+    def _agreed(engine: str, ctx) -> str:
+        """Rank 0's timing decides for every rank, so all ranks (and a resumed run) use one engine."""
+        if ctx.world == 1:
+            return engine
+        choice = torch.tensor([list(engines.ENGINES).index(engine)])
+        torch.distributed.broadcast(choice, src=0)
+        return list(engines.ENGINES)[int(choice)]
 
     def per_sample_signals(self, preds: dict, batch: dict, ctx, n: int) -> list[torch.Tensor]:
         """Per-sample losses (summed over supervised tasks) of this rank's first `n` samples, as world * n
