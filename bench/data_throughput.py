@@ -28,7 +28,6 @@ and a Markdown table is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,9 +43,10 @@ from mtu_dist.data.sample import encode_sample
 from mtu_dist.data.stream import BatchLoader
 from mtu_dist.data.synth import render_sample
 from mtu_dist.data.synth_cmd import synth
+from mtu_dist.fileio import atomic_write_json
 from mtu_dist.model import build_model
 from mtu_dist.tasks import TASKS
-from timing import ForeignLoad, cpu_seconds, describe_load, median, ordered  # noqa: E402 (bench/ is on sys.path)
+from timing import ForeignLoad, cpu_seconds, describe_load, median, ordered, synchronize  # noqa: E402 (bench/ is on sys.path)
 
 DATASET = "synth-indoor"
 TASK_NAMES = ("seg", "depth", "normal")
@@ -132,17 +132,17 @@ LOADER_VARIANTS = (("0", 0, None), ("1", 1, None), ("2", 2, None),
                    ("0_main1thread", 0, 1), ("2_main1thread", 2, 1))
 
 
-def bench_loader(tmp: Path, n: int, repeats: int, variants=LOADER_VARIANTS) -> dict:
+def bench_loader(tmp: Path, n: int, repeats: int, variants=LOADER_VARIANTS, batch: int = BATCH) -> dict:
     write_shards(tmp / "loader", n, 2)
     manifest = load_manifest(tmp / "loader" / DATASET)
-    loaders = {w: BatchLoader(manifest, "train", rank=0, world=1, local_batch=BATCH, workers=w, seed=0)
+    loaders = {w: BatchLoader(manifest, "train", rank=0, world=1, local_batch=batch, workers=w, seed=0)
                for w in {v[1] for v in variants}}
     warm = {name: one_epoch(loaders[w], 0, th) for name, w, th in ordered(variants, 0)}  # warm-up
     runs = {name: [] for name, _, _ in variants}
     for rep in range(repeats):
         for name, w, th in ordered(variants, rep + 1):
             runs[name].append(one_epoch(loaders[w], rep + 1, th))
-    out = {"samples_per_epoch": n, "local_batch": BATCH,
+    out = {"samples_per_epoch": n, "local_batch": batch,
            "default_main_process_torch_threads": torch.get_num_threads(), "workers": {}}
     for name, w, th in variants:
         rates = [r["rate"] for r in runs[name]]
@@ -164,37 +164,42 @@ def bench_loader(tmp: Path, n: int, repeats: int, variants=LOADER_VARIANTS) -> d
 
 # --------------------------------------------------------------------------- training step
 
-def make_step(seed: int = 0):
+def make_step(seed: int = 0, batch: int = BATCH, model_cfg=None, device: str = "cpu"):
+    """One forward + backward + AdamW step on a fixed random batch; `model_cfg`: a run config's model section."""
     torch.manual_seed(seed)
-    model = build_model(RunConfig().model, TASK_NAMES, NUM_CLASSES)
+    model = build_model(model_cfg or RunConfig().model, TASK_NAMES, NUM_CLASSES).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(BATCH, 3, HEIGHT, WIDTH, generator=g)
+    x = torch.rand(batch, 3, HEIGHT, WIDTH, generator=g).to(device)
     target = {
-        "seg": torch.randint(0, NUM_CLASSES, (BATCH, HEIGHT, WIDTH), generator=g, dtype=torch.int64),
-        "depth": torch.rand(BATCH, 1, HEIGHT, WIDTH, generator=g) * 9.5 + 0.5,
-        "normal": torch.nn.functional.normalize(torch.randn(BATCH, 3, HEIGHT, WIDTH, generator=g), dim=1),
+        "seg": torch.randint(0, NUM_CLASSES, (batch, HEIGHT, WIDTH), generator=g, dtype=torch.int64),
+        "depth": torch.rand(batch, 1, HEIGHT, WIDTH, generator=g) * 9.5 + 0.5,
+        "normal": torch.nn.functional.normalize(torch.randn(batch, 3, HEIGHT, WIDTH, generator=g), dim=1),
     }
+    target = {t: v.to(device) for t, v in target.items()}
 
     def step() -> float:
+        synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         pred = model(x)
         loss = sum(TASKS[t].per_sample_loss(pred[t], target[t]).mean() for t in TASK_NAMES)
         loss.backward()
         opt.step()
+        synchronize()
         return time.perf_counter() - t0
 
     return step
 
 
-def bench_step(steps: int, repeats: int, warmup: int = 2, budget_s: float = 3.0, min_steps: int = 3) -> dict:
+def bench_step(steps: int, repeats: int, warmup: int = 2, budget_s: float = 3.0, min_steps: int = 3,
+               batch: int = BATCH, model_cfg=None, device: str = "cpu") -> dict:
     """Median step time per repeat; a repeat stops early after `budget_s` (at least `min_steps` steps),
     which bounds the run when a contended machine makes multi-threaded steps very slow."""
     default_threads = torch.get_num_threads()
     settings = {"1_thread": 1, "default_threads": default_threads}
-    step = make_step()
+    step = make_step(batch=batch, model_cfg=model_cfg, device=device)
     times = {k: [] for k in settings}  # per repeat: median step time
     cpu = {k: [] for k in settings}  # per repeat: CPU seconds per step (all threads)
     counts = {k: [] for k in settings}  # per repeat: timed steps
@@ -212,25 +217,25 @@ def bench_step(steps: int, repeats: int, warmup: int = 2, budget_s: float = 3.0,
                 counts[name].append(len(ts))
     finally:
         torch.set_num_threads(default_threads)
-    out = {"batch": BATCH, "max_steps_per_repeat": steps, "budget_s_per_repeat": budget_s,
+    out = {"batch": batch, "device": device, "max_steps_per_repeat": steps, "budget_s_per_repeat": budget_s,
            "default_thread_count": default_threads}
     for name, ts in times.items():
         out[name] = {"step_s_median": median(ts), "step_s_runs": ts,
-                     "samples_per_s": BATCH / median(ts), "threads": settings[name],
+                     "samples_per_s": batch / median(ts), "threads": settings[name],
                      "cpu_s_per_step_median": median(cpu[name]), "timed_steps": counts[name],
-                     "per_cpu_s_median": BATCH / median(cpu[name])}
+                     "per_cpu_s_median": batch / median(cpu[name])}
     return out
 
 
 # --------------------------------------------------------------------------- report
 
 def table(res: dict) -> str:
-    g, l, s = res["generator"], res["loader"], res["step"]
+    g, l, s = res.get("generator"), res["loader"], res["step"]
     rows = [
-        ("Generator, render only (1 proc, no encoding)", g["render_only"]),
-        ("Generator, encode only (1 proc, PNG/NPY)", g["encode_only"]),
-        ("Generator, write shards, 1 process", g["write_1proc"]),
-        ("Generator, write shards, 2 processes", g["write_2proc"]),
+        ("Generator, render only (1 proc, no encoding)", g and g["render_only"]),
+        ("Generator, encode only (1 proc, PNG/NPY)", g and g["encode_only"]),
+        ("Generator, write shards, 1 process", g and g["write_1proc"]),
+        ("Generator, write shards, 2 processes", g and g["write_2proc"]),
         ("Loader, 0 workers (in-process)", l["workers"]["0"]),
         ("Loader, 1 worker", l["workers"]["1"]),
         ("Loader, 2 workers", l["workers"]["2"]),
@@ -239,18 +244,20 @@ def table(res: dict) -> str:
     ]
     lines = ["| Measurement | samples/s (median) | min - max | samples per CPU-s |", "|---|---:|---:|---:|"]
     for name, d in rows:
-        lines.append(f"| {name} | {d['median']:.0f} | {d['min']:.0f} - {d['max']:.0f} "
-                     f"| {d['per_cpu_s_median']:.0f} |")
+        if d:
+            lines.append(f"| {name} | {d['median']:.0f} | {d['min']:.0f} - {d['max']:.0f} "
+                         f"| {d['per_cpu_s_median']:.0f} |")
     for key, label in (("1_thread", "1 thread"), ("default_threads", f"{s['default_thread_count']} threads")):
         d = s[key]
-        lo, hi = BATCH / max(d["step_s_runs"]), BATCH / min(d["step_s_runs"])
+        lo, hi = s["batch"] / max(d["step_s_runs"]), s["batch"] / min(d["step_s_runs"])
         lines.append(f"| Train step consumption, {label} ({1e3 * d['step_s_median']:.0f} ms/step) "
                      f"| {d['samples_per_s']:.0f} | {lo:.0f} - {hi:.0f} | {d['per_cpu_s_median']:.0f} |")
     r = res["ratios"]
-    lines += ["", "| Ratio | value |", "|---|---:|",
-              f"| Generator 2 vs 1 processes | {r['generator_2_vs_1_proc']:.2f}x |",
-              f"| Render share of 1-process generator time | {100 * g['render_share_1proc']:.0f}% |",
-              f"| Loader 2 vs 1 workers | {r['loader_2_vs_1_workers']:.2f}x |",
+    lines += ["", "| Ratio | value |", "|---|---:|"]
+    if g:
+        lines += [f"| Generator 2 vs 1 processes | {r['generator_2_vs_1_proc']:.2f}x |",
+                  f"| Render share of 1-process generator time | {100 * g['render_share_1proc']:.0f}% |"]
+    lines += [f"| Loader 2 vs 1 workers | {r['loader_2_vs_1_workers']:.2f}x |",
               f"| Loader 2 workers vs 0 (in-process) | {r['loader_2_vs_0_workers']:.2f}x |",
               f"| Loader (2 workers) / step, 1 thread | {r['loader_vs_step_1_thread']:.1f}x |",
               f"| Loader (2 workers) / step, default threads | {r['loader_vs_step_default_threads']:.1f}x |",
@@ -259,6 +266,59 @@ def table(res: dict) -> str:
               f"| Goal loader / step >= {STEP_GOAL:g}x met (worst case) | "
               f"{'yes' if r['loader_vs_step_goal_met'] else 'no'} |"]
     return "\n".join(lines)
+
+
+def measure(*, repeats: int = 5, gen_samples: int = 1024, render_samples: int = 128, loader_samples: int = 1024,
+            steps: int = 10, budget_s: float = 3.0, generator: bool = True, batch: int = BATCH, model_cfg=None,
+            device: str = "cpu", workdir: Path | None = None, quick: bool = False) -> dict:
+    """Every section side by side (the generator one is optional); the results dict that main() writes.
+    `batch` is the loader's and the step's batch, `model_cfg` a run config's model section (default: the
+    default config's), `device` where the step runs (the loader always runs on the CPU)."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+           "torch_threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg())}
+    t_start, load, gen = time.perf_counter(), {}, None
+    with tempfile.TemporaryDirectory(prefix="mtu-bench-", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        if generator:
+            print(f"generator: {gen_samples} samples x {repeats} repeats ...", file=sys.stderr, flush=True)
+            with ForeignLoad() as fl:
+                gen = bench_generator(tmp, gen_samples, render_samples, repeats)
+            load["generator"] = fl.result
+        print(f"loader: {loader_samples} samples/epoch x {repeats} epochs (+1 warm-up) ...", file=sys.stderr, flush=True)
+        with ForeignLoad() as fl:
+            loader = bench_loader(tmp, loader_samples, repeats, batch=batch)
+        load["loader"] = fl.result
+    print(f"step: {steps} steps x {repeats} repeats ...", file=sys.stderr, flush=True)
+    with ForeignLoad() as fl:
+        step = bench_step(steps, repeats, budget_s=budget_s, batch=batch, model_cfg=model_cfg, device=device)
+    load["step"] = fl.result
+    env["machine_load"] = load
+    env["loadavg_end"] = list(os.getloadavg())
+    env["wall_s"] = time.perf_counter() - t_start
+
+    l2 = loader["workers"]["2"]["median"]
+    ratios = {
+        # matched: loader and step with the same main-process thread setting, as in one training process
+        "loader_vs_step_matched_1_thread": (loader["workers"]["2_main1thread"]["median"]
+                                            / step["1_thread"]["samples_per_s"]),
+        "loader_2_vs_1_workers": loader["ratio_2_vs_1"],
+        "loader_2_vs_0_workers": loader["ratio_2_vs_0"],
+        "loader_vs_step_1_thread": l2 / step["1_thread"]["samples_per_s"],
+        "loader_vs_step_default_threads": l2 / step["default_threads"]["samples_per_s"],
+    }
+    if gen:
+        ratios["generator_2_vs_1_proc"] = gen["ratio_2_vs_1"]
+    ratios["loader_vs_step_goal"] = STEP_GOAL
+    ratios["loader_vs_step_worst"] = min(ratios["loader_vs_step_1_thread"], ratios["loader_vs_step_default_threads"])
+    ratios["loader_vs_step_goal_met"] = ratios["loader_vs_step_worst"] >= STEP_GOAL
+    return {"benchmark": "data_throughput", "quick": quick,
+            "config": {"dataset": DATASET, "resolution": [HEIGHT, WIDTH], "shard_size": SHARD_SIZE,
+                       "batch": batch, "repeats": repeats, "gen_samples": gen_samples if gen else None,
+                       "render_samples": render_samples if gen else None, "loader_samples": loader_samples,
+                       "steps": steps, "device": device,
+                       "model": (model_cfg or RunConfig().model).model_dump()},
+            "env": env, "generator": gen, "loader": loader, "step": step, "ratios": ratios}
 
 
 def main(argv=None) -> int:
@@ -282,48 +342,11 @@ def main(argv=None) -> int:
     steps = a.steps or (5 if q else 10)
     if repeats < 1 or min(gen_n, render_n, loader_n, steps) < 1:
         p.error("--repeats, --*-samples and --steps must be >= 1")
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-           "torch_threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg())}
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mtu-bench-", dir=a.workdir) as tmp:
-        tmp = Path(tmp)
-        print(f"generator: {gen_n} samples x {repeats} repeats ...", file=sys.stderr, flush=True)
-        with ForeignLoad() as fl_gen:
-            gen = bench_generator(tmp, gen_n, render_n, repeats)
-        print(f"loader: {loader_n} samples/epoch x {repeats} epochs (+1 warm-up) ...", file=sys.stderr, flush=True)
-        with ForeignLoad() as fl_loader:
-            loader = bench_loader(tmp, loader_n, repeats)
-    print(f"step: {steps} steps x {repeats} repeats ...", file=sys.stderr, flush=True)
-    with ForeignLoad() as fl_step:
-        step = bench_step(steps, repeats, budget_s=1.5 if q else 3.0)
-    env["machine_load"] = {"generator": fl_gen.result, "loader": fl_loader.result, "step": fl_step.result}
-    env["loadavg_end"] = list(os.getloadavg())
-    env["wall_s"] = time.perf_counter() - t_start
-
-    l2 = loader["workers"]["2"]["median"]
-    ratios = {
-        # matched: loader and step with the same main-process thread setting, as in one training process
-        "loader_vs_step_matched_1_thread": (loader["workers"]["2_main1thread"]["median"]
-                                            / step["1_thread"]["samples_per_s"]),
-        "generator_2_vs_1_proc": gen["ratio_2_vs_1"],
-        "loader_2_vs_1_workers": loader["ratio_2_vs_1"],
-        "loader_2_vs_0_workers": loader["ratio_2_vs_0"],
-        "loader_vs_step_1_thread": l2 / step["1_thread"]["samples_per_s"],
-        "loader_vs_step_default_threads": l2 / step["default_threads"]["samples_per_s"],
-    }
-    ratios["loader_vs_step_goal"] = STEP_GOAL
-    ratios["loader_vs_step_goal_met"] = min(ratios["loader_vs_step_1_thread"],
-                                            ratios["loader_vs_step_default_threads"]) >= STEP_GOAL
-    res = {"benchmark": "data_throughput", "quick": q,
-           "config": {"dataset": DATASET, "resolution": [HEIGHT, WIDTH], "shard_size": SHARD_SIZE,
-                      "batch": BATCH, "repeats": repeats, "gen_samples": gen_n, "render_samples": render_n,
-                      "loader_samples": loader_n, "steps": steps},
-           "env": env, "generator": gen, "loader": loader, "step": step, "ratios": ratios}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    res = measure(repeats=repeats, gen_samples=gen_n, render_samples=render_n, loader_samples=loader_n, steps=steps,
+                  budget_s=1.5 if q else 3.0, workdir=a.workdir, quick=q)
+    atomic_write_json(a.out, res)
     print(table(res))
+    env = res["env"]
     print(f"\n{'quick' if q else 'full'} run, {repeats} repeats, {env['wall_s']:.0f} s wall on "
           f"{env['cpu_count']} cores; cores busy with other processes: {describe_load(env['machine_load'])}; "
           f"results: {a.out}")

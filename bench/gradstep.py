@@ -33,7 +33,8 @@ waits for the descheduled thread): one forward + backward at batch 24 took 1.7 s
 0.23 s with 1 while another job ran. A short check of both settings is recorded (`threads_check`).
 
 Figures are medians over repeats; results go to bench/results/gradstep.json and Markdown tables are
-printed.
+printed. `measure(Spec(...), parts=...)` runs any of the sections on another model (a run config's model
+section), image size, batches or device (CUDA: NCCL for the 2-rank reduction); bench/suite.py uses it.
 
     .venv/bin/python bench/gradstep.py            # full run (2-5 minutes on 2 shared cores)
     .venv/bin/python bench/gradstep.py --quick    # smaller run (24x32 images, fewer repeats), < 1 min
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import cProfile
 import json
 import os
@@ -53,29 +55,29 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's device-probe errors off stderr (CPU only)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mtu_dist.config import RunConfig
+from mtu_dist.config import ModelConfig, RunConfig
 from mtu_dist.distributed import signals as engines
 from mtu_dist.distributed.gradstep import ParamLayout, gather_update, reduce_signals
+from mtu_dist.fileio import atomic_write_json
 from mtu_dist.methods.base import StepContext
 from mtu_dist.methods.iamu import Iamu
 from mtu_dist.methods.neggrad_plus import NegGradPlus
 from mtu_dist.model import build_model
 from mtu_dist.objective import global_counts, normalised_losses
 from mtu_dist.tasks import TASKS
-from timing import ForeignLoad, describe_load, median, ordered  # noqa: E402 (bench/ is on sys.path)
+from timing import ForeignLoad, describe_load, median, ordered, synchronize  # noqa: E402 (bench/ is on sys.path)
 
 TASK_NAMES = ("seg", "depth", "normal")
 NUM_CLASSES = 13
 HEIGHT, WIDTH = 48, 64
-ENGINE_BATCH = 24
-FORGET_BATCH, RETAIN_BATCH = 8, 16
-RETAIN_SAMPLES = 384             # one epoch = RETAIN_SAMPLES / RETAIN_BATCH training steps
+RETAIN_SAMPLES = 384             # one epoch = RETAIN_SAMPLES / retain batch training steps
 STEP_K = 2 * len(TASK_NAMES)     # iamu signals: 3 forget (targets) + 3 retain (tasks)
 OVERHEAD_GOAL = 0.15
 WORLDS = (1, 2, 4, 8)
@@ -84,18 +86,45 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gradstep.json"
 REPO = Path(__file__).resolve().parent.parent
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What is measured on: a run config's model section, image size, the unlearning batches (the
+    default config's: forget 8, retain 16; the engines use one batch of both) and the device."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    height: int = HEIGHT
+    width: int = WIDTH
+    forget_batch: int = 8
+    retain_batch: int = 16
+    device: str = "cpu"
+
+    @property
+    def engine_batch(self) -> int:
+        return self.forget_batch + self.retain_batch
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "model": self.model.model_dump()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Spec":
+        d = json.loads(text)
+        return cls(**{**d, "model": ModelConfig(**d["model"])})
+
+
 def stats(ts):
     return {"median": median(ts), "min": min(ts), "max": max(ts), "runs": ts}
 
 
 def timed(fn, *args, **kwargs):
+    synchronize()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
+    synchronize()
     return time.perf_counter() - t0, out
 
 
-def make_batch(n: int, seed: int, h: int, w: int, forget: bool = False) -> dict:
-    """A random batch in the loader's format (255 = ignored seg pixel, depth 0 = invalid)."""
+def make_batch(n: int, seed: int, spec: Spec, forget: bool = False) -> dict:
+    """A random batch in the loader's format (255 = ignored seg pixel, depth 0 = invalid), on spec.device."""
+    h, w = spec.height, spec.width
     g = torch.Generator().manual_seed(seed)
     seg = torch.randint(0, NUM_CLASSES, (n, h, w), generator=g, dtype=torch.int64)
     seg[torch.rand(n, h, w, generator=g) < 0.1] = 255
@@ -104,14 +133,14 @@ def make_batch(n: int, seed: int, h: int, w: int, forget: bool = False) -> dict:
     normal = F.normalize(torch.randn(n, 3, h, w, generator=g), dim=1)
     mask = torch.rand(n, len(TASK_NAMES), generator=g) < (0.6 if forget else 0.85)
     mask[0] = True  # every task supervised at least once
-    return {"image": torch.rand(n, 3, h, w, generator=g), "seg": seg, "depth": depth, "normal": normal,
-            "mask": mask, "valid": torch.ones(n, dtype=torch.bool),
-            "key": [f"synth/{seed}/{i:04d}" for i in range(n)]}
+    batch = {"image": torch.rand(n, 3, h, w, generator=g), "seg": seg, "depth": depth, "normal": normal,
+             "mask": mask, "valid": torch.ones(n, dtype=torch.bool)}
+    return {**{k: v.to(spec.device) for k, v in batch.items()}, "key": [f"synth/{seed}/{i:04d}" for i in range(n)]}
 
 
-def make_model(seed: int = 0):
+def make_model(spec: Spec, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(RunConfig().model, TASK_NAMES, NUM_CLASSES)
+    model = build_model(spec.model, TASK_NAMES, NUM_CLASSES).to(spec.device)
     model.train()
     return model
 
@@ -130,14 +159,14 @@ def engine_losses(preds: dict, batch: dict, k: int) -> list[torch.Tensor]:
     return [per_sample[TASK_NAMES[j % len(TASK_NAMES)]][chunks[j]].mean() for j in range(k)]
 
 
-def profile_engines(model, params, layout, batch, k: int, top: int = 10) -> dict:
+def profile_engines(model, params, layout, batch, k: int, device: str, top: int = 10) -> dict:
     """torch.profiler of one call of each engine at K: the ops that make up the difference."""
     from torch.profiler import ProfilerActivity, profile
     preds = model(batch["image"])
     losses = engine_losses(preds, batch, k)
     out = {"K": k}
     for e, fn in engines.ENGINES.items():
-        buf = layout.new_buffer(k, torch.float32, "cpu")
+        buf = layout.new_buffer(k, torch.float32, device)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t, _ = timed(fn, losses, params, layout, buf)
         ev = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)
@@ -146,11 +175,11 @@ def profile_engines(model, params, layout, batch, k: int, top: int = 10) -> dict
     return out
 
 
-def bench_engines(ks, repeats: int, h: int, w: int, want_profile: bool) -> dict:
-    model = make_model()
+def bench_engines(ks, repeats: int, spec: Spec, want_profile: bool) -> dict:
+    model = make_model(spec)
     params = [p for p in model.parameters() if p.requires_grad]
     layout = ParamLayout(params, 1)
-    batch = make_batch(ENGINE_BATCH, 100, h, w)
+    batch = make_batch(spec.engine_batch, 100, spec)
     times = {(k, e): [] for k in ks for e in engines.ENGINES}
     fwd, diffs, vmap_warnings = [], {k: 0.0 for k in ks}, set()
     variants = [(k, e) for k in ks for e in engines.ENGINES]
@@ -159,7 +188,7 @@ def bench_engines(ks, repeats: int, h: int, w: int, want_profile: bool) -> dict:
         losses = {k: engine_losses(preds, batch, k) for k in ks}
         bufs = {}
         for k, e in (ordered(variants, rep) if rep >= 0 else [(ks[0], e) for e in engines.ENGINES]):
-            buf = layout.new_buffer(k, torch.float32, "cpu")
+            buf = layout.new_buffer(k, torch.float32, spec.device)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 t, _ = timed(engines.ENGINES[e], losses[k], params, layout, buf)
@@ -176,7 +205,7 @@ def bench_engines(ks, repeats: int, h: int, w: int, want_profile: bool) -> dict:
         if rep >= 0:
             fwd.append(t_fwd)
         del preds, losses, bufs
-    out = {"batch": ENGINE_BATCH, "forward_s": stats(fwd), "K": {}, "warnings": sorted(vmap_warnings)}
+    out = {"batch": spec.engine_batch, "forward_s": stats(fwd), "K": {}, "warnings": sorted(vmap_warnings)}
     for k in ks:
         s, b = median(times[(k, "sequential")]), median(times[(k, "batched")])
         paired = [x / y for x, y in zip(times[(k, "sequential")], times[(k, "batched")])]
@@ -190,7 +219,7 @@ def bench_engines(ks, repeats: int, h: int, w: int, want_profile: bool) -> dict:
                                 for k in ks}
     kp = max((k for k in ks if k <= STEP_K), default=ks[0])
     if want_profile or out["K"][str(kp)]["sequential_over_batched"] < 1:  # batched slower: show why
-        out["profile"] = profile_engines(model, params, layout, batch, kp)
+        out["profile"] = profile_engines(model, params, layout, batch, kp, spec.device)
     return out
 
 
@@ -266,9 +295,8 @@ def replay(bd: "Breakdown", labels, n_calls: int) -> dict[str, float]:
             total = 0.0
             for fn, args, kwargs in bd.calls.get(label, []):
                 a, kw = clone_args(args), clone_args(kwargs)
-                t0 = time.perf_counter()
-                fn(*a, **kw)
-                total += time.perf_counter() - t0
+                t, _ = timed(fn, *a, **kw)
+                total += t
             rounds.append(total)
         out[label] = median(rounds)
     return out
@@ -292,13 +320,13 @@ def profile_step(fn, top: int = 15) -> dict:
     return {"wall_s": wall, "top_tottime": by_tot, "package_by_cumtime": package}
 
 
-def bench_step(method: Iamu, model, repeats: int, h: int, w: int, n_piece_calls: int, want_profile: bool) -> dict:
+def bench_step(method: Iamu, model, repeats: int, spec: Spec, n_piece_calls: int, want_profile: bool) -> dict:
     ctx = make_ctx(model)
     params = method.params
     plain = NegGradPlus({})
-    forget, retain = make_batch(FORGET_BATCH, 200, h, w, forget=True), make_batch(RETAIN_BATCH, 201, h, w)
+    forget, retain = make_batch(spec.forget_batch, 200, spec, forget=True), make_batch(spec.retain_batch, 201, spec)
     bd = Breakdown()
-    bd.wrap(method, "_signals", "signals")
+    bd.wrap(method, "signals", "signals")
     bd.wrap(method, "_project", "project")
     bd.wrap(method, "_orthogonalize", "orthogonalize")
     bd.wrap(method.layout, "new_buffer", "new_buffer")
@@ -354,7 +382,7 @@ def bench_step(method: Iamu, model, repeats: int, h: int, w: int, n_piece_calls:
     overhead = med["iamu"] / med["floor"] - 1
     pieces_sum = sum(pieces.values())
     out = {
-        "forget_batch": FORGET_BATCH, "retain_batch": RETAIN_BATCH, "K": STEP_K, "engine": "sequential",
+        "forget_batch": spec.forget_batch, "retain_batch": spec.retain_batch, "K": STEP_K, "engine": "sequential",
         "reduction": "replicated", "world": 1,
         "iamu_s": stats(times["iamu"]), "floor_s": stats(times["floor"]),
         "neggrad_plus_s": stats(times["neggrad_plus"]),
@@ -413,14 +441,14 @@ def lo_tx_bytes() -> int | None:
     return None
 
 
-def measure_reduction(rank: int, world: int, repeats: int) -> dict | None:
-    """Time reduce_signals + gather_update on the default model's K = 6 buffer, both modes interleaved.
+def measure_reduction(rank: int, world: int, repeats: int, spec: Spec) -> dict | None:
+    """Time reduce_signals + gather_update on the model's K = 6 buffer, both modes interleaved.
     world > 1 needs an initialised process group; world 1 touches none (both calls return at once)."""
     import torch.distributed as dist
-    params = [p for p in make_model().parameters() if p.requires_grad]
+    params = [p for p in make_model(spec).parameters() if p.requires_grad]
     layout = ParamLayout(params, world)
     g = torch.Generator().manual_seed(1000 + rank)
-    src = torch.randn(world, STEP_K, layout.shard, generator=g)
+    src = torch.randn(world, STEP_K, layout.shard, generator=g).to(spec.device)
     res = {m: {"reduce_s": [], "gather_s": [], "total_s": [], "lo_bytes_per_rank": []} for m in MODES}
     mem = {}
     # correctness: the sharded block is this rank's slice of the replicated (all-reduced) buffer
@@ -433,15 +461,11 @@ def measure_reduction(rank: int, world: int, repeats: int) -> dict | None:
             if world > 1:
                 dist.barrier()
             lo0 = lo_tx_bytes() if rank == 0 else None
-            t0 = time.perf_counter()
-            out = reduce_signals(buf, mode, rank, world)
-            t1 = time.perf_counter()
+            t_reduce, out = timed(reduce_signals, buf, mode, rank, world)
             x = out if out.dim() == 3 else out[None]
             update = 0.5 * x[:, 3:].sum(1) - 0.5 * x[:, :3].sum(1)
-            t2 = time.perf_counter()
-            full = gather_update(update, mode, world)
-            t3 = time.perf_counter()
-            tt = torch.tensor([t1 - t0, t3 - t2, (t1 - t0) + (t3 - t2)], dtype=torch.float64)
+            t_gather, full = timed(gather_update, update, mode, world)
+            tt = torch.tensor([t_reduce, t_gather, t_reduce + t_gather], dtype=torch.float64, device=spec.device)
             if world > 1:
                 dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # the slowest rank sets the step
                 dist.barrier()
@@ -470,13 +494,17 @@ def measure_reduction(rank: int, world: int, repeats: int) -> dict | None:
     return summary
 
 
-def worker(repeats: int, out_path: str) -> int:
-    """One rank of the measured reduction (launched by torchrun)."""
+def worker(repeats: int, out_path: str, spec: Spec) -> int:
+    """One rank of the measured reduction (launched by torchrun): gloo on CPU, NCCL with one GPU per rank."""
     import torch.distributed as dist
     warnings.simplefilter("ignore", FutureWarning)  # reduce_scatter_tensor / all_gather_into_tensor deprecation
-    dist.init_process_group("gloo")
+    if spec.device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        spec = Spec(**{**spec.__dict__, "device": f"cuda:{local}"})
+    dist.init_process_group("nccl" if spec.device.startswith("cuda") else "gloo")
     try:
-        summary = measure_reduction(dist.get_rank(), dist.get_world_size(), repeats)
+        summary = measure_reduction(dist.get_rank(), dist.get_world_size(), repeats, spec)
         if summary is not None:
             Path(out_path).write_text(json.dumps(summary))
     finally:
@@ -484,11 +512,11 @@ def worker(repeats: int, out_path: str) -> int:
     return 0
 
 
-def launch_workers(nproc: int, repeats: int, tmp: Path) -> dict:
+def launch_workers(nproc: int, repeats: int, tmp: Path, spec: Spec) -> dict:
     out = tmp / f"reduce-{nproc}.json"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(nproc), str(Path(__file__).resolve()),
-           "--worker", "--repeats", str(repeats), "--worker-out", str(out)]
+           "--worker", "--repeats", str(repeats), "--worker-spec", spec.to_json(), "--worker-out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -501,13 +529,16 @@ def launch_workers(nproc: int, repeats: int, tmp: Path) -> dict:
     return res
 
 
-def bench_reduction(dist_repeats: int, tmp: Path) -> dict:
-    params = [p for p in make_model().parameters() if p.requires_grad]
+def bench_reduction(dist_repeats: int, tmp: Path, spec: Spec, two_ranks: bool = True) -> dict:
+    """`two_ranks` False (say one GPU: NCCL needs a device per rank): analytic figures and 1 rank only."""
+    params = [p for p in make_model(spec).parameters() if p.requires_grad]
     analytic = analytic_comm(params, STEP_K, 4, len(TASK_NAMES), 2 + len(TASK_NAMES))  # Gram of [g_f; g_r; span]
     # 1 rank: in this process (no process group: both calls return before any collective); 2: torchrun
-    one = measure_reduction(0, 1, dist_repeats)
+    one = measure_reduction(0, 1, dist_repeats, spec)
     one["command"] = "in-process (world 1)"
-    measured = {"1": one, "2": launch_workers(2, dist_repeats, tmp)}
+    measured = {"1": one}
+    if two_ranks:
+        measured["2"] = launch_workers(2, dist_repeats, tmp, spec)
     for n, m in measured.items():
         row = next(r for r in analytic if r["world"] == int(n))
         for mode in MODES:
@@ -518,10 +549,10 @@ def bench_reduction(dist_repeats: int, tmp: Path) -> dict:
 
 # --------------------------------------------------------------------------- 4. setup vs one epoch
 
-def bench_setup(repeats: int, h: int, w: int) -> tuple[dict, Iamu, torch.nn.Module]:
-    model = make_model()
+def bench_setup(repeats: int, spec: Spec) -> tuple[dict, Iamu, torch.nn.Module]:
+    model = make_model(spec)
     ctx = make_ctx(model)
-    retain = [make_batch(RETAIN_BATCH, 300 + i, h, w) for i in range(RETAIN_SAMPLES // RETAIN_BATCH)]
+    retain = [make_batch(spec.retain_batch, 300 + i, spec) for i in range(RETAIN_SAMPLES // spec.retain_batch)]
     subspace_batches = Iamu({}).opts.subspace_batches
     train_model = copy.deepcopy(model)
     opt = torch.optim.AdamW(train_model.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -545,12 +576,12 @@ def bench_setup(repeats: int, h: int, w: int) -> tuple[dict, Iamu, torch.nn.Modu
                 bd = Breakdown()
                 bd.wrap(method, "_gradient_covariances", "gradient covariances")
                 bd.wrap(method, "_bases", "bases (eigh + orth)")
-                t, logs = timed(method.setup, ctx, iter(retain))
+                t, logs = timed(method.setup, ctx, itertools.cycle(retain), None)
                 parts.append(bd.take())
                 clear_grads(method.params)
             elif name == "setup_auto":
                 m_auto = Iamu({})
-                t, _ = timed(m_auto.setup, ctx_auto, iter(retain))
+                t, _ = timed(m_auto.setup, ctx_auto, itertools.cycle(retain), None)
                 picks.append(m_auto.engine)
                 clear_grads(m_auto.params)
                 del m_auto
@@ -560,7 +591,7 @@ def bench_setup(repeats: int, h: int, w: int) -> tuple[dict, Iamu, torch.nn.Modu
     for attr in ("_gradient_covariances", "_bases"):  # unwrap for later use
         method.__dict__.pop(attr, None)
     s, e, sa = median(times["setup"]), median(times["epoch"]), median(times["setup_auto"])
-    out = {"subspace_batches": subspace_batches, "retain_batch": RETAIN_BATCH,
+    out = {"subspace_batches": subspace_batches, "retain_batch": spec.retain_batch,
            "epoch_samples": RETAIN_SAMPLES, "epoch_steps": len(retain),
            "setup_s": stats(times["setup"]), "epoch_s": stats(times["epoch"]),
            "setup_auto_engine_s": stats(times["setup_auto"]), "auto_engine_picks": picks,
@@ -596,7 +627,7 @@ def tables(res: dict) -> str:
     e, s, r, u = res["engines"], res["step"], res["reduction"], res["setup"]
     sa = u["setup_auto_engine_s"]
     tc = res["threads_check"]
-    L = ["Forward + backward at batch 24, threads check: " + ", ".join(
+    L = [f"Forward + backward at batch {tc['batch']}, threads check: " + ", ".join(
         f"{k.split('_')[0]} thread(s) {ms(v['median'])} ms" for k, v in tc.items() if k.endswith("_s"))
         + f"; measurements below use {res['env']['torch_threads']} thread(s).", "",
          "### 1. Signal engines (one forward, batch %d; time per call incl. packing)" % e["batch"], "",
@@ -664,14 +695,15 @@ def tables(res: dict) -> str:
             L.append(f"| {n} | {mode} | {ms(d['reduce_s']['median'])} | {ms(d['gather_s']['median'])} | "
                      f"{ms(d['total_s']['median'])} | {fmt_b(d['block_bytes'])} | {fmt_b(d['block_storage_bytes'])} | "
                      f"{fmt_b(lo['min']) if lo else '-'} | {fmt_b(d['analytic_ring_bytes'])} |")
-    m2 = r["measured"]["2"]["modes"]
-    sh, rp = m2["sharded"], m2["replicated"]
-    L += ["", "| Ratio (2 ranks, measured) | value |", "|---|---:|",
-          f"| time sharded / replicated | {sh['total_s']['median'] / rp['total_s']['median']:.2f} |",
-          f"| reduced block bytes sharded / replicated | {sh['block_bytes'] / rp['block_bytes']:.3f} |"]
-    if m2["sharded"]["lo_bytes_per_rank"] and m2["replicated"]["lo_bytes_per_rank"]:
-        L.append(f"| bytes sent sharded / replicated (lo, min) | "
-                 f"{m2['sharded']['lo_bytes_per_rank']['min'] / m2['replicated']['lo_bytes_per_rank']['min']:.3f} |")
+    if "2" in r["measured"]:
+        m2 = r["measured"]["2"]["modes"]
+        sh, rp = m2["sharded"], m2["replicated"]
+        L += ["", "| Ratio (2 ranks, measured) | value |", "|---|---:|",
+              f"| time sharded / replicated | {sh['total_s']['median'] / rp['total_s']['median']:.2f} |",
+              f"| reduced block bytes sharded / replicated | {sh['block_bytes'] / rp['block_bytes']:.3f} |"]
+        if m2["sharded"]["lo_bytes_per_rank"] and m2["replicated"]["lo_bytes_per_rank"]:
+            L.append(f"| bytes sent sharded / replicated (lo, min) | "
+                     f"{m2['sharded']['lo_bytes_per_rank']['min'] / m2['replicated']['lo_bytes_per_rank']['min']:.3f} |")
     L += ["", f"### 4. Subspace computation vs one training epoch ({u['epoch_samples']} samples, "
           f"{u['epoch_steps']} steps of batch {u['retain_batch']})", "",
           "| Measurement | s (median) | min - max |", "|---|---:|---:|",
@@ -689,22 +721,82 @@ def tables(res: dict) -> str:
     return "\n".join(L)
 
 
-def threads_check(threads: list[int], repeats: int, h: int, w: int) -> dict:
-    """One forward + backward at batch 24 with each thread count, interleaved."""
-    model = make_model()
-    batch = make_batch(ENGINE_BATCH, 7, h, w)
+def threads_check(threads: list[int], repeats: int, spec: Spec) -> dict:
+    """One forward + backward at the engines' batch with each thread count, interleaved."""
+    model = make_model(spec)
+    batch = make_batch(spec.engine_batch, 7, spec)
     before = torch.get_num_threads()
     times = {n: [] for n in threads}
     try:
         for rep in range(repeats):
             for n in ordered(threads, rep):
                 torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                sum(p.mean() for p in model(batch["image"]).values()).backward()
-                times[n].append(time.perf_counter() - t0)
+                t, _ = timed(lambda: sum(p.mean() for p in model(batch["image"]).values()).backward())
+                times[n].append(t)
     finally:
         torch.set_num_threads(before)
-    return {"batch": ENGINE_BATCH, **{f"{n}_threads_s": stats(times[n]) for n in threads}}
+    return {"batch": spec.engine_batch, **{f"{n}_threads_s": stats(times[n]) for n in threads}}
+
+
+PARTS = ("iamu", "engines", "reduction")  # iamu: setup vs epoch, then the step vs its floor
+
+
+def measure(spec: Spec = Spec(), *, parts=PARTS, repeats: int = 7, setup_repeats: int = 7, dist_repeats: int = 20,
+            ks=(2, 4, 6, 8), threads: int = 1, profile: bool = False, piece_calls: int = 20,
+            two_ranks: bool = True, quick: bool = False) -> dict:
+    """The sections of `parts`, side by side; the results dict that main() writes (all parts). `threads`
+    0 = torch's default (restored on return)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as the runner does (run.deterministic default)
+    default_threads = torch.get_num_threads()
+    check = threads_check(sorted({1, default_threads}), 3, spec)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    sources = {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:16]
+               for f in ("mtu_dist/methods/iamu.py", "mtu_dist/distributed/gradstep.py",
+                         "mtu_dist/distributed/signals.py")}
+    env = {"package_sources_sha256_16": sources, "torch_default_threads": default_threads,
+           "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "loadavg_start": list(os.getloadavg())}
+    t_start, load = time.perf_counter(), {}
+
+    def section(name, what, fn):
+        print(f"{name}: {what} ...", file=sys.stderr, flush=True)
+        with ForeignLoad() as fl:
+            out = fn()
+        load[name] = fl.result
+        print(f"  {fl.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        return out
+
+    out = {}
+    try:
+        if "iamu" in parts:
+            out["setup"], method, model = section("setup", f"setup vs epoch, {setup_repeats} repeats",
+                                                  lambda: bench_setup(setup_repeats, spec))
+            out["step"] = section("step", f"iamu step vs floor vs neggrad_plus, {repeats} repeats",
+                                  lambda: bench_step(method, model, repeats, spec, piece_calls, profile))
+            method = model = None  # free them before the engines section
+        if "engines" in parts:
+            out["engines"] = section("engines", f"engines K={ks}, {repeats} repeats",
+                                     lambda: bench_engines(ks, repeats, spec, profile))
+        if "reduction" in parts:
+            with tempfile.TemporaryDirectory(prefix="mtu-bench-") as tmp:
+                out["reduction"] = section("reduction", f"1{' and 2' if two_ranks else ''} rank(s), "
+                                           f"{dist_repeats} repeats",
+                                           lambda: bench_reduction(dist_repeats, Path(tmp), spec, two_ranks))
+        env["torch_threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default_threads)
+    env["machine_load"] = load
+    env["loadavg_end"] = list(os.getloadavg())
+    env["wall_s"] = time.perf_counter() - t_start
+    return {"benchmark": "gradstep", "quick": quick,
+            "config": {"tasks": list(TASK_NAMES), "num_classes": NUM_CLASSES, "resolution": [spec.height, spec.width],
+                       "model": spec.model.model_dump(), "dtype": "float32", "device": spec.device,
+                       "forget_batch": spec.forget_batch, "retain_batch": spec.retain_batch, "repeats": repeats,
+                       "setup_repeats": setup_repeats, "dist_repeats": dist_repeats, "ks": list(ks),
+                       "deterministic_algorithms": True},
+            "env": env, "threads_check": check, **out}
 
 
 def main(argv=None) -> int:
@@ -722,70 +814,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=str, help=argparse.SUPPRESS)
+    p.add_argument("--worker-spec", type=str, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        return worker(a.repeats or 20, a.worker_out)
+        return worker(a.repeats or 20, a.worker_out, Spec.from_json(a.worker_spec))
     q = a.quick
     repeats = a.repeats or (3 if q else 7)
     setup_repeats = a.setup_repeats or (3 if q else 7)
     dist_repeats = a.dist_repeats or (5 if q else 20)
-    h, w = (HEIGHT // 2, WIDTH // 2) if q else (HEIGHT, WIDTH)
     ks = tuple(int(k) for k in a.ks.split(","))
     if min(repeats, setup_repeats, dist_repeats) < 1 or min(ks) < 1:
         p.error("repeats and K values must be >= 1")
-
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as the runner does (run.deterministic default)
-    default_threads = torch.get_num_threads()
-    check = threads_check(sorted({1, default_threads}), 3, h, w)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    sources = {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:16]
-               for f in ("mtu_dist/methods/iamu.py", "mtu_dist/distributed/gradstep.py",
-                         "mtu_dist/distributed/signals.py")}
-    env = {"package_sources_sha256_16": sources, "torch_default_threads": default_threads,
-           "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "loadavg_start": list(os.getloadavg())}
-    t_start = time.perf_counter()
-    load = {}
-    print(f"setup vs epoch: {setup_repeats} repeats ...", file=sys.stderr, flush=True)
-    with ForeignLoad() as fl:
-        setup, method, model = bench_setup(setup_repeats, h, w)
-    load["setup"] = fl.result
-    print(f"  {fl.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    print(f"iamu step vs floor vs neggrad_plus: {repeats} repeats ...", file=sys.stderr, flush=True)
-    with ForeignLoad() as fl:
-        step = bench_step(method, model, repeats, h, w, 5 if q else 20, a.profile)
-    load["step"] = fl.result
-    print(f"  {fl.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    del method, model
-    print(f"engines K={ks}: {repeats} repeats ...", file=sys.stderr, flush=True)
-    with ForeignLoad() as fl:
-        eng = bench_engines(ks, repeats, h, w, a.profile)
-    load["engines"] = fl.result
-    print(f"  {fl.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    print(f"reduction: 1 and 2 gloo ranks, {dist_repeats} repeats ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="mtu-bench-") as tmp, ForeignLoad() as fl:
-        red = bench_reduction(dist_repeats, Path(tmp))
-    load["reduction"] = fl.result
-    print(f"  {fl.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    env["machine_load"] = load
-    env["torch_threads"] = torch.get_num_threads()
-    env["loadavg_end"] = list(os.getloadavg())
-    env["wall_s"] = time.perf_counter() - t_start
-
-    res = {"benchmark": "gradstep", "quick": q,
-           "config": {"tasks": list(TASK_NAMES), "num_classes": NUM_CLASSES, "resolution": [h, w],
-                      "model": RunConfig().model.model_dump(), "dtype": "float32", "repeats": repeats,
-                      "setup_repeats": setup_repeats, "dist_repeats": dist_repeats, "ks": list(ks),
-                      "deterministic_algorithms": True},
-           "env": env, "threads_check": check, "engines": eng, "step": step, "reduction": red, "setup": setup}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    spec = Spec(height=HEIGHT // 2, width=WIDTH // 2) if q else Spec()
+    res = measure(spec, repeats=repeats, setup_repeats=setup_repeats, dist_repeats=dist_repeats, ks=ks,
+                  threads=a.threads, profile=a.profile, piece_calls=5 if q else 20, quick=q)
+    atomic_write_json(a.out, res)
     print(tables(res))
-    print(f"\n{'quick' if q else 'full'} run at {h}x{w}, {repeats} repeats ({setup_repeats} setup/epoch, "
-          f"{dist_repeats} reduction), {env['wall_s']:.0f} s wall on {env['cpu_count']} cores; "
-          f"cores busy with other processes: {describe_load(load)}; results: {a.out}")
+    env = res["env"]
+    print(f"\n{'quick' if q else 'full'} run at {spec.height}x{spec.width}, {repeats} repeats ({setup_repeats} "
+          f"setup/epoch, {dist_repeats} reduction), {env['wall_s']:.0f} s wall on {env['cpu_count']} cores; "
+          f"cores busy with other processes: {describe_load(env['machine_load'])}; results: {a.out}")
     return 0
 
 

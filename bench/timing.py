@@ -53,3 +53,30 @@ def describe_load(load: dict) -> str:
     """'section cores, ...' for the sections whose foreign load could be measured."""
     busy = ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in load.items() if v["other_cores"] is not None)
     return busy or "unknown"
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA work, so a wall-clock interval covers the kernels it launched (no-op on CPU)."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak CUDA memory allocated by this process while a section ran (MiB); None unless `device` is cuda."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        self.mib = None
+        if self.cuda:
+            import torch
+            self.mib = torch.cuda.max_memory_allocated() / 2 ** 20
+        return False
