@@ -94,3 +94,17 @@ def test_gram_orthogonalization_matches_direct_reference(rank_deficient):
     ref = g - q @ (q.T @ g)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
     assert (span @ ours).abs().max() <= 1e-9 * g.norm()
+
+
+def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch):
+    """eigh may not converge on rank-deficient covariances of deep layers; the SVD path gives the same span."""
+    a = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov = a @ a.T
+    ref = energy_basis(cov, 0.97)
+
+    def no_convergence(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    got = energy_basis(cov, 0.97)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector

@@ -54,7 +54,11 @@ def _orth(mat: torch.Tensor, tol: float = 1e-7) -> torch.Tensor:
 
 def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
     """Top eigenvectors of a PSD matrix holding `energy` of its trace."""
-    vals, vecs = torch.linalg.eigh(cov)
+    try:
+        vals, vecs = torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError:  # eigh may not converge on badly rank-deficient covariances (deep nets)
+        vecs, vals, _ = torch.linalg.svd(cov.double())  # a PSD matrix's SVD is its eigendecomposition
+        vals, vecs = vals.flip(0).to(cov.dtype), vecs.flip(1).to(cov.dtype)  # ascending, like eigh
     vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(1)
     total = vals.sum()
     if total <= 0:
