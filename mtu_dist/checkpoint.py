@@ -44,7 +44,8 @@ def _optim_from_flat(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor], 
 
 # config sections that may change between a crash and `--resume` without changing the result
 RESUME_FREE = ("tracking", "out", "data.root")
-RESUME_SAME = ("dataset", "world_size", "request_sha256", "origin_sha256")  # run info that must match
+# run info that must match
+RESUME_SAME = ("dataset", "world_size", "deepspeed_stage", "request_sha256", "origin_sha256")
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, step: int, epoch: int, config: dict,
@@ -118,7 +119,11 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) 
         raise UserError(f"{folder}/model.safetensors: not a safetensors file ({str(e).splitlines()[0]})") from None
     except (RuntimeError, OSError, ValueError) as e:
         raise UserError(f"{folder}/model.safetensors: does not fit this model ({str(e).splitlines()[0]})") from None
-    if optimizer is not None and (folder / "optim.safetensors").is_file():
+    if optimizer is not None:
+        if not (folder / "optim.safetensors").is_file():  # written under ZeRO-1/2 (distributed/stepper.py)
+            raise UserError(f"{folder}: holds no optimizer state (under DeepSpeed ZeRO-1/2 a stateful optimizer's "
+                            "state is partitioned over the ranks and not checkpointed), so the run cannot continue "
+                            "exactly; start anew with --overwrite")
         flat = load_file(folder / "optim.safetensors")
         torch.set_rng_state(flat.pop("rng.torch"))
         _optim_from_flat(optimizer, flat, meta["optim_param_groups"])

@@ -12,7 +12,7 @@ import torch
 
 from .config import RunConfig, dump
 from .data.manifest import Manifest, load_manifest
-from .distributed.runtime import make_accelerator
+from .distributed.runtime import make_accelerator, zero_stage
 from .errors import UserError
 from .fileio import atomic_write_text, ensure_writable_dir
 from .forget import ForgetRequest, load_request
@@ -96,6 +96,7 @@ def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: s
                       parent_run_id=parent_run_id or os.environ.get("MTU_PARENT_RUN_ID"), tags={"mtu.command": command})
     s = Session(cfg, command, run_dir, manifest, request, acc, tracker, extra_params or {})
     params = {**flatten(cfg.model_dump(mode="json")), "git_commit": git_commit(), "world_size": acc.num_processes,
+              "deepspeed_stage": "none" if zero_stage(acc) is None else zero_stage(acc),
               "command": command, "request_sha256": request.sha256 if request else "none",
               "request_setting": request.setting if request else "none", **s.extra_params}
     tracker.log_params(params)
@@ -110,7 +111,8 @@ def run_info(s: Session) -> dict:
     """Recorded in every checkpoint's state.json: enough to rebuild the model and trace its data."""
     m = s.manifest
     return {"dataset": m.dataset, "tasks": list(m.tasks), "num_classes": m.num_classes,
-            "world_size": s.world, "git_commit": git_commit(), "command": s.command,
+            "world_size": s.world, "deepspeed_stage": zero_stage(s.acc), "git_commit": git_commit(),
+            "command": s.command,
             "request_sha256": s.request.sha256 if s.request else None,
             "request_path": str(Path(s.request.path).resolve()) if s.request and s.request.path else None,
             **s.extra_params}

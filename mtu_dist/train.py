@@ -11,8 +11,9 @@ import time
 
 import torch
 
-from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, save_checkpoint
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from .data.stream import BatchLoader, full_mask, retain_mask
+from .distributed.stepper import prepare
 from .errors import UserError
 from .ledger import Ledger, fault_point
 from .model import build_model
@@ -27,16 +28,17 @@ def fit(s: Session, resume: bool = False):
     start_step, ledger = 0, Ledger()
     ckpt_dir = s.run_dir / "checkpoints"
     if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        check_resumable(read_state(last), cfg.model_dump(mode="json"), run_info(s))  # before loading anything
         meta = load_checkpoint(last, model, opt)
-        check_resumable(meta, cfg.model_dump(mode="json"), run_info(s))
         start_step = meta["step"]
         if s.is_main:  # the ledger is cumulative: rank 0 carries what was consumed before the crash
             ledger.pairs.update(meta.get("ledger", {}))
         if s.is_main:
             print(f"resuming from {last} (step {start_step})")
-    model, opt = s.acc.prepare(model, opt)
+    local_batch = s.local_batch(cfg.train.global_batch, "train.global_batch")
+    model, stepper = prepare(s.acc, model, opt, wrap=True, micro_batch=local_batch, clip=cfg.train.grad_clip)
     mask_fn = retain_mask(m, s.request.entries) if s.request else full_mask(m)
-    loader = BatchLoader(m, "train", rank=s.rank, world=s.world, local_batch=s.local_batch(cfg.train.global_batch, "train.global_batch"),
+    loader = BatchLoader(m, "train", rank=s.rank, world=s.world, local_batch=local_batch,
                          workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, mask_fn=mask_fn)
     spe = loader.steps_per_epoch()
     total = spe * cfg.train.epochs
@@ -54,22 +56,20 @@ def fit(s: Session, resume: bool = False):
             counts = global_counts(batch, s.world)
             losses = normalised_losses(model(batch["image"]), batch, m.tasks, counts)
             loss = sum(losses.values())
-            s.acc.backward(loss * s.world)  # DDP averages over ranks; the objective is a sum
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            stepper.backward(loss * s.world)  # DDP/DeepSpeed average over ranks; the objective is a sum
             logged = reduce_for_logging({**{f"loss/{t}": v for t, v in losses.items()}}, s.world)
             logged["loss/total"] = sum(logged.values())
-            if not math.isfinite(logged["loss/total"]) or not torch.isfinite(gnorm):
+            gnorm = stepper.step()  # clipped at train.grad_clip; the norm before clipping
+            if not math.isfinite(logged["loss/total"]) or not math.isfinite(gnorm):
                 raise UserError(f"{s.command}: non-finite loss at step {step}; last good checkpoint kept in {ckpt_dir}")
-            opt.step()
             sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             samples += cfg.train.global_batch
             s.tracker.log_metrics({**logged, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm)}, step)
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
             if step % every == 0 or step == total:
-                _checkpoint(s, model, opt, step, epoch, ckpt_dir, ledger)
+                _checkpoint(s, model, stepper.checkpoint_optimizer(), step, epoch, ckpt_dir, ledger)
             fault_point(s.command, step)  # phase = train or retrain
     bar.close()
     elapsed = time.perf_counter() - t0

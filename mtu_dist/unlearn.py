@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from .data.stream import BatchLoader, blank_sample, forget_batches, load_instances, retain_mask
+from .distributed.stepper import prepare
 from .errors import UserError
 from .evaluate import instance_batches, run_split, primary
 from .ledger import Ledger, fault_point
@@ -65,10 +66,9 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     method = build_method(u.method, u.options)
     opt = (torch.optim.SGD(model.parameters(), lr=u.lr, momentum=u.momentum) if u.optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=u.lr))
-    if method.manages_gradients:  # its own collectives: DDP's all-reduce must not run a second time
-        opt = s.acc.prepare(opt)
-    else:
-        model, opt = s.acc.prepare(model, opt)
+    # a method that manages its gradients runs its own collectives: DDP's all-reduce must not run a second time
+    model, stepper = prepare(s.acc, model, opt, wrap=not method.manages_gradients,
+                             micro_batch=max(1, u.retain_batch // s.world), clip=cfg.train.grad_clip)
     blank = blank_sample(m)
     target_mask = lambda k: np.array([t in req.entries[k] for t in m.tasks])  # noqa: E731
     forget_set = load_instances(m, "train", list(req.entries), target_mask)
@@ -84,9 +84,11 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
         retain_it = restart["retain"](0)
     raw = s.acc.unwrap_model(model)
     targets = req.target_tasks()
-    make_ctx = lambda step: StepContext(model=model, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
-                                        rank=s.rank, targets=targets, config=u, seed=cfg.seed,
-                                        num_classes=m.num_classes, record=lambda b, role: ledger.record(b, m.tasks, role))
+    forward = raw if method.manages_gradients else model  # DDP-wrapped or DeepSpeed's engine for a loss
+    make_ctx = lambda step: StepContext(model=forward, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
+                                        rank=s.rank, targets=targets, config=u, seed=cfg.seed, num_classes=m.num_classes,
+                                        record=lambda b, role: ledger.record(b, m.tasks, role),
+                                        backward=stepper.backward, reducing_backward=stepper.reduces_gradients)
     ledger = Ledger()
     # every batch a method sees, in setup or in a step, is recorded (the leak audit reads the ledger)
     forget_it = ledger.recording(forget_it, m.tasks, role="forget") if method.uses_forget else None
@@ -99,7 +101,7 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     streams = {"forget": forget_it, "retain": retain_it}
     start, first, done = 0, None, set()
     if resume and (last := latest_checkpoint(s.run_dir / "checkpoints")) is not None:
-        start, first, done = _resume(s, last, raw, opt, method, ledger, streams, restart)
+        start, first, done = _resume(s, last, raw, stepper, method, ledger, streams, restart)
     good = copy.deepcopy(raw.state_dict())
     stopped = "budget"
     from tqdm import tqdm
@@ -113,18 +115,19 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
         fb = next(forget_it) if forget_it is not None else None
         rb = next(retain_it) if retain_it is not None else None
         loss, parts = method.step(make_ctx(step), fb, rb)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         logged = reduce_for_logging({"loss": loss, **parts}, s.world)
-        first = first or (abs(logged["loss"]) + 1e-8, float(gnorm) + 1e-8)
-        why = _diverged(logged["loss"], float(gnorm), first, u.diverge_factor)
+        # clip at train.grad_clip and step; the norm before clipping is known only then under ZeRO, so a
+        # diverged step is undone rather than skipped (the same parameters either way)
+        gnorm = stepper.step()
+        first = first or (abs(logged["loss"]) + 1e-8, gnorm + 1e-8)
+        why = _diverged(logged["loss"], gnorm, first, u.diverge_factor)
         if why:
             raw.load_state_dict(good)
+            stepper.parameters_loaded()
             stopped = f"diverged at step {step} ({why}); restored the parameters of step {step - 1}"
             if s.is_main:
                 print(f"mtu: unlearning stopped: {stopped}")
             break
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         if u.check_sync:
             _check_in_sync(raw, s.world, step)
         good = copy.deepcopy(raw.state_dict())
@@ -134,7 +137,7 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
             done |= _tasks_done(s, raw, forget_set, thresholds)
             done_mask = torch.tensor([t in done for t in m.tasks])
         if u.checkpoint_every and step % u.checkpoint_every == 0:
-            _save_resume_point(s, raw, opt, step, method, ledger, streams, first, done)
+            _save_resume_point(s, raw, stepper.checkpoint_optimizer(), step, method, ledger, streams, first, done)
         fault_point("unlearn", step)
         if thresholds and done >= set(targets):
             stopped = f"stop rule at step {step}: every target task's forget-pair metric reached its threshold"
@@ -159,10 +162,11 @@ def _save_resume_point(s: Session, raw, opt, step: int, method, ledger: Ledger, 
     s.barrier()
 
 
-def _resume(s: Session, folder, raw, opt, method, ledger: Ledger, streams: dict, restart: dict):
+def _resume(s: Session, folder, raw, stepper, method, ledger: Ledger, streams: dict, restart: dict):
     """Load a resume point into a run whose setup has just been redone on the original model."""
-    meta = load_checkpoint(folder, raw, opt)
-    check_resumable(meta, s.cfg.model_dump(mode="json"), run_info(s))
+    check_resumable(read_state(folder), s.cfg.model_dump(mode="json"), run_info(s))  # before loading anything
+    meta = load_checkpoint(folder, raw, stepper.checkpoint_optimizer())
+    stepper.parameters_loaded()
     state = meta["unlearn"]
     method.restore(state["method"])
     for role, it in streams.items():

@@ -22,10 +22,11 @@ def run_mtu(*args, cwd=None, env=None, check=False, timeout=600):
     return proc
 
 
-def accelerate_launch(script_args: list, nproc: int, cwd=None, timeout=600, env=None, check=True):
-    """Start `nproc` real gloo ranks with `accelerate launch` (see launch/accelerate/cpu_2proc.yaml).
-    A launch that outlives `timeout` (a hang) raises subprocess.TimeoutExpired."""
-    config = ROOT / "launch" / "accelerate" / ("cpu_2proc.yaml" if nproc > 1 else "cpu_1proc.yaml")
+def accelerate_launch(script_args: list, nproc: int, cwd=None, timeout=600, env=None, check=True, config=None):
+    """Start `nproc` real gloo ranks with `accelerate launch` (see launch/accelerate/cpu_2proc.yaml, or
+    `config`, a file in launch/accelerate/). A launch that outlives `timeout` (a hang) raises
+    subprocess.TimeoutExpired."""
+    config = ROOT / "launch" / "accelerate" / (config or ("cpu_2proc.yaml" if nproc > 1 else "cpu_1proc.yaml"))
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", str(nproc)]
     if nproc > 1:
         cmd += ["--main_process_port", str(_free_port())]

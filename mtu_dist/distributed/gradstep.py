@@ -102,6 +102,15 @@ class ParamLayout:
             out[:, start:start + pc.n] = buf[pc.rank, :, pc.dst:pc.dst + pc.n]
         return out
 
+    def unpack(self, rows: torch.Tensor, blocks, out: list[torch.Tensor]) -> None:
+        """`rows` [len(blocks), S], the columns of ranks `blocks` -> their places in the per-parameter
+        tensors `out` (places outside those blocks are left alone)."""
+        for b, flat in zip(blocks, rows):
+            for pc in self.pieces_of(b):
+                t = out[pc.index]
+                t.view(t.shape[0] if t.dim() else 1, -1)[pc.row0:pc.row1] = \
+                    flat[pc.dst:pc.dst + pc.n].view(pc.row1 - pc.row0, -1).to(t.dtype)
+
     def unpack_into_grads(self, flat_by_rank: torch.Tensor) -> None:
         """`flat_by_rank` [N, S] (an update gathered from every rank) -> each parameter's .grad."""
         for p in self.params:

@@ -21,15 +21,40 @@ def make_accelerator(**kwargs):
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     expected = launcher_world_size()
     handlers = kwargs.pop("kwargs_handlers", [])
-    if expected > 1:  # in a single process this handler would make Accelerate expect a process group
+    # in a single process this handler would make Accelerate expect a process group (DeepSpeed always has
+    # one; without the handler it asks for oneCCL on CPU and miscounts the ranks)
+    if expected > 1 or deepspeed:
         handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT))
-    acc = Accelerator(cpu=cpu, kwargs_handlers=handlers, **kwargs)
+    if deepspeed and cpu:
+        _plain_cpu_collectives()
+    # Accelerator(cpu=True) silently drops the DeepSpeed plugin: DeepSpeed picks its CPU accelerator itself
+    acc = Accelerator(cpu=cpu and not deepspeed, kwargs_handlers=handlers, **kwargs)
     if acc.num_processes != expected:
         raise UserError(f"launcher asked for WORLD_SIZE={expected} but {acc.num_processes} process(es) joined; "
                         "on CPU launch with --config_file launch/accelerate/cpu_2proc.yaml")
+    stage = zero_stage(acc)
+    if stage is not None and stage > 2:
+        raise UserError(f"DeepSpeed zero_stage = {stage} in the accelerate config: stages 0, 1 and 2 are supported "
+                        "(stage 3 partitions the parameters; the per-task projection works on whole parameter rows)")
     return acc
+
+
+def zero_stage(acc) -> int | None:
+    """The ZeRO stage when Accelerate runs DeepSpeed, else None."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def _plain_cpu_collectives() -> None:
+    """DeepSpeed on CPU compiles a shared-memory collective op when its process group starts (one to two
+    minutes, a C++ toolchain needed); it serves inference all-reduces only, so training loses nothing
+    by skipping it and its collectives stay on gloo, like every other path. `__compatible_ops__` is
+    DeepSpeed's (editable) table of the ops it may build."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def launcher_world_size() -> int:

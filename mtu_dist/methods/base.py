@@ -27,7 +27,7 @@ def _record_nothing(batch: dict, role: str) -> None:
 @dataclass
 class StepContext:
     """What a method may use at one step."""
-    model: torch.nn.Module       # DDP-wrapped unless the method manages gradients itself
+    model: torch.nn.Module       # DDP-wrapped (or DeepSpeed's engine) unless the method manages gradients itself
     tasks: tuple[str, ...]
     world: int
     alpha: float                 # unlearn.alpha: retain weight
@@ -40,6 +40,10 @@ class StepContext:
     # record(batch, role): put the supervision pairs of `batch` in the run's ledger under `role` (e.g. the
     # retain pairs a method borrows as targets); the runner wires it to the ledger
     record: Callable[[dict, str], None] = field(default=_record_nothing)
+    # backward(loss): how a loss reaches the optimizer's gradients (under DeepSpeed: the engine's backward)
+    backward: Callable[[torch.Tensor], None] = field(default=torch.Tensor.backward)
+    # True under DeepSpeed: `backward` averages gradients over the ranks even for a model DDP does not wrap
+    reducing_backward: bool = False
 
     def losses(self, *batches: dict) -> list[dict[str, torch.Tensor]]:
         """Per batch and task: this rank's share of the global-batch loss (masked, globally normalised).
@@ -90,5 +94,5 @@ class Method:
     def step(self, ctx: StepContext, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict]:
         """Leave this step's gradient in every parameter's .grad; return (objective, parts to log)."""
         loss, parts = self.objective(ctx, forget, retain)
-        (loss * ctx.world).backward()  # DDP averages over ranks; the objective is a sum
+        ctx.backward(loss * ctx.world)  # DDP/DeepSpeed average over ranks; the objective is a sum
         return loss, parts

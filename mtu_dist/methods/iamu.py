@@ -202,9 +202,9 @@ class Iamu(SignalMethod):
         span = x[:, nF:nF + nT] if self.opts.span == "per_task" else x[:, nF + nT:]
         g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
         update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
-        full = gather_update(update, self.mode, ctx.world)
-        self.layout.unpack_into_grads(full)
-        if self.opts.trace_dir:
+        self.write_update(update, ctx)
+        if self.opts.trace_dir:  # tests: the whole update, gathered for the trace only
+            full = gather_update(update, self.mode, ctx.world)
             self._dump(ctx, {**trace, "gram": self.last_gram, "update": self.layout.to_natural(full[:, None])[0]})
         loss = ctx.alpha * sum(r_losses.values()) - (1 - ctx.alpha) * sum(f_losses.values())
         parts = {**{f"forget/{t}": f_losses[t] for t in targets}, **{f"retain/{t}": r_losses[t] for t in tasks}}

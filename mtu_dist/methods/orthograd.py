@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..distributed.gradstep import allreduce_small, gather_update
+from ..distributed.gradstep import allreduce_small
 from ..objective import global_counts, normalised_losses
 from .iamu import orthogonalize
 from .signal_method import SignalMethod
@@ -48,7 +48,7 @@ class OrthoGrad(SignalMethod):
         c = orthogonalize(gram)
         g_orth = g_f - torch.einsum("k,bks->bs", c, span)
         kept = (gram[0, 0] - 2 * c @ gram[1:, 0] + c @ gram[1:, 1:] @ c) / gram[0, 0].clamp(min=1e-30)
-        self.layout.unpack_into_grads(gather_update(ctx.alpha * g_r - (1 - ctx.alpha) * g_orth, self.mode, ctx.world))
+        self.write_update(ctx.alpha * g_r - (1 - ctx.alpha) * g_orth, ctx)
         loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
         parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},
                  "orthograd/kept_norm2": kept.detach() / ctx.world}  # global; the runner sums parts over ranks

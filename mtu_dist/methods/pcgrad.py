@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..distributed.gradstep import allreduce_small, gather_update
+from ..distributed.gradstep import allreduce_small
 from ..objective import global_counts, normalised_losses
 from .signal_method import SignalMethod
 
@@ -70,7 +70,7 @@ class PCGrad(SignalMethod):
         coef, projections = pcgrad_coefficients(gram, pcgrad_orders(gram.shape[0], gen))
         combined = torch.einsum("k,bks->bs", coef.sum(0), vecs)
         update = torch.where(cols[:, 0].bool(), combined, vecs.sum(1))  # outside surgery: the plain sum
-        self.layout.unpack_into_grads(gather_update(update, self.mode, ctx.world))
+        self.write_update(update, ctx)
         loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
         k = gram.shape[0]
         parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},

@@ -11,6 +11,8 @@ Gradient-based Weight Saliency", ICLR 2024).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,26 +39,26 @@ class SalUn(RandomLabel):
     Options = SalUnOptions
 
     def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
-        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
-        for p in self.params:
-            p.grad = None
+        # The saliency gradient is taken on the unwrapped model and reduced here: under DeepSpeed the
+        # engine would partition it (no .grad to read); one all-reduce per batch, as DDP did.
+        net = getattr(ctx.model, "module", ctx.model)
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        total = [torch.zeros_like(p) for p in self.params]
         for _ in range(self.opts.saliency_batches):
-            (f,) = ctx.losses(next(forget_batches))
-            (sum(f.values()) * ctx.world).backward()  # DDP averages: the global forget-loss gradient
-        scores = [p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.masks = top_fraction_mask(scores, self.opts.fraction)
+            (f,) = replace(ctx, model=net).losses(next(forget_batches))
+            grads = torch.autograd.grad(sum(f.values()), self.params, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, self.params)])
+            if ctx.world > 1:  # every rank's share of the global forget loss: their sum is its gradient
+                dist.all_reduce(flat)
+            for t, g in zip(total, flat.split([p.numel() for p in self.params])):
+                t += g.view_as(t)
+        self.masks = top_fraction_mask([t.abs() for t in total], self.opts.fraction)
         if ctx.world > 1:  # one mask for every rank, whatever the last bits of the reduced gradients
             flat = torch.cat([m.reshape(-1) for m in self.masks]).to(torch.uint8)
             dist.broadcast(flat, src=0)
             self.masks = [m.view_as(p).bool() for m, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
-        for p in self.params:
-            p.grad = None
+        # masked where each gradient is formed, before DDP or DeepSpeed reduces (and partitions) it
+        for p, m in zip(self.params, self.masks):
+            p.register_hook(lambda g, m=m: g * m.to(g.dtype))
         kept = sum(int(m.sum()) for m in self.masks) / sum(m.numel() for m in self.masks)
         return {"saliency_kept": kept}
-
-    def step(self, ctx, forget, retain):
-        loss, parts = super().step(ctx, forget, retain)
-        for p, m in zip(self.params, self.masks):
-            if p.grad is not None:
-                p.grad.mul_(m)
-        return loss, parts
