@@ -119,6 +119,16 @@ def cmd_compare(a):
     compare_command(parent=a.parent, experiment=a.experiment, sweep=a.sweep, tracking_uri=a.tracking_uri, out=a.out)
 
 
+def cmd_tune(a):
+    from .tune import tune_command
+    tune_command(a)
+
+
+def cmd_report(a):
+    from .paper_report import report_command
+    report_command(parent=a.parent, experiment=a.experiment, bench=a.bench, tracking_uri=a.tracking_uri, out=a.out)
+
+
 def cmd_audit(a):
     from .audit import audit_command
     audit_command(a.runs, request=a.request, tracking_uri=a.tracking_uri)
@@ -240,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--out", help="output folder (default: <sweep>/report or reports/<name>-<id>)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune", help="choose each method's knobs on a dev forget request (same trial count for every method)")
+    _run_args(p, run=False)
+    p.add_argument("--request", required=True, help="the DEV request (never the evaluation request)")
+    p.add_argument("--from", required=True, help="checkpoint folder or run folder of the original model")
+    p.add_argument("--methods", nargs="+", help="registered methods (default: all)")
+    p.add_argument("--space", help="search-space YAML (default: configs/tune_space.yaml)")
+    p.add_argument("--trials", type=int, help="trials per method (default: the space file's; the same for every method)")
+    p.add_argument("--out", help="tuning folder (default: tune/<dataset>-<setting>)")
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("report", help="the paper-style table (methods x metrics, mean +- std over seeds) and plots, from MLflow")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bench", help="benchmark folder made by bench/paper_table.py (reads its parent run and tracking URI)")
+    which.add_argument("--parent", help="the benchmark's parent run id")
+    which.add_argument("--experiment", help="experiment name: its latest benchmark parent run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--out", help="output folder (default: <bench>/report or reports/<name>-<id>)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("audit", help="check from its ledger that no forget pair supervised a run (non-zero on a leak)")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder runs/<dataset>/<name> (retrain or unlearn)")

@@ -7,6 +7,7 @@ method's own schema (see `mtu_dist/methods`).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +115,7 @@ def _apply_override(tree: dict, item: str) -> None:
 
 
 def load_config(files: list[str] | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's
     for f in files or []:
         try:
             loaded = yaml.safe_load(Path(f).read_text()) or {}

@@ -6,6 +6,8 @@
 * `cost_vs_forget.png`: unlearning wall time (setup included; retrain: its training time) vs forget fraction;
 * `uis_vs_forget.png`: UIS vs forget fraction — only when the runs recorded `uis`.
 One line per method and world size (and data size, when the sweep has several).
+For `mtu report` (the paper table): `uis_bars` (UIS per method, std over seeds) and `tradeoff` (forget
+drop vs retain drop per method), one panel per benchmark x setting.
 """
 from __future__ import annotations
 
@@ -91,3 +93,45 @@ def draw_all(rows) -> tuple[dict[str, bytes], list[str]]:
     else:
         notes.append("no run recorded `uis` (`mtu unlearn --retrain RUN` records it): uis_vs_forget.png not drawn")
     return figures, notes
+
+
+# --------------------------------------------------------------------------
+# paper-table figures (`mtu report`): one panel per benchmark x setting
+# --------------------------------------------------------------------------
+
+def _panels(n: int, width: float, height: float):
+    cols = min(n, 2) or 1
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def uis_bars(groups: dict[str, list[tuple[str, float, float]]], ours: str) -> bytes:
+    """Horizontal bars of mean UIS per method (error bar: std over seeds), `ours` highlighted."""
+    fig, axes = _panels(len(groups), 5.5, 0.3 * max((len(v) for v in groups.values()), default=1) + 1.2)
+    for ax, (label, items) in zip(axes, groups.items()):
+        names = [m for m, _, _ in items]
+        colors = ["tab:red" if m == ours else "tab:gray" if m == "retrain" else "tab:blue" for m in names]
+        ax.barh(range(len(items)), [v for _, v, _ in items], xerr=[s for _, _, s in items], color=colors, capsize=2)
+        ax.set_yticks(range(len(items)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="UIS (lower is better)", title=label)
+        ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def tradeoff(groups: dict[str, list[tuple[str, float, float]]], ours: str) -> bytes:
+    """Forget drop vs retain drop (%, relative to the original; mean over seeds), one point per method."""
+    fig, axes = _panels(len(groups), 5.0, 4.0)
+    for ax, (label, items) in zip(axes, groups.items()):
+        for m, f, r in items:
+            style = {"color": "tab:red", "marker": "*", "s": 120} if m == ours else (
+                {"color": "black", "marker": "s", "s": 40} if m == "retrain" else {"color": "tab:blue", "s": 25})
+            ax.scatter([f], [r], **style)
+            ax.annotate(m, (f, r), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set(xlabel="forget drop (%): more is more forgetting", ylabel="retain drop (%): less is better", title=label)
+        ax.grid(alpha=0.3)
+    return _png(fig)

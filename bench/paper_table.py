@@ -1,0 +1,381 @@
+"""The paper-style benchmark: every method, tuned without peeking, on both synthetic benchmarks.
+
+For each benchmark (synth-indoor: seg/depth/normal; synth-street: seg/depth) x setting (full; partial,
+target seg) x seed, every registered method plus the original and the retrain, all child runs of one
+MLflow parent run; `mtu report` then prints the table (mean +- std over seeds) and draws the plots.
+
+    .venv/bin/python bench/paper_table.py                 # default size (see SIZES; <= 60 min on 2 idle cores)
+    .venv/bin/python bench/paper_table.py --quick         # tiny data, 1 seed, 2 trials (tests, CI)
+    .venv/bin/mtu report --bench bench/results/paper_table
+
+What a seed changes: the evaluation request (which instances are forgotten) and the unlearning RNG
+(batch order, random labels). One original model per benchmark, trained once (seed 0), so the
+spread over seeds is the spread over requests; each retrain starts from the same seed as the
+original, so it differs from it only in the supervision it never saw.
+
+Tuning (`mtu tune`, criterion in mtu_dist/tune.py): one *dev* request per (benchmark, setting),
+drawn first and with its own seed, so it is the same for every evaluation seed; each evaluation
+request is drawn with `--exclude` of the dev request (disjoint instances, same setting and size).
+Every method gets the same number of trials over its space in configs/tune_space.yaml, and the
+chosen knobs are used unchanged on every evaluation request.
+
+Resumable: the folder (`--out`, default bench/results/paper_table) keeps the parent run
+(`paper_table.json`), the data, requests, tuning trials and run folders; a run whose record
+(`cells/<name>.json`) holds the sha256 of the spec it would run now, under the same parent, is
+skipped. Only in-process calls of the `mtu` commands: no per-run interpreter start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtu_dist.config import load_config  # noqa: E402
+from mtu_dist.errors import UserError  # noqa: E402
+from mtu_dist.fileio import atomic_write_json, sha256_file  # noqa: E402
+
+DATASETS = ("synth-indoor", "synth-street")
+SETTINGS = {"full": None, "partial": ["seg"]}
+DEV_SEED = 1000           # the dev request's seed: not an evaluation seed
+TRAIN_SEED = 0            # the original's (and every retrain's) training seed
+EXPERIMENT = "paper_table"
+
+# Sizes: data (synth flags), model and training, eval, request fraction, seeds, trials per method.
+# `default` was sized from measured per-run costs (bench/README.md, "Paper table").
+SIZES = {
+    "default": {"train": 192, "val": 64, "height": 32, "width": 40, "shard_size": 48,
+                "config": {"model": {"width": 16, "head_width": 16}, "train": {"epochs": 40, "global_batch": 16},
+                           "unlearn": {"forget_batch": 8, "retain_batch": 16},
+                           "eval": {"batch": 32, "retain_sample": 64}},
+                "fraction": 0.1, "seeds": [0, 1, 2], "trials": None, "steps": None, "datasets": list(DATASETS)},
+    "quick": {"train": 32, "val": 16, "height": 16, "width": 24, "shard_size": 8,
+              "config": {"model": {"width": 8, "head_width": 8}, "train": {"epochs": 2, "global_batch": 8},
+                         "unlearn": {"forget_batch": 4, "retain_batch": 8},
+                         "eval": {"batch": 8, "retain_sample": 8}},
+              "fraction": 0.1, "seeds": [0], "trials": 2, "steps": [2, 3], "datasets": ["synth-indoor"]},
+}
+
+
+class Bench:
+    def __init__(self, a, size: dict):
+        self.a, self.size = a, size
+        self.out = Path(a.out).resolve()
+        self.uri = a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.out / 'mlflow.db'}"
+        self.parent = None
+        self.client = None
+        self.counts = {"ran": 0, "skipped": 0}
+
+    # ---------------- configs and records ----------------
+
+    def base(self, dataset: str) -> dict:
+        conf = json.loads(json.dumps(self.size["config"]))
+        # workers 0: the loader runs in the main process (no worker start per run; the data is small)
+        conf.update({"data": {"dataset": dataset, "root": str(self.out / "data"), "workers": 0}, "out": str(self.out / "runs"),
+                     "tracking": {"experiment": EXPERIMENT}})
+        conf["unlearn"]["checkpoint_every"] = 0  # no resume points: a run is short, a killed one is redone
+        return conf
+
+    def cfg(self, dataset: str, sets=()):
+        return load_config(overrides=list(sets), base=self.base(dataset))
+
+    def done(self, name: str, spec: dict, final: Path) -> tuple[bool, str]:
+        """(finished with this spec under this parent, spec sha256)."""
+        sha = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+        path = self.out / "cells" / f"{name}.json"
+        rec = json.loads(path.read_text()) if path.is_file() else {}
+        ok = rec.get("spec_sha256") == sha and rec.get("parent_run_id") == self.parent and (final / "metrics.json").is_file()
+        self.counts["skipped" if ok else "ran"] += 1
+        if ok:
+            print(f"  {name}: skipped (finished)")
+        return ok, sha
+
+    def record(self, name: str, sha: str, run_id: str | None, tags: dict, cost_s: float | None) -> None:
+        from mtu_dist.tracking import Tracker
+        if run_id:
+            t = Tracker(enabled=True, uri=self.uri, experiment="", run_name="", run_id=run_id)
+            t.set_tags({f"mtu.paper.{k}": v for k, v in tags.items()})
+            if cost_s is not None:
+                t.log_metrics({"paper/cost_s": cost_s}, 0)
+            t.flush()
+        atomic_write_json(self.out / "cells" / f"{name}.json",
+                          {"spec_sha256": sha, "parent_run_id": self.parent, "mlflow_run_id": run_id, "tags": tags})
+
+    # ---------------- the pipeline ----------------
+
+    def run(self) -> None:
+        """Data and the parent run here; then the originals, then every (benchmark, setting), as units
+        run by `--jobs` worker processes (or in this process with --jobs 1); then the report."""
+        self.open_parent()
+        for ds in self.datasets:
+            self.data(ds)
+        t0 = time.perf_counter()
+        status, walls = "FAILED", {}
+        try:
+            failed = self.units([f"{ds}:original" for ds in self.datasets], walls)
+            if not failed:
+                failed = self.units([f"{ds}:{st}" for ds in self.datasets for st in self.a.settings], walls)
+            status = "FAILED" if failed else "FINISHED"
+        finally:
+            self.client.set_terminated(self.parent, status)
+        wall = time.perf_counter() - t0
+        print(f"\nbenchmark: {wall:.0f} s wall ({', '.join(f'{u} {w:.0f} s' for u, w in walls.items())})")
+        atomic_write_json(self.out / "timing.json", {"wall_s": wall, "jobs": self.a.jobs, "units_s": walls})
+        if failed:
+            raise UserError(f"{len(failed)} unit(s) failed (logs in {self.out / 'logs'}): {', '.join(failed)}")
+        from mtu_dist.paper_report import report_command
+        report_command(parent=self.parent, experiment=None, bench=None, tracking_uri=self.uri, out=str(self.out / "report"))
+
+    def units(self, units: list[str], walls: dict) -> list[str]:
+        """Run units (`DATASET:original` or `DATASET:SETTING`), `--jobs` at a time; the failed ones."""
+        from concurrent.futures import ThreadPoolExecutor
+        if self.a.jobs <= 1:
+            for u in units:
+                t = time.perf_counter()
+                self.unit(u)
+                walls[u] = time.perf_counter() - t
+            return []
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            results = list(pool.map(self.spawn, units))
+        walls.update({u: w for u, (_, w) in zip(units, results)})
+        return [u for u, (rc, _) in zip(units, results) if rc != 0]
+
+    def spawn(self, unit: str) -> tuple[int, float]:
+        """One unit in a worker process (this script with --unit), its output in logs/<unit>.log."""
+        import subprocess
+        argv = [sys.executable, str(Path(__file__).resolve()), *self.argv, "--unit", unit, "--jobs", "1"]
+        log = self.out / "logs" / f"{unit.replace(':', '-')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{unit}: started (log: {log})", flush=True)
+        t = time.perf_counter()
+        with open(log, "w") as fh:
+            rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT).returncode
+        wall = time.perf_counter() - t
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        print(f"{unit}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.0f} s: {lines[-1][-200:] if lines else ''}",
+              flush=True)
+        return rc, wall
+
+    def unit(self, unit: str) -> None:
+        from mtu_dist.methods import METHODS
+        ds, _, what = unit.partition(":")
+        manifest = self.data(ds)
+        os.environ["MTU_PARENT_RUN_ID"] = self.parent
+        try:
+            origin = self.original(ds, manifest)
+            if what == "original":
+                return
+            methods = self.a.methods or list(METHODS)
+            dev = self.request(manifest, what, DEV_SEED, None)
+            tuned = self.tune(ds, what, dev, origin, methods)
+            for seed in self.seeds:
+                req = self.request(manifest, what, seed, dev)
+                self.cell(ds, what, seed, req, origin, tuned, methods)
+        finally:
+            os.environ.pop("MTU_PARENT_RUN_ID", None)
+        print(f"{unit}: {self.counts['ran']} runs made, {self.counts['skipped']} skipped")
+
+    def attach(self) -> None:
+        """Worker mode: the parent run the main process opened (paper_table.json)."""
+        from mlflow import MlflowClient
+        rec = json.loads((self.out / "paper_table.json").read_text())
+        self.parent, self.uri = rec["parent_run_id"], rec["tracking_uri"]
+        self.client = MlflowClient(self.uri)
+
+    @property
+    def datasets(self) -> list[str]:
+        return self.a.datasets or self.size["datasets"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.a.seeds if self.a.seeds is not None else self.size["seeds"]
+
+    def open_parent(self) -> None:
+        """The parent run recorded in paper_table.json if it is still in this store, else a new one."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+        from mtu_dist.tracking import Tracker, check_reachable
+        self.out.mkdir(parents=True, exist_ok=True)
+        check_reachable(self.uri)
+        path = self.out / "paper_table.json"
+        rec = json.loads(path.read_text()) if path.is_file() else {}
+        self.client = MlflowClient(self.uri)
+        if rec.get("tracking_uri") == self.uri:
+            try:
+                run = self.client.get_run(rec["parent_run_id"])
+                if run.info.lifecycle_stage == "active":
+                    self.client.update_run(run.info.run_id, status="RUNNING")
+                    self.parent = run.info.run_id
+                    return
+            except MlflowException:
+                pass
+        t = Tracker(enabled=True, uri=self.uri, experiment=EXPERIMENT, run_name=self.out.name,
+                    tags={"mtu.command": "paper_table", "mtu.paper.size": "quick" if self.a.quick else "default"})
+        t.log_params({"size": json.dumps(self.size), "datasets": " ".join(self.datasets)})
+        self.parent = t.run_id
+        atomic_write_json(path, {"parent_run_id": self.parent, "tracking_uri": self.uri, "experiment": EXPERIMENT})
+
+    def data(self, dataset: str):
+        from mtu_dist.data.manifest import load_manifest
+        from mtu_dist.data.synth_cmd import synth
+        s = self.size
+        spec = {k: s[k] for k in ("train", "val", "height", "width", "shard_size")}
+        root = self.out / "data"
+        spec_file = root / f"{dataset}.synth.json"
+        if not ((root / dataset / "manifest.json").is_file() and spec_file.is_file()
+                and json.loads(spec_file.read_text()) == spec):
+            print(f"data: synthesizing {dataset} {spec}")
+            synth([dataset], root, test=0, seed=0, workers=2, overwrite=True, progress=lambda *_: None, **spec)
+            atomic_write_json(spec_file, spec)
+        return load_manifest(root / dataset)
+
+    def original(self, dataset: str, manifest) -> Path:
+        from mtu_dist.commands import train_command
+        folder = self.out / "runs" / dataset / "original"
+        cfg = self.cfg(dataset, [f"seed={TRAIN_SEED}"])
+        spec = {"config": _spec_config(cfg, training=True), "manifest": sha256_file(manifest.root / "manifest.json")}
+        ok, sha = self.done(f"{dataset}-original", spec, folder / "final")
+        if not ok:
+            print(f"{dataset}: training the original")
+            rep = train_command(cfg, name="original", resume=False, overwrite=True, tracking_uri=self.uri)
+            self.record(f"{dataset}-original", sha, rep["run"]["mlflow_run_id"],
+                        {"role": "train", "benchmark": dataset}, rep["time_s"])
+        return folder
+
+    def request(self, manifest, setting: str, seed: int, dev: Path | None) -> Path:
+        """The dev request (dev None) or an evaluation request disjoint from the dev request."""
+        import yaml
+        from mtu_dist.forget import load_request, make_request, write_request
+        name = f"{manifest.dataset}-{setting}-{'dev' if dev is None else f's{seed}'}.yaml"
+        path = self.out / "requests" / name
+        raw = make_request(manifest, fraction=self.size["fraction"], setting=setting, tasks=SETTINGS[setting],
+                           seed=seed, exclude=load_request(dev, manifest) if dev else None)
+        if not (path.is_file() and yaml.safe_load(path.read_text()) == raw):
+            write_request(raw, path, overwrite=True)
+        return path
+
+    def tune(self, dataset: str, setting: str, dev: Path, origin: Path, methods: list[str]) -> Path:
+        from mtu_dist.tune import TuneJob, load_space, tune
+        space = load_space(self.a.space, self.a.trials or self.size["trials"])
+        if self.size["steps"]:  # quick mode: a tiny step budget, the same for every method
+            space.common["unlearn.steps"] = {"choice": self.size["steps"]}
+        out = self.out / "tune" / f"{dataset}-{setting}"
+        print(f"{dataset} {setting}: tuning {len(methods)} methods x {space.trials} trials on {dev.name}")
+        job = TuneJob(str(dev), str(origin), out, self.base(dataset), [], [], self.uri, space)
+        tune(job, methods, log=lambda msg: print("  " + msg))
+        return out / "tuned.yaml"
+
+    def cell(self, dataset, setting, seed, req: Path, origin: Path, tuned: Path, methods) -> None:
+        from mtu_dist.commands import eval_command, retrain_command, unlearn_command
+        from mtu_dist.scoring import original_reference, score_command
+        from mtu_dist.tune import chosen_overrides
+        print(f"{dataset} {setting} seed {seed}: {req.name}")
+        req_sha = sha256_file(req)
+        origin_sha = _model_sha(origin)
+        tags = {"benchmark": dataset, "setting": setting, "seed": seed}
+        cfg0 = self.cfg(dataset)
+        try:
+            original_reference(str(origin), req_sha, cfg0.eval.retain_sample)
+        except UserError:  # the original's evaluation on the request, cached beside it (its row follows)
+            cfg0.tracking.enabled = False
+            eval_command(cfg0, ckpt=str(origin), request=str(req), tracking_uri=None)
+        retrain = self.out / "runs" / dataset / f"retrain-{setting}-s{seed}"
+        cfg = self.cfg(dataset, [f"seed={TRAIN_SEED}"])
+        spec = {"config": _spec_config(cfg, training=True), "request": req_sha}
+        ok, sha = self.done(f"{dataset}-{retrain.name}", spec, retrain / "final")
+        if not ok:
+            retrain_command(cfg, request=str(req), name=retrain.name, resume=False, overwrite=True, tracking_uri=self.uri)
+            rep = score_command(str(retrain), original=str(origin), retrain=str(retrain), tracking_uri=self.uri)
+            self.record(f"{dataset}-{retrain.name}", sha, rep["run"]["mlflow_run_id"],
+                        {**tags, "role": "retrain", "method": "retrain"}, rep["time_s"])
+        self.original_row(dataset, setting, seed, req, req_sha, origin, retrain, tags)
+        for m in methods:
+            sets = [*chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
+            cfg = self.cfg(dataset, sets)
+            name = f"{m}-{setting}-s{seed}"
+            spec = {"config": _spec_config(cfg), "request": req_sha, "origin": origin_sha,
+                    "retrain": _model_sha(retrain)}
+            ok, sha = self.done(f"{dataset}-{name}", spec, self.out / "runs" / dataset / name / "final")
+            if not ok:
+                rep = unlearn_command(cfg, request=str(req), origin=str(origin), name=name, overwrite=True,
+                                      tracking_uri=self.uri, retrain=str(retrain))
+                self.record(f"{dataset}-{name}", sha, rep["run"]["mlflow_run_id"], {**tags, "role": "method", "method": m},
+                            rep["time_s"])
+                print(f"  {name}: UIS {rep['unlearning']['uis']['mean']:.4f}, MIA AUC {rep['unlearning']['mia_auc']:.3f}, "
+                      f"{rep['time_s']:.1f} s ({rep['stop_reason'][:40]})")
+
+    def original_row(self, dataset, setting, seed, req: Path, req_sha: str, origin: Path, retrain: Path, tags) -> None:
+        """The original model as a row of the table: its evaluation on the request, scored like a method
+        that did nothing (cost 0), as a child run of its own."""
+        from mtu_dist.evaluate import flat_metrics
+        from mtu_dist.scoring import mlflow_metrics, original_reference, retain_sample_of, run_results, unlearning_block
+        from mtu_dist.tracking import Tracker
+        name = f"original-{setting}-s{seed}"
+        spec = {"request": req_sha, "origin": _model_sha(origin), "retrain": _model_sha(retrain)}
+        final = self.out / "runs" / dataset / "original" / "final"
+        ok, sha = self.done(f"{dataset}-{name}", spec, final)
+        if ok:
+            return
+        ref = original_reference(str(origin), req_sha, retain_sample_of(retrain))
+        block = unlearning_block({**ref.report, "time_s": 0.0}, ref.losses, original=ref, retrain=run_results(retrain))
+        t = Tracker(enabled=True, uri=self.uri, experiment=EXPERIMENT, run_name=name, parent_run_id=self.parent,
+                    tags={"mtu.command": "paper_table"})
+        t.log_params({"request_sha256": req_sha, "method": "original"})
+        t.log_metrics(flat_metrics(ref.report["splits"]) | mlflow_metrics(block), 0)
+        t.finish()
+        self.record(f"{dataset}-{name}", sha, t.run_id, {**tags, "role": "original", "method": "original"}, 0.0)
+
+
+def _spec_config(cfg, training: bool = False) -> dict:
+    """What decides a run's result: the config without tracking (and, for training, without unlearn)."""
+    drop = {"tracking", "out"} | ({"unlearn"} if training else set())
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
+
+
+def _model_sha(run_dir: Path) -> str:
+    return json.loads((Path(run_dir) / "final" / "state.json").read_text())["sha256"]["model.safetensors"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny data, 1 seed, 2 trials per method (tests, CI)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "paper_table"), help="benchmark folder")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///<out>/mlflow.db)")
+    ap.add_argument("--datasets", nargs="+", choices=DATASETS,
+                    help="benchmarks (default: both; --quick: synth-indoor, whose three tasks give both settings kept tasks)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--seeds", nargs="+", type=int, help="evaluation seeds (default: the size's)")
+    ap.add_argument("--methods", nargs="+", help="registered methods (default: all)")
+    ap.add_argument("--trials", type=int, help="trials per method (default: the size's)")
+    ap.add_argument("--space", help="search-space YAML (default: configs/tune_space.yaml)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the models are small, and on a shared machine more threads "
+                         "mostly wait on each other; also makes the numbers independent of the core count)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="worker processes, one unit (benchmark x setting) each (default 2: one per core)")
+    ap.add_argument("--unit", help=argparse.SUPPRESS)  # worker mode: DATASET:original or DATASET:SETTING
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    try:
+        bench = Bench(a, SIZES["quick" if a.quick else "default"])
+        bench.argv = [x for x in (argv if argv is not None else sys.argv[1:])]
+        if a.unit:
+            bench.attach()
+            bench.unit(a.unit)
+        else:
+            bench.run()
+    except UserError as e:
+        print(f"paper_table: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

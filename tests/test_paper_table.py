@@ -1,0 +1,197 @@
+"""The paper-style benchmark end to end (`bench/paper_table.py --quick`), `mtu report` and `mtu tune`.
+
+One quick benchmark (tiny data, 1 seed, 2 trials per method, two worker processes sharing one
+sqlite MLflow store) is run once for the module; a second invocation adds an evaluation seed, which
+must reuse every tuning trial (the tuned configs do not depend on the evaluation request) and skip
+every finished run. The search-space and selection tests at the bottom are pure and fast.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mtu_dist.errors import UserError
+from mtu_dist.methods import METHODS
+from mtu_dist.tune import criterion, load_space, sample, select
+
+from conftest import ROOT, run_mtu
+
+ENV = {"OMP_NUM_THREADS": "1"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _bench(out, *extra):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_table.py"), "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **ENV})
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _client(out):
+    from mlflow import MlflowClient
+    rec = json.loads((out / "paper_table.json").read_text())
+    return MlflowClient(rec["tracking_uri"]), rec["parent_run_id"]
+
+
+def _children(client, parent):
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper") / "bench"
+    first = _bench(out)
+    tuned = {p.name: p.read_bytes() for p in sorted(out.glob("tune/*/tuned.yaml"))}
+    runs_after_first = len(_children(*_client(out)))
+    second = _bench(out, "--seeds", "0", "1", "--settings", "full")
+    return out, first, second, tuned, runs_after_first
+
+
+@pytest.mark.slow
+def test_report_table_goals_and_plots(bench, tmp_path):
+    out, first, *_ = bench
+    proc = run_mtu("report", "--bench", out, "--out", tmp_path / "rep", check=True)
+    text = proc.stdout
+    for name in [*METHODS, "original", "retrain"]:
+        assert f"| {name} |" in text, f"row {name} missing from the table"
+    assert "## synth-indoor, full-task (seeds 0, 1" in text and "## synth-indoor, partial-task (seeds 0;" in text
+    assert "± " in text  # two seeds in the full setting: mean +- std
+    assert "iamu mean UIS" in text and "strongest baseline" in text
+    assert "MIA AUC" in text and "vs retrain" in text and "kept tasks" in text
+    for png in ("uis.png", "tradeoff.png"):
+        data = (tmp_path / "rep" / png).read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000
+    from PIL import Image
+    assert Image.open(tmp_path / "rep" / "uis.png").size[0] > 200
+    client, parent = _client(out)
+    artifacts = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/table.md", "report/uis.png", "report/tradeoff.png"} <= artifacts
+    assert "## Goals" in first  # the benchmark prints the report at its end
+
+
+@pytest.mark.slow
+def test_one_parent_with_every_run_as_child(bench):
+    out, *_ = bench
+    client, parent = _client(out)
+    runs = _children(client, parent)
+    roles = {}
+    for r in runs:
+        roles.setdefault(r.data.tags.get("mtu.paper.role") or ("trial" if "mtu.tune.method" in r.data.tags else "?"), []).append(r)
+    assert set(roles) == {"train", "original", "retrain", "method", "trial"}, set(roles)
+    # 12 methods x 2 settings x 2 trials; then seeds {0, 1} in full and {0} in partial
+    assert len(roles["trial"]) == len(METHODS) * 2 * 2
+    assert len(roles["method"]) == len(METHODS) * 3
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_every_method_gets_the_same_number_of_trials(bench):
+    out, *_ = bench
+    for folder in out.glob("tune/*"):
+        counts = {m: len(list((folder / "trials").glob(f"{m}-t*.json"))) for m in METHODS}
+        assert set(counts.values()) == {2}, counts
+        tuned = yaml.safe_load((folder / "tuned.yaml").read_text())
+        assert set(tuned["methods"]) == set(METHODS)
+        for m, entry in tuned["methods"].items():  # the chosen trial is one of the method's own trials
+            rec = json.loads((folder / "trials" / f"{m}-t{entry['trial']:02d}.json").read_text())
+            assert rec["mlflow_run_id"] == entry["mlflow_run_id"]
+            assert rec["request_sha256"] == tuned["request_sha256"]  # the dev request
+
+
+@pytest.mark.slow
+def test_new_evaluation_request_reuses_tuning_and_skips_finished_runs(bench):
+    out, first, second, tuned, runs_after_first = bench
+    log = (out / "logs" / "synth-indoor-full.log").read_text()
+    # the evaluation request of seed 1 is new: the tuned configs are byte-identical, no trial reran
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("tune/*/tuned.yaml"))} == tuned
+    assert "trial 2/2: ran" not in log and "trial 1/2: skipped (finished)" in log
+    assert "synth-indoor-original: skipped (finished)" in second
+    assert f"{len(METHODS) + 2} runs made, {len(METHODS) + 3} skipped" in log  # seed 0 rows + original
+    # only seed 1's rows were added: retrain, original row, every method
+    assert len(_children(*_client(out))) == runs_after_first + len(METHODS) + 2
+    assert (out / "runs/synth-indoor/iamu-full-s1/final/metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_mtu_tune_command(bench, tmp_path):
+    """`mtu tune` on its own: a parent run with one child per trial, tuned.yaml for the methods asked."""
+    out, *_ = bench
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"trials": 2, "seed": 3, "criterion": {"forget_tolerance": 0.1},
+                                     "fixed": {"unlearn.stop_band": 0.0},
+                                     "common": {"unlearn.lr": {"log_uniform": [0.001, 0.005]},
+                                                "unlearn.steps": {"choice": [2, 3]}},
+                                     "methods": {"grad_ascent": {}, "neggrad_plus": {"unlearn.alpha": {"uniform": [0.3, 0.9]}}}}))
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_mtu("tune", "--request", out / "requests/synth-indoor-full-dev.yaml", "--from", out / "runs/synth-indoor/original",
+                   "--methods", "grad_ascent", "neggrad_plus", "--space", space, "--out", tmp_path / "tune",
+                   "--set", "data.workers=0", "--set", "eval.retain_sample=8", "--tracking-uri", db, cwd=tmp_path, env=ENV, check=True)
+    assert "| grad_ascent |" in proc.stdout and "| neggrad_plus |" in proc.stdout
+    tuned = yaml.safe_load((tmp_path / "tune/tuned.yaml").read_text())
+    assert set(tuned["methods"]) == {"grad_ascent", "neggrad_plus"}
+    assert "unlearn.stop_band=0.0" in tuned["methods"]["neggrad_plus"]["set"]
+    from mlflow import MlflowClient
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("synth-indoor")
+    parents = client.search_runs([exp.experiment_id], "tags.`mtu.command` = 'tune'")
+    assert len(parents) == 1
+    assert len(_children(client, parents[0].info.run_id)) == 4
+
+
+# --------------------------------------------------------------------------
+# search space and selection (pure)
+# --------------------------------------------------------------------------
+
+def test_space_gives_every_method_the_same_trial_count():
+    space = load_space()
+    assert set(space.methods) == set(METHODS), "configs/tune_space.yaml must cover every registered method"
+    plans = {m: sample(space, m) for m in METHODS}
+    assert {len(p) for p in plans.values()} == {space.trials}
+    assert sample(space, "iamu") == plans["iamu"]  # seeded: the same trials every time
+    lo, hi = space.common["unlearn.lr"]["log_uniform"]
+    lrs = sorted(t["unlearn.lr"] for t in plans["iamu"])
+    assert all(lo * 0.99 <= x <= hi * 1.01 for x in lrs)
+    # Latin hypercube: one draw per stratum of the log range
+    import math
+    strata = sorted(int((math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo)) * space.trials * 0.9999) for x in lrs)
+    assert strata == list(range(space.trials))
+
+
+def test_space_errors_name_the_field(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1},
+                                   "methods": {"iamu": {"unlearn.options.energy": {"uniform": [0.9, 0.99]},
+                                                        "unlearn.options.mode": {"choice": ["onto_own"]}}}}))
+    with pytest.raises(UserError, match=r"methods.iamu.*at most one method-specific knob"):
+        load_space(bad)
+    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1},
+                                   "methods": {"iamu": {"unlearn.lr": {"normal": [0, 1]}}}}))
+    with pytest.raises(UserError, match=r"methods.iamu.unlearn.lr"):
+        load_space(bad)
+    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1}, "methods": {"iamu": {}}}))
+    with pytest.raises(UserError, match="no search space for method 'scrub'"):
+        load_space(bad).knobs("scrub")
+
+
+def _splits(forget: float, val: float, retain: float) -> dict:
+    return {"forget": {"seg": {"miou": forget}}, "val": {"seg": {"miou": val}}, "retain": {"seg": {"miou": retain}}}
+
+
+def test_criterion_and_selection():
+    original = _splits(forget=0.60, val=0.40, retain=0.62)
+    reached_costly = criterion(original, _splits(0.41, 0.30, 0.50), 0.1)   # forgot, big damage
+    reached_cheap = criterion(original, _splits(0.43, 0.39, 0.60), 0.1)    # forgot, little damage
+    not_reached = criterion(original, _splits(0.58, 0.40, 0.62), 0.1)      # no damage, no forgetting
+    assert reached_cheap["feasible"] and reached_costly["feasible"] and not not_reached["feasible"]
+    assert reached_cheap["forget_gap"] == pytest.approx(0.03 / 0.40)
+    assert reached_cheap["damage"] == pytest.approx((0.01 / 0.40 + 0.02 / 0.62) / 2)
+    records = [{"trial": i, **c} for i, c in enumerate([not_reached, reached_costly, reached_cheap])]
+    assert select(records)["trial"] == 2
+    assert select(records[:1])["trial"] == 0  # nothing reached: the least forget gap
+    overshoot = criterion(original, _splits(0.10, 0.38, 0.60), 0.1)        # far below the val level
+    assert not overshoot["feasible"]
