@@ -195,3 +195,34 @@ def test_criterion_and_selection():
     assert select(records[:1])["trial"] == 0  # nothing reached: the least forget gap
     overshoot = criterion(original, _splits(0.10, 0.38, 0.60), 0.1)        # far below the val level
     assert not overshoot["feasible"]
+
+
+@pytest.mark.slow
+def test_knob_sweep_runs_matched_knobs_on_the_tables_requests(bench, tmp_path):
+    """bench/knob_sweep.py: two methods at the same fixed knobs on the table's evaluation request;
+    a variant's knob really reaches the run, and a run with the tuned knobs reproduces the table's UIS."""
+    out, *_ = bench
+    tuned = yaml.safe_load((out / "tune/synth-indoor-full/tuned.yaml").read_text())["methods"]["iamu"]["set"]
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "bench" / "knob_sweep.py"), "--quick", "--table", str(out), "--out", str(sweep),
+           "--seeds", "0"]
+
+    def sweep_run(*args):
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600,
+                              env={**__import__("os").environ, **ENV})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    sweep_run("--methods", "iamu", "grad_ascent", "--variant", "steps1:unlearn.steps=1,unlearn.lr=0.001")
+    stdout = sweep_run("--methods", "iamu", "--variant", "tuned:" + ",".join(tuned))  # appends to results.jsonl
+    rows = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["variant"]) for r in rows] == [("iamu", "steps1"), ("grad_ascent", "steps1"), ("iamu", "tuned")]
+    for m in ("iamu", "grad_ascent"):  # the variant's knobs reached the run
+        resolved = yaml.safe_load((sweep / f"synth-indoor/{m}-steps1-full-s0/config.yaml").read_text())
+        assert resolved["unlearn"]["steps"] == 1 and resolved["unlearn"]["lr"] == 0.001
+    table = json.loads((out / "runs/synth-indoor/iamu-full-s0/final/metrics.json").read_text())["unlearning"]
+    assert rows[2]["uis"] == pytest.approx(table["uis"]["mean"], abs=1e-9)  # deterministic: same knobs, same numbers
+    assert "| synth-indoor | full | iamu | tuned | 1 |" in stdout and "| synth-indoor | full | grad_ascent | steps1 | 1 |" in stdout
+    bad = subprocess.run([*cmd, "--methods", "grad_ascent", "--variant", "t:" + ",".join(tuned)],
+                         capture_output=True, text=True, timeout=300)  # iamu's energy knob is not grad_ascent's
+    assert bad.returncode == 2 and "unlearn.options.energy" in bad.stderr and "Traceback" not in bad.stderr
