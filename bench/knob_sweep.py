@@ -45,6 +45,8 @@ def run_one(table: Path, size: str, dataset: str, setting: str, seed: int, metho
             out: Path) -> dict:
     from mtu_dist.commands import unlearn_command
     from mtu_dist.config import load_config
+    from mtu_dist.fileio import sha256_file
+    from mtu_dist.scoring import original_reference
     from mtu_dist.tune import load_space
     base = json.loads(json.dumps(paper_table.SIZES[size]["config"]))  # the size the table's models were made at
     base.update({"data": {"dataset": dataset, "root": str(table / "data"), "workers": 0}, "out": str(out),
@@ -60,9 +62,21 @@ def run_one(table: Path, size: str, dataset: str, setting: str, seed: int, metho
     rep = unlearn_command(cfg, request=str(request), origin=str(table / "runs" / dataset / "original"),
                           name=f"{method}-{variant}-{setting}-s{seed}", overwrite=True, tracking_uri=None, retrain=str(retrain))
     u = rep["unlearning"]
+    original = original_reference(str(table / "runs" / dataset / "original"), sha256_file(request), cfg.eval.retain_sample)
     mia = None if u.get("mia_auc") is None or u.get("mia_auc_retrain") is None else abs(u["mia_auc"] - u["mia_auc_retrain"])
     return {"uis": u["uis"]["mean"], "uis_task": u["uis"]["per_task"], "mia_gap": mia,
-            "gap_retrain": u["gap_retrain"], "time_s": rep["time_s"], "stop_reason": rep["stop_reason"]}
+            "gap_retrain": u["gap_retrain"],
+            "kept_move": kept_move(original.report["splits"], rep["splits"], u["target_tasks"]), "time_s": rep["time_s"], "stop_reason": rep["stop_reason"]}
+
+
+def kept_move(original: dict, unlearned: dict, targets: list[str]) -> float | None:
+    """Partial setting: the largest |U - O| / O of a kept task's primary metric on the forgotten
+    instances (forget_kept) and on val -- the issue's "kept tasks within 1% of the original"."""
+    from mtu_dist.tasks import TASKS
+    moves = [abs(unlearned[sp][t][TASKS[t].primary] - o[t][TASKS[t].primary]) / abs(o[t][TASKS[t].primary])
+             for sp in ("forget_kept", "val") if sp in unlearned and (o := original.get(sp))
+             for t in unlearned[sp] if t not in targets and t in o and o[t][TASKS[t].primary]]
+    return max(moves) if moves else None
 
 
 def _ms(values, digits: int = 4) -> str:
@@ -77,13 +91,14 @@ def summary(rows: list[dict]) -> str:
         groups[(r["dataset"], r["setting"], r["method"], r["variant"])].append(r)
     tasks = sorted({t for r in rows for t in r["uis_task"]}, key=["seg", "depth", "normal"].index)
     lines = ["| benchmark | setting | method | variant | seeds | UIS | " + " | ".join(f"UIS {t}" for t in tasks)
-             + " | \\|MIA − retrain\\| | gap pp | stopped by rule | time s |",
-             "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
+             + " | \\|MIA − retrain\\| | gap pp | kept move % | stopped by rule | time s |",
+             "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
     for (ds, st, m, v), rs in sorted(groups.items()):
         per_task = [_ms([r["uis_task"][t] for r in rs if t in r["uis_task"]]) for t in tasks]
         stopped = sum(not r["stop_reason"].startswith("budget") for r in rs)
         lines.append(f"| {ds} | {st} | {m} | {v} | {len(rs)} | {_ms([r['uis'] for r in rs])} | " + " | ".join(per_task)
                      + f" | {_ms([r['mia_gap'] for r in rs], 3)} | {_ms([r['gap_retrain'] for r in rs], 2)}"
+                     + f" | {_ms([100 * r['kept_move'] if r.get('kept_move') is not None else None for r in rs], 2)}"
                      + f" | {stopped}/{len(rs)} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
     return "\n".join(lines)
 

@@ -226,3 +226,14 @@ def test_knob_sweep_runs_matched_knobs_on_the_tables_requests(bench, tmp_path):
     bad = subprocess.run([*cmd, "--methods", "grad_ascent", "--variant", "t:" + ",".join(tuned)],
                          capture_output=True, text=True, timeout=300)  # iamu's energy knob is not grad_ascent's
     assert bad.returncode == 2 and "unlearn.options.energy" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_knob_sweep_kept_move_is_the_largest_kept_task_move():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from knob_sweep import kept_move
+    o = {"forget_kept": {"depth": {"delta1": 0.8}, "normal": {"within_30": 50.0}},
+         "val": {"seg": {"miou": 0.5}, "depth": {"delta1": 0.6}, "normal": {"within_30": 40.0}}}
+    u = {"forget_kept": {"depth": {"delta1": 0.78}, "normal": {"within_30": 49.0}},
+         "val": {"seg": {"miou": 0.1}, "depth": {"delta1": 0.63}, "normal": {"within_30": 40.0}}}
+    assert kept_move(o, u, ["seg"]) == pytest.approx(0.05)        # val depth: 0.03 / 0.6; the target seg is ignored
+    assert kept_move(o, u, ["seg", "depth", "normal"]) is None     # full setting: no kept task
