@@ -53,5 +53,40 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_original(tiny_root, tmp_path_factory) -> Path:
+    """The original model of configs/tiny.yaml on tiny synth-indoor, trained once for every module that
+    needs a trained checkpoint as it comes (its run folder `runs/synth-indoor/original`). Tests may add
+    evaluation caches beside it (metrics-<sha12>.json) but never change it."""
+    tmp = tmp_path_factory.mktemp("original")
+    run_mtu("train", "--config", ROOT / "configs" / "tiny.yaml", "--set", f"data.root={tiny_root}",
+            "--set", "data.dataset=synth-indoor", "--set", f"out={tmp / 'runs'}",
+            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", cwd=tmp, check=True)
+    return tmp / "runs" / "synth-indoor" / "original"
+
+
+MANY = ROOT / "tests" / "scripts" / "unlearn_many.py"
+
+
+def run_many(runs: list[list], tmp: Path, nproc: int = 1, tag: str = "many", env=None, check=True,
+             timeout=600) -> dict:
+    """Several `mtu` commands (argument lists, each with --name) in ONE process per rank, so start-up is paid
+    once (tests/scripts/unlearn_many.py): plain python for 1 rank, `accelerate launch` for more. Returns
+    name -> {"rc", "error"?} and the launch's CompletedProcess under "_proc"."""
+    spec, status = tmp / f"{tag}.json", tmp / f"{tag}-status.json"
+    spec.write_text(json.dumps([[str(a) for a in argv] for argv in runs]))
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, str(MANY), str(spec), str(status)], cwd=tmp, capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    else:
+        proc = accelerate_launch([MANY, spec, status], nproc=nproc, cwd=tmp, env=env, check=check, timeout=timeout)
+    assert status.is_file(), proc.stderr[-4000:]
+    result = {**json.loads(status.read_text()), "_proc": proc}
+    if check:
+        failed = {k: v.get("error", v["rc"]) for k, v in result.items() if k != "_proc" and v["rc"]}
+        assert not failed, failed
+    return result
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())

@@ -282,21 +282,20 @@ SCRIPT = ROOT / "tests" / "scripts" / "unlearn_many.py"
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_root, tmp_path_factory):
+def setup(tiny_root, tiny_original, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baselines")
     common = ["--config", TINY, "--set", f"data.root={tiny_root}", "--set", f"out={tmp / 'runs'}",
               "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
-    run_mtu("train", *common, cwd=tmp, check=True)
     req = tmp / "partial.yaml"
     run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "partial",
             "--tasks", "seg", "normal", "--out", req, check=True)
-    unlearn = ["unlearn", *common, "--request", str(req), "--from", str(tmp / "runs/synth-indoor/original"), *EXACT_RUN]
-    return tmp, unlearn, req
+    unlearn = ["unlearn", *common, "--request", str(req), "--from", str(tiny_original), *EXACT_RUN]
+    return tmp, unlearn, req, tiny_original
 
 
 def _run_many(setup, runs: dict[str, list[str]], nproc: int) -> dict:
     """`mtu unlearn` once per entry (name -> extra args), all in one process per rank (start-up once)."""
-    tmp, unlearn, _ = setup
+    tmp, unlearn, _, _ = setup
     tag = "-".join(sorted(runs))[:40] + f"-{nproc}"
     spec, status = tmp / f"runs-{tag}.json", tmp / f"status-{tag}.json"
     spec.write_text(json.dumps([[*unlearn, "--name", name, *extra] for name, extra in runs.items()]))
@@ -348,7 +347,7 @@ def test_pcgrad_and_orthograd_agree_on_one_and_two_ranks_in_both_modes(setup, re
     pairs = {f"{m}-2-{mode}": (m, ["--method", m, "--set", "data.workers=1", "--set", f"unlearn.reduction={mode}"])
              for m in ("pcgrad", "orthograd") for mode in ("replicated", "sharded")}
     runs = _run_many(setup, {name: extra for name, (_, extra) in pairs.items()}, nproc=2)
-    original = load_file(setup[0] / "runs/synth-indoor/original/final/model.safetensors")
+    original = load_file(setup[3] / "final/model.safetensors")
     for name, (method, _) in pairs.items():
         assert references[method]["rc"] == 0, references[method].get("error")
         ref = load_file(references[method]["final"] / "model.safetensors")
