@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, run_mtu
+from conftest import ROOT, accelerate_launch, run_many, run_mtu
 
 pytestmark = pytest.mark.slow
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -40,14 +40,12 @@ def _launch2(args: list, tmp: Path, env=None, check=True):
     return accelerate_launch(["-m", "mtu_dist.cli", *args], nproc=2, cwd=tmp, env=env, check=check, timeout=HANG_S)
 
 
-def _crash_then_resume(args: list, name: str, phase: str, step: int, tmp: Path) -> Path:
+def _crash(args: list, name: str, phase: str, step: int, tmp: Path) -> Path:
     run = tmp / "runs" / "synth-indoor" / name
     crashed = _launch2([*args, "--name", name], tmp, env={"MTU_FAULT": f"{phase}:{step}:1"}, check=False)
     assert crashed.returncode != 0, f"the run survived a kill at {phase} step {step}:\n{crashed.stdout[-2000:]}"
     assert not (run / "final").exists() and list((run / "checkpoints").glob("step-*")), "no resume point"
-    resumed = _launch2([*args, "--name", name, "--resume"], tmp)
-    assert "resuming from" in resumed.stdout, resumed.stdout[-2000:]
-    return run / "final"
+    return run
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -58,33 +56,42 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_retrain(tiny_root, tmp_path_factory):
-    """An uninterrupted 2-rank retrain: the reference for the retrain kill, and the unlearning origin."""
+def two_rank_runs(tiny_root, tmp_path_factory):
+    """At 2 ranks: an uninterrupted retrain (the reference for the retrain kill, and the unlearning origin)
+    and an uninterrupted iamu unlearn from it, in one launch; then each killed at a seeded step (a launch
+    each), and both resumed in one launch (every rank runs both resumes, one after the other)."""
     tmp = tmp_path_factory.mktemp("compliance")
     request = tmp / "full.yaml"
     run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "full",
             "--out", request, check=True)
-    args = ["retrain", *_common(tiny_root, tmp), "--request", request, "--set", "train.epochs=1",
-            "--set", "train.checkpoint_every=2"]
-    _launch2([*args, "--name", "straight"], tmp)
-    return tmp, request, args, tmp / "runs" / "synth-indoor" / "straight"
-
-
-def test_retrain_killed_rank_resumes_bit_identical(two_rank_retrain):
-    tmp, _, args, straight = two_rank_retrain
-    step = kill_step("retrain", 2, 3, 5)  # 6 steps; resume points every 2
-    assert_same_run(straight / "final", _crash_then_resume(args, "retrain-crashed", "retrain", step, tmp))
-
-
-def test_unlearn_killed_rank_resumes_bit_identical_and_passes_audit(two_rank_retrain, tiny_root):
+    retrain = ["retrain", *_common(tiny_root, tmp), "--request", request, "--set", "train.epochs=1",
+               "--set", "train.checkpoint_every=2"]
+    origin = tmp / "runs" / "synth-indoor" / "straight"  # any trained checkpoint serves as the original here
     # iamu: its setup consumes retain batches (replayed on resume) and it runs its own collectives.
     # The signal engine is fixed: `auto` picks by timing, per rank.
-    tmp, request, _, origin = two_rank_retrain  # any trained checkpoint serves as the original here
-    args = ["unlearn", *_common(tiny_root, tmp), "--request", request, "--from", origin, "--method", "iamu",
-            "--set", "unlearn.options.subspace_batches=2", "--set", "unlearn.signal_engine=sequential",
-            "--set", "unlearn.steps=8", "--set", "unlearn.checkpoint_every=3"]
-    _launch2([*args, "--name", "unlearn-straight"], tmp)
-    resumed = _crash_then_resume(args, "unlearn-crashed", "unlearn", kill_step("unlearn", 2, 4, 7), tmp)
+    unlearn = ["unlearn", *_common(tiny_root, tmp), "--request", request, "--from", origin, "--method", "iamu",
+               "--set", "unlearn.options.subspace_batches=2", "--set", "unlearn.signal_engine=sequential",
+               "--set", "unlearn.steps=8", "--set", "unlearn.checkpoint_every=3"]
+    run_many([[*retrain, "--name", "straight"], [*unlearn, "--name", "unlearn-straight"]], tmp, nproc=2,
+             tag="straight", timeout=HANG_S)
+    crashed = [_crash(retrain, "retrain-crashed", "retrain", kill_step("retrain", 2, 3, 5), tmp),  # 6 steps, resume
+               _crash(unlearn, "unlearn-crashed", "unlearn", kill_step("unlearn", 2, 4, 7), tmp)]  # points every 2 / 3
+    resumed = run_many([[*retrain, "--name", "retrain-crashed", "--resume"],
+                        [*unlearn, "--name", "unlearn-crashed", "--resume"]], tmp, nproc=2, tag="resume",
+                       timeout=HANG_S)["_proc"]
+    for run in crashed:
+        assert f"resuming from {run / 'checkpoints'}" in resumed.stdout, resumed.stdout[-2000:]
+    return tmp, request, origin
+
+
+def test_retrain_killed_rank_resumes_bit_identical(two_rank_runs):
+    tmp, _, straight = two_rank_runs
+    assert_same_run(straight / "final", tmp / "runs/synth-indoor/retrain-crashed/final")
+
+
+def test_unlearn_killed_rank_resumes_bit_identical_and_passes_audit(two_rank_runs):
+    tmp, _, origin = two_rank_runs
+    resumed = tmp / "runs/synth-indoor/unlearn-crashed/final"
     assert_same_run(tmp / "runs/synth-indoor/unlearn-straight/final", resumed)
 
     proc = run_mtu("audit", resumed.parent, origin, cwd=tmp, check=True)  # the resumed unlearn run and the retrain
@@ -97,12 +104,12 @@ def test_unlearn_killed_rank_resumes_bit_identical_and_passes_audit(two_rank_ret
     assert set(json.loads((origin / "final" / "audit.json").read_text())["roles"]) == {"retain"}
 
 
-def test_audit_catches_a_deliberate_leak(two_rank_retrain, tiny_root, tmp_path):
+def test_audit_catches_a_deliberate_leak(two_rank_runs, tiny_root, tmp_path):
     """MTU_TEST_LEAK leaves the request's first forget pair in the retain stream of a real run, here a
     1-rank run killed and resumed on the way (the leak must survive the resume in the ledger)."""
     from mlflow import MlflowClient
 
-    _, request, _, origin = two_rank_retrain
+    _, request, origin = two_rank_runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["unlearn", *_common(tiny_root, tmp_path), "--set", "tracking.enabled=true", "--tracking-uri", uri,
             "--request", request, "--from", origin, "--method", "finetune", "--name", "leaky",
