@@ -13,7 +13,7 @@ from mtu_dist.tasks import TASKS
 from mtu_dist.unlearning_metrics import (PRIMARY_PERCENT, attack_auc, cost_ratio, delta_m, gap_to_retrain, mia_auc,
                                          split_val, uis)
 
-from conftest import run_mtu
+from conftest import run_many, run_mtu
 
 
 def _m(seg=None, depth=None, normal=None) -> dict:
@@ -196,19 +196,36 @@ def test_mia_on_overfit_model_members_vs_val_and_val_halves(overfit):
     assert abs(halves - 0.5) < 0.15, halves
 
 
-@pytest.mark.slow
-def test_unlearn_with_retrain_writes_scores_to_metrics_and_mlflow(overfit):
+@pytest.fixture(scope="module")
+def unlearned(overfit, tmp_path_factory):
+    """On the overfit model, in one process (start-up paid once): a tracked retrain on the full request,
+    grad_ascent scored against it (the original's evaluation on that request is the fixture's cache),
+    and an untracked neggrad_plus on a new partial request (the original is evaluated on it and cached)."""
     tmp, common, req, orig, sha = (overfit[k] for k in ("tmp", "common", "req", "orig", "sha"))
+    part = tmp_path_factory.mktemp("partial")
+    partial = part / "partial.yaml"
+    run_mtu("forget", "make", "--dataset", tmp / "shards" / "synth-indoor", "--fraction", 0.5, "--setting", "partial",
+            "--tasks", "seg", "--out", partial, check=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracked = [*common, "--set", f"out={tmp / 'runs'}", "--set", "tracking.enabled=true", "--tracking-uri", uri]
-    run_mtu("retrain", *tracked, "--request", req, "--name", "retrain-full", "--set", "train.epochs=10",
-            cwd=tmp, check=True)
+    retrain = tmp / "runs" / "synth-indoor" / "retrain-full"
     cache = orig / "final" / f"metrics-{sha}.json"
     before = cache.stat().st_mtime_ns
-    retrain = tmp / "runs" / "synth-indoor" / "retrain-full"
-    p = run_mtu("unlearn", *tracked, "--method", "grad_ascent", "--request", req, "--from", orig,
-                "--retrain", retrain, "--name", "ga", cwd=tmp, check=True)
-    assert cache.stat().st_mtime_ns == before and "cached in" not in p.stdout  # the original was not re-evaluated
+    proc = run_many([["retrain", *tracked, "--request", req, "--name", "retrain-full", "--set", "train.epochs=10"],
+                     ["unlearn", *tracked, "--method", "grad_ascent", "--request", req, "--from", orig,
+                      "--retrain", retrain, "--name", "ga"],
+                     ["unlearn", *common, "--set", f"out={part / 'runs'}", "--method", "neggrad_plus",
+                      "--request", partial, "--from", orig, "--name", "ng"]], tmp, tag="unlearned")["_proc"]
+    return {"uri": uri, "retrain": retrain, "cache": cache, "before": before, "stdout": proc.stdout,
+            "partial": partial, "part": part}
+
+
+@pytest.mark.slow
+def test_unlearn_with_retrain_writes_scores_to_metrics_and_mlflow(overfit, unlearned):
+    tmp, orig = overfit["tmp"], overfit["orig"]
+    uri, retrain, cache = unlearned["uri"], unlearned["retrain"], unlearned["cache"]
+    # the original was not re-evaluated on the full request
+    assert cache.stat().st_mtime_ns == unlearned["before"] and f"cached in {cache}" not in unlearned["stdout"]
     report = json.loads((tmp / "runs" / "synth-indoor" / "ga" / "final" / "metrics.json").read_text())
     block = report["unlearning"]
     for key in ("mia_auc", "mia_auc_retrain", "mia_auc_gap", "gap_retrain", "delta_m", "cost_ratio"):
@@ -234,18 +251,15 @@ def test_unlearn_with_retrain_writes_scores_to_metrics_and_mlflow(overfit):
 
 
 @pytest.mark.slow
-def test_partial_unlearn_evaluates_and_caches_the_original_once(overfit, tmp_path):
-    tmp, common, orig = overfit["tmp"], overfit["common"], overfit["orig"]
-    req = tmp_path / "partial.yaml"
-    run_mtu("forget", "make", "--dataset", tmp / "shards" / "synth-indoor", "--fraction", 0.5, "--setting", "partial",
-            "--tasks", "seg", "--out", req, check=True)
-    sha = __import__("hashlib").sha256(req.read_bytes()).hexdigest()[:12]
-    p = run_mtu("unlearn", *common, "--set", f"out={tmp_path / 'runs'}", "--method", "neggrad_plus", "--request", req,
-                "--from", orig, "--name", "ng", cwd=tmp_path, check=True)
-    assert "cached in" in p.stdout and (orig / "final" / f"losses-{sha}.json").is_file()
-    cached = json.loads((orig / "final" / f"metrics-{sha}.json").read_text())
+def test_partial_unlearn_evaluates_and_caches_the_original_once(overfit, unlearned):
+    orig = overfit["orig"]
+    sha = __import__("hashlib").sha256(unlearned["partial"].read_bytes()).hexdigest()[:12]
+    cached_path = orig / "final" / f"metrics-{sha}.json"
+    assert f"cached in {cached_path}" in unlearned["stdout"] and (orig / "final" / f"losses-{sha}.json").is_file()
+    cached = json.loads(cached_path.read_text())
     assert set(cached["splits"]) == {"forget", "forget_kept", "retain", "val"}
-    block = json.loads((tmp_path / "runs" / "synth-indoor" / "ng" / "final" / "metrics.json").read_text())["unlearning"]
+    final = unlearned["part"] / "runs" / "synth-indoor" / "ng" / "final"
+    block = json.loads((final / "metrics.json").read_text())["unlearning"]
     assert block["setting"] == "partial" and block["target_tasks"] == ["seg"]
     assert isinstance(block["mia_auc_target"], float) and set(block["uis"]["per_task"]) == set(TASKS)
     assert block["gap_retrain"] is None and block["cost_ratio"] is None  # no retrain reference given
