@@ -67,14 +67,16 @@ def _config(a, base: dict | None = None):
 
 
 def cmd_train(a):
+    cfg = _config(a)  # a bad config fails before torch is imported
     from .commands import train_command
-    _print_summary(train_command(_config(a), name=a.name, resume=a.resume, overwrite=a.overwrite,
+    _print_summary(train_command(cfg, name=a.name, resume=a.resume, overwrite=a.overwrite,
                                  tracking_uri=a.tracking_uri))
 
 
 def cmd_retrain(a):
+    cfg = _config(a)
     from .commands import retrain_command
-    _print_summary(retrain_command(_config(a), request=a.request, name=a.name, resume=a.resume,
+    _print_summary(retrain_command(cfg, request=a.request, name=a.name, resume=a.resume,
                                    overwrite=a.overwrite, tracking_uri=a.tracking_uri))
 
 
