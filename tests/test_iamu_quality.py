@@ -15,7 +15,7 @@ import pytest
 
 from mtu_dist.tasks import TASKS
 
-from conftest import read_json, run_mtu
+from conftest import read_json, run_many, run_mtu
 
 pytestmark = pytest.mark.slow
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the trained model (and so every number below) depends on the reduction order
@@ -30,32 +30,36 @@ def _change(orig: dict, new: dict, split: str, signed: bool) -> float:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A model trained long enough on 96 scenes to memorise them (train/val gap), as unlearning assumes."""
+def results(tmp_path_factory):
+    """A model trained long enough on 96 scenes to memorise them (train/val gap), as unlearning assumes;
+    then both methods on a partial and a full request. Training and the four unlearning runs share one
+    process (start-up paid once); each unlearning run evaluates the original on its request first (cached
+    beside it, metrics-<sha12>.json), which is the reference the changes are measured against."""
     tmp = tmp_path_factory.mktemp("quality")
     run_mtu("data", "synth", "--datasets", "synth-indoor", "--out", tmp / "shards", "--train", 96, "--val", 64,
             "--height", 32, "--width", 40, "--shard-size", 24, "--workers", 2, env=ONE_THREAD, check=True)
     common = ["--set", f"data.root={tmp / 'shards'}", "--set", f"out={tmp / 'runs'}", "--set", "tracking.enabled=false",
               "--set", "model.width=16", "--set", "model.head_width=16"]
-    run_mtu("train", *common, "--set", "train.epochs=60", cwd=tmp, env=ONE_THREAD, check=True)
-    return tmp, common
+    requests = {"partial": ["seg"], "full": []}
+    runs = [["train", *common, "--set", "train.epochs=60", "--name", "original"]]
+    for setting, tasks in requests.items():
+        req = tmp / f"{setting}.yaml"
+        run_mtu("forget", "make", "--dataset", tmp / "shards/synth-indoor", "--fraction", 0.1, "--setting", setting,
+                *(["--tasks", *tasks] if tasks else []), "--out", req, env=ONE_THREAD, check=True)
+        runs += [["unlearn", *common, "--method", method, "--request", req, "--from", tmp / "runs/synth-indoor/original",
+                  "--name", f"{method}-{setting}", "--set", f"unlearn.lr={LR}", "--set", f"unlearn.steps={STEPS}",
+                  "--set", "unlearn.stop_drop=0.1", "--set", "unlearn.signal_engine=sequential"]
+                 for method in ("neggrad_plus", "iamu")]
+    run_many(runs, tmp, env=ONE_THREAD, tag="quality")
+    return {setting: _compare(tmp, setting) for setting in requests}
 
 
-def _compare(world, setting: str, *tasks: str):
-    tmp, common = world
-    req = tmp / f"{setting}.yaml"
-    run_mtu("forget", "make", "--dataset", tmp / "shards/synth-indoor", "--fraction", 0.1, "--setting", setting,
-            *(["--tasks", *tasks] if tasks else []), "--out", req, env=ONE_THREAD, check=True)
-    run_mtu("eval", "--ckpt", tmp / "runs/synth-indoor/original", "--request", req, *common, cwd=tmp, env=ONE_THREAD, check=True)
-    sha = hashlib.sha256(req.read_bytes()).hexdigest()[:12]
+def _compare(tmp, setting: str):
+    sha = hashlib.sha256((tmp / f"{setting}.yaml").read_bytes()).hexdigest()[:12]
     orig = read_json(tmp / f"runs/synth-indoor/original/final/metrics-{sha}.json")["splits"]
     out = {}
     for method in ("neggrad_plus", "iamu"):
-        name = f"{method}-{setting}"
-        run_mtu("unlearn", *common, "--method", method, "--request", req, "--from", tmp / "runs/synth-indoor/original",
-                "--name", name, "--set", f"unlearn.lr={LR}", "--set", f"unlearn.steps={STEPS}",
-                "--set", "unlearn.stop_drop=0.1", "--set", "unlearn.signal_engine=sequential", cwd=tmp, env=ONE_THREAD, check=True)
-        rep = read_json(tmp / "runs/synth-indoor" / name / "final/metrics.json")
+        rep = read_json(tmp / "runs/synth-indoor" / f"{method}-{setting}" / "final/metrics.json")
         assert rep["stop_reason"].startswith("stop rule"), f"{method} never reached the forget drop: {rep['stop_reason']}"
         new = rep["splits"]
         out[method] = {"forget": _change(orig, new, "forget", True), "retain": _change(orig, new, "retain", False),
@@ -64,12 +68,12 @@ def _compare(world, setting: str, *tasks: str):
     return out["neggrad_plus"], out["iamu"]
 
 
-def test_partial_iamu_moves_kept_tasks_and_retain_less(world):
-    neg, ours = _compare(world, "partial", "seg")
+def test_partial_iamu_moves_kept_tasks_and_retain_less(results):
+    neg, ours = results["partial"]
     assert ours["kept"] < neg["kept"]
     assert ours["retain"] < neg["retain"]
 
 
-def test_full_iamu_moves_retain_less(world):
-    neg, ours = _compare(world, "full")
+def test_full_iamu_moves_retain_less(results):
+    neg, ours = results["full"]
     assert ours["retain"] < neg["retain"]
