@@ -5,7 +5,10 @@ Orthogonalization", arXiv 2503.02312).
 Each step: g_f = gradient of the summed forget losses of the target tasks; R = the per-sample retain
 gradients of the retain batch (each sample's supervised task losses summed; `span_samples` per rank,
 default the whole local batch). g_f <- g_f - R^T (R R^T)^+ R g_f, over every parameter, so to first
-order the forget step changes no retain sample's loss. Only the Gram matrix of [g_f; R] is needed:
+order the forget step changes no retain sample's loss. Each row of R comes from that sample's own
+forward and backward (GroupNorm: a sample's output does not depend on its batch), so the m rows cost
+about one batch backward, not m backward passes through the whole batch's graph; the other ranks'
+rows are exact zeros from a graph-free zero loss. Only the Gram matrix of [g_f; R] is needed:
 one small all-reduce in the sharded mode (DESIGN section 5). The update is the runner's common
 alpha * g_retain - (1 - alpha) * g_f (alpha = `unlearn.alpha`; the retain term does not compete with
 the forget term, which is orthogonal to every retain sample; `unlearn.alpha=0` is the pure projected
@@ -18,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..distributed.gradstep import allreduce_small
 from ..objective import global_counts, normalised_losses
+from ..tasks import TASKS
 from .iamu import orthogonalize
 from .signal_method import SignalMethod
 
@@ -40,8 +44,8 @@ class OrthoGrad(SignalMethod):
         f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
         r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
         n = self.opts.span_samples or retain["image"].shape[0]
-        per_sample = self.per_sample_signals({t: p[nf:] for t, p in preds.items()}, retain, ctx, n)
-        x = self.signals([sum(f[t] for t in targets), sum(r.values()), *per_sample], ctx, probe=True)
+        x = self.signals([sum(f[t] for t in targets), sum(r.values()), *self.span_losses(retain, ctx, n)], ctx,
+                         probe=True)
         g_f, g_r, span = x[:, 0], x[:, 1], x[:, 2:]                   # [blocks, S], [blocks, S], [blocks, m, S]
         vecs = torch.cat([g_f[:, None], span], 1)
         gram = allreduce_small(torch.einsum("bks,bls->kl", vecs, vecs), self.mode, ctx.world)
@@ -53,3 +57,19 @@ class OrthoGrad(SignalMethod):
         parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},
                  "orthograd/kept_norm2": kept.detach() / ctx.world}  # global; the runner sums parts over ranks
         return loss.detach(), parts
+
+    def span_losses(self, retain: dict, ctx, n: int) -> list[torch.Tensor]:
+        """world * n scalar losses whose gradients are the span rows: rank r fills rows r*n..r*n+n-1 with
+        its first n samples' supervised task losses (summed), each forwarded alone, and zeros elsewhere, so
+        the sum-reduce of the signal buffer concatenates every rank's per-sample gradients."""
+        zero = sum(p.sum() for p in self.params) * 0.0  # a zero gradient without a backward through the model
+        sup = retain["mask"] & retain["valid"][:, None]
+        mine = []
+        for i in range(n):
+            if i >= sup.shape[0]:  # span_samples above the local batch
+                mine.append(zero)
+                continue
+            preds = ctx.model(retain["image"][i:i + 1])
+            mine.append(sum(TASKS[t].per_sample_loss(preds[t], retain[t][i:i + 1])[0] * sup[i, j].to(preds[t].dtype)
+                            for j, t in enumerate(ctx.tasks)))
+        return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]
