@@ -155,7 +155,7 @@ def clear_grads(params):
 def engine_losses(preds: dict, batch: dict, k: int) -> list[torch.Tensor]:
     """K losses over one graph: loss j = mean per-sample loss of task j mod 3 on sample subset j."""
     per_sample = {t: TASKS[t].per_sample_loss(preds[t], batch[t]) for t in TASK_NAMES}
-    chunks = torch.arange(batch["image"].shape[0]).tensor_split(k)
+    chunks = torch.arange(batch["image"].shape[0], device=batch["image"].device).tensor_split(k)
     return [per_sample[TASK_NAMES[j % len(TASK_NAMES)]][chunks[j]].mean() for j in range(k)]
 
 

@@ -2,9 +2,10 @@
 the demo's wall time and peak memory.
 
 1. `mtu train` on the same global batch with 1 process and with 2 ranks (real `accelerate launch`:
-   launch/accelerate/cpu_1proc.yaml / cpu_2proc.yaml, gloo, OMP_NUM_THREADS=1; gpu_1node.yaml, NCCL, on
-   CUDA), interleaved, `--repeats` times: step time from the runs' own training timers (metrics.json
-   `time_s` over the loader's steps); ratio 2-rank / 1-rank step time (goal <= 0.6 on 2 cores).
+   launch/accelerate/cpu_1proc.yaml / cpu_2proc.yaml, gloo, OMP_NUM_THREADS=1; gpu_1proc.yaml /
+   gpu_1node.yaml, NCCL, on CUDA), interleaved, `--repeats` times: step time from the runs' own training
+   timers (metrics.json `time_s` over the loader's steps); ratio 2-rank / 1-rank step time (goal <= 0.6 on
+   2 cores).
 2. Unlearning vs retrain, in this process through the real commands (tracking off): an original model
    (`--original-epochs`, default 2: the unlearning cost does not depend on how long the original trained,
    the step budget is fixed), a full-task request of 5% of the instances, `retrain` with the config's
@@ -68,7 +69,7 @@ def free_port() -> int:
 def launch_prefix(nproc: int, device: str) -> list:
     """`accelerate launch` that really starts `nproc` ranks: gloo on CPU, one GPU per rank (NCCL) on CUDA."""
     if device == "cuda":
-        cfg = "gpu_1node.yaml"
+        cfg = "gpu_1node.yaml" if nproc > 1 else "gpu_1proc.yaml"  # 1 rank: a plain process, no DDP wrapper
     else:
         cfg = "cpu_2proc.yaml" if nproc > 1 else "cpu_1proc.yaml"
     cmd = [BIN / "accelerate", "launch", "--config_file", ROOT / "launch" / "accelerate" / cfg, "--num_processes", nproc]

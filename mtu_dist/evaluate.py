@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .data.stream import BatchLoader, blank_sample, collate, load_instances
+from .device import model_device, pins_memory, to_device
 from .tasks import TASKS, reduce_meters
 
 
@@ -28,17 +29,20 @@ def instance_batches(samples: list[dict], rank: int, world: int, local_batch: in
 
 @torch.no_grad()
 def run_split(model, batches, tasks, num_classes, world) -> tuple[dict, list]:
-    meters = {t: TASKS[t].new_meter(num_classes) for t in tasks}
+    device = model_device(model)
+    meters = {t: TASKS[t].new_meter(num_classes, device) for t in tasks}  # states reduced on the device
     losses = []  # (key, task, loss)
     for batch in batches:
+        batch = to_device(batch, device)
         preds = model(batch["image"])
         sup = batch["mask"] & batch["valid"][:, None]
+        flags = sup.cpu()  # which pairs count: read on the host once per batch, not once per sample
         for j, t in enumerate(tasks):
-            if not sup[:, j].any():
+            if not flags[:, j].any():
                 continue
             meters[t].update(preds[t], batch[t], sample_mask=sup[:, j])
-            per_sample = TASKS[t].per_sample_loss(preds[t], batch[t])
-            losses += [(k, t, float(v)) for k, v, ok in zip(batch["key"], per_sample, sup[:, j]) if ok]
+            per_sample = TASKS[t].per_sample_loss(preds[t], batch[t]).cpu().tolist()
+            losses += [(k, t, v) for k, v, ok in zip(batch["key"], per_sample, flags[:, j].tolist()) if ok]
     reduce_meters(meters, dist.all_reduce if world > 1 else None)
     computed = {t: meters[t].compute() for t in tasks}
     metrics = {t: v for t, v in computed.items() if not math.isnan(v[TASKS[t].primary])}  # drop unseen tasks
@@ -67,7 +71,8 @@ def evaluate(model, s, request=None) -> dict:
         samples = load_instances(m, "train", ids, mask_fn)
         splits[name], losses[name] = run_split(model, instance_batches(samples, s.rank, s.world, local, blank),
                                                 tasks, m.num_classes, s.world)
-    val = BatchLoader(m, "val", rank=s.rank, world=s.world, local_batch=local, shuffle=False, workers=0)
+    val = BatchLoader(m, "val", rank=s.rank, world=s.world, local_batch=local, shuffle=False, workers=0,
+                      pin_memory=pins_memory(model_device(model)))
     splits["val"], losses["val"] = run_split(model, val.epoch(0), tasks, m.num_classes, s.world)
     model.train()
     return {"splits": splits, "losses": losses}

@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from .data.stream import BatchLoader, full_mask, retain_mask
+from .device import pins_memory, to_device
 from .distributed.stepper import prepare
 from .errors import UserError
 from .ledger import Ledger, fault_point
@@ -39,7 +40,8 @@ def fit(s: Session, resume: bool = False):
     model, stepper = prepare(s.acc, model, opt, wrap=True, micro_batch=local_batch, clip=cfg.train.grad_clip)
     mask_fn = retain_mask(m, s.request.entries) if s.request else full_mask(m)
     loader = BatchLoader(m, "train", rank=s.rank, world=s.world, local_batch=local_batch,
-                         workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, mask_fn=mask_fn)
+                         workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, mask_fn=mask_fn,
+                         pin_memory=pins_memory(s.acc.device))
     spe = loader.steps_per_epoch()
     total = spe * cfg.train.epochs
     every = cfg.train.checkpoint_every or spe
@@ -52,7 +54,8 @@ def fit(s: Session, resume: bool = False):
         for i, batch in enumerate(loader.epoch(epoch)):
             if epoch * spe + i < start_step:
                 continue  # replaying the deterministic stream up to the resume point
-            ledger.record(batch, m.tasks)
+            ledger.record(batch, m.tasks)  # on the CPU, before the batch moves
+            batch = to_device(batch, s.acc.device)
             counts = global_counts(batch, s.world)
             losses = normalised_losses(model(batch["image"]), batch, m.tasks, counts)
             loss = sum(losses.values())

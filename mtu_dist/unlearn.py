@@ -3,7 +3,7 @@
 The loop is method-agnostic: stream forget and retain batches, ask the method for its objective,
 backward, clip, guard, step. The divergence guard stops on a non-finite loss or gradient, or on a
 loss / gradient norm above `unlearn.diverge_factor` times its first value, restores the last good
-parameters (kept on CPU every step) and says so. The optional stop rule is checked after every step on
+parameters (copied every step, on their device) and says so. The optional stop rule is checked after every step on
 the forget pairs: a target task is *done* once its primary metric is at or below the original model's
 val level plus `unlearn.stop_band`, or (`unlearn.stop_drop`) has fallen by that fraction of its value
 before unlearning (for comparing methods at an equal forget drop). A done task — its forget pairs are masked out of later forget
@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from .data.stream import BatchLoader, blank_sample, forget_batches, load_instances, retain_mask
+from .device import pins_memory, to_device
 from .distributed.stepper import prepare
 from .errors import UserError
 from .evaluate import instance_batches, run_split, primary
@@ -47,7 +48,7 @@ def load_original(s: Session, ckpt: str):
         raise UserError(f"{ckpt}: checkpoint was trained on {meta.get('dataset')!r}, the data is {m.dataset!r}")
     model = build_model(s.cfg.model, m.tasks, m.num_classes)
     load_checkpoint(meta["_folder"], model)
-    return model, meta
+    return model.to(s.acc.device), meta
 
 
 def _endless(loader: BatchLoader, start: int = 0):
@@ -79,7 +80,8 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     if method.uses_retain:
         loader = BatchLoader(m, "train", rank=s.rank, world=s.world,
                              local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
-                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries))
+                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries),
+                             pin_memory=pins_memory(s.acc.device))
         restart["retain"] = lambda drawn: _endless(loader, drawn)
         retain_it = restart["retain"](0)
     raw = s.acc.unwrap_model(model)
@@ -93,8 +95,11 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     # every batch a method sees, in setup or in a step, is recorded (the leak audit reads the ledger)
     forget_it = ledger.recording(forget_it, m.tasks, role="forget") if method.uses_forget else None
     retain_it = ledger.recording(retain_it, m.tasks, role="retain") if retain_it else None
+    # the method draws the recorded (CPU) batches moved to the model's device
+    feed = lambda it: None if it is None else (to_device(b, s.acc.device) for b in it)  # noqa: E731
+    forget_in, retain_in = feed(forget_it), feed(retain_it)
     t0 = t_setup = time.perf_counter()  # the unlearning cost includes the method's setup
-    setup_logs = method.setup(make_ctx(0), retain_it, forget_it)
+    setup_logs = method.setup(make_ctx(0), retain_in, forget_in)
     s.tracker.log_metrics({**{f"setup/{k}": v for k, v in setup_logs.items()},
                            "time/setup_s": time.perf_counter() - t_setup}, 0)
     thresholds = _stop_thresholds(s, raw, forget_set, original_val)  # on the original model, resumed or not
@@ -108,12 +113,12 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     bar = tqdm(total=u.steps, initial=start, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False,
                dynamic_ncols=True)
     step = start
-    done_mask = torch.tensor([t in done for t in m.tasks])
+    done_mask = _task_mask(done, m.tasks)
     for step in range(start + 1, u.steps + 1):
         if forget_it is not None:
             forget_it.mask_tasks(done_mask)  # a task already forgotten is not ascended further
-        fb = next(forget_it) if forget_it is not None else None
-        rb = next(retain_it) if retain_it is not None else None
+        fb = next(forget_in) if forget_in is not None else None
+        rb = next(retain_in) if retain_in is not None else None
         loss, parts = method.step(make_ctx(step), fb, rb)
         logged = reduce_for_logging({"loss": loss, **parts}, s.world)
         # clip at train.grad_clip and step; the norm before clipping is known only then under ZeRO, so a
@@ -135,7 +140,7 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
         bar.update(1)
         if thresholds:
             done |= _tasks_done(s, raw, forget_set, thresholds)
-            done_mask = torch.tensor([t in done for t in m.tasks])
+            done_mask = _task_mask(done, m.tasks)
         if u.checkpoint_every and step % u.checkpoint_every == 0:
             _save_resume_point(s, raw, stepper.checkpoint_optimizer(), step, method, ledger, streams, first, done)
         fault_point("unlearn", step)
@@ -148,6 +153,11 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     s.tracker.set_tags({"mtu.stop_reason": stopped})
     s.ledger = ledger.gather(s.world)
     return raw, elapsed, stopped
+
+
+def _task_mask(done: set, tasks) -> torch.Tensor:
+    """Bool over tasks; it masks the recorded batches on the CPU, before they move."""
+    return torch.tensor([t in done for t in tasks], device="cpu")
 
 
 def _save_resume_point(s: Session, raw, opt, step: int, method, ledger: Ledger, streams: dict, first, done) -> None:
@@ -181,7 +191,8 @@ def _resume(s: Session, folder, raw, stepper, method, ledger: Ledger, streams: d
 def _check_in_sync(model, world: int, step: int) -> None:
     """Every rank must hold bit-identical parameters: compare a checksum across ranks."""
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-    mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype)).sum()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)
+    mine = torch.stack([flat.sum(), (flat * weights).sum()])
     if world > 1:
         every = [torch.zeros_like(mine) for _ in range(world)]
         torch.distributed.all_gather(every, mine)

@@ -27,7 +27,8 @@ def _launch_args(config: str, *extra: str):
 
 
 @pytest.mark.parametrize("config, kind, stage", [
-    ("cpu_1proc.yaml", "NO", None), ("cpu_2proc.yaml", "MULTI_GPU", None), ("gpu_1node.yaml", "MULTI_GPU", None),
+    ("cpu_1proc.yaml", "NO", None), ("cpu_2proc.yaml", "MULTI_GPU", None), ("gpu_1proc.yaml", "NO", None),
+    ("gpu_1node.yaml", "MULTI_GPU", None),
     ("multinode.yaml", "MULTI_GPU", None), ("deepspeed_zero1.yaml", "DEEPSPEED", 1), ("deepspeed_zero2.yaml", "DEEPSPEED", 2)])
 def test_accelerate_configs_parse(config, kind, stage):
     raw = yaml.safe_load((CONFIGS / config).read_text())

@@ -88,10 +88,21 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def concat_batches(parts: list[dict]) -> dict:
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "key"}
+def concat_batches(parts: list[dict], pin_memory: bool = False) -> dict:
+    """One batch from the workers' chunks; `pin_memory`: into pinned memory, like the chunks (so the
+    batch still moves to the GPU asynchronously)."""
+    if len(parts) == 1:
+        return parts[0]  # nothing to join
+    out = {k: _cat([p[k] for p in parts], pin_memory) for k in parts[0] if k != "key"}
     out["key"] = [k for p in parts for k in p["key"]]
     return out
+
+
+def _cat(tensors: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    if not pin_memory:
+        return torch.cat(tensors)
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, device="cpu", pin_memory=True))
 
 
 @dataclass
@@ -202,8 +213,9 @@ class BatchLoader:
 
     def __init__(self, manifest: Manifest, split: str, *, rank: int, world: int, local_batch: int,
                  workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 64, seed: int = 0,
-                 mask_fn: MaskFn | None = None):
+                 mask_fn: MaskFn | None = None, pin_memory: bool = False):
         self.manifest, self.split, self.rank, self.world = manifest, split, rank, world
+        self.pin_memory = pin_memory  # for a CUDA consumer (mtu_dist.device.pins_memory): batches move asynchronously
         self.local_batch, self.workers, self.shuffle = local_batch, workers, shuffle
         self.shuffle_buffer, self.seed = (shuffle_buffer if shuffle else 0), seed
         self.mask_fn = mask_fn or full_mask(manifest)
@@ -222,14 +234,14 @@ class BatchLoader:
         plan = self.plan(epoch)
         ds = ShardStream(self.manifest, self.split, plan, rank=self.rank, world=self.world,
                          mask_fn=self.mask_fn, shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=epoch)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.workers,
+        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
                             persistent_workers=False, prefetch_factor=4 if self.workers else None)
         parts, nw = [], max(self.workers, 1)
         try:
             for chunk in loader:
                 parts.append(chunk)
                 if len(parts) == nw:
-                    yield concat_batches(parts)
+                    yield concat_batches(parts, self.pin_memory)
                     parts = []
         except Exception as e:  # a UserError raised inside a worker arrives re-wrapped, the worker's traceback
             match = _WRAPPED.search(str(e))  # in its message: keep only the original message

@@ -89,7 +89,8 @@ def prepare(acc, model, opt, *, wrap: bool, micro_batch: int, clip: float):
     if stage is None:
         if wrap:
             model, prepared = acc.prepare(model, opt)
-        else:
+        else:  # Accelerate places only what it prepares: the unwrapped model goes to its device here
+            model.to(acc.device)
             prepared = acc.prepare(opt)
         return model, PlainStepper(model.parameters(), prepared, clip)
     ds = acc.state.deepspeed_plugin.deepspeed_config

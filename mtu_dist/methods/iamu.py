@@ -63,7 +63,8 @@ def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
     total = vals.sum()
     if total <= 0:
         return cov.new_zeros(cov.shape[0], 0)
-    k = int(torch.searchsorted(torch.cumsum(vals, 0) / total, torch.tensor(energy, dtype=vals.dtype)).item()) + 1
+    level = torch.tensor(energy, dtype=vals.dtype, device=vals.device)
+    k = int(torch.searchsorted(torch.cumsum(vals, 0) / total, level).item()) + 1
     return vecs[:, :min(k, vals.numel())]
 
 
@@ -150,7 +151,8 @@ class Iamu(SignalMethod):
             return covs
         keys = [(i, t) for i in self.projected_idx for t in ctx.tasks]
         sizes = [self.params[i][0].numel() for i, _ in keys]
-        zeros = lambda n: torch.zeros(n * n, dtype=self.params[0].dtype)  # noqa: E731 (a rank may own no row)
+        p0 = self.params[0]
+        zeros = lambda n: torch.zeros(n * n, dtype=p0.dtype, device=p0.device)  # noqa: E731 (a rank may own no row)
         flat = torch.cat([covs[i][t].reshape(-1) if i in covs else zeros(n) for (i, t), n in zip(keys, sizes)])
         torch.distributed.all_reduce(flat)
         out, off = {}, 0
@@ -226,8 +228,8 @@ class Iamu(SignalMethod):
         return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]
 
     def _project(self, x, targets, ctx) -> dict[str, torch.Tensor]:
-        before = torch.zeros(len(targets), dtype=x.dtype)
-        after = torch.zeros(len(targets), dtype=x.dtype)
+        before = x.new_zeros(len(targets))
+        after = x.new_zeros(len(targets))
         for pc in self.my_pieces(self.projected_idx):
             blk = self.blocks.index(pc.rank)
             for j, t in enumerate(targets):
@@ -279,7 +281,7 @@ class Iamu(SignalMethod):
 
             from safetensors.torch import save_file
             Path(self.opts.trace_dir).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       Path(self.opts.trace_dir) / f"step-{ctx.step:04d}.safetensors")
 
 

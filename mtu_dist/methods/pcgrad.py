@@ -29,14 +29,14 @@ class PCGradOptions(BaseModel):
 
 
 def pcgrad_orders(k: int, gen: torch.Generator) -> list[list[int]]:
-    """Per task i, the other tasks in a random order."""
-    return [[j for j in torch.randperm(k, generator=gen).tolist() if j != i] for i in range(k)]
+    """Per task i, the other tasks in a random order (from the CPU generator `gen`, whatever the device)."""
+    return [[j for j in torch.randperm(k, generator=gen, device="cpu").tolist() if j != i] for i in range(k)]
 
 
 def pcgrad_coefficients(gram: torch.Tensor, orders: list[list[int]]) -> tuple[torch.Tensor, int]:
     """C [K, K] with g_i^PC = sum_k C[i, k] g_k, from the Gram matrix of the g_k only; and the number of
     projections made (conflicting pairs met)."""
-    coef = torch.eye(gram.shape[0], dtype=gram.dtype)
+    coef = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     projections = 0
     for i, order in enumerate(orders):
         for j in order:
@@ -61,19 +61,21 @@ class PCGrad(SignalMethod):
         f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
         r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
         x = self.signals([f[t] for t in targets] + [r[u] for u in tasks], ctx, probe=True)  # [blocks, K, S]
-        weight = torch.tensor([-(1 - ctx.alpha)] * len(targets) + [ctx.alpha] * len(tasks), dtype=x.dtype)
+        weight = torch.tensor([-(1 - ctx.alpha)] * len(targets) + [ctx.alpha] * len(tasks), dtype=x.dtype,
+                              device=x.device)
         vecs = x * weight[None, :, None]
         cols = self.surgery_cols[self.blocks][:, None].to(x.dtype)  # [blocks, 1, S]
         masked = vecs * cols
         gram = allreduce_small(torch.einsum("bks,bls->kl", masked, masked), self.mode, ctx.world)
         gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.step)
-        coef, projections = pcgrad_coefficients(gram, pcgrad_orders(gram.shape[0], gen))
-        combined = torch.einsum("k,bks->bs", coef.sum(0), vecs)
+        # the K x K surgery runs on the host: K^2 sign tests would each wait on the device
+        coef, projections = pcgrad_coefficients(gram.cpu(), pcgrad_orders(gram.shape[0], gen))
+        combined = torch.einsum("k,bks->bs", coef.sum(0).to(vecs.device), vecs)
         update = torch.where(cols[:, 0].bool(), combined, vecs.sum(1))  # outside surgery: the plain sum
         self.write_update(update, ctx)
         loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
         k = gram.shape[0]
         parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},
                  # global already: divided by world because the runner sums parts over ranks
-                 "pcgrad/projected_pairs": torch.tensor(projections / max(k * (k - 1), 1) / ctx.world)}
+                 "pcgrad/projected_pairs": torch.tensor(projections / max(k * (k - 1), 1) / ctx.world, device=x.device)}
         return loss.detach(), parts

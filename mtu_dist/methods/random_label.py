@@ -30,10 +30,11 @@ def seeded(*parts) -> torch.Generator:
 
 
 def random_classes(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
-    """Each labelled pixel -> a class other than its own, uniform over the other C - 1; ignore stays."""
+    """Each labelled pixel -> a class other than its own, uniform over the other C - 1; ignore stays.
+    Drawn from the CPU generator `gen` (the same draw on any device), then moved to the labels."""
     if num_classes < 2:
         raise ValueError("random_label needs at least 2 classes")
-    shift = torch.randint(1, num_classes, labels.shape, generator=gen)
+    shift = torch.randint(1, num_classes, labels.shape, generator=gen, device="cpu").to(labels.device)
     labelled = (labels >= 0) & (labels < num_classes) & (labels != IGNORE_INDEX)
     return torch.where(labelled, (labels + shift) % num_classes, labels)
 
@@ -58,7 +59,8 @@ def random_targets(ctx, forget: dict, retain: dict) -> dict:
             if not donors:
                 out["mask"][b, j] = False
                 continue
-            d = donors[int(torch.randint(len(donors), (1,), generator=seeded(ctx.seed, ctx.step, t, key)))]
+            draw = torch.randint(len(donors), (1,), generator=seeded(ctx.seed, ctx.step, t, key), device="cpu")
+            d = donors[int(draw)]
             label[b] = retain[t][d]
             donated[d, j] = True
         out[t] = label

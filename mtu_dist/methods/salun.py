@@ -30,7 +30,7 @@ def top_fraction_mask(scores: list[torch.Tensor], fraction: float) -> list[torch
     """Bool masks (shaped like `scores`) keeping exactly round(fraction * total) of the highest scores,
     ranked globally across every tensor (ties broken by position, identically on every rank)."""
     flat = torch.cat([s.reshape(-1) for s in scores])
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[torch.topk(flat, round(fraction * flat.numel()), sorted=False).indices] = True
     return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
 

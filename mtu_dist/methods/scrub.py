@@ -91,10 +91,12 @@ class Scrub(Method):
         with torch.no_grad():
             teacher = self.teacher(batch["image"])
         div = divergences(student, teacher, batch, ctx.tasks, ctx.world, self.opts.temperature)
+        device = batch["image"].device
         if kind == "max":
-            return -sum(div.values()), {"max_step": torch.tensor(1.0 / ctx.world),
+            return -sum(div.values()), {"max_step": torch.tensor(1.0 / ctx.world, device=device),
                                         **{f"forget_div/{t}": div[t] for t in ctx.targets}}
         losses = normalised_losses(student, batch, ctx.tasks, global_counts(batch, ctx.world))
         total = self.opts.task_weight * sum(losses.values()) + self.opts.kd_weight * sum(div.values())
-        return total, {"max_step": torch.tensor(0.0), **{f"retain_div/{t}": v for t, v in div.items()},
+        return total, {"max_step": torch.tensor(0.0, device=device),
+                       **{f"retain_div/{t}": v for t, v in div.items()},
                        **{f"retain/{t}": v for t, v in losses.items()}}

@@ -35,11 +35,11 @@ class SignalMethod(Method):
         those of the tasks named in `heads`; never padding."""
         tasks = self.head_idx if heads is True else (heads or ())
         wanted = self.shared_idx.union(*(self.head_idx[t] for t in tasks))
-        mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool)
+        mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool, device="cpu")
         for pc in self.layout.pieces:
             if pc.index in wanted:
                 mask[pc.rank, pc.dst:pc.dst + pc.n] = True
-        return mask
+        return mask.to(self.params[0].device)  # filled on the host (one write per piece), moved once
 
     def my_pieces(self, indices):
         """The pieces (parameter rows) of `indices` that live in this rank's blocks."""
@@ -82,12 +82,11 @@ class SignalMethod(Method):
     def restore(self, state: dict) -> None:
         self.engine = state.get("engine", self.engine)
 
-    @staticmethod
-    def _agreed(engine: str, ctx) -> str:
+    def _agreed(self, engine: str, ctx) -> str:
         """Rank 0's timing decides for every rank, so all ranks (and a resumed run) use one engine."""
         if ctx.world == 1:
             return engine
-        choice = torch.tensor([list(engines.ENGINES).index(engine)])
+        choice = torch.tensor([list(engines.ENGINES).index(engine)], device=self.params[0].device)  # NCCL: GPU only
         torch.distributed.broadcast(choice, src=0)
         return list(engines.ENGINES)[int(choice)]
 
