@@ -8,7 +8,10 @@
 #   bench/gpu.sh --quick                      # smoke run
 #   bench/gpu.sh --set model.resnet_depth=18  # further arguments go to bench/suite.py
 #   bench/gpu.sh --dry-run                    # no GPU: the same ResNet path on the CPU, tiny sizes
-#                                             # (ResNet-18, 1 loader worker), to check the script itself
+#                                             # (ResNet-18, 1 loader worker), to check the script itself;
+#                                             # without iamu: its setup eigendecomposes ResNet covariances
+#                                             # (up to 4608x4608 per task and layer), seconds on a GPU but
+#                                             # over 15 minutes on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -17,7 +20,7 @@ CONFIG=configs/resnet_gpu.yaml
 if [ "${1:-}" = "--dry-run" ]; then
   shift
   exec "$PY" bench/suite.py --device cpu --quick --config "$CONFIG" --set model.resnet_depth=18 \
-    --set data.workers=1 --out bench/results/suite_gpu_dryrun.json "$@"
+    --set data.workers=1 --skip iamu --methods neggrad_plus --out bench/results/suite_gpu_dryrun.json "$@"
 fi
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then

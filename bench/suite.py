@@ -305,9 +305,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument("--workdir", type=Path, help="folder for the temporary data, runs and logs (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (section logs, runs)")
+    p.add_argument("--skip", action="append", default=[], metavar="SECTION",
+                   help="leave a section out (repeatable): data, signals, iamu, reduction, ranks, mlflow, unlearn")
     a = p.parse_args(argv)
     try:
         gpus = check_device(a.device)
+        known = ("data", "signals", "iamu", "reduction", "ranks", "mlflow", "unlearn")
+        if bad := [s for s in a.skip if s not in known]:
+            raise UserError(f"--skip {bad[0]}: not a section; the sections are {', '.join(known)}")
         files = ([str(ROOT / "configs" / "tiny.yaml")] if a.quick else []) + [str(Path(f).resolve()) for f in a.config]
         cfg = load_config(files, a.set)
     except UserError as e:
@@ -320,6 +325,7 @@ def main(argv=None) -> int:
     results = {}
     try:
         for name, fn in sections(cfg, files, a.set, size, work, a.device, gpus, methods).items():
+            fn = "left out (--skip)" if name in a.skip else fn
             (work / name).mkdir(exist_ok=True)
             results[name] = {"skipped": fn} if isinstance(fn, str) else run_section(name, fn, work / f"{name}.log", a.device)
     finally:

@@ -55,3 +55,9 @@ def test_cuda_refused_without_a_gpu(tmp_path, cmd):
     proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=NO_GPU)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_suite_skip_names_a_section(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--skip", "iamuu"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=NO_GPU)
+    assert proc.returncode == 2 and "--skip iamuu: not a section" in proc.stderr and "Traceback" not in proc.stderr
