@@ -24,7 +24,7 @@ import pytest
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.forget import make_request, write_request
 
-from conftest import BIN, ROOT, _free_port, run_mtu
+from conftest import BIN, ROOT, _free_port
 from test_data import _copy, _mutate_sample, _set_depth
 
 pytestmark = pytest.mark.slow
@@ -68,11 +68,11 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ctx_base(tiny_root, tmp_path_factory):
+def ctx_base(tiny_root, tiny_original, tmp_path_factory):
+    """The shared original (configs/tiny.yaml; every case checks that it is left untouched) and its `out`
+    folder, requests and a tracking store of this module's own."""
     base = tmp_path_factory.mktemp("runner-errors")
-    out, uri = base / "runs", f"sqlite:///{base / 'mlflow.db'}"
-    run_mtu("train", "--config", TINY, "--set", f"data.root={tiny_root}", "--set", "data.dataset=synth-indoor",
-            "--set", f"out={out}", "--tracking-uri", uri, cwd=base, check=True)
+    out, uri = tiny_original.parents[1], f"sqlite:///{base / 'mlflow.db'}"
     requests = {}
     for ds in ("synth-indoor", "synth-street"):
         m = load_manifest(tiny_root / ds)
