@@ -108,3 +108,20 @@ def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch):
     got = energy_basis(cov, 0.97)
     assert got.shape == ref.shape
     torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector
+
+
+def test_energy_basis_falls_back_to_svd_when_eigh_returns_nan(monkeypatch):
+    """float32 eigh can return NaN without raising on a barely trained model's layer covariance (seen on
+    a 576x576 one after one epoch); the basis must then come from the SVD, not hold every NaN column."""
+    a = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov = a @ a.T
+    ref = energy_basis(cov, 0.97)
+    real_eigh = torch.linalg.eigh
+
+    def nan_eigh(x, *args, **kwargs):
+        vals, vecs = real_eigh(x, *args, **kwargs)
+        return vals, torch.full_like(vecs, float("nan"))
+    monkeypatch.setattr(torch.linalg, "eigh", nan_eigh)
+    got = energy_basis(cov, 0.97)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)

@@ -52,14 +52,24 @@ def _orth(mat: torch.Tensor, tol: float = 1e-7) -> torch.Tensor:
     return u[:, sv > tol * sv.max().clamp(min=1e-30)] if sv.max() > 0 else mat.new_zeros(mat.shape[0], 0)
 
 
-def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
-    """Top eigenvectors of a PSD matrix holding `energy` of its trace."""
+def eigh_descending(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of a symmetric PSD matrix."""
     try:
         vals, vecs = torch.linalg.eigh(cov)
-    except torch.linalg.LinAlgError:  # eigh may not converge on badly rank-deficient covariances (deep nets)
-        vecs, vals, _ = torch.linalg.svd(cov.double())  # a PSD matrix's SVD is its eigendecomposition
-        vals, vecs = vals.flip(0).to(cov.dtype), vecs.flip(1).to(cov.dtype)  # ascending, like eigh
-    vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(1)
+        if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
+            return vals.flip(0), vecs.flip(1)
+    except torch.linalg.LinAlgError:
+        pass
+    # On badly rank-deficient covariances (deep layers, barely trained models) float32 eigh may fail to
+    # converge or silently return NaN; a PSD matrix's SVD is its eigendecomposition, and float64 converges.
+    vecs, vals, _ = torch.linalg.svd(cov.double())
+    return vals.to(cov.dtype), vecs.to(cov.dtype)
+
+
+def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
+    """Top eigenvectors of a PSD matrix holding `energy` of its trace."""
+    vals, vecs = eigh_descending(cov)
+    vals = vals.clamp(min=0)
     total = vals.sum()
     if total <= 0:
         return cov.new_zeros(cov.shape[0], 0)
