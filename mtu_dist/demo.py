@@ -3,7 +3,7 @@
 synthetic shards -> original model -> a full-task and a partial-task forget request -> retrain for
 each (the gold standard) -> every registered method but iamu's ablations (the paper table compares
 those: `bench/paper_table.py`) -> evaluation -> a table per setting, with all runs as children of one
-MLflow parent run. About ten minutes on 2 cores.
+MLflow parent run. About six minutes on 2 idle cores.
 """
 from __future__ import annotations
 
