@@ -96,32 +96,27 @@ def test_gram_orthogonalization_matches_direct_reference(rank_deficient):
     assert (span @ ours).abs().max() <= 1e-9 * g.norm()
 
 
-def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch):
-    """eigh may not converge on rank-deficient covariances of deep layers; the SVD path gives the same span."""
-    a = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cov = a @ a.T
-    ref = energy_basis(cov, 0.97)
-
-    def no_convergence(*args, **kwargs):
+def _eigh_raises(real_eigh):
+    def eigh(*args, **kwargs):
         raise torch.linalg.LinAlgError("did not converge")
-    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
-    got = energy_basis(cov, 0.97)
-    assert got.shape == ref.shape
-    torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector
+    return eigh
 
 
-def test_energy_basis_falls_back_to_svd_when_eigh_returns_nan(monkeypatch):
-    """float32 eigh can return NaN without raising on a barely trained model's layer covariance (seen on
-    a 576x576 one after one epoch); the basis must then come from the SVD, not hold every NaN column."""
-    a = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cov = a @ a.T
-    ref = energy_basis(cov, 0.97)
-    real_eigh = torch.linalg.eigh
-
-    def nan_eigh(x, *args, **kwargs):
+def _eigh_returns_nan(real_eigh):
+    def eigh(x, *args, **kwargs):
         vals, vecs = real_eigh(x, *args, **kwargs)
         return vals, torch.full_like(vecs, float("nan"))
-    monkeypatch.setattr(torch.linalg, "eigh", nan_eigh)
+    return eigh
+
+
+@pytest.mark.parametrize("broken_eigh", [_eigh_raises, _eigh_returns_nan], ids=["raises", "returns_nan"])
+def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch, broken_eigh):
+    """eigh may not converge on rank-deficient covariances of deep layers, and float32 eigh can return NaN
+    without raising (seen on a 576x576 one of a model trained one epoch); the SVD path gives the same span."""
+    a = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov = a @ a.T
+    ref = energy_basis(cov, 0.97)
+    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh(torch.linalg.eigh))
     got = energy_basis(cov, 0.97)
     assert got.shape == ref.shape and torch.isfinite(got).all()
-    torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector
