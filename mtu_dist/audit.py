@@ -10,6 +10,13 @@ The audit needs neither the shards nor the model code: pairs are matched by thei
    forget pair at all, under any role.
 3. The `forget` role holds forget pairs only (anything else was ascended on data nobody asked to forget).
 
+A lineage (an unlearning run made from an earlier one's model, lineage.py) is audited as a whole: every
+step's run folder, oldest first, each against the cumulative forget set up to and including its own
+request (read back from every step's request file, sha256-checked). No pair an earlier step forgot may
+reach a later step under any role, its forget role included (repeats are skipped, never re-ascended);
+the chain's folders must still hold the models the lineage records. audit.json of the audited run
+holds its own step's result at the top level and every step's under `chain`.
+
 The summary is printed, written atomically to `RUN/final/audit.json` and logged to the run's MLflow
 run (artifact `audit.json`, tag `mtu.audit`, metric `audit/leaks`). A failed check exits non-zero with
 a message naming the pairs; audit.json is written either way.
@@ -45,45 +52,95 @@ def audit_command(runs: list[str], *, request: str | None = None, tracking_uri: 
 def audit_run(run: str, *, request: str | None = None, tracking_uri: str | None = None) -> dict:
     final = _final_folder(Path(run))
     state = read_state(final)
-    ledger = _checked_ledger(final, state)
-    forget = _forget_pairs(request, state)
     report = _json(final / "metrics.json")
     mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
-    result = audit(ledger, forget, command=state.get("command"))
-    result = {"run": str(final.parent), "command": state.get("command"), "method": state.get("method"),
-              "request_sha256": state["request_sha256"], "ledger_sha256": state["ledger_sha256"], **result}
+    if state.get("lineage"):
+        result = _audit_chain(final, state, request)
+    else:
+        result = _audit_step(final, state, _forget_pairs(request, state))
     atomic_write_json(final / "audit.json", result)
     if mlflow_run:
         client, run_id = mlflow_run
         client.log_artifact(run_id, str(final / "audit.json"))
         client.set_tag(run_id, "mtu.audit", "passed" if result["passed"] else "LEAK")
-        client.log_metric(run_id, "audit/leaks", result["leak_count"])
+        client.log_metric(run_id, "audit/leaks", result.get("chain_leak_count", result["leak_count"]))
     print(summary(result, final / "audit.json", logged=bool(mlflow_run)))
     return result
 
 
-def audit(ledger: dict, forget: dict[str, str], *, command: str | None) -> dict:
-    """The checks on a ledger document. `forget`: sha256 key -> plain `instance|task` of every forget pair."""
+def _audit_step(final: Path, state: dict, forget: dict[str, str], earlier: dict[str, str] | None = None) -> dict:
+    result = audit(_checked_ledger(final, state), forget, command=state.get("command"), earlier=earlier)
+    return {"run": str(final.parent), "command": state.get("command"), "method": state.get("method"),
+            "request_sha256": state["request_sha256"], "ledger_sha256": state["ledger_sha256"], **result}
+
+
+def _audit_chain(final: Path, state: dict, request: str | None) -> dict:
+    """Every step of the lineage, oldest first, against what was forgotten up to it."""
+    from .lineage import read_lineage
+    _, rec = read_lineage(str(final))
+    previous = {pair_hash(i, t): f"{i}|{t}" for i, ts in rec["root"].get("forgotten", {}).items() for t in ts}
+    models = [s["parent_sha256"] for s in rec["steps"][1:]] + [state["sha256"]["model.safetensors"]]
+    steps = []
+    for n, (step, model) in enumerate(zip(rec["steps"], models), 1):
+        tip = n == len(rec["steps"])
+        folder = final if tip else Path(step["run"] or "") / "final"
+        if not (folder / "state.json").is_file():
+            raise UserError(f"{folder}: step {n} of the lineage of {final.parent} is missing; the chain cannot be "
+                            "audited without every step's run folder")
+        st = state if tip else read_state(folder)
+        if st["sha256"]["model.safetensors"] != model or st.get("request_sha256") != step["request_sha256"]:
+            raise UserError(f"{folder}: holds another model or request than step {n} of the lineage of "
+                            f"{final.parent} records (re-run since?)")
+        mine = _forget_pairs(request if tip else None, st)
+        new = {h: k for h, k in mine.items() if h not in previous}
+        if sorted(new.values()) != sorted(f"{i}|{t}" for i, ts in step["new"].items() for t in ts):
+            raise UserError(f"{folder}: step {n}'s request minus the earlier steps' pairs is not what the lineage "
+                            "records as its new pairs")
+        cumulative = {**previous, **mine}
+        steps.append({"step": n, **_audit_step(folder, st, cumulative, earlier=previous)})
+        previous = cumulative
+    result = {k: v for k, v in steps[-1].items() if k != "step"}
+    result["chain"] = steps
+    result["chain_leak_count"] = sum(s["leak_count"] for s in steps)
+    result["passed"] = all(s["passed"] for s in steps)
+    return result
+
+
+def audit(ledger: dict, forget: dict[str, str], *, command: str | None, earlier: dict[str, str] | None = None) -> dict:
+    """The checks on a ledger document. `forget`: sha256 key -> plain `instance|task` of every forget pair
+    (a lineage step: every pair forgotten up to and including its request); `earlier`: the pairs earlier
+    steps forgot, which may not appear even under the forget role."""
     roles = ledger["roles"]
     leaks = {}
     for role, r in roles.items():
         if role == "forget" and command != "retrain":
-            continue  # the forget role of an unlearning run is where forget pairs belong
+            # the forget role of an unlearning run is where its own forget pairs belong, not earlier ones
+            hit = sorted(h for h in r["sha256"] if h in (earlier or {}))
+            if hit:
+                leaks[role] = [{"pair": earlier[h], "sha256": h, "uses": r["sha256"][h]} for h in hit]
+            continue
         hit = sorted(h for h in r["sha256"] if h in forget)
         if hit:
             leaks[role] = [{"pair": forget[h], "sha256": h, "uses": r["sha256"][h]} for h in hit]
     forget_role = roles.get("forget", {"sha256": {}, "keys": {}})
-    consumed = set(forget_role["sha256"]) & set(forget)
+    consumed = set(forget_role["sha256"]) & (set(forget) - set(earlier or {}))
     stray = sorted(k for k in forget_role["keys"] if pair_hash(*k.split("|")) not in forget)
     leak_count = sum(len(v) for v in leaks.values())
     return {"roles": {role: {"pairs": r["pairs"], "uses": r["uses"]} for role, r in roles.items()},
-            "forget_pairs": len(forget), "forget_pairs_consumed": len(consumed),
+            "forget_pairs": len(forget) - len(earlier or {}), "forget_pairs_consumed": len(consumed),
             "leaks": leaks, "leak_count": leak_count, "stray_forget_pairs": stray,
             "passed": leak_count == 0 and not stray}
 
 
 def summary(result: dict, path: Path, logged: bool) -> str:
-    lines = [f"audit {result['run']}: {result['command']}"
+    lines = []
+    if len(result.get("chain", [])) > 1:
+        lines.append(f"lineage of {result['run']}: {len(result['chain'])} steps, oldest first")
+        for st in result["chain"][:-1]:
+            lines.append(f"  step {st['step']} {st['run']} ({st['method']}): {st['forget_pairs']} new forget pairs, "
+                         f"leaks {st['leak_count']}, {'passed' if st['passed'] else 'FAILED'}")
+        lines.append(f"  step {len(result['chain'])} (this run):")
+    lines += [f"audit {result['run']}: {result['command']}"
              + (f" ({result['method']})" if result.get("method") else "")
              + f", request sha256 {result['request_sha256'][:12]}, {result['forget_pairs']} forget pairs"]
     for role, r in sorted(result["roles"].items()):
@@ -91,12 +148,16 @@ def summary(result: dict, path: Path, logged: bool) -> str:
     lines.append(f"  forget pairs consumed by the forget role: {result['forget_pairs_consumed']}")
     lines.append(f"  leaks: {result['leak_count']}" + (f"  stray forget pairs: {len(result['stray_forget_pairs'])}"
                                                          if result["stray_forget_pairs"] else ""))
+    if "chain" in result:
+        lines.append(f"  whole lineage: {result['chain_leak_count']} leak(s) over {len(result['chain'])} step(s)")
     lines.append(f"  {'passed' if result['passed'] else 'FAILED'}; wrote {path}"
                  + ("; logged to MLflow" if logged else " (run not tracked in MLflow)"))
     return "\n".join(lines)
 
 
 def _failures(result: dict) -> str:
+    if "chain" in result:
+        return "; ".join(f"step {st['step']} ({st['run']}): {_failures(st)}" for st in result["chain"] if not st["passed"])
     parts = []
     for role, pairs in result["leaks"].items():
         names = ", ".join(p["pair"] for p in pairs[:SHOWN]) + (", ..." if len(pairs) > SHOWN else "")

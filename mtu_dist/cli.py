@@ -45,7 +45,13 @@ def cmd_forget_make(a):
     from .forget import load_request, make_request, write_request
     m = load_manifest(a.dataset, a.root)
     exclude = load_request(a.exclude, m) if a.exclude else None
-    raw = make_request(m, fraction=a.fraction, setting=a.setting, tasks=a.tasks, seed=a.seed, exclude=exclude)
+    root, forgotten = None, ()
+    if getattr(a, "from"):  # the next request for a lineage: names its root, draws what it has not forgotten
+        from .lineage import read_lineage
+        _, rec = read_lineage(getattr(a, "from"))
+        root, forgotten = rec["root"]["model_sha256"], rec["cumulative"]
+    raw = make_request(m, fraction=a.fraction, setting=a.setting, tasks=a.tasks, seed=a.seed, exclude=exclude,
+                       exclude_ids=forgotten, lineage_root=root)
     write_request(raw, a.out, overwrite=a.overwrite)
     req = load_request(a.out, m)  # round trip: what we wrote must load
     print(f"{a.out}: {req.setting} request, {len(req.entries)} instances, tasks "
@@ -99,6 +105,7 @@ def cmd_score(a):
     from .scoring import block_table, score_command
     report = score_command(a.run, original=a.original, retrain=a.retrain, tracking_uri=a.tracking_uri)
     print(block_table(report["unlearning"]))
+    _print_cumulative(report)
 
 
 def _print_summary(report: dict) -> None:
@@ -109,6 +116,17 @@ def _print_summary(report: dict) -> None:
         if report.get("unlearning"):
             from .scoring import block_table
             print(block_table(report["unlearning"]))
+            _print_cumulative(report)
+
+
+def _print_cumulative(report: dict) -> None:
+    """A lineage step's scores on everything its lineage forgot (beyond the first request)."""
+    from .scoring import block_table
+    cum = report.get("cumulative")
+    if cum and not cum["same_as_request"]:
+        print(f"\ncumulative forget set: {cum['pairs']} pairs over {cum['depth']} requests, against the original "
+              f"{cum['root']}")
+        print(block_table(cum["unlearning"]))
 
 
 def cmd_sweep(a):
@@ -129,6 +147,11 @@ def cmd_tune(a):
 def cmd_report(a):
     from .paper_report import report_command
     report_command(parent=a.parent, experiment=a.experiment, bench=a.bench, tracking_uri=a.tracking_uri, out=a.out)
+
+
+def cmd_lineage(a):
+    from .lineage import lineage_command
+    lineage_command(a.run, write_request=a.write_request, as_json=a.json, show_pairs=a.pairs, overwrite=a.overwrite)
 
 
 def cmd_audit(a):
@@ -198,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="target tasks (partial setting)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="an existing request whose instances must not be drawn (dev requests)")
+    p.add_argument("--from", help="an unlearning run: the request is for its lineage (lineage_root) and draws "
+                   "no instance the lineage has already forgotten")
     p.add_argument("--out", required=True, help="output .yaml or .json")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--root", default="data_shards")
@@ -277,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store the run was logged to (default: MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("lineage", help="the chain of forget requests a model honoured, and its cumulative forget set")
+    p.add_argument("run", help="run folder of an unlearning run (runs/<dataset>/<name>)")
+    p.add_argument("--write-request", metavar="FILE", help="write the cumulative forget set as a request file "
+                   "(mtu retrain --request FILE: the gold standard for the whole chain)")
+    p.add_argument("--pairs", action="store_true", help="list every entry of the cumulative forget set")
+    p.add_argument("--json", action="store_true", help="print the lineage as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --write-request file")
+    p.set_defaults(func=cmd_lineage)
     p = sub.add_parser("server", help="start an MLflow tracking server (binds 127.0.0.1 unless --host says otherwise)")
     p.add_argument("--store", default="sqlite:///mlflow.db", help="backend store URI (default: sqlite:///mlflow.db)")
     p.add_argument("--artifacts", default="mlartifacts", help="artifact folder (default: mlartifacts)")

@@ -15,12 +15,16 @@ from .session import Session, open_session, run_info
 
 
 def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None = None,
-           original=None, retrain=None) -> dict:
+           original=None, retrain=None, cumulative: dict | None = None) -> dict:
     """Save the final model (atomically), evaluate it, write metrics.json beside it, log everything.
-    A run on a forget request also gets its unlearning scores (scoring.py) against the references given."""
+    A run on a forget request also gets its unlearning scores (scoring.py) against the references given;
+    a lineage step (`cumulative`: request, root and retrain references) also its scores on the cumulative
+    forget set (`metrics.json` "cumulative", MLflow `cumulative/...`)."""
     from .reference import fingerprint
     from .scoring import mlflow_metrics, unlearning_block
     final = s.run_dir / "final"
+    if s.lineage is not None:
+        s.lineage.steps[-1]["cost_s"] = elapsed
     # the ledger's sha256 goes into state.json, so `mtu audit` can tell whether ledger.json was edited
     ledger = ledger_bytes(s.ledger, s.request and s.request.sha256) if s.ledger is not None else None
     if s.is_main:
@@ -29,23 +33,60 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
     s.barrier()
     t0 = time.perf_counter()
     results = evaluate(model, s, s.request)
-    report = {"run": {**run_info(s), "run_dir": str(s.run_dir), "mlflow_run_id": s.tracker.run_id},
+    cum_results = None
+    if cumulative is not None and not cumulative["same_as_request"]:
+        cum_results = evaluate(model, s, cumulative["request"])  # collective: every rank
+    run = {k: v for k, v in run_info(s).items() if k != "lineage"}  # state.json keeps the whole record
+    report = {"run": {**run, "run_dir": str(s.run_dir), "mlflow_run_id": s.tracker.run_id},
               "time_s": elapsed, "eval_time_s": time.perf_counter() - t0, **(extra or {}),
               "splits": results["splits"]}
     if s.is_main:
         state = json.loads((final / "state.json").read_text())
-        report["eval"] = fingerprint(state, state.get("request_sha256"), s.cfg.eval.retain_sample)
+        report["eval"] = fingerprint(state, s.request and s.request.eval_key, s.cfg.eval.retain_sample)
+        metrics = flat_metrics(results["splits"])
         if s.request is not None:
             report["unlearning"] = unlearning_block(report, results["losses"], original=original, retrain=retrain)
+            metrics |= mlflow_metrics(report["unlearning"])
+        if cumulative is not None:
+            report["cumulative"] = _cumulative_report(s, state, results if cum_results is None else cum_results,
+                                                      cumulative, report)
+            metrics |= _lineage_metrics(s, report["cumulative"])
+            if cum_results is not None:
+                atomic_write_json(final / "losses-cumulative.json", cum_results["losses"])
         atomic_write_json(final / "metrics.json", report)
         atomic_write_json(final / "losses.json", results["losses"])
         if ledger is not None:
             atomic_write_bytes(final / "ledger.json", ledger)
             s.tracker.log_artifact(final / "ledger.json")
-        s.tracker.log_metrics(flat_metrics(results["splits"]) | mlflow_metrics(report.get("unlearning")), step)
+        s.tracker.log_metrics(metrics, step)
         s.tracker.log_artifact(final / "metrics.json")
     s.tracker.finish()
     return report
+
+
+def _cumulative_report(s: Session, state: dict, results: dict, cumulative: dict, report: dict) -> dict:
+    from .reference import fingerprint
+    from .scoring import unlearning_block
+    req, lin = cumulative["request"], s.lineage
+    cost = sum(step["cost_s"] or 0.0 for step in lin.steps)  # the whole chain's unlearning time
+    out = {"depth": lin.depth, "pairs": len(req.pairs()), "instances": len(req.entries),
+           "new_pairs": sum(map(len, lin.new.values())), "skipped_pairs": len(lin.skipped),
+           "request_sha256": req.sha256, "pairs_sha256": req.pairs_sha256, "root": lin.root["checkpoint"],
+           "same_as_request": cumulative["same_as_request"], "cost_s": cost,
+           "eval": fingerprint(state, req.eval_key, s.cfg.eval.retain_sample), "splits": results["splits"]}
+    creport = {"run": report["run"], "splits": results["splits"], "time_s": cost}
+    out["unlearning"] = unlearning_block(creport, results["losses"], original=cumulative["original"],
+                                         retrain=cumulative["retrain"])
+    return out
+
+
+def _lineage_metrics(s: Session, cum: dict) -> dict[str, float]:
+    from .scoring import mlflow_metrics
+    return {"lineage/depth": cum["depth"], "lineage/new_pairs": cum["new_pairs"],
+            "lineage/skipped_pairs": cum["skipped_pairs"], "lineage/cumulative_pairs": cum["pairs"],
+            "cumulative/cost_s": cum["cost_s"],
+            **{f"cumulative/{k}": v for k, v in mlflow_metrics(cum["unlearning"]).items()},
+            **{f"cumulative/{k}": v for k, v in flat_metrics(cum["splits"]).items()}}
 
 
 def train_command(cfg: RunConfig, *, name: str | None, resume: bool, overwrite: bool, tracking_uri: str | None) -> dict:
@@ -69,27 +110,47 @@ def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: b
 
 def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool, resume: bool = False,
                     tracking_uri: str | None, retrain: str | None = None) -> dict:
+    """One unlearning run; from an earlier unlearning run's model, the next step of its lineage (lineage.py).
+    `retrain`: a retrain run that removed the same pairs as the lineage so far (for a first request, the
+    request's own): the gap to retrain and the cost ratio."""
     from .data.manifest import load_manifest
     from .forget import load_request
+    from .lineage import start_step
     from .methods import build_method
     from .reference import reference_eval
     from .scoring import Results, retrain_reference
     from .unlearn import load_original, unlearn
     build_method(cfg.unlearn.method, cfg.unlearn.options)  # unknown method / bad options: fail before any work
     meta = read_state(origin)
-    req = load_request(request, load_manifest(cfg.data.dataset, cfg.data.root))
+    manifest = load_manifest(cfg.data.dataset, cfg.data.root)
+    req = load_request(request, manifest)
+    lineage = start_step(meta, req, manifest, method=cfg.unlearn.method)  # repeats, other lineage: before work
+    cum_req, _ = lineage.cumulative_request(manifest)
     # the retrain reference (gap, cost ratio) is checked before any work
-    retrain_ref = retrain_reference(retrain, req.sha256, cfg.eval.retain_sample) if retrain else None
+    retrain_ref = (retrain_reference(retrain, cum_req.pairs_sha256, cfg.eval.retain_sample,
+                                     request_sha=req.sha256 if cum_req.pairs() == req.pairs() else None,
+                                     what="lineage's cumulative forget set") if retrain else None)
     s = open_session(cfg, "unlearn", name or f"unlearn-{cfg.unlearn.method}-{req.setting}-{req.sha256[:8]}",
                      request_path=request, resume=resume, overwrite=overwrite, tracking_uri=tracking_uri,
                      extra_params={"method": cfg.unlearn.method, "origin": meta["_folder"],
-                                   "origin_sha256": meta["sha256"]["model.safetensors"]})
+                                   "origin_sha256": meta["sha256"]["model.safetensors"]}, lineage=lineage)
+    if s.is_main and lineage.skipped:
+        shown = ", ".join(lineage.skipped[:5]) + (", ..." if len(lineage.skipped) > 5 else "")
+        print(f"mtu: {req.path}: {len(lineage.skipped)} pair(s) were already forgotten earlier in this lineage and "
+              f"are skipped: {shown}")
     model, _ = load_original(s, origin)
     original_val = _original_val(meta)
     model, elapsed, stopped = unlearn(s, model, original_val, resume=resume)
     original_ref = reference_eval(s, origin)  # evaluated once per (checkpoint, request), then cached beside it
+    original = original_ref and Results(*original_ref, meta["_folder"])
+    # one request on the original: the cumulative set is the request, evaluated once
+    same = cum_req.pairs() == req.pairs() and not s.request.retain_exclude
+    root = lineage.root["checkpoint"]
+    root_ref = original_ref if same else reference_eval(s, root, cum_req)
+    cumulative = {"request": cum_req, "same_as_request": same, "retrain": retrain_ref,
+                  "original": root_ref and Results(*root_ref, root)}
     return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped},
-                  original=original_ref and Results(*original_ref, meta["_folder"]), retrain=retrain_ref)
+                  original=original, retrain=retrain_ref if same else None, cumulative=cumulative)
 
 
 def _original_val(meta: dict) -> dict | None:

@@ -1,8 +1,9 @@
 """`mtu eval`: metrics per split and task (DESIGN section 6), reduced across ranks.
 
-Splits: `forget` (the request's target pairs), `forget_kept` (partial setting: the kept tasks of the
-forgotten instances, which must not move), `retain` (a fixed sample: the first `eval.retain_sample`
-train instances not in the request, in manifest order) and `val`. Alongside the metrics, the
+Splits: `forget` (the request's target pairs), `forget_kept` (partial setting, or a mixed request with
+a partial entry: the kept tasks of the forgotten instances, which must not move), `retain` (a fixed
+sample: the first `eval.retain_sample` train instances not in the request, nor in `retain_exclude`,
+in manifest order) and `val`. Alongside the metrics, the
 per-instance, per-task losses are kept (the features of the membership-inference attack).
 """
 from __future__ import annotations
@@ -61,11 +62,14 @@ def evaluate(model, s, request=None) -> dict:
     local = max(1, cfg.eval.batch // s.world)
     splits, losses = {}, {}
     forgotten = request.entries if request else {}
-    retain_ids = [k for k in m.split("train").keys if k not in forgotten][:cfg.eval.retain_sample]
+    # a lineage step also keeps what earlier requests forgot out of the retain sample
+    out_of_retain = set(forgotten) | set(request.retain_exclude if request else ())
+    retain_ids = [k for k in m.split("train").keys if k not in out_of_retain][:cfg.eval.retain_sample]
     sets = {"retain": (retain_ids, lambda k: np.ones(len(tasks), bool))}
     if request:
         sets["forget"] = (list(forgotten), lambda k: np.array([t in forgotten[k] for t in tasks]))
-        if request.setting == "partial":
+        if request.setting == "partial" or (request.setting == "mixed"
+                                            and any(len(ts) < len(tasks) for ts in forgotten.values())):
             sets["forget_kept"] = (list(forgotten), lambda k: np.array([t not in forgotten[k] for t in tasks]))
     for name, (ids, mask_fn) in sets.items():
         samples = load_instances(m, "train", ids, mask_fn)

@@ -2,16 +2,21 @@
 
 File format (YAML or JSON)::
 
-    setting: partial            # full | partial
+    setting: partial            # full | partial | mixed
     dataset: synth-indoor
     split: train                # optional, default train
     generated: {fraction: 0.05, seed: 0, tasks: [seg]}   # optional provenance from `mtu forget make`
+    lineage_root: 3f2a...       # optional: sha256 of the original model whose lineage must honour it
     entries:
       - {id: synth-indoor/train/000012, tasks: [seg]}
 
 In the full setting `tasks` may be omitted (= every task of the dataset); a strict subset is an
-error. Unknown ids, unknown tasks, duplicates and empty requests are errors naming the entry. The
-request's identity is the sha256 of the file's bytes, logged with every run that uses it.
+error. `mixed` holds full and partial entries side by side (every entry names its tasks): it is what
+a lineage's cumulative forget set is (`mtu lineage --write-request`). Unknown ids, unknown tasks,
+duplicates and empty requests are errors naming the entry. The request's identity is the sha256 of
+the file's bytes, logged with every run that uses it; `pairs_sha256` identifies its set of
+(instance, task) pairs whatever the file looks like (a retrain and an unlearning chain that remove
+the same pairs are comparable).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from .data.manifest import Manifest
 from .errors import UserError
 from .fileio import atomic_write_text, sha256_bytes
 
-SETTINGS = ("full", "partial")
+SETTINGS = ("full", "partial")     # what `mtu forget make` draws
+FILE_SETTINGS = SETTINGS + ("mixed",)
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,24 @@ class ForgetRequest:
     entries: dict[str, tuple[str, ...]]  # instance id -> target tasks, in manifest order
     sha256: str
     path: Path | None = None
+    lineage_root: str | None = None
+    # instances kept out of the evaluation's retain sample besides the entries (a lineage step: the
+    # instances earlier requests forgot); part of `eval_key`, so cached evaluations never mix them up
+    retain_exclude: tuple[str, ...] = ()
 
     def pairs(self) -> set[tuple[str, str]]:
         return {(i, t) for i, ts in self.entries.items() for t in ts}
+
+    @property
+    def pairs_sha256(self) -> str:
+        return pairs_sha256(self.entries)
+
+    @property
+    def eval_key(self) -> str:
+        """Identity of an evaluation on this request: its sha256, plus the extra retain exclusions."""
+        if not self.retain_exclude:
+            return self.sha256
+        return sha256_bytes(f"{self.sha256}|{','.join(sorted(self.retain_exclude))}".encode())
 
     def target_tasks(self) -> tuple[str, ...]:
         """Every task that is a target for at least one instance (stable order)."""
@@ -68,12 +89,17 @@ def parse_request(raw, manifest: Manifest, sha256: str, path: Path | None = None
 
     if not isinstance(raw, dict):
         fail("expected a mapping with keys setting, dataset, entries")
-    unknown_keys = set(raw) - {"setting", "dataset", "split", "entries", "generated"}
+    unknown_keys = set(raw) - {"setting", "dataset", "split", "entries", "generated", "lineage_root"}
     if unknown_keys:
-        fail(f"unknown field(s) {sorted(unknown_keys)} (expected setting, dataset, split, entries, generated)")
+        fail(f"unknown field(s) {sorted(unknown_keys)} (expected setting, dataset, split, entries, generated, "
+             "lineage_root)")
     setting = raw.get("setting")
-    if setting not in SETTINGS:
-        fail(f"field 'setting' must be one of {SETTINGS} (got {setting!r})")
+    if setting not in FILE_SETTINGS:
+        fail(f"field 'setting' must be one of {FILE_SETTINGS} (got {setting!r})")
+    root = raw.get("lineage_root")
+    if root is not None and not (isinstance(root, str) and len(root) == 64
+                                 and all(c in "0123456789abcdef" for c in root)):
+        fail(f"field 'lineage_root' must be the sha256 (64 hex digits) of the lineage's original model (got {root!r})")
     if raw.get("dataset") != manifest.dataset:
         fail(f"request is for dataset {raw.get('dataset')!r}, but the data is {manifest.dataset!r}")
     split = raw.get("split", "train")
@@ -89,7 +115,7 @@ def parse_request(raw, manifest: Manifest, sha256: str, path: Path | None = None
         entries[entries_id] = tasks
     order = {k: i for i, k in enumerate(manifest.split(split).keys)}
     entries = dict(sorted(entries.items(), key=lambda kv: order[kv[0]]))
-    return ForgetRequest(setting, manifest.dataset, split, entries, sha256, path)
+    return ForgetRequest(setting, manifest.dataset, split, entries, sha256, path, lineage_root=root)
 
 
 def _parse_entry(e, n, setting, manifest: Manifest, known_ids, fail):
@@ -105,6 +131,9 @@ def _parse_entry(e, n, setting, manifest: Manifest, known_ids, fail):
         fail(f"entries[{n}] (id {iid!r}): unknown id (not in {manifest.dataset})")
     tasks = e.get("tasks", list(manifest.tasks) if setting == "full" else None)
     if not isinstance(tasks, list) or not tasks:
+        if setting == "mixed":
+            fail(f"entries[{n}] (id {iid!r}): field 'tasks' must be a non-empty list (every entry of a mixed "
+                 "request names its tasks)")
         fail(f"entries[{n}] (id {iid!r}): field 'tasks' must be a non-empty list")
     bad = [t for t in tasks if t not in manifest.tasks]
     if bad:
@@ -121,9 +150,10 @@ def _parse_entry(e, n, setting, manifest: Manifest, known_ids, fail):
 
 
 def make_request(manifest: Manifest, *, fraction: float, setting: str, tasks: list[str] | None,
-                 seed: int, split: str = "train", exclude: ForgetRequest | None = None) -> dict:
+                 seed: int, split: str = "train", exclude: ForgetRequest | None = None,
+                 exclude_ids=(), lineage_root: str | None = None) -> dict:
     """Draw `fraction` of the split's instances (never those in `exclude`, e.g. to build a dev request
-    disjoint from the evaluation request)."""
+    disjoint from the evaluation request, nor those in `exclude_ids`, e.g. what a lineage forgot)."""
     if setting not in SETTINGS:
         raise UserError(f"--setting must be one of {SETTINGS} (got {setting!r})")
     if not 0 < fraction < 1:
@@ -140,16 +170,74 @@ def make_request(manifest: Manifest, *, fraction: float, setting: str, tasks: li
     if setting == "partial" and set(tasks) == set(manifest.tasks):
         raise UserError(f"--tasks {tasks}: a partial request needs a strict subset; use --setting full")
     keys = manifest.split(split).keys
-    pool = [k for k in keys if exclude is None or k not in exclude.entries]
+    excluded = set(exclude_ids) | (set(exclude.entries) if exclude is not None else set())
+    pool = [k for k in keys if k not in excluded]
     n = max(1, round(fraction * len(keys)))
     if n > len(pool):
         raise UserError(f"--fraction {fraction}: needs {n} instances but only {len(pool)} are available")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(pool), size=n, replace=False).tolist())
     ordered_tasks = [t for t in manifest.tasks if t in tasks]
-    return {"setting": setting, "dataset": manifest.dataset, "split": split,
-            "generated": {"fraction": fraction, "seed": seed, "tasks": ordered_tasks},
-            "entries": [{"id": pool[i], "tasks": ordered_tasks} for i in chosen]}
+    raw = {"setting": setting, "dataset": manifest.dataset, "split": split,
+           "generated": {"fraction": fraction, "seed": seed, "tasks": ordered_tasks}}
+    if lineage_root:
+        raw["lineage_root"] = lineage_root
+    return {**raw, "entries": [{"id": pool[i], "tasks": ordered_tasks} for i in chosen]}
+
+
+# --------------------------------------------------------------------------
+# sets of pairs: what a lineage merges
+# --------------------------------------------------------------------------
+
+def pairs_sha256(entries: dict[str, tuple[str, ...]]) -> str:
+    """sha256 of the sorted `instance|task` lines: the identity of a set of pairs."""
+    return sha256_bytes("\n".join(sorted(f"{i}|{t}" for i, ts in entries.items() for t in ts)).encode())
+
+
+def merge_entries(manifest: Manifest, *parts: dict, split: str = "train") -> dict[str, tuple[str, ...]]:
+    """The union of entry dicts, merged per instance (its tasks in manifest order; instances in split order)."""
+    merged: dict[str, set] = {}
+    for part in parts:
+        for iid, ts in part.items():
+            merged.setdefault(iid, set()).update(ts)
+    order = {k: i for i, k in enumerate(manifest.split(split).keys)}
+    return {iid: tuple(t for t in manifest.tasks if t in merged[iid]) for iid in sorted(merged, key=order.__getitem__)}
+
+
+def subtract_entries(entries: dict, removed: dict) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """(entries without the pairs in `removed`, the removed pairs as sorted `instance|task` keys)."""
+    kept, dropped = {}, []
+    for iid, ts in entries.items():
+        gone = set(removed.get(iid, ()))
+        dropped += [f"{iid}|{t}" for t in ts if t in gone]
+        rest = tuple(t for t in ts if t not in gone)
+        if rest:
+            kept[iid] = rest
+    return kept, sorted(dropped)
+
+
+def setting_of(entries: dict, tasks) -> str:
+    """full (every entry removes every task), partial (every entry a strict subset) or mixed."""
+    whole = {len(ts) == len(tasks) for ts in entries.values()}
+    return "mixed" if len(whole) > 1 else ("full" if whole == {True} else "partial")
+
+
+def request_bytes(entries: dict, *, dataset: str, tasks, split: str = "train",
+                  lineage_root: str | None = None) -> tuple[dict, bytes]:
+    """The canonical request file over these pairs (JSON, which YAML readers take too) and its bytes."""
+    raw = {"setting": setting_of(entries, tasks), "dataset": dataset, "split": split}
+    if lineage_root:
+        raw["lineage_root"] = lineage_root
+    raw["entries"] = [{"id": i, "tasks": list(ts)} for i, ts in entries.items()]
+    return raw, (json.dumps(raw, indent=1) + "\n").encode()
+
+
+def request_from_entries(entries: dict, manifest: Manifest, *, split: str = "train",
+                         lineage_root: str | None = None) -> tuple[ForgetRequest, bytes]:
+    """A request over these pairs and its canonical file bytes (the request's sha256 is theirs)."""
+    raw, data = request_bytes(entries, dataset=manifest.dataset, tasks=manifest.tasks, split=split,
+                              lineage_root=lineage_root)
+    return parse_request(raw, manifest, sha256_bytes(data)), data
 
 
 def write_request(raw: dict, path: str | Path, overwrite: bool = False) -> None:

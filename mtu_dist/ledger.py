@@ -10,8 +10,8 @@ name any pair without re-hashing the dataset; instance ids are dataset positions
 holding the same ids is logged with the run anyway).
 
 Test hooks, both loud and off unless their environment variable is set: `MTU_FAULT` kills a rank
-hard at a chosen step (`fault_point`); `MTU_TEST_LEAK` leaves one forget pair in the retain stream
-(`deliberate_leak`), a real leak through the real loop that the audit must catch.
+hard at a chosen step (`fault_point`); `MTU_TEST_LEAK` leaves one forget pair (the first, or a named
+one) in the retain stream (`deliberate_leak`), a real leak through the real loop that the audit must catch.
 """
 from __future__ import annotations
 
@@ -115,16 +115,25 @@ def flat_counts(document: dict) -> dict[str, int]:
 
 
 def deliberate_leak(forget_entries: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """Test hook: with `MTU_TEST_LEAK=1` the request's first forget pair is NOT masked out of the retain
-    stream (its label stays too), so a run really trains on it. Only for proving the audit catches it."""
-    if os.environ.get("MTU_TEST_LEAK") != "1" or not forget_entries:
+    """Test hook: with `MTU_TEST_LEAK=1` the first forget pair (`MTU_TEST_LEAK=<instance>|<task>`: that
+    pair) is NOT masked out of the retain stream (its label stays too), so a run really trains on it.
+    Only for proving the audit catches it."""
+    spec = os.environ.get("MTU_TEST_LEAK")
+    if not spec or not forget_entries:
         return forget_entries
-    instance, tasks = next(iter(forget_entries.items()))
-    print(f"mtu: WARNING: MTU_TEST_LEAK=1: forget pair {instance}|{tasks[0]} is deliberately left in the "
+    if spec == "1":
+        instance, tasks = next(iter(forget_entries.items()))
+        task = tasks[0]
+    else:
+        instance, _, task = spec.partition("|")
+        if task not in forget_entries.get(instance, ()):
+            return forget_entries
+    print(f"mtu: WARNING: MTU_TEST_LEAK: forget pair {instance}|{task} is deliberately left in the "
           "retain stream", file=sys.stderr)
     out = dict(forget_entries)
-    if tasks[1:]:
-        out[instance] = tasks[1:]
+    rest = tuple(t for t in out[instance] if t != task)
+    if rest:
+        out[instance] = rest
     else:
         del out[instance]
     return out

@@ -2,7 +2,8 @@
 
 `mtu eval --ckpt C --request R` and `mtu unlearn` (which needs the original model's numbers on its
 request for UIS and Delta_m) write `metrics-<sha12>.json` and `losses-<sha12>.json` into the
-checkpoint folder (sha12: the first 12 hex digits of the request's sha256); for the checkpoint's own
+checkpoint folder (sha12: the first 12 hex digits of the request's `eval_key`, its sha256 unless a
+lineage step keeps earlier requests' instances out of the retain sample too); for the checkpoint's own
 request, or none, the names are `metrics.json` / `losses.json`, as `finish` writes them. A cached
 evaluation is reused only while its `eval` fingerprint (model sha256, request sha256, retain sample
 size) matches; anything else is evaluated again, so a retrained or replaced checkpoint never
@@ -19,7 +20,7 @@ from .runinfo import git_commit
 
 def eval_paths(folder: Path, meta: dict, request_sha: str | None) -> tuple[Path, Path]:
     """Where the evaluation of the checkpoint in `folder` on the request `request_sha` is kept."""
-    if request_sha is None or request_sha == meta.get("request_sha256"):
+    if request_sha is None or request_sha == meta.get("request_eval_key", meta.get("request_sha256")):
         return folder / "metrics.json", folder / "losses.json"
     return folder / f"metrics-{request_sha[:12]}.json", folder / f"losses-{request_sha[:12]}.json"
 
@@ -43,10 +44,11 @@ def load_cached(folder: Path, meta: dict, request_sha: str | None, retain_sample
     return report, losses
 
 
-def write_eval(s, folder: Path, meta: dict, splits: dict, losses: dict) -> tuple[Path, dict]:
-    """Write an evaluation beside the checkpoint (rank 0). Over the checkpoint's own metrics.json,
-    the run's other records (time, stop reason, unlearning scores) are kept."""
-    sha = s.request.sha256 if s.request else None
+def write_eval(s, folder: Path, meta: dict, splits: dict, losses: dict, request=None) -> tuple[Path, dict]:
+    """Write an evaluation (on `request`, default the session's) beside the checkpoint (rank 0). Over the
+    checkpoint's own metrics.json, the run's other records (time, stop reason, unlearning scores) are kept."""
+    request = request or s.request
+    sha = request.eval_key if request else None
     metrics_path, losses_path = eval_paths(folder, meta, sha)
     m = s.manifest
     report = {"run": {"command": "eval", "checkpoint": str(folder), "dataset": m.dataset, "tasks": list(m.tasks),
@@ -66,8 +68,8 @@ def write_eval(s, folder: Path, meta: dict, splits: dict, losses: dict) -> tuple
     return metrics_path, report
 
 
-def reference_eval(s, ckpt: str) -> tuple[dict, dict] | None:
-    """The checkpoint `ckpt` evaluated on the session's request: the valid cache if there is one,
+def reference_eval(s, ckpt: str, request=None) -> tuple[dict, dict] | None:
+    """The checkpoint `ckpt` evaluated on `request` (default the session's): the valid cache if there is one,
     else a fresh (collective) evaluation that is then cached. Rank 0 gets (report, losses); the
     other ranks take part in the evaluation and get None."""
     from .checkpoint import read_state
@@ -75,15 +77,16 @@ def reference_eval(s, ckpt: str) -> tuple[dict, dict] | None:
     from .unlearn import load_original
     meta = read_state(ckpt)
     folder = Path(meta["_folder"])
-    cached = load_cached(folder, meta, s.request.sha256, s.cfg.eval.retain_sample) if s.is_main else None
+    request = request or s.request
+    cached = load_cached(folder, meta, request.eval_key, s.cfg.eval.retain_sample) if s.is_main else None
     if _broadcast_flag(s, cached is not None):
         return cached
     model, _ = load_original(s, ckpt)
-    results = evaluate(model, s, s.request)
+    results = evaluate(model, s, request)
     if not s.is_main:
         return None
-    path, report = write_eval(s, folder, meta, results["splits"], results["losses"])
-    print(f"evaluated {folder} on request {s.request.sha256[:12]}: cached in {path}")
+    path, report = write_eval(s, folder, meta, results["splits"], results["losses"], request)
+    print(f"evaluated {folder} on request {request.eval_key[:12]}: cached in {path}")
     return report, results["losses"]
 
 

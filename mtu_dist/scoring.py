@@ -111,12 +111,29 @@ def retain_sample_of(path: str | Path) -> int:
     return _read_json(_final(path) / "state.json", "state.json")["config"]["eval"]["retain_sample"]
 
 
-def retrain_reference(path: str | Path, request_sha: str, retain_sample: int) -> Results:
-    """The retrain run on the same request, checked before it is compared with anything."""
+def retrain_reference(path: str | Path, pairs_sha: str, retain_sample: int, *, request_sha: str | None = None,
+                      what: str = "request") -> Results:
+    """The retrain run on the same pairs (the same request, or a lineage's cumulative forget set), checked
+    before it is compared with anything."""
+    ref = retrain_if_same(path, pairs_sha, retain_sample, request_sha=request_sha)
+    if ref is None:
+        run = run_results(path).report.get("run", {})
+        raise UserError(f"{path}: the retrain run removed other pairs (request {str(run.get('request_sha256'))[:12]}) "
+                        f"than this run's {what} (pairs sha256 {pairs_sha[:12]})")
+    return ref
+
+
+def retrain_if_same(path: str | Path, pairs_sha: str, retain_sample: int, *,
+                    request_sha: str | None = None) -> Results | None:
+    """The retrain run if it removed exactly these pairs (else None); a mismatched eval sample is an error."""
     ref = run_results(path)
-    theirs = ref.report.get("run", {}).get("request_sha256")
-    if theirs != request_sha:
-        raise UserError(f"{path}: the retrain run is for request {str(theirs)[:12]}, not {request_sha[:12]}")
+    run = ref.report.get("run", {})
+    if run.get("command") not in (None, "retrain"):
+        raise UserError(f"{path}: a '{run.get('command')}' run, not a retrain run")
+    theirs = run.get("request_pairs_sha256")
+    same = theirs == pairs_sha if theirs else (request_sha is not None and run.get("request_sha256") == request_sha)
+    if not same:
+        return None
     if retain_sample_of(path) != retain_sample:
         raise UserError(f"{path}: the retrain run was evaluated with eval.retain_sample = {retain_sample_of(path)}, "
                         f"this run with {retain_sample}")
@@ -138,29 +155,55 @@ def original_reference(path: str | Path, request_sha: str, retain_sample: int) -
 
 
 def score_command(run: str, *, original: str | None, retrain: str | None, tracking_uri: str | None) -> dict:
-    """Recompute a finished run's unlearning block from its files; rewrite metrics.json, log to its MLflow run."""
+    """Recompute a finished run's unlearning block(s) from its files; rewrite metrics.json, log to its MLflow
+    run. `retrain` serves the block whose pairs it removed: the request's, the lineage's cumulative set's
+    (an unlearning chain), or both where they are the same pairs."""
     from .fileio import atomic_write_json
     from .tracking import Tracker
     mine = run_results(run)
     report = mine.report
     if "forget" not in report.get("splits", {}):
         raise UserError(f"{_final(run) / 'metrics.json'}: no forget split; the run was not made on a forget request")
-    sha, n = report["run"]["request_sha256"], retain_sample_of(run)
+    key = (report.get("eval") or {}).get("request_sha256") or report["run"]["request_sha256"]
+    n = retain_sample_of(run)
     origin = original or report["run"].get("origin")
-    block = unlearning_block(report, mine.losses,
-                             original=original_reference(origin, sha, n) if origin else None,
-                             retrain=retrain_reference(retrain, sha, n) if retrain else None)
+    pairs = report["run"].get("request_pairs_sha256")
+    ret = retrain and retrain_if_same(retrain, pairs, n, request_sha=report["run"]["request_sha256"])
+    block = unlearning_block(report, mine.losses, original=original_reference(origin, key, n) if origin else None,
+                             retrain=ret or None)
     report["unlearning"] = block
+    metrics = mlflow_metrics(block)
+    cum = report.get("cumulative")
+    cum_ret = None
+    if cum is not None:
+        cum_ret = retrain and retrain_if_same(retrain, cum["pairs_sha256"], n)
+        cum["unlearning"] = cumulative_block(report, cum, mine, retrain=cum_ret or None, original=original)
+        metrics |= {f"cumulative/{k}": v for k, v in mlflow_metrics(cum["unlearning"]).items()}
+    if retrain and not ret and not cum_ret:
+        retrain_reference(retrain, pairs, n, request_sha=report["run"]["request_sha256"])  # raises, naming both
     atomic_write_json(_final(run) / "metrics.json", report)
     run_id = report["run"].get("mlflow_run_id")
     if run_id:
         tracker = Tracker(enabled=True, uri=tracking_uri, experiment="", run_name="", run_id=run_id)
-        tracker.log_metrics(mlflow_metrics(block), 0)
+        tracker.log_metrics(metrics, 0)
         tracker.log_artifact(_final(run) / "metrics.json")
         tracker.flush()
     else:
         print(f"{run}: the run was not tracked (no MLflow run id); metrics.json updated only")
     return report
+
+
+def cumulative_block(report: dict, cum: dict, mine: Results, *, retrain: Results | None,
+                     original: str | None = None) -> dict:
+    """A lineage step's block on its cumulative forget set, against the lineage's root model."""
+    creport = {"run": report["run"], "splits": cum["splits"], "time_s": cum["cost_s"]}
+    if cum["same_as_request"]:  # one request on the original: the same evaluation as the request's
+        losses = mine.losses
+    else:
+        losses = _read_json(_final(mine.path) / "losses-cumulative.json", "losses-cumulative.json")
+    root = original or cum["root"]
+    ref = original_reference(root, cum["eval"]["request_sha256"], cum["eval"]["retain_sample"])
+    return unlearning_block(creport, losses, original=ref, retrain=retrain)
 
 
 def block_table(block: dict) -> str:

@@ -41,6 +41,17 @@ class Session:
     tracker: Tracker
     extra_params: dict = field(default_factory=dict)
     ledger: dict | None = None  # consumed supervision pairs, set by the training/unlearning loop
+    lineage: object = None      # lineage.Lineage of an unlearning run
+
+    @property
+    def forget_entries(self) -> dict:
+        """What this run forgets: the lineage step's new pairs (repeats skipped), else the request's."""
+        return self.lineage.new if self.lineage else self.request.entries
+
+    @property
+    def forgotten_entries(self) -> dict:
+        """What no retain step may see: everything forgotten along the lineage, this request included."""
+        return self.lineage.cumulative if self.lineage else self.request.entries
 
     @property
     def rank(self) -> int:
@@ -70,15 +81,19 @@ class Session:
 def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: str | None = None,
                  resume: bool = False, overwrite: bool = False, tracking_uri: str | None = None,
                  parent_run_id: str | None = None, extra_params: dict | None = None,
-                 run_dir: Path | None = None) -> Session:
+                 run_dir: Path | None = None, lineage=None) -> Session:
     """Validate everything the command needs before anything is written. `run_dir` given = write
-    beside an existing checkpoint (eval) instead of creating a run folder."""
+    beside an existing checkpoint (eval) instead of creating a run folder. With `lineage` (an unlearning
+    step) the request is evaluated with earlier-forgotten instances out of the retain sample, and the
+    MLflow run nests under the parent step's unless MTU_PARENT_RUN_ID groups it elsewhere."""
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
     acc = make_accelerator()
     seed_everything(cfg.seed, cfg.deterministic)
     manifest = load_manifest(cfg.data.dataset, cfg.data.root)
     request = load_request(request_path, manifest) if request_path else None
+    if lineage is not None:
+        request = lineage.evaluation_request(request)
     if cfg.tracking.enabled:
         check_reachable(resolve_uri(cfg.tracking.uri))  # on every rank, before any rank waits on another
     fresh = run_dir is None
@@ -93,10 +108,19 @@ def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: s
         if not (resume and (run_dir / "config.yaml").is_file()):  # a resumed run keeps the config it began with
             atomic_write_text(run_dir / "config.yaml", dump(cfg))  # (its checkpoint refuses a changed one)
     acc.wait_for_everyone()
+    tags = {"mtu.command": command}
+    parent_run_id = parent_run_id or os.environ.get("MTU_PARENT_RUN_ID")
+    if lineage is not None:
+        lineage.steps[-1]["run"] = str(run_dir.resolve())
+        tags |= {"mtu.lineage.depth": lineage.depth, "mtu.lineage.root_sha256": lineage.root["model_sha256"]}
+        if lineage.parent_run_id:
+            tags["mtu.lineage.parent_run_id"] = lineage.parent_run_id
+        if lineage.depth > 1 and not parent_run_id:
+            parent_run_id = lineage.parent_run_id  # the chain as nested runs
     tracker = Tracker(enabled=acc.is_main_process and cfg.tracking.enabled, uri=cfg.tracking.uri,
                       experiment=cfg.tracking.experiment or manifest.dataset, run_name=run_name,
-                      parent_run_id=parent_run_id or os.environ.get("MTU_PARENT_RUN_ID"), tags={"mtu.command": command})
-    s = Session(cfg, command, run_dir, manifest, request, acc, tracker, extra_params or {})
+                      parent_run_id=parent_run_id, tags=tags)
+    s = Session(cfg, command, run_dir, manifest, request, acc, tracker, extra_params or {}, lineage=lineage)
     params = {**flatten(cfg.model_dump(mode="json")), "git_commit": git_commit(), "world_size": acc.num_processes,
               "deepspeed_stage": "none" if zero_stage(acc) is None else zero_stage(acc),
               "command": command, "request_sha256": request.sha256 if request else "none",
@@ -117,4 +141,6 @@ def run_info(s: Session) -> dict:
             "command": s.command,
             "request_sha256": s.request.sha256 if s.request else None,
             "request_path": str(Path(s.request.path).resolve()) if s.request and s.request.path else None,
-            **s.extra_params}
+            "request_pairs_sha256": s.request.pairs_sha256 if s.request else None,
+            "request_eval_key": s.request.eval_key if s.request else None,
+            **s.extra_params, **({"lineage": s.lineage.record(m)} if s.lineage else {})}

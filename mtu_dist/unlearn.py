@@ -62,7 +62,7 @@ def _endless(loader: BatchLoader, start: int = 0):
 
 
 def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
-    cfg, m, req = s.cfg, s.manifest, s.request
+    cfg, m = s.cfg, s.manifest
     u = cfg.unlearn
     method = build_method(u.method, u.options)
     opt = (torch.optim.SGD(model.parameters(), lr=u.lr, momentum=u.momentum) if u.optimizer == "sgd"
@@ -71,8 +71,11 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     model, stepper = prepare(s.acc, model, opt, wrap=not method.manages_gradients,
                              micro_batch=max(1, u.retain_batch // s.world), clip=cfg.train.grad_clip)
     blank = blank_sample(m)
-    target_mask = lambda k: np.array([t in req.entries[k] for t in m.tasks])  # noqa: E731
-    forget_set = load_instances(m, "train", list(req.entries), target_mask)
+    # a lineage step forgets its new pairs only (repeats of earlier requests are skipped), and its retain
+    # stream excludes everything the lineage has forgotten, not just this request
+    forgetting, forgotten = s.forget_entries, s.forgotten_entries
+    target_mask = lambda k: np.array([t in forgetting[k] for t in m.tasks])  # noqa: E731
+    forget_set = load_instances(m, "train", list(forgetting), target_mask)
     # role -> (batches already handed out -> the stream from there on); a resumed run restarts each one
     restart = {"forget": lambda drawn: islice(forget_batches(forget_set, global_batch=u.forget_batch, rank=s.rank,
                                                               world=s.world, seed=cfg.seed, blank=blank), drawn, None)}
@@ -80,12 +83,12 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     if method.uses_retain:
         loader = BatchLoader(m, "train", rank=s.rank, world=s.world,
                              local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
-                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, req.entries),
+                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, forgotten),
                              pin_memory=pins_memory(s.acc.device))
         restart["retain"] = lambda drawn: _endless(loader, drawn)
         retain_it = restart["retain"](0)
     raw = s.acc.unwrap_model(model)
-    targets = req.target_tasks()
+    targets = target_tasks(forgetting, m.tasks)
     forward = raw if method.manages_gradients else model  # DDP-wrapped or DeepSpeed's engine for a loss
     make_ctx = lambda step: StepContext(model=forward, tasks=m.tasks, world=s.world, alpha=u.alpha, step=step,  # noqa: E731
                                         rank=s.rank, targets=targets, config=u, seed=cfg.seed, num_classes=m.num_classes,
@@ -153,6 +156,11 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     s.tracker.set_tags({"mtu.stop_reason": stopped})
     s.ledger = ledger.gather(s.world)
     return raw, elapsed, stopped
+
+
+def target_tasks(entries: dict, tasks) -> tuple[str, ...]:
+    """Every task some entry targets, in the dataset's order."""
+    return tuple(t for t in tasks if any(t in ts for ts in entries.values()))
 
 
 def _task_mask(done: set, tasks) -> torch.Tensor:
@@ -227,7 +235,7 @@ def _stop_thresholds(s: Session, model, forget_set, original_val) -> dict[str, f
     if u.stop_band is not None:
         if not original_val:
             raise UserError("unlearn.stop_band needs the original model's val metrics (metrics.json beside --from)")
-        return {t: primary(original_val, t) + u.stop_band for t in s.request.target_tasks()}
+        return {t: primary(original_val, t) + u.stop_band for t in target_tasks(s.forget_entries, s.manifest.tasks)}
     return {}
 
 
