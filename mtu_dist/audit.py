@@ -52,12 +52,12 @@ def audit_command(runs: list[str], *, request: str | None = None, tracking_uri: 
 def audit_run(run: str, *, request: str | None = None, tracking_uri: str | None = None) -> dict:
     final = _final_folder(Path(run))
     state = read_state(final)
-    report = _json(final / "metrics.json")
-    mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
     if state.get("lineage"):
         result = _audit_chain(final, state, request)
     else:
         result = _audit_step(final, state, _forget_pairs(request, state))
+    report = _json(final / "metrics.json")
+    mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
     atomic_write_json(final / "audit.json", result)
     if mlflow_run:
         client, run_id = mlflow_run

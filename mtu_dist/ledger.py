@@ -114,15 +114,17 @@ def flat_counts(document: dict) -> dict[str, int]:
     return {f"{role}|{key}": n for role, r in document["roles"].items() for key, n in r["keys"].items()}
 
 
-def deliberate_leak(forget_entries: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """Test hook: with `MTU_TEST_LEAK=1` the first forget pair (`MTU_TEST_LEAK=<instance>|<task>`: that
-    pair) is NOT masked out of the retain stream (its label stays too), so a run really trains on it.
+def deliberate_leak(forget_entries: dict[str, tuple[str, ...]],
+                    newest: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, ...]]:
+    """Test hook: with `MTU_TEST_LEAK=1` the first pair of this run's own request (`newest`, default all of
+    `forget_entries`; `MTU_TEST_LEAK=<instance>|<task>`: that pair, e.g. one an earlier request of a lineage
+    forgot) is NOT masked out of the retain stream (its label stays too), so a run really trains on it.
     Only for proving the audit catches it."""
     spec = os.environ.get("MTU_TEST_LEAK")
     if not spec or not forget_entries:
         return forget_entries
     if spec == "1":
-        instance, tasks = next(iter(forget_entries.items()))
+        instance, tasks = next(iter((newest or forget_entries).items()))
         task = tasks[0]
     else:
         instance, _, task = spec.partition("|")

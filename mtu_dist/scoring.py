@@ -177,7 +177,9 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
     cum_ret = None
     if cum is not None:
         cum_ret = retrain and retrain_if_same(retrain, cum["pairs_sha256"], n)
-        cum["unlearning"] = cumulative_block(report, cum, mine, retrain=cum_ret or None, original=original)
+        # one request on the original: the same evaluation against the same references
+        cum["unlearning"] = (block if cum["same_as_request"] else
+                             cumulative_block(report, cum, mine, retrain=cum_ret or None))
         metrics |= {f"cumulative/{k}": v for k, v in mlflow_metrics(cum["unlearning"]).items()}
     if retrain and not ret and not cum_ret:
         retrain_reference(retrain, pairs, n, request_sha=report["run"]["request_sha256"])  # raises, naming both
@@ -193,16 +195,11 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
     return report
 
 
-def cumulative_block(report: dict, cum: dict, mine: Results, *, retrain: Results | None,
-                     original: str | None = None) -> dict:
+def cumulative_block(report: dict, cum: dict, mine: Results, *, retrain: Results | None) -> dict:
     """A lineage step's block on its cumulative forget set, against the lineage's root model."""
     creport = {"run": report["run"], "splits": cum["splits"], "time_s": cum["cost_s"]}
-    if cum["same_as_request"]:  # one request on the original: the same evaluation as the request's
-        losses = mine.losses
-    else:
-        losses = _read_json(_final(mine.path) / "losses-cumulative.json", "losses-cumulative.json")
-    root = original or cum["root"]
-    ref = original_reference(root, cum["eval"]["request_sha256"], cum["eval"]["retain_sample"])
+    losses = _read_json(_final(mine.path) / "losses-cumulative.json", "losses-cumulative.json")
+    ref = original_reference(cum["root"], cum["eval"]["request_sha256"], cum["eval"]["retain_sample"])
     return unlearning_block(creport, losses, original=ref, retrain=retrain)
 
 

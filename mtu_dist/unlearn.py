@@ -83,7 +83,7 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     if method.uses_retain:
         loader = BatchLoader(m, "train", rank=s.rank, world=s.world,
                              local_batch=s.local_batch(u.retain_batch, "unlearn.retain_batch"),
-                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, forgotten),
+                             workers=cfg.data.workers, seed=cfg.seed, mask_fn=retain_mask(m, forgotten, forgetting),
                              pin_memory=pins_memory(s.acc.device))
         restart["retain"] = lambda drawn: _endless(loader, drawn)
         retain_it = restart["retain"](0)

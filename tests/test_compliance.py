@@ -67,6 +67,11 @@ def two_rank_runs(tiny_root, tmp_path_factory):
     retrain = ["retrain", *_common(tiny_root, tmp), "--request", request, "--set", "train.epochs=1",
                "--set", "train.checkpoint_every=2"]
     origin = tmp / "runs" / "synth-indoor" / "straight"  # any trained checkpoint serves as the original here
+    # the retrain never saw `full.yaml`'s pairs (a lineage from it starts with them forgotten): the
+    # unlearning runs honour another request, disjoint from it
+    request = tmp / "second.yaml"
+    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "full",
+            "--seed", 1, "--exclude", tmp / "full.yaml", "--out", request, check=True)
     # iamu: its setup consumes retain batches (replayed on resume) and it runs its own collectives.
     # The signal engine is fixed: `auto` picks by timing, per rank.
     unlearn = ["unlearn", *_common(tiny_root, tmp), "--request", request, "--from", origin, "--method", "iamu",

@@ -49,9 +49,11 @@ def full_mask(manifest: Manifest) -> MaskFn:
     return lambda key: ones
 
 
-def retain_mask(manifest: Manifest, forget_entries: dict[str, tuple[str, ...]]) -> MaskFn:
-    """Supervision mask of the retain signal: everything except the forget pairs."""
-    forget_entries = deliberate_leak(forget_entries)  # a no-op unless the MTU_TEST_LEAK test hook is set
+def retain_mask(manifest: Manifest, forget_entries: dict[str, tuple[str, ...]],
+                newest: dict[str, tuple[str, ...]] | None = None) -> MaskFn:
+    """Supervision mask of the retain signal: everything except the forget pairs (a lineage step: every
+    pair forgotten so far; `newest`, its own request's, only matters to the test hook)."""
+    forget_entries = deliberate_leak(forget_entries, newest)  # a no-op unless the MTU_TEST_LEAK test hook is set
     ones = np.ones(len(manifest.tasks), dtype=bool)
     masked = {k: np.array([t not in ts for t in manifest.tasks]) for k, ts in forget_entries.items()}
     return lambda key: masked.get(key, ones)
