@@ -84,7 +84,7 @@ class Bench:
             original = self.original(ds, manifest)
             requests, cumulative = self.requests(manifest, original)
             retrains = [self.retrain(ds, k, c) for k, c in enumerate(cumulative, 1)]
-            rows += [self.retrain_row(ds, k, r, original) for k, r in enumerate(retrains, 1)]
+            rows += [self.retrain_row(ds, k, r, c, original) for k, (r, c) in enumerate(zip(retrains, cumulative), 1)]
             for m in self.methods:
                 rows += self.chain(ds, m, original, requests, retrains)
         return rows
@@ -143,8 +143,17 @@ class Bench:
             self.mark(f"{dataset}-retrain-{k}", sha)
         return run
 
-    def retrain_row(self, dataset: str, k: int, run: Path, original: Path) -> dict:
-        from mtu_dist.scoring import score_command
+    def retrain_row(self, dataset: str, k: int, run: Path, request: Path, original: Path) -> dict:
+        """Retrain k scored against the original on the cumulative forget set (the floor of the UIS column)."""
+        from mtu_dist.commands import eval_command
+        from mtu_dist.errors import UserError
+        from mtu_dist.scoring import original_reference, score_command
+        cfg = self.cfg(dataset)
+        try:
+            original_reference(str(original), sha256_file(request), cfg.eval.retain_sample)
+        except UserError:  # the original's evaluation on the cumulative set, cached beside it (the chains reuse it)
+            cfg.tracking.enabled = False
+            eval_command(cfg, ckpt=str(original), request=str(request), tracking_uri=None)
         report = score_command(str(run), original=str(original), retrain=str(run), tracking_uri=self.uri)
         block = report["unlearning"]
         return {"dataset": dataset, "method": "retrain", "k": k, "uis": block["uis"]["mean"], "gap_retrain": 0.0,

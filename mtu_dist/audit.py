@@ -55,7 +55,8 @@ def audit_run(run: str, *, request: str | None = None, tracking_uri: str | None 
     if state.get("lineage"):
         result = _audit_chain(final, state, request)
     else:
-        result = _audit_step(final, state, _forget_pairs(request, state))
+        ledger = _checked_ledger(final, state)  # an edited ledger is named before anything else
+        result = _audit_step(final, state, ledger, _forget_pairs(request, state))
     report = _json(final / "metrics.json")
     mlflow_run = _mlflow_run(report.get("run", {}).get("mlflow_run_id"), tracking_uri)  # fail before writing
     atomic_write_json(final / "audit.json", result)
@@ -68,8 +69,9 @@ def audit_run(run: str, *, request: str | None = None, tracking_uri: str | None 
     return result
 
 
-def _audit_step(final: Path, state: dict, forget: dict[str, str], earlier: dict[str, str] | None = None) -> dict:
-    result = audit(_checked_ledger(final, state), forget, command=state.get("command"), earlier=earlier)
+def _audit_step(final: Path, state: dict, ledger: dict, forget: dict[str, str],
+                earlier: dict[str, str] | None = None) -> dict:
+    result = audit(ledger, forget, command=state.get("command"), earlier=earlier)
     return {"run": str(final.parent), "command": state.get("command"), "method": state.get("method"),
             "request_sha256": state["request_sha256"], "ledger_sha256": state["ledger_sha256"], **result}
 
@@ -91,13 +93,14 @@ def _audit_chain(final: Path, state: dict, request: str | None) -> dict:
         if st["sha256"]["model.safetensors"] != model or st.get("request_sha256") != step["request_sha256"]:
             raise UserError(f"{folder}: holds another model or request than step {n} of the lineage of "
                             f"{final.parent} records (re-run since?)")
+        ledger = _checked_ledger(folder, st)
         mine = _forget_pairs(request if tip else None, st)
         new = {h: k for h, k in mine.items() if h not in previous}
         if sorted(new.values()) != sorted(f"{i}|{t}" for i, ts in step["new"].items() for t in ts):
             raise UserError(f"{folder}: step {n}'s request minus the earlier steps' pairs is not what the lineage "
                             "records as its new pairs")
         cumulative = {**previous, **mine}
-        steps.append({"step": n, **_audit_step(folder, st, cumulative, earlier=previous)})
+        steps.append({"step": n, **_audit_step(folder, st, ledger, cumulative, earlier=previous)})
         previous = cumulative
     result = {k: v for k, v in steps[-1].items() if k != "step"}
     result["chain"] = steps

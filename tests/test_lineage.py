@@ -234,3 +234,29 @@ def test_chain_is_nested_in_mlflow(chain):
     after = read_json(runs / "s3" / "final" / "metrics.json")["cumulative"]["unlearning"]
     assert before["uis"] is not None and after["uis"]["mean"] == pytest.approx(before["uis"]["mean"], rel=TOL)
     assert after["mia_auc"] == pytest.approx(before["mia_auc"], rel=TOL)
+
+
+def test_quick_benchmark_writes_tables_and_plot(tmp_path):
+    """bench/lineage.py --quick end to end: every (method, k) row, the costs as the sums they claim to be."""
+    import math
+    import subprocess
+    import sys
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, ROOT / "bench" / "lineage.py", "--quick", "--out", out], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_json(out / "lineage.json")["rows"]
+    assert sorted((r["method"], r["k"]) for r in rows) == sorted(
+        (m, k) for m in ("retrain", "neggrad_plus", "iamu") for k in (1, 2))
+    per_request = 2 * 3  # 5% of 40 instances, full setting (3 tasks), disjoint draws
+    retrain_s = {r["k"]: r["cost_s"] for r in rows if r["method"] == "retrain"}
+    for r in rows:
+        assert math.isfinite(r["uis"]) and math.isfinite(r["mia_auc"]), r
+        if r["method"] != "retrain":
+            assert r["pairs"] == per_request * r["k"]
+            assert r["cost_over_retrains"] == pytest.approx(r["cost_s"] / sum(retrain_s[k] for k in range(1, r["k"] + 1)))
+    chain = [r["cost_s"] for r in sorted(rows, key=lambda r: r["k"]) if r["method"] == "iamu"]
+    assert chain[1] > chain[0]  # the chain's cost accumulates
+    assert (out / "uis_vs_requests.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cumulative UIS" in (out / "lineage.md").read_text() and "| iamu |" in proc.stdout
