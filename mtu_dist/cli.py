@@ -65,6 +65,13 @@ def cmd_forget_check(a):
     req = load_request(a.request, m)
     print(f"{a.request}: OK — {req.setting} request on {req.dataset}, {len(req.entries)} instances, "
           f"{len(req.pairs())} (instance, task) pairs, sha256 {req.sha256}")
+    if getattr(a, "from"):  # what `mtu unlearn --from` would make of it: the same checks, nothing run
+        from .checkpoint import read_state
+        from .lineage import start_step
+        lin = start_step(read_state(getattr(a, "from")), req, m, method="-")
+        print(f"  against the lineage of {getattr(a, 'from')} (step {lin.depth}): "
+              f"{sum(map(len, lin.new.values()))} new pair(s), {len(lin.skipped)} already forgotten (would be skipped)"
+              + (f": {', '.join(lin.skipped[:5])}{', ...' if len(lin.skipped) > 5 else ''}" if lin.skipped else ""))
 
 
 def _config(a, base: dict | None = None):
@@ -230,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = forget.add_parser("check", help="validate a forget request against a dataset")
     p.add_argument("request")
     p.add_argument("--dataset", required=True)
+    p.add_argument("--from", help="a model (run folder): also check the request against its lineage (repeated "
+                   "pairs, another lineage root)")
     p.add_argument("--root", default="data_shards")
     p.set_defaults(func=cmd_forget_check)
 

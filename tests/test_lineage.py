@@ -124,7 +124,7 @@ def test_written_cumulative_request_loads(chain, tiny_root):
     assert _pairs(out) == _pairs(chain["cum12"])
 
 
-def test_repeated_pairs_are_reported_and_skipped(chain):
+def test_repeated_pairs_are_reported_and_skipped(chain, tiny_root):
     from mlflow import MlflowClient
     runs, keys = chain["runs"], chain["keys"]
     repeated = f"{keys[3]}|seg"
@@ -137,6 +137,10 @@ def test_repeated_pairs_are_reported_and_skipped(chain):
     metrics = MlflowClient(chain["uri"]).get_run(run_id).data.metrics
     assert metrics["lineage/skipped_pairs"] == 1 and metrics["lineage/new_pairs"] == 2
     assert metrics["lineage/depth"] == 2 and metrics["lineage/cumulative_pairs"] == 14
+    # `forget check --from` says the same before anything runs
+    p = run_mtu("forget", "check", chain["r2"], "--dataset", "synth-indoor", "--root", tiny_root, "--from", runs / "s1",
+                check=True)
+    assert f"(step 2): 2 new pair(s), 1 already forgotten (would be skipped): {repeated}" in p.stdout
     # a request made only of repeats is refused before any work
     assert chain["status"]["repeat"]["rc"] == 2 and not (runs / "repeat").exists()
     assert "every one of its 3 pair(s) was already forgotten earlier in this lineage" in chain["proc"].stderr
