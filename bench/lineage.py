@@ -1,18 +1,18 @@
 """Successive forget requests: k = 1..K requests of 2% of the instances each, per method, on both benchmarks.
 
-For each benchmark (synth-indoor, synth-street): one original (trained once), K full-task requests of
-`fraction` of the train instances each, drawn one after another like `mtu forget make --from` (none
-repeats an instance already forgotten), and for every k a retrain on the cumulative retain signal (the
-gold standard after k requests). Per method, a lineage: step k is `mtu unlearn` on request k from step
+For each benchmark (synth-indoor, synth-street): one original (trained once); per request sequence
+(`--seeds`, default 3) K full-task requests of `fraction` of the train instances each, drawn one after
+another like `mtu forget make --from` (none repeats an instance already forgotten), and for every k a
+retrain on the cumulative retain signal (the gold standard after k requests). Per method, a lineage: step k is `mtu unlearn` on request k from step
 k-1's model, scored against the original and retrain k on the cumulative forget set (metrics.json
 "cumulative"). Every method runs with the same knobs (the config defaults, `unlearn.stop_band` 0: a
 target task stops being ascended once its forget pairs reach the parent's val level).
 
-Reported per (benchmark, method, k): cumulative UIS, gap to retrain (pp), MIA AUC, the per-request UIS,
+Reported per (benchmark, method, k), mean ± std over the sequences: cumulative UIS, gap to retrain (pp), MIA AUC, the per-request UIS,
 and the chain's cumulative cost against one retrain per request (sum of the retrains 1..k). Printed as
 Markdown tables and written to `<out>/lineage.json`, `<out>/lineage.md` and `<out>/uis_vs_requests.png`.
 
-    .venv/bin/python bench/lineage.py            # default size (about 25 minutes on 2 idle cores)
+    .venv/bin/python bench/lineage.py            # default size (about 35 minutes on 2 idle cores)
     .venv/bin/python bench/lineage.py --quick    # tiny data, 2 methods, K = 2 (tests)
 
 Resumable: a run whose record (`cells/<name>.json`) holds the sha256 of the spec it would run now is
@@ -35,19 +35,19 @@ from mtu_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_
 
 DATASETS = ("synth-indoor", "synth-street")
 EXPERIMENT = "lineage"
-REQUEST_SEED = 500  # request k is drawn with seed REQUEST_SEED + k
+REQUEST_SEED = 500  # request k of sequence `seed` is drawn with seed REQUEST_SEED + 100 * seed + k
 SIZES = {
     "default": {"train": 384, "val": 64, "height": 32, "width": 40, "shard_size": 48, "requests": 5, "fraction": 0.02,
                 "config": {"model": {"width": 16, "head_width": 16}, "train": {"epochs": 30, "global_batch": 16},
                            "unlearn": {"forget_batch": 8, "retain_batch": 16, "stop_band": 0.0},
                            "eval": {"batch": 32, "retain_sample": 64}},
                 "methods": ["finetune", "grad_ascent", "neggrad_plus", "random_label", "l1_sparse", "salun", "scrub",
-                            "pcgrad", "orthograd", "iamu"], "datasets": list(DATASETS)},
+                            "pcgrad", "orthograd", "iamu"], "datasets": list(DATASETS), "seeds": [0, 1, 2]},
     "quick": {"train": 40, "val": 16, "height": 16, "width": 24, "shard_size": 8, "requests": 2, "fraction": 0.05,
               "config": {"model": {"width": 8, "head_width": 8}, "train": {"epochs": 2, "global_batch": 8},
                          "unlearn": {"steps": 4, "forget_batch": 4, "retain_batch": 8, "stop_band": 0.0},
                          "eval": {"batch": 8, "retain_sample": 8}},
-              "methods": ["neggrad_plus", "iamu"], "datasets": ["synth-indoor"]},
+              "methods": ["neggrad_plus", "iamu"], "datasets": ["synth-indoor"], "seeds": [0]},
 }
 
 
@@ -78,15 +78,18 @@ class Bench:
     # ---------------- the pipeline ----------------
 
     def run(self) -> list[dict]:
+        """Per benchmark one original; per request sequence (seed) its requests, retrains and chains."""
         rows = []
         for ds in self.a.datasets or self.size["datasets"]:
             manifest = self.data(ds)
             original = self.original(ds, manifest)
-            requests, cumulative = self.requests(manifest, original)
-            retrains = [self.retrain(ds, k, c) for k, c in enumerate(cumulative, 1)]
-            rows += [self.retrain_row(ds, k, r, c, original) for k, (r, c) in enumerate(zip(retrains, cumulative), 1)]
-            for m in self.methods:
-                rows += self.chain(ds, m, original, requests, retrains)
+            for seed in self.a.seeds if self.a.seeds is not None else self.size["seeds"]:
+                requests, cumulative = self.requests(manifest, original, seed)
+                retrains = [self.retrain(ds, k, c, seed) for k, c in enumerate(cumulative, 1)]
+                rows += [{**self.retrain_row(ds, k, r, c, original), "seed": seed}
+                         for k, (r, c) in enumerate(zip(retrains, cumulative), 1)]
+                for m in self.methods:
+                    rows += [{**row, "seed": seed} for row in self.chain(ds, m, original, requests, retrains, seed)]
         return rows
 
     def data(self, dataset: str):
@@ -113,7 +116,7 @@ class Bench:
             self.mark(f"{dataset}-original", sha)
         return run
 
-    def requests(self, manifest, original: Path) -> tuple[list[Path], list[Path]]:
+    def requests(self, manifest, original: Path, seed: int) -> tuple[list[Path], list[Path]]:
         """K requests (none draws an instance an earlier one took) and the K cumulative request files."""
         from mtu_dist.forget import make_request, merge_entries, request_bytes, write_request
         root_sha = _model_sha(original)
@@ -121,26 +124,26 @@ class Bench:
         requests, cumulative, taken = [], [], {}
         for k in range(1, self.size["requests"] + 1):
             raw = make_request(manifest, fraction=self.size["fraction"], setting="full", tasks=None,
-                               seed=REQUEST_SEED + k, exclude_ids=taken, lineage_root=root_sha)
-            path = folder / f"r{k}.yaml"
+                               seed=REQUEST_SEED + 100 * seed + k, exclude_ids=taken, lineage_root=root_sha)
+            path = folder / f"r{k}{_tag(seed)}.yaml"
             write_request(raw, path, overwrite=True)  # same draw, same bytes: the runs' records stay valid
             taken = merge_entries(manifest, taken, {e["id"]: tuple(e["tasks"]) for e in raw["entries"]})
             _, data = request_bytes(taken, dataset=manifest.dataset, tasks=manifest.tasks, lineage_root=root_sha)
-            cum = folder / f"cumulative-{k}.json"
+            cum = folder / f"cumulative-{k}{_tag(seed)}.json"
             atomic_write_bytes(cum, data)
             requests.append(path)
             cumulative.append(cum)
         return requests, cumulative
 
-    def retrain(self, dataset: str, k: int, request: Path) -> Path:
+    def retrain(self, dataset: str, k: int, request: Path, seed: int) -> Path:
         from mtu_dist.commands import retrain_command
-        run = self.out / "runs" / dataset / f"retrain-{k}"
+        run = self.out / "runs" / dataset / f"retrain-{k}{_tag(seed)}"
         cfg = self.cfg(dataset)
-        must, sha = self.fresh(f"{dataset}-retrain-{k}", {"config": _training(cfg), "request": sha256_file(request)}, run)
+        must, sha = self.fresh(f"{dataset}-{run.name}", {"config": _training(cfg), "request": sha256_file(request)}, run)
         if must:
             print(f"{dataset}: retrain on the cumulative retain signal after {k} request(s)")
             retrain_command(cfg, request=str(request), name=run.name, resume=False, overwrite=True, tracking_uri=self.uri)
-            self.mark(f"{dataset}-retrain-{k}", sha)
+            self.mark(f"{dataset}-{run.name}", sha)
         return run
 
     def retrain_row(self, dataset: str, k: int, run: Path, request: Path, original: Path) -> dict:
@@ -160,23 +163,24 @@ class Bench:
                 "mia_auc": block["mia_auc"], "uis_request": None, "cost_s": report["time_s"],
                 "pairs": len(json.loads((run / "final" / "ledger.json").read_text())["roles"]["retain"]["keys"])}
 
-    def chain(self, dataset: str, method: str, original: Path, requests: list[Path], retrains: list[Path]) -> list[dict]:
+    def chain(self, dataset: str, method: str, original: Path, requests: list[Path], retrains: list[Path],
+              seed: int) -> list[dict]:
         from mtu_dist.commands import unlearn_command
         rows, parent, spent = [], original, 0.0
         retrain_s = [json.loads((r / "final" / "metrics.json").read_text())["time_s"] for r in retrains]
         for k, (request, retrain) in enumerate(zip(requests, retrains), 1):
-            run = self.out / "runs" / dataset / f"{method}-{k}"
+            run = self.out / "runs" / dataset / f"{method}-{k}{_tag(seed)}"
             cfg = self.cfg(dataset, [f"unlearn.method={method}"])
             spec = {"config": _unlearning(cfg), "request": sha256_file(request), "parent": _model_sha(parent),
                     "retrain": _model_sha(retrain)}
-            must, sha = self.fresh(f"{dataset}-{method}-{k}", spec, run)
+            must, sha = self.fresh(f"{dataset}-{run.name}", spec, run)
             if must:
-                print(f"{dataset} {method}: request {k}")
+                print(f"{dataset} {method}: request {k} (sequence {seed})")
                 t = time.perf_counter()
                 unlearn_command(cfg, request=str(request), origin=str(parent), name=run.name, overwrite=True,
                                 tracking_uri=self.uri, retrain=str(retrain))
                 print(f"  {time.perf_counter() - t:.1f} s")
-                self.mark(f"{dataset}-{method}-{k}", sha)
+                self.mark(f"{dataset}-{run.name}", sha)
             report = json.loads((run / "final" / "metrics.json").read_text())
             cum = report["cumulative"]
             spent = cum["cost_s"]
@@ -187,6 +191,11 @@ class Bench:
                          "stop_reason": report.get("stop_reason")})
             parent = run
         return rows
+
+
+def _tag(seed: int) -> str:
+    """Run and file name suffix of request sequence `seed` (sequence 0 has none)."""
+    return "" if seed == 0 else f"-s{seed}"
 
 
 def _training(cfg) -> dict:
@@ -203,53 +212,78 @@ def _model_sha(run: Path) -> str:
 
 # ---------------- report ----------------
 
-def _f(v, digits=4) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+def _stat(rows: list[dict], key: str, digits: int) -> str:
+    """mean ± std over the request sequences (just the value for one)."""
+    import numpy as np
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return ""
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
+
+
+def _groups(rows: list[dict]):
+    """(dataset, its methods in order, k values, (method, k) -> rows over seeds)."""
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == ds]
+        cell: dict = {}
+        for r in mine:
+            cell.setdefault((r["method"], r["k"]), []).append(r)
+        yield ds, list(dict.fromkeys(r["method"] for r in mine)), sorted({r["k"] for r in mine}), cell
 
 
 def tables(rows: list[dict]) -> str:
     out = []
-    for ds in dict.fromkeys(r["dataset"] for r in rows):
-        mine = [r for r in rows if r["dataset"] == ds]
-        ks = sorted({r["k"] for r in mine})
-        methods = list(dict.fromkeys(r["method"] for r in mine))
-        cell = {(r["method"], r["k"]): r for r in mine}
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    spread = f" (mean ± std over {len(seeds)} request sequences)" if len(seeds) > 1 else ""
+    for ds, methods, ks, cell in _groups(rows):
         for title, key, digits in (("cumulative UIS (lower is better)", "uis", 4),
                                    ("gap to retrain on the cumulative forget set, pp (lower is better)", "gap_retrain", 2),
-                                   ("MIA AUC on the cumulative forget set (retrain is the reference)", "mia_auc", 3)):
-            out += [f"\n{ds}: {title}, after k requests\n", "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
-                    "|---|" + "---|" * len(ks)]
-            out += [f"| {m} | " + " | ".join(_f(cell.get((m, k), {}).get(key), digits) for k in ks) + " |" for m in methods]
+                                   ("MIA AUC on the cumulative forget set (retrain is the reference)", "mia_auc", 3),
+                                   ("chain cost / sum of one retrain per request (lower is cheaper)",
+                                    "cost_over_retrains", 3)):
+            out += [f"\n{ds}: {title}, after k requests{spread}\n",
+                    "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+            out += [f"| {m} | " + " | ".join(_stat(cell.get((m, k), []), key, digits) for k in ks) + " |"
+                    for m in methods if not (key == "cost_over_retrains" and m == "retrain")]
         last = ks[-1]
-        out += [f"\n{ds}: cumulative cost after k={last} requests\n",
-                "| method | chain cost s | sum of retrains 1..k, s | ratio |", "|---|---|---|---|"]
-        retrain_sum = sum(cell[("retrain", k)]["cost_s"] for k in ks)
+        out += [f"\n{ds}: cumulative cost after k={last} requests{spread}\n",
+                "| method | chain cost s | sum of retrains 1..k, s |", "|---|---|---|"]
+        retrain_sums = [sum(r["cost_s"] for r in rows if r["dataset"] == ds and r["method"] == "retrain"
+                            and r.get("seed", 0) == sd) for sd in seeds]
         for m in methods:
             if m != "retrain":
-                r = cell[(m, last)]
-                out.append(f"| {m} | {r['cost_s']:.1f} | {retrain_sum:.1f} | {r['cost_over_retrains']:.3f} |")
+                out.append(f"| {m} | {_stat(cell[(m, last)], 'cost_s', 1)} | "
+                           f"{_stat([{'v': v} for v in retrain_sums], 'v', 1)} |")
     return "\n".join(out)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["k"], r["uis"]) for r in rows if r["dataset"] == ds and r["method"] == m and r["uis"] is not None)
+    import numpy as np
+    groups = list(_groups(rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, (ds, methods, ks, cell) in zip(axes[0], groups):
+        for m in methods:
+            pts = [(k, [r["uis"] for r in cell.get((m, k), []) if r["uis"] is not None]) for k in ks]
+            pts = [(k, v) for k, v in pts if v]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=m, linewidth=2.5 if m in ("iamu", "retrain") else 1.2,
-                        linestyle="--" if m == "retrain" else "-")
+                ax.errorbar([k for k, _ in pts], [np.mean(v) for _, v in pts],
+                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in pts], marker="o", capsize=3,
+                            label=m, linewidth=2.5 if m in ("iamu", "retrain") else 1.2,
+                            linestyle="--" if m == "retrain" else "-")
         ax.set_title(f"{ds}: UIS on the cumulative forget set")
         ax.set_xlabel("number of successive requests k")
         ax.set_ylabel("UIS (lower is better)")
+        ax.set_xticks(ks)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
@@ -261,6 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lineage"), help="results folder")
     ap.add_argument("--methods", nargs="+", help="methods (default: every method but iamu's ablations)")
     ap.add_argument("--datasets", nargs="+", choices=DATASETS)
+    ap.add_argument("--seeds", nargs="+", type=int, help="request sequences (default: 0 1 2; --quick: 0)")
     a = ap.parse_args(argv)
     size = SIZES["quick" if a.quick else "default"]
     t0 = time.perf_counter()
