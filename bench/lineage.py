@@ -12,7 +12,7 @@ Reported per (benchmark, method, k), mean ± std over the sequences: cumulative 
 and the chain's cumulative cost against one retrain per request (sum of the retrains 1..k). Printed as
 Markdown tables and written to `<out>/lineage.json`, `<out>/lineage.md` and `<out>/uis_vs_requests.png`.
 
-    .venv/bin/python bench/lineage.py            # default size (about 35 minutes on 2 idle cores)
+    .venv/bin/python bench/lineage.py            # default size (25 minutes measured on 2 cores)
     .venv/bin/python bench/lineage.py --quick    # tiny data, 2 methods, K = 2 (tests)
 
 Resumable: a run whose record (`cells/<name>.json`) holds the sha256 of the spec it would run now is
@@ -276,7 +276,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.errorbar([k for k, _ in pts], [np.mean(v) for _, v in pts],
                             yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in pts], marker="o", capsize=3,
                             label=m, linewidth=2.5 if m in ("iamu", "retrain") else 1.2,
-                            linestyle="--" if m == "retrain" else "-")
+                            **({"linestyle": "--", "color": "black"} if m == "retrain" else
+                               {"color": "crimson"} if m == "iamu" else {}))
         ax.set_title(f"{ds}: UIS on the cumulative forget set")
         ax.set_xlabel("number of successive requests k")
         ax.set_ylabel("UIS (lower is better)")
