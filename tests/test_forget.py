@@ -35,6 +35,10 @@ BAD = {
     "bad setting": (_req(setting="some"), "field 'setting'"),
     "unknown field": (_req(forget_all=True), "unknown field(s) ['forget_all']"),
     "entry without tasks": (_req(entries=[{"id": K.format(2)}]), "entries[0] (id 'synth-indoor/train/000002'): field 'tasks'"),
+    "mixed entry without tasks": (_req(setting="mixed", entries=[{"id": K.format(2)}]),
+                                  "entries[0] (id 'synth-indoor/train/000002'): field 'tasks' must be a non-empty list "
+                                  "(every entry of a mixed request names its tasks)"),
+    "bad lineage root": (_req(lineage_root="abc"), "field 'lineage_root' must be the sha256 (64 hex digits)"),
 }
 
 
@@ -92,3 +96,26 @@ def test_make_errors(manifest):
         make_request(manifest, fraction=1.5, setting="full", tasks=None, seed=0)
     with pytest.raises(UserError, match="unknown task"):
         make_request(manifest, fraction=0.1, setting="partial", tasks=["edges"], seed=0)
+
+
+def test_merge_subtract_and_mixed_round_trip(manifest):
+    """A lineage's set algebra on pairs: merged per instance in manifest order, repeats split off, and the
+    merged set written as a canonical `mixed` request that parses back to the same pairs."""
+    from mtu_dist.forget import merge_entries, pairs_sha256, request_from_entries, setting_of, subtract_entries
+    full = {K.format(5): ("seg", "depth", "normal"), K.format(3): ("seg", "depth", "normal")}
+    partial = {K.format(3): ("seg",), K.format(9): ("normal",), K.format(1): ("depth",)}
+    merged = merge_entries(manifest, full, partial)
+    assert list(merged) == [K.format(1), K.format(3), K.format(5), K.format(9)]
+    assert merged[K.format(3)] == ("seg", "depth", "normal") and merged[K.format(9)] == ("normal",)
+    new, repeated = subtract_entries(partial, full)
+    assert new == {K.format(9): ("normal",), K.format(1): ("depth",)} and repeated == [f"{K.format(3)}|seg"]
+    assert setting_of(full, manifest.tasks) == "full" and setting_of(partial, manifest.tasks) == "partial"
+    assert setting_of(merged, manifest.tasks) == "mixed"
+    req, data = request_from_entries(merged, manifest, lineage_root="a" * 64)
+    again = parse_request(yaml.safe_load(data), manifest, req.sha256)
+    assert again.setting == "mixed" and again.pairs() == req.pairs() and again.lineage_root == "a" * 64
+    assert len(req.pairs()) == 3 + 3 + 1 + 1
+    # the pair set's identity ignores file layout; the eval key changes with extra retain exclusions
+    assert pairs_sha256(dict(reversed(list(merged.items())))) == req.pairs_sha256
+    from dataclasses import replace
+    assert req.eval_key == req.sha256 and replace(req, retain_exclude=(K.format(20),)).eval_key != req.sha256
