@@ -93,16 +93,9 @@ class Bench:
         return rows
 
     def data(self, dataset: str):
-        from mtu_dist.data.manifest import load_manifest
-        from mtu_dist.data.synth_cmd import synth
-        spec = {k: self.size[k] for k in ("train", "val", "height", "width", "shard_size")}
-        root, spec_file = self.out / "data", self.out / "data" / f"{dataset}.synth.json"
-        if not ((root / dataset / "manifest.json").is_file() and spec_file.is_file()
-                and json.loads(spec_file.read_text()) == spec):
-            print(f"data: synthesizing {dataset} {spec}")
-            synth([dataset], root, test=0, seed=0, workers=2, overwrite=True, progress=lambda *_: None, **spec)
-            atomic_write_json(spec_file, spec)
-        return load_manifest(root / dataset)
+        from mtu_dist.data.synth_cmd import synth_once
+        return synth_once(self.out / "data", dataset, {k: self.size[k] for k in ("train", "val", "height", "width",
+                                                                                 "shard_size")})
 
     def original(self, dataset: str, manifest) -> Path:
         from mtu_dist.commands import train_command
@@ -212,10 +205,10 @@ def _model_sha(run: Path) -> str:
 
 # ---------------- report ----------------
 
-def _stat(rows: list[dict], key: str, digits: int) -> str:
+def _stat(vals: list, digits: int) -> str:
     """mean ± std over the request sequences (just the value for one)."""
     import numpy as np
-    vals = [r[key] for r in rows if r.get(key) is not None]
+    vals = [v for v in vals if v is not None]
     if not vals:
         return ""
     if len(vals) == 1:
@@ -245,7 +238,7 @@ def tables(rows: list[dict]) -> str:
                                     "cost_over_retrains", 3)):
             out += [f"\n{ds}: {title}, after k requests{spread}\n",
                     "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-            out += [f"| {m} | " + " | ".join(_stat(cell.get((m, k), []), key, digits) for k in ks) + " |"
+            out += [f"| {m} | " + " | ".join(_stat([r.get(key) for r in cell.get((m, k), [])], digits) for k in ks) + " |"
                     for m in methods if not (key == "cost_over_retrains" and m == "retrain")]
         last = ks[-1]
         out += [f"\n{ds}: cumulative cost after k={last} requests{spread}\n",
@@ -254,8 +247,7 @@ def tables(rows: list[dict]) -> str:
                             and r.get("seed", 0) == sd) for sd in seeds]
         for m in methods:
             if m != "retrain":
-                out.append(f"| {m} | {_stat(cell[(m, last)], 'cost_s', 1)} | "
-                           f"{_stat([{'v': v} for v in retrain_sums], 'v', 1)} |")
+                out.append(f"| {m} | {_stat([r['cost_s'] for r in cell[(m, last)]], 1)} | {_stat(retrain_sums, 1)} |")
     return "\n".join(out)
 
 

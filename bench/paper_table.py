@@ -222,18 +222,9 @@ class Bench:
         atomic_write_json(path, {"parent_run_id": self.parent, "tracking_uri": self.uri, "experiment": EXPERIMENT})
 
     def data(self, dataset: str):
-        from mtu_dist.data.manifest import load_manifest
-        from mtu_dist.data.synth_cmd import synth
-        s = self.size
-        spec = {k: s[k] for k in ("train", "val", "height", "width", "shard_size")}
-        root = self.out / "data"
-        spec_file = root / f"{dataset}.synth.json"
-        if not ((root / dataset / "manifest.json").is_file() and spec_file.is_file()
-                and json.loads(spec_file.read_text()) == spec):
-            print(f"data: synthesizing {dataset} {spec}")
-            synth([dataset], root, test=0, seed=0, workers=2, overwrite=True, progress=lambda *_: None, **spec)
-            atomic_write_json(spec_file, spec)
-        return load_manifest(root / dataset)
+        from mtu_dist.data.synth_cmd import synth_once
+        return synth_once(self.out / "data", dataset, {k: self.size[k] for k in ("train", "val", "height", "width",
+                                                                                 "shard_size")})
 
     def original(self, dataset: str, manifest) -> Path:
         from mtu_dist.commands import train_command

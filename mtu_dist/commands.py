@@ -50,7 +50,7 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
         if cumulative is not None:
             report["cumulative"] = _cumulative_report(s, state, results if cum_results is None else cum_results,
                                                       cumulative, report)
-            metrics |= _lineage_metrics(s, report["cumulative"])
+            metrics |= _lineage_metrics(report["cumulative"])
             if cum_results is not None:
                 atomic_write_json(final / "losses-cumulative.json", cum_results["losses"])
         atomic_write_json(final / "metrics.json", report)
@@ -80,7 +80,7 @@ def _cumulative_report(s: Session, state: dict, results: dict, cumulative: dict,
     return out
 
 
-def _lineage_metrics(s: Session, cum: dict) -> dict[str, float]:
+def _lineage_metrics(cum: dict) -> dict[str, float]:
     from .scoring import mlflow_metrics
     return {"lineage/depth": cum["depth"], "lineage/new_pairs": cum["new_pairs"],
             "lineage/skipped_pairs": cum["skipped_pairs"], "lineage/cumulative_pairs": cum["pairs"],

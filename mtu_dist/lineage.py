@@ -50,8 +50,9 @@ class Lineage:
         return request_from_entries(self.cumulative, manifest, lineage_root=self.root["model_sha256"])
 
     def record(self, manifest: Manifest) -> dict:
-        """The `lineage` entry of state.json."""
-        _, data = self.cumulative_request(manifest)
+        """The `lineage` entry of state.json (the cumulative request's bytes hashed, not parsed again)."""
+        _, data = request_bytes(self.cumulative, dataset=manifest.dataset, tasks=manifest.tasks,
+                                lineage_root=self.root["model_sha256"])
         return {"format": FORMAT, "root": self.root, "steps": self.steps,
                 "cumulative": {i: list(ts) for i, ts in self.cumulative.items()},
                 "cumulative_pairs": sum(len(ts) for ts in self.cumulative.values()),

@@ -34,3 +34,22 @@ def synth(datasets: list[str], out_root, *, train: int, val: int, test: int, hei
             workers=workers, overwrite=overwrite, progress=progress,
             source={"generator": "mtu_dist.data.synth", "seed": seed}))
     return manifests
+
+
+def synth_once(root, dataset: str, spec: dict):
+    """The synthetic `dataset` under `root` as `spec` (train, val, height, width, shard_size) describes it,
+    written only when absent or made with another spec (kept in `<root>/<dataset>.synth.json`); its manifest.
+    For benchmarks that rerun: the data, and every run keyed on its manifest, stay put."""
+    import json
+    from pathlib import Path
+
+    from ..fileio import atomic_write_json
+    from .manifest import load_manifest
+    root = Path(root)
+    spec_file = root / f"{dataset}.synth.json"
+    if not ((root / dataset / "manifest.json").is_file() and spec_file.is_file()
+            and json.loads(spec_file.read_text()) == spec):
+        print(f"data: synthesizing {dataset} {spec}")
+        synth([dataset], root, test=0, seed=0, workers=2, overwrite=True, progress=lambda *_: None, **spec)
+        atomic_write_json(spec_file, spec)
+    return load_manifest(root / dataset)
