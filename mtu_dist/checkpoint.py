@@ -97,7 +97,11 @@ def read_state(folder: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: corrupt checkpoint metadata (not valid JSON)") from None
-    for name, digest in meta.get("sha256", {}).items():
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(sums, dict) or not all(k in TENSOR_FILES and isinstance(v, str) for k, v in sums.items()):
+        raise UserError(f"{path}: corrupt checkpoint metadata (expected an object whose 'sha256' maps "
+                        f"{' / '.join(TENSOR_FILES)} to checksums)")
+    for name, digest in sums.items():
         f = folder / name
         if not f.is_file():
             raise UserError(f"{f}: checkpoint file missing")
@@ -114,6 +118,7 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) 
     folder = Path(meta["_folder"])
     try:
         tensors = load_file(folder / "model.safetensors")
+        refuse_non_finite(tensors, folder / "model.safetensors")
         model.load_state_dict(tensors)
     except SafetensorError as e:  # not a safetensors file at all (never unpickled, whatever it holds)
         raise UserError(f"{folder}/model.safetensors: not a safetensors file ({str(e).splitlines()[0]})") from None
@@ -125,9 +130,26 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) 
                             "state is partitioned over the ranks and not checkpointed), so the run cannot continue "
                             "exactly; start anew with --overwrite")
         flat = load_file(folder / "optim.safetensors")
+        refuse_non_finite(flat, folder / "optim.safetensors")
         torch.set_rng_state(flat.pop("rng.torch"))
         _optim_from_flat(optimizer, flat, meta["optim_param_groups"])
     return meta
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first floating tensor holding NaN or inf, by name (None: all finite)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], where) -> None:
+    """Checksums prove a file is unchanged, not that it is usable: a NaN/inf model poisons every step
+    and metric that follows, so it is refused where it is loaded."""
+    name = non_finite(tensors)
+    if name is not None:
+        raise UserError(f"{where}: tensor '{name}' holds NaN or inf; a model that is not finite cannot be used")
 
 
 def check_resumable(meta: dict, config: dict, info: dict) -> None:

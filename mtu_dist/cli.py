@@ -52,8 +52,7 @@ def cmd_forget_make(a):
         root, forgotten = rec["root"]["model_sha256"], rec["cumulative"]
     raw = make_request(m, fraction=a.fraction, setting=a.setting, tasks=a.tasks, seed=a.seed, exclude=exclude,
                        exclude_ids=forgotten, lineage_root=root)
-    write_request(raw, a.out, overwrite=a.overwrite)
-    req = load_request(a.out, m)  # round trip: what we wrote must load
+    req = write_request(raw, a.out, overwrite=a.overwrite, manifest=m)  # validated before anything is written
     print(f"{a.out}: {req.setting} request, {len(req.entries)} instances, tasks "
           f"{list(req.target_tasks())}, sha256 {req.sha256[:12]}")
 
@@ -90,12 +89,18 @@ def cmd_retrain(a):
     cfg = _config(a)
     from .commands import retrain_command
     _print_summary(retrain_command(cfg, request=a.request, name=a.name, resume=a.resume,
-                                   overwrite=a.overwrite, tracking_uri=a.tracking_uri))
+                                   overwrite=a.overwrite, tracking_uri=a.tracking_uri, original=a.original))
 
 
 def cmd_unlearn(a):
     from .commands import config_from_checkpoint, unlearn_command
-    cfg = _config(a, base=config_from_checkpoint(getattr(a, "from")))
+    base = config_from_checkpoint(getattr(a, "from"))
+    if a.tuned:  # the knobs `mtu tune` chose for the method, before any --set item
+        from .config import load_config
+        from .tune import chosen_overrides
+        method = a.method or load_config(a.config, a.set, base=base).unlearn.method
+        a.set = [*chosen_overrides(a.tuned, method), f"unlearn.method={method}", *a.set]
+    cfg = _config(a, base=base)
     if a.method:
         cfg.unlearn.method = a.method
     _print_summary(unlearn_command(cfg, request=a.request, origin=getattr(a, "from"), name=a.name, resume=a.resume,
@@ -104,8 +109,10 @@ def cmd_unlearn(a):
 
 def cmd_eval(a):
     from .commands import config_from_checkpoint, eval_command
+    if a.retrain and not a.request:
+        raise UserError("--retrain needs --request (the request the retrain run removed)")
     _print_summary(eval_command(_config(a, base=config_from_checkpoint(a.ckpt)), ckpt=a.ckpt, request=a.request,
-                                tracking_uri=a.tracking_uri))
+                                tracking_uri=a.tracking_uri, retrain=a.retrain))
 
 
 def cmd_score(a):
@@ -179,7 +186,9 @@ def cmd_demo(a):
 def _data_args(p, out=True):
     if out:
         p.add_argument("--out", default="data_shards", help="root folder for datasets (default: data_shards)")
-    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="samples per shard (default: per split, a multiple of 16 shards of at most 1000 samples, "
+                        "sizes within one: up to 8 ranks x 2 loader workers each read their own shards)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (atomically)")
 
@@ -250,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--request", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--original", help="the original model: the run also writes its unlearning block (UIS against "
+                   "it; itself as the retrain reference, the floor of UIS)")
     p.set_defaults(func=cmd_retrain)
     p = sub.add_parser("unlearn", help="apply an unlearning method to a trained checkpoint")
     _run_args(p)
@@ -258,11 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", required=True, help="checkpoint folder or run folder of the original model")
     p.add_argument("--resume", action="store_true", help="continue from the run's last good checkpoint")
     p.add_argument("--retrain", help="retrain run on the same request: adds the gap to retrain and the cost ratio")
+    p.add_argument("--tuned", help="tuned.yaml written by `mtu tune`: the method's chosen knobs (--set items still win)")
     p.set_defaults(func=cmd_unlearn)
     p = sub.add_parser("eval", help="evaluate a checkpoint per split and task; writes metrics.json beside it")
     _run_args(p, run=False)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--request", help="forget request defining the forget/retain splits")
+    p.add_argument("--retrain", help="a retrain run on --request: also score the checkpoint as a row of its own "
+                   "(the original's unlearning block: what doing nothing scores)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("score", help="recompute a finished run's unlearning scores from its files (no model run)")
     p.add_argument("run", help="run folder of an unlearn or retrain run")
@@ -343,17 +357,42 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _end(status: str) -> None:
+    """MLflow runs the command opened and did not finish end `status`; run folders it claimed are let go."""
+    from .lifecycle import signals_ignored
+    with signals_ignored():
+        if "mtu_dist.tracking" in sys.modules:
+            from .tracking import end_open_runs
+            end_open_runs(status)
+        if "mtu_dist.runclaim" in sys.modules:
+            from .runclaim import release_all
+            release_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .lifecycle import Terminated, raise_on_termination
+    raise_on_termination()
+    status = "FAILED"  # a bug keeps its traceback, and its runs end FAILED
     try:
         args.func(args)
+        status = "FINISHED"
     except UserError as e:
         _close_progress_bars()
         print(f"mtu: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        status = "KILLED"
+        _close_progress_bars()
         print("mtu: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        status = "KILLED"
+        _close_progress_bars()
+        print("mtu: terminated", file=sys.stderr)
+        return 143
+    finally:
+        _end(status)
     return 0
 
 

@@ -11,6 +11,7 @@ from .errors import UserError
 from .evaluate import evaluate, flat_metrics
 from .fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
 from .ledger import ledger_bytes
+from .runclaim import release_run_dir
 from .session import Session, open_session, run_info
 
 
@@ -21,12 +22,13 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
     a lineage step (`cumulative`: request, root and retrain references) also its scores on the cumulative
     forget set (`metrics.json` "cumulative", MLflow `cumulative/...`)."""
     from .reference import fingerprint
-    from .scoring import mlflow_metrics, unlearning_block
+    from .scoring import curve_metrics, mlflow_metrics, unlearning_block
     final = s.run_dir / "final"
     if s.lineage is not None:
         s.lineage.steps[-1]["cost_s"] = elapsed
     # the ledger's sha256 goes into state.json, so `mtu audit` can tell whether ledger.json was edited
     ledger = ledger_bytes(s.ledger, s.request and s.request.sha256) if s.ledger is not None else None
+    _refuse_non_finite_final(s, model)  # on every rank (they hold the same parameters): no rank waits alone
     if s.is_main:
         info = {**run_info(s), "ledger_sha256": sha256_bytes(ledger) if ledger else None}
         save_checkpoint(final, model, step=step, epoch=0, config=s.cfg.model_dump(mode="json"), info=info)
@@ -45,8 +47,13 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
         report["eval"] = fingerprint(state, s.request and s.request.eval_key, s.cfg.eval.retain_sample)
         metrics = flat_metrics(results["splits"])
         if s.request is not None:
+            if retrain == "self":  # a retrain run is its own reference
+                from .scoring import Results
+                retrain = Results(report, results["losses"], str(s.run_dir))
             report["unlearning"] = unlearning_block(report, results["losses"], original=original, retrain=retrain)
             metrics |= mlflow_metrics(report["unlearning"])
+            for at, values in curve_metrics(report["unlearning"]):
+                s.tracker.log_metrics(values, at)
         if cumulative is not None:
             report["cumulative"] = _cumulative_report(s, state, results if cum_results is None else cum_results,
                                                       cumulative, report)
@@ -61,7 +68,17 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
         s.tracker.log_metrics(metrics, step)
         s.tracker.log_artifact(final / "metrics.json")
     s.tracker.finish()
+    release_run_dir(s.run_dir)  # the next command of this process may write it (mtu demo, tune)
     return report
+
+
+def _refuse_non_finite_final(s: Session, model) -> None:
+    """A run whose final model is not finite failed, whatever its loop concluded: exit non-zero, save nothing."""
+    from .checkpoint import non_finite
+    name = non_finite(dict(model.state_dict()))
+    if name is not None:
+        raise UserError(f"{s.run_dir}: the final model's tensor '{name}' holds NaN or inf ({s.command} diverged); "
+                        "no final model was saved")
 
 
 def _cumulative_report(s: Session, state: dict, results: dict, cumulative: dict, report: dict) -> dict:
@@ -97,7 +114,10 @@ def train_command(cfg: RunConfig, *, name: str | None, resume: bool, overwrite: 
 
 
 def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: bool, overwrite: bool,
-                    tracking_uri: str | None) -> dict:
+                    tracking_uri: str | None, original: str | None = None) -> dict:
+    """Train from scratch on the request's retain signal. With `original` (the model the request was
+    made against) the run also writes its full unlearning block: UIS against the original, and itself as
+    the retrain reference (the floor every method's UIS is compared with)."""
     from .forget import load_request
     from .data.manifest import load_manifest
     from .train import fit
@@ -105,7 +125,13 @@ def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: b
     s = open_session(cfg, "retrain", name or f"retrain-{req.setting}-{req.sha256[:8]}", request_path=request,
                      resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
     model, elapsed, step = fit(s, resume=resume)
-    return finish(s, model, elapsed=elapsed, step=step)
+    ref = None
+    if original:
+        from .reference import reference_eval
+        from .scoring import Results
+        ref = reference_eval(s, original)
+        ref = ref and Results(*ref, read_state(original)["_folder"])
+    return finish(s, model, elapsed=elapsed, step=step, original=ref, retrain="self" if original else None)
 
 
 def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | None, overwrite: bool, resume: bool = False,
@@ -149,7 +175,7 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
     root_ref = original_ref if same else reference_eval(s, root, cum_req)
     cumulative = {"request": cum_req, "same_as_request": same, "retrain": retrain_ref,
                   "original": root_ref and Results(*root_ref, root)}
-    return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped},
+    return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped, "trajectory": s.trajectory},
                   original=original, retrain=retrain_ref if same else None, cumulative=cumulative)
 
 
@@ -161,7 +187,11 @@ def _original_val(meta: dict) -> dict | None:
     return None
 
 
-def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri: str | None) -> dict:
+def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri: str | None,
+                 retrain: str | None = None) -> dict:
+    """Evaluate a checkpoint (cached beside it). With a request and `retrain` (a retrain run on it), the
+    checkpoint is also scored as a row of its own: the original's unlearning block (what doing nothing
+    scores), without any unlearning run."""
     from .reference import write_eval
     from .unlearn import load_original
     meta = read_state(ckpt)
@@ -173,7 +203,18 @@ def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri
     report = {"splits": results["splits"]}
     if s.is_main:  # metrics-<sha12>.json + losses-<sha12>.json: also the cache `mtu unlearn` reads (reference.py)
         out, report = write_eval(s, folder, meta, results["splits"], results["losses"])
-        s.tracker.log_metrics(flat_metrics(results["splits"]), 0)
+        metrics = flat_metrics(results["splits"])
+        if retrain and s.request is not None:
+            from .fileio import atomic_write_json
+            from .scoring import Results, mlflow_metrics, retrain_reference, unlearning_block
+            ref = retrain_reference(retrain, s.request.pairs_sha256, cfg.eval.retain_sample, request_sha=s.request.sha256)
+            mine = Results(report, results["losses"], str(folder))
+            report["unlearning"] = unlearning_block({**report, "time_s": 0.0}, results["losses"], original=mine,
+                                                    retrain=ref)
+            atomic_write_json(out, report)
+            metrics |= mlflow_metrics(report["unlearning"])
+        report["mlflow_run_id"] = s.tracker.run_id
+        s.tracker.log_metrics(metrics, 0)
         s.tracker.log_artifact(out)
         print(f"wrote {out}")
     s.tracker.finish()
@@ -184,6 +225,6 @@ def config_from_checkpoint(ckpt: str) -> dict:
     """The model/data sections of the run that produced `ckpt` (so eval/unlearn rebuild the same model)."""
     meta = read_state(ckpt)
     conf = meta.get("config") or {}
-    if not conf:
-        raise UserError(f"{ckpt}: checkpoint has no recorded config")
+    if not isinstance(conf, dict) or not all(isinstance(conf.get(k), dict) for k in ("model", "data")):
+        raise UserError(f"{meta['_folder']}/state.json: checkpoint has no recorded config (its model and data sections)")
     return {"model": conf["model"], "data": conf["data"], "seed": conf.get("seed", 0)}

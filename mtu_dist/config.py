@@ -9,16 +9,40 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Strict where coercion would hide a mistake (`epochs: true` is not 1 epoch, `epochs: 2.5` or `2.0`
+    is not an integer, `lr: .inf` is no step size), lenient where YAML 1.1 itself is ambiguous: it
+    reads `1e-3` as a string, which must stay a valid float."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_silent_coercion(cls, value, info):
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if bool in kinds:
+            if not isinstance(value, bool) and value is not None:
+                raise PydanticCustomError("strict_bool", "expected true or false, got {value}", {"value": repr(value)})
+        elif isinstance(value, bool) and kinds & {int, float}:
+            raise PydanticCustomError("strict_number", "expected a number, got the boolean {value}", {"value": repr(value)})
+        elif isinstance(value, float) and int in kinds and float not in kinds:
+            raise PydanticCustomError("strict_int", "expected an integer, got {value}", {"value": repr(value)})
+        return value
+
+
+def _scalar_kinds(annotation) -> set:
+    """The scalar types a field's annotation admits (`float | None` -> {float, NoneType})."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return {a for a in args if a in (bool, int, float, str)}
 
 
 class DataConfig(Section):
@@ -58,12 +82,15 @@ class UnlearnConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1)   # weight of the retain term: alpha*retain - (1-alpha)*forget
     stop_band: float | None = None          # a task is done when its forget-pair primary metric <= original val + band
     stop_drop: float | None = Field(None, gt=0, lt=1)  # ... or has fallen by this fraction (equal-forgetting comparisons)
+    stop_at: dict[str, float] | None = None  # ... or is at or below this level per task (e.g. the retrain's, for equal forgetting)
     diverge_factor: float = Field(20.0, gt=1)  # loss or grad norm above factor x its first value = divergence
     check_sync: bool = False                # every step: compare a parameter checksum across ranks (one tiny all_gather)
     checkpoint_every: int = Field(10, ge=0) # steps between resume points (`mtu unlearn --resume`); 0 = none
     keep_checkpoints: int = Field(2, ge=1)
     signal_engine: Literal["auto", "sequential", "batched"] = "auto"  # per-task gradient signals (auto: measured)
     reduction: Literal["replicated", "sharded"] = "replicated"          # the distributed gradient step's mode
+    trajectory_every: int = Field(0, ge=0)  # steps between trajectory points (forget and collateral on fixed subsets); 0 = none
+    trajectory_sample: int = Field(64, ge=1)  # retain and val instances in the trajectory's fixed subsets
     options: dict[str, Any] = {}            # method-specific knobs, validated by the method
 
 
@@ -97,7 +124,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _apply_override(tree: dict, item: str) -> None:
+def _leaves(tree: dict, prefix: tuple = ()):
+    """Every field path a config file sets (a section's path where it sets no fields)."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, prefix + (str(k),))
+        else:
+            yield prefix + (str(k),)
+
+
+def _apply_override(tree: dict, item: str) -> tuple:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected section.field=value")
     path, _, raw = item.partition("=")
@@ -112,10 +148,12 @@ def _apply_override(tree: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {item!r}: '{p}' is not a section")
     node[leaf] = value
+    return tuple(p.strip() for p in (*parents, leaf))
 
 
 def load_config(files: list[str] | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     tree: dict = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's
+    origins: dict[tuple, str] = {}  # field path -> where its value came from (the last writer wins, as in the merge)
     for f in files or []:
         try:
             loaded = yaml.safe_load(Path(f).read_text()) or {}
@@ -126,21 +164,27 @@ def load_config(files: list[str] | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise UserError(f"{f}: a config file must be a mapping of sections")
         tree = _merge(tree, loaded)
+        origins |= {path: str(f) for path in _leaves(loaded)}
     for item in overrides or []:
-        _apply_override(tree, item)
-    return validate(tree, source=", ".join(files or []) or "config")
+        origins[_apply_override(tree, item)] = f"--set {item!r}"
+    return validate(tree, source=", ".join(map(str, files or [])) or "config", origins=origins)
 
 
-def validate(tree: dict, source: str = "config") -> RunConfig:
+def validate(tree: dict, source: str = "config", origins: dict[tuple, str] | None = None) -> RunConfig:
+    """The typed config; an error names each bad field and where its value came from (`origins`: field
+    path -> the file or `--set` item that set it; `source` for the rest)."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        problems = []
+        by_source: dict[str, list[str]] = {}
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
+            loc = tuple(str(p) for p in err["loc"])
+            field = ".".join(loc)
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"field '{field}': {msg}")
-        raise UserError(f"{source}: invalid config: " + "; ".join(problems)) from None
+            where = next((origins[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in (origins or {})), source)
+            by_source.setdefault(where, []).append(f"field '{field}': {msg}")
+        raise UserError("; ".join(f"{where}: invalid config: " + "; ".join(problems)
+                                  for where, problems in by_source.items())) from None
 
 
 def dump(cfg: RunConfig) -> str:

@@ -240,9 +240,14 @@ def request_from_entries(entries: dict, manifest: Manifest, *, split: str = "tra
     return parse_request(raw, manifest, sha256_bytes(data)), data
 
 
-def write_request(raw: dict, path: str | Path, overwrite: bool = False) -> None:
+def write_request(raw: dict, path: str | Path, overwrite: bool = False,
+                  manifest: Manifest | None = None) -> ForgetRequest | None:
+    """Write a request file; with `manifest`, the exact bytes are parsed and validated first, so a request
+    that would not load is never written (and nothing is left behind)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     text = json.dumps(raw, indent=1) + "\n" if path.suffix == ".json" else yaml.safe_dump(raw, sort_keys=False)
+    req = parse_request(yaml.safe_load(text), manifest, sha256_bytes(text.encode()), path) if manifest else None
     atomic_write_text(path, text)
+    return req

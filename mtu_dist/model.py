@@ -63,10 +63,16 @@ def _load_local_weights(path: str) -> dict:
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(p)
-        return torch.load(p, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+            weights = load_file(p)
+        else:
+            weights = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:
         raise UserError(f"{p}: cannot load backbone weights ({type(e).__name__}: {e})") from None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise UserError(f"{p}: backbone weights must be a state dict (parameter name -> tensor)")
+    from .checkpoint import refuse_non_finite
+    refuse_non_finite(weights, p)
+    return weights
 
 
 class Head(nn.Module):

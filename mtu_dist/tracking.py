@@ -31,14 +31,49 @@ def check_reachable(uri: str) -> None:
         except Exception as e:
             raise UserError(f"tracking URI {uri}: MLflow server unreachable ({e})") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        folder = db.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UserError(f"tracking URI {uri}: folder {folder} does not exist or is not writable")
+        _check_sqlite_store(uri, db)
     elif uri.startswith(("file:", "/", ".")):
         raise UserError(f"tracking URI {uri}: the file store is retired in MLflow 3; use sqlite:///path/mlflow.db")
     elif not uri.startswith(DATABASE_SCHEMES):
         raise UserError(f"tracking URI {uri}: unsupported scheme (expected sqlite:///path/mlflow.db, http(s)://host:port "
                         f"or a database URI: {', '.join(DATABASE_SCHEMES)})")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params"}
+
+
+def _check_sqlite_store(uri: str, db: Path) -> None:
+    """An existing file must be an SQLite database that is empty or already an MLflow store: MLflow would
+    otherwise fail deep in its migrations, or add its tables to another program's database."""
+    import sqlite3
+    if not db.exists():
+        return  # a new store: MLflow creates it
+    if not db.is_file():
+        raise UserError(f"tracking URI {uri}: {db} is not a file (expected sqlite:///path/mlflow.db)")
+    try:
+        with open(db, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if not head:
+            return  # an empty file is an empty database to SQLite
+        if head != SQLITE_HEADER:
+            raise UserError(f"tracking URI {uri}: {db} is not an SQLite database, so not an MLflow store")
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except OSError as e:
+        raise UserError(f"tracking URI {uri}: cannot read {db} ({e.strerror or e})") from None
+    except sqlite3.Error as e:
+        raise UserError(f"tracking URI {uri}: {db} is not a readable SQLite database ({e})") from None
+    if tables and not MLFLOW_TABLES <= tables:
+        raise UserError(f"tracking URI {uri}: {db} is an SQLite database of another program (tables: "
+                        f"{', '.join(sorted(tables)[:5])}), not an MLflow store")
 
 
 class Tracker:
@@ -52,11 +87,18 @@ class Tracker:
             return
         self.uri = resolve_uri(uri)
         check_reachable(self.uri)
-        from mlflow import MlflowClient
-        self.client = MlflowClient(self.uri)
+        self.client = mlflow_client(self.uri)
         if run_id:
             self.run_id = self._existing(run_id)
             return
+        from mlflow.exceptions import MlflowException
+        try:
+            self._create(experiment, run_name, parent_run_id, tags)
+        except MlflowException as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"tracking URI {self.uri}: could not create the MLflow run ({first[:300]})") from None
+
+    def _create(self, experiment: str, run_name: str, parent_run_id: str | None, tags: dict | None) -> None:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = None
@@ -69,6 +111,7 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        _OPEN[self.run_id] = self  # ended by end_open_runs if the command stops before finish()
 
     def _existing(self, run_id: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -114,6 +157,37 @@ class Tracker:
         if self.enabled and self.run_id:
             self.flush()
             self.client.set_terminated(self.run_id, status)
+            _OPEN.pop(self.run_id, None)
+
+
+_OPEN: dict[str, Tracker] = {}  # runs this process opened and has not ended yet
+
+
+def end_open_runs(status: str) -> None:
+    """End every run this process opened and did not finish (a failure, Ctrl-C, SIGTERM): FAILED or KILLED
+    instead of RUNNING forever. Children first, so a parent never ends before its children. Best effort:
+    the store itself may be what failed, and the command's own error is the one to report."""
+    for run_id, tracker in reversed(list(_OPEN.items())):
+        try:
+            tracker.client.set_terminated(run_id, status)
+        except Exception:  # noqa: BLE001 - an unreachable store must not hide the command's error
+            pass
+        _OPEN.pop(run_id, None)
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient on `uri`. A sqlite store is opened under a lock beside it: the first process to use
+    a new store creates and migrates its schema, and two doing that at once fail (duplicate column)."""
+    from mlflow import MlflowClient
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    from .locks import release, wait_lock
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    fd = wait_lock(db.with_name(db.name + ".lock"))
+    try:
+        return MlflowClient(uri)  # builds (and caches, per process) the store: schema created or checked here
+    finally:
+        release(fd)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -13,6 +13,15 @@ the same number of chunks per epoch: `ceil(max_slot_samples / chunk)`. Short slo
 any loss or metric. Every (sample, task) pair of the split is therefore seen exactly once per epoch
 and all ranks run the same number of steps.
 
+More slots than shards, or shards so uneven that a slot would read mostly padding (more than half of
+its chunks), would leave ranks computing on blanks: an epoch of 1 shard over 2 ranks is twice as
+long as it needs to be. Such an epoch is split *by sample* instead: every slot reads every shard (in
+the same shuffled order, sha256-checked as always) and keeps the samples at positions `slot::slots`,
+decoding only those. Still exactly once per epoch, every slot within one sample of the others; the
+price is that each slot reads every shard's bytes (slots x the reads), so the loader says so once
+and names the shard size that would avoid it. Refusing would make users re-shard for a correct run;
+silently shrinking the loader workers would change the batches a topology reads.
+
 Masks. `mask[b, j]` says whether sample b's task `tasks[j]` may supervise this step. For the retain
 stream it is False on forget pairs, and the label itself is blanked too (ignore/invalid values), so
 forget supervision never reaches a retain step even if a loss forgot to apply the mask.
@@ -26,6 +35,7 @@ import io
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterator
@@ -38,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError
 from ..fileio import sha256_bytes
 from ..ledger import deliberate_leak
+from .keycheck import KeyCheck
 from .manifest import Manifest
 from .sample import SEG_IGNORE, decode_sample
 
@@ -114,6 +125,7 @@ class SlotPlan:
     num_slots: int
     chunk: int
     chunks_per_epoch: int
+    by_sample: bool = False  # every slot reads every shard and keeps positions slot::num_slots
 
     def shards_of(self, slot: int) -> list[int]:
         return self.shard_order[slot::self.num_slots]
@@ -130,8 +142,12 @@ def plan_epoch(manifest: Manifest, split: str, *, world: int, workers: int, loca
         random.Random(f"{seed}-{epoch}-shards").shuffle(order)
     num_slots = world * max(workers, 1)
     chunk = local_batch // max(workers, 1)
-    most = max(sum(shards[i].num_samples for i in order[s::num_slots]) for s in range(num_slots))
-    return SlotPlan(order, num_slots, chunk, max(1, math.ceil(most / chunk)))
+    sizes = [sum(shards[i].num_samples for i in order[s::num_slots]) for s in range(num_slots)]
+    chunks = max(1, math.ceil(max(sizes) / chunk))
+    if num_slots > 1 and 2 * min(sizes) < chunks * chunk:  # some slot would read mostly padding
+        share = math.ceil(sum(sizes) / num_slots)
+        return SlotPlan(order, num_slots, chunk, max(1, math.ceil(share / chunk)), by_sample=True)
+    return SlotPlan(order, num_slots, chunk, chunks)
 
 
 class ShardStream(IterableDataset):
@@ -150,6 +166,8 @@ class ShardStream(IterableDataset):
     def _my_shards(self) -> Iterator[int]:
         # split_by_node (explicit rank/world, so it never guesses from the environment), then
         # WebDataset's own split_by_worker.
+        if self.plan.by_sample:
+            return iter(self.plan.shard_order)  # every shard; _samples keeps this slot's positions
         by_node = islice(self.plan.shard_order, self.rank, None, self.world)
         return wds.split_by_worker(by_node)
 
@@ -168,13 +186,19 @@ class ShardStream(IterableDataset):
 
     def _samples(self) -> Iterator[dict]:
         m = self.manifest
-        expanded = wds.tariterators.tar_file_expander(self._open_verified(self._my_shards()))
+        mine, keys = list(self._my_shards()), KeyCheck(m, self.split)
+        expanded = wds.tariterators.tar_file_expander(self._open_verified(mine))
         try:
-            for raw in wds.tariterators.group_by_keys(expanded):
+            for n, raw in enumerate(wds.tariterators.group_by_keys(expanded)):
                 key = raw["__key__"]
+                keys.check(raw["__url__"], key)  # an unlisted (renamed) instance never reaches a mask or a loss
+                if self.plan.by_sample and n % self.plan.num_slots != self._slot():
+                    continue  # another slot's sample: checked above, not decoded
                 members = {k: v for k, v in raw.items() if not k.startswith("__")}
                 s = decode_sample(members, m.tasks, m.resolution, m.num_classes, where=f"{raw['__url__']}: {key}")
                 yield to_tensors(s, m.tasks, self.mask_fn(key), key)
+            for i in mine:
+                keys.finish(str(m.shard_path(m.split(self.split).shards[i])))
         except UserError:
             raise
         except Exception as e:  # tar/format errors from the expander carry the url in args
@@ -224,6 +248,8 @@ class BatchLoader:
         for shard in manifest.split(split).shards:  # fail fast, before any worker starts
             if not manifest.shard_path(shard).is_file():
                 raise UserError(f"{manifest.shard_path(shard)}: shard listed in manifest.json is missing")
+        if rank == 0 and self.plan(0).by_sample:
+            print(f"mtu: note: {split_note(manifest, split, world, workers)}", file=sys.stderr)
 
     def plan(self, epoch: int) -> SlotPlan:
         return plan_epoch(self.manifest, self.split, world=self.world, workers=self.workers,
@@ -252,12 +278,27 @@ class BatchLoader:
             raise
 
 
+def split_note(manifest: Manifest, split: str, world: int, workers: int) -> str:
+    """Why a split is read by sample, and the shard size that would give every slot its own shards."""
+    shards, slots = manifest.split(split).shards, world * max(workers, 1)
+    n, sizes = sum(sh.num_samples for sh in shards), sorted(sh.num_samples for sh in shards)
+    have = f"{len(shards)} shard(s) of {sizes[0]}" + (f"-{sizes[-1]}" if sizes[-1] != sizes[0] else "") + " samples"
+    fix = (f"re-shard with at most {n // slots} samples per shard (`mtu data synth`/`mtu data convert` with "
+           f"--shard-size {n // slots}, or without --shard-size for the default layout)" if n >= slots
+           else "the split has fewer samples than slots")
+    if workers > 1 and world <= len(shards):
+        fix += " or use fewer loader workers (data.workers)"
+    return (f"{world} rank(s) x {max(workers, 1)} loader worker(s) = {slots} reader slots over "
+            f"{manifest.dataset}/{split}'s {have}: split by sample (every slot reads every shard and keeps one "
+            f"sample in {slots}: exactly once per epoch, {slots}x the reads); to give each slot its own shards, {fix}")
+
+
 def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: MaskFn) -> list[dict]:
     """Materialise a few instances (the forget stream is small) by reading only their shards."""
     from .tario import iter_entries
 
     wanted, keys, offset = set(ids), manifest.split(split).keys, 0
-    found = {}
+    found, check = {}, KeyCheck(manifest, split)
     for shard in manifest.split(split).shards:
         span = set(keys[offset:offset + shard.num_samples])
         offset += shard.num_samples
@@ -266,11 +307,17 @@ def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: Mask
         path = manifest.shard_path(shard)
         if not path.is_file():
             raise UserError(f"{path}: shard listed in manifest.json is missing")
-        for key, members in iter_entries(path):
+        data = path.read_bytes()
+        if sha256_bytes(data) != shard.sha256:  # the same checks as the streaming reader
+            raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
+                            "run `mtu data verify`)")
+        for key, members in iter_entries(path, data):
+            check.check(str(path), key)
             if key in wanted:
                 s = decode_sample(members, manifest.tasks, manifest.resolution, manifest.num_classes,
                                   where=f"{path}: {key}")
                 found[key] = to_tensors(s, manifest.tasks, mask_fn(key), key)
+        check.finish(str(path))
     missing = wanted - set(found)
     if missing:
         raise UserError(f"instances not found in the shards: {sorted(missing)[:5]}")

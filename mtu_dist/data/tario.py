@@ -1,6 +1,7 @@
 """Read shard entries in memory with the standard tarfile module (never extracted to disk)."""
 from __future__ import annotations
 
+import io
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -18,10 +19,11 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
-def iter_entries(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {member: bytes}) in archive order. Raises UserError on a corrupt/truncated tar."""
+def iter_entries(path: Path, data: bytes | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {member: bytes}) in archive order (from `data`, the file's bytes already read and
+    checked, when given). Raises UserError on a corrupt/truncated tar."""
     try:
-        with tarfile.open(path, "r:") as tar:
+        with (tarfile.open(path, "r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
             key, members = None, {}
             for info in tar:
                 if not info.isfile():

@@ -32,7 +32,9 @@ def _verify_shard(manifest: Manifest, shard, expected_keys, check_samples: bool)
     try:
         for i, (key, members) in enumerate(iter_entries(path)):
             seen += 1
-            if i < len(wanted) and key != wanted[i]:
+            if i >= len(wanted):
+                problems.append(f"{path}: {key}: unexpected key (not listed in manifest.json for this shard)")
+            elif key != wanted[i]:
                 problems.append(f"{path}: {key}: unexpected key (manifest lists {wanted[i]} here)")
             if check_samples:
                 try:
