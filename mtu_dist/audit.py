@@ -234,9 +234,9 @@ def _mlflow_run(run_id: str | None, tracking_uri: str | None):
         return None
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    client = MlflowClient(uri)
+    from .tracking import mlflow_client
+    client = mlflow_client(uri)
     try:
         client.get_run(run_id)
     except MlflowException:

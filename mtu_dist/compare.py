@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fileio import atomic_write_bytes, ensure_writable_dir
-from .tracking import check_reachable, resolve_uri
+from .tracking import check_reachable, mlflow_client, resolve_uri
 
 OPTIONAL = ("uis", "mia_auc", "gap_retrain", "cost_ratio")  # unlearning-quality metrics, present when recorded
 
@@ -149,8 +149,7 @@ def compare_command(*, parent: str | None, experiment: str | None, sweep: str | 
         parent, tracking_uri = rec["parent_run_id"], tracking_uri or rec["tracking_uri"]
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
-    from mlflow import MlflowClient
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     run = find_parent(client, parent=parent, experiment=experiment, uri=uri)
     rows = collect(client, run)
     if not rows:

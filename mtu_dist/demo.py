@@ -14,6 +14,7 @@ from .config import load_config
 from .data.manifest import load_manifest
 from .data.verify import summarize, verify_dataset
 from .errors import UserError
+from .lifecycle import Terminated
 from .tasks import TASKS
 
 DATASETS = ["synth-indoor", "synth-street"]
@@ -57,6 +58,7 @@ def run_demo(args) -> None:
     parent = Tracker(enabled=True, uri=args.tracking_uri, experiment=DEMO_DATASET, run_name="demo", tags={"mtu.command": "demo"})
     os.environ["MTU_PARENT_RUN_ID"] = parent.run_id
     common = {"tracking_uri": args.tracking_uri}
+    status = "FAILED"  # an interrupt ends it KILLED (mtu's exit path ends every run left open)
     try:
         original = Path(args.out) / DEMO_DATASET / "original"
         if not (original / "final" / "metrics.json").is_file():
@@ -73,9 +75,13 @@ def run_demo(args) -> None:
                                                name=f"{method}-{setting}", overwrite=True, retrain=str(retrain), **common)
             print(f"\n## {DEMO_DATASET}, {setting}-task request ({req})\n")
             print(method_table(rows))
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        raise
     finally:
         os.environ.pop("MTU_PARENT_RUN_ID", None)
-        parent.finish()
+        parent.finish(status)
     print("\nAll runs are in MLflow (experiment synth-indoor, parent run 'demo'): `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
 
 

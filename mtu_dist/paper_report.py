@@ -6,22 +6,30 @@ latest benchmark there). Rows are the parent's finished child runs tagged `mtu.p
 `original`, `retrain` or `method` (the latest run of each benchmark x setting x seed x method);
 tuning trials and the original's training run are not rows.
 
-Per benchmark x setting, one Markdown table, methods x columns, each cell mean +- std over seeds
-(sample std; a lone seed shows the mean only):
+Per benchmark x setting, one Markdown table, methods x columns, each cell the mean over seeds and
+its 95% interval `[lo, hi]` (statistics.interval: a bootstrap over the seeds, i.e. over requests of
+>= 100 instances, widened to Student-t's small-sample width; a lone seed shows the mean only):
 
 * the primary metric of every task on `forget` (target pairs), `forget_kept` (partial: the kept
   tasks of the forgotten instances), `retain` and `val` (`eval/<split>/<task>/<primary>`);
 * MIA AUC (and, partial, on the target tasks alone), UIS (mean over tasks; lower is better), gap to
   retrain (percentage points), cost (unlearning wall time, setup included; the retrain: its training
   time; the original: 0) and its ratio to the retrain's;
-* below it, UIS per task (the breakdown of the UIS column).
+* UIS excess: UIS minus the retrain's UIS on the same request (the floor); a row whose mean excess is
+  below 0 is flagged `below floor` and never counts as the strongest baseline;
+* below it, UIS per task (the breakdown of the UIS column);
+* interference at equal forgetting, from each run's trajectory (trajectory.py): task-level and
+  instance-level interference when the forget pairs first reach the retrain's forget level
+  (interpolated), with the number of runs that reached it and the largest forget progress;
+* the memorisation figures of the original (forget vs val per task, MIA AUC of original and retrain).
 
 Then the goal lines: `OURS`' mean UIS against the strongest baseline (the lowest mean UIS among the
-methods that are neither references nor `OURS` and its ablations), per benchmark and averaged over
-benchmarks; `OURS`' MIA AUC against the retrain's; in the partial setting, the largest relative move
+methods that are neither references nor `OURS` and its ablations, nor below the floor), per benchmark
+and averaged over benchmarks, with the paired difference (same requests and seeds) and its interval; `OURS`' MIA AUC against the retrain's; in the partial setting, the largest relative move
 of a kept task's primary metric, on the forgotten instances and on val, against the original.
-Plots (`plots.py`): `uis.png` (UIS per method, bars with std) and `tradeoff.png` (forget drop vs
-retain drop, relative to the original, per method). Everything is written atomically to `--out`
+Plots (`plots.py`): `uis.png` (UIS per method, bars with the 95% interval) and `tradeoff.png` (per
+benchmark x setting: forget progress toward the retrain's level on x, task-level and instance-level
+interference on y, one curve per method and seed). Everything is written atomically to `--out`
 (default `<bench>/report`, or `reports/<parent name>-<id>`) and logged to the parent run under `report/`.
 """
 from __future__ import annotations
@@ -35,9 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .statistics import Interval, interval, paired
 from .fileio import atomic_write_bytes, ensure_writable_dir
 from .tasks import TASKS
-from .tracking import check_reachable, resolve_uri
+from .tracking import check_reachable, mlflow_client, resolve_uri
 
 OURS = "iamu"
 ABLATIONS = ("iamu_no_proj", "iamu_no_orth")
@@ -48,6 +57,10 @@ MIA_GOAL = 0.03                           # |MIA AUC - retrain's|
 KEPT_GOAL = 0.01                          # kept tasks: relative move of the primary metric vs the original
 
 
+MEMO_GOALS = {"excess": 0.25, "mia_original": 0.90, "mia_retrain": 0.60}  # the benchmark's memorisation targets
+CURVE_KEYS = ("traj/progress", "traj/task_interference", "traj/instance_interference")
+
+
 @dataclass
 class Row:
     benchmark: str
@@ -55,6 +68,7 @@ class Row:
     seed: int
     method: str
     metrics: dict = field(default_factory=dict)
+    curve: list = field(default_factory=list)  # [(step, progress, task interference, instance interference)]
 
 
 def find_parent(client, *, parent: str | None, experiment: str | None, uri: str):
@@ -78,25 +92,37 @@ def find_parent(client, *, parent: str | None, experiment: str | None, uri: str)
 def collect(client, parent) -> list[Row]:
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                               order_by=["attributes.start_time ASC"], max_results=50000)
-    latest = {}
+    latest, curves = {}, {}
     for r in runs:
         t = r.data.tags
-        if r.info.status == "FINISHED" and t.get("mtu.paper.role") in ("original", "retrain", "method"):
+        role = t.get("mtu.paper.role")
+        if r.info.status == "FINISHED" and role in ("original", "retrain", "method", "curve"):
             key = (t["mtu.paper.benchmark"], t["mtu.paper.setting"], int(t["mtu.paper.seed"]), t["mtu.paper.method"])
-            latest[key] = Row(*key, metrics=dict(r.data.metrics))
-    return list(latest.values())
+            (curves if role == "curve" else latest)[key] = r
+    rows = {key: Row(*key, metrics=dict(r.data.metrics)) for key, r in latest.items()}
+    for key, r in curves.items():  # a method's equal-forgetting run adds its eqf/ figures and curve to its row
+        if key in rows:
+            rows[key].metrics.update({k: v for k, v in r.data.metrics.items() if k.startswith("eqf/")})
+            rows[key].curve = _curve(client, r.info.run_id)
+    return list(rows.values())
+
+
+def _curve(client, run_id: str) -> list[tuple]:
+    """The run's equal-forgetting curve (logged per trajectory step), in step order."""
+    by_step: dict = defaultdict(dict)
+    for key in CURVE_KEYS:
+        for m in client.get_metric_history(run_id, key):
+            by_step[m.step][key] = m.value
+    return [(step, *(v.get(k) for k in CURVE_KEYS)) for step, v in sorted(by_step.items())]
 
 
 # --------------------------------------------------------------------------
 # numbers
 # --------------------------------------------------------------------------
 
-def stats(values) -> tuple[float, float, int] | None:
-    """(mean, sample std, n) of the finite values, or None."""
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return None
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
+def stats(values) -> Interval | None:
+    """Mean and 95% interval over the finite values (statistics.interval), or None."""
+    return interval(list(values))
 
 
 def _primary_key(split: str, task: str) -> str:
@@ -113,7 +139,8 @@ def columns(rows: list[Row]) -> list[tuple[str, str]]:
     cols += [("MIA AUC", "mia_auc")]
     if any("mia_auc_target" in r.metrics for r in rows):
         cols += [("MIA AUC target", "mia_auc_target")]
-    cols += [("UIS", "uis"), ("gap pp", "gap_retrain"), ("cost s", "paper/cost_s"), ("cost ratio", "cost_ratio")]
+    cols += [("UIS", "uis"), ("UIS excess", "uis_excess"), ("gap pp", "gap_retrain"), ("cost s", "paper/cost_s"),
+             ("cost ratio", "cost_ratio")]
     return cols
 
 
@@ -127,12 +154,17 @@ def baselines(names) -> list[str]:
     return [m for m in names if m not in REFERENCES and m != OURS and m not in ABLATIONS]
 
 
-def _fmt(s: tuple | None, key: str) -> str:
+def _fmt(s: Interval | None, key: str) -> str:
     if s is None:
         return ""
-    mean, std, n = s
-    spec = ".4f" if key in ("uis",) else (".1f" if abs(mean) >= 10 else ".3f")
-    return format(mean, spec) + (f" ± {format(std, spec)}" if n > 1 else "")
+    spec = ".4f" if key.startswith("uis") else (".1f" if abs(s.mean) >= 10 else ".3f")
+    return format(s.mean, spec) + (f" [{format(s.lo, spec)}, {format(s.hi, spec)}]" if s.n > 1 else "")
+
+
+def below_floor(by_method: dict[str, list[Row]]) -> set[str]:
+    """Methods whose mean UIS is below the retrain's on the same requests: not better, only off the scale."""
+    return {m for m, rs in by_method.items() if m not in REFERENCES
+            and (s := stats(r.metrics.get("uis_excess") for r in rs)) is not None and s.mean < 0}
 
 
 def group(rows: list[Row]) -> dict[tuple[str, str], dict[str, list[Row]]]:
@@ -147,10 +179,62 @@ def table(by_method: dict[str, list[Row]]) -> str:
     every = [r for rs in by_method.values() for r in rs]
     cols = columns(every)
     lines = ["| method | " + " | ".join(h for h, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    low = below_floor(by_method)
     for m in method_order(by_method):
         cells = [_fmt(stats(r.metrics.get(k) for r in by_method[m]), k) for _, k in cols]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m}{' (below floor)' if m in low else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
+    """Per method: interference when the forget pairs first reach the retrain's forget level."""
+    lines = ["| method | reached | task-level interference | instance-level interference | largest forget progress |",
+             "|---|---|---|---|---|"]
+    for m in method_order(by_method):
+        rs = [r for r in by_method[m] if "eqf/reached" in r.metrics]
+        if not rs or m in REFERENCES:
+            continue
+        reached = [r for r in rs if r.metrics["eqf/reached"] > 0]
+        cells = [_fmt(stats(r.metrics.get(k) for r in reached), k)
+                 for k in ("eqf/task_interference", "eqf/instance_interference")]
+        lines.append(f"| {m} | {len(reached)}/{len(rs)} | " + " | ".join(c or "-" for c in cells) + " | "
+                     + _fmt(stats(r.metrics.get("eqf/max_progress") for r in rs), "p") + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def memorisation(by_method: dict[str, list[Row]]) -> dict:
+    """The original's memorisation on the requests, from the original's and the retrain's rows: per task
+    the forget-pair primary metric (target pairs, and kept pairs in the partial setting), the val one and
+    their relative excess forget / val - 1; the MIA AUC of the original and of the retrain. Each an
+    interval over seeds."""
+    orig, ret = by_method.get("original", []), by_method.get("retrain", [])
+    out = {"tasks": {}}
+    for t in TASKS:
+        def forget_of(r, t=t):
+            return r.metrics.get(_primary_key("forget", t), r.metrics.get(_primary_key("forget_kept", t)))
+        pairs = [(forget_of(r), r.metrics.get(_primary_key("val", t))) for r in orig]
+        pairs = [(f, v) for f, v in pairs if f is not None and v]
+        if pairs:
+            out["tasks"][t] = {"forget": stats(f for f, _ in pairs), "val": stats(v for _, v in pairs),
+                               "excess": stats(f / v - 1 for f, v in pairs)}
+    out["mia_original"] = stats(r.metrics.get("mia_auc") for r in orig)
+    out["mia_retrain"] = stats(r.metrics.get("mia_auc") for r in ret)
+    return out
+
+
+def memorisation_lines(memo: dict) -> list[str]:
+    g = MEMO_GOALS
+    lines = ["| task | original forget | original val | forget / val - 1 | goal |", "|---|---|---|---|---|"]
+    for t, v in memo["tasks"].items():
+        ok = v["excess"].mean >= g["excess"]
+        lines.append(f"| {t} | {_fmt(v['forget'], 'm')} | {_fmt(v['val'], 'm')} | {_fmt(v['excess'], 'm')} | "
+                     f">= {g['excess']:.2f}: {_verdict(ok)} |")
+    for key, what, ok in (("mia_original", "MIA AUC, original", lambda x: x >= g["mia_original"]),
+                          ("mia_retrain", "MIA AUC, retrain", lambda x: x <= g["mia_retrain"])):
+        if memo[key] is not None:
+            bound = (">= " if key == "mia_original" else "<= ") + f"{g[key]:.2f}"
+            lines.append(f"| {what} | {_fmt(memo[key], 'm')} | | | {bound}: {_verdict(ok(memo[key].mean))} |")
+    return lines
 
 
 def uis_table(by_method: dict[str, list[Row]]) -> str:
@@ -164,7 +248,11 @@ def uis_table(by_method: dict[str, list[Row]]) -> str:
 
 
 def mean_uis(by_method: dict[str, list[Row]]) -> dict[str, float]:
-    return {m: s[0] for m, rs in by_method.items() if (s := stats(r.metrics.get("uis") for r in rs))}
+    return {m: s.mean for m, rs in by_method.items() if (s := stats(r.metrics.get("uis") for r in rs))}
+
+
+def per_seed(by_method: dict[str, list[Row]], method: str, key: str = "uis") -> dict[int, float]:
+    return {r.seed: r.metrics[key] for r in by_method.get(method, []) if key in r.metrics}
 
 
 def _relative_moves(by_method, method: str, split: str, tasks) -> list[float]:
@@ -182,32 +270,28 @@ def _relative_moves(by_method, method: str, split: str, tasks) -> list[float]:
     return out
 
 
-def _drop(by_method, method: str, split: str) -> float | None:
-    """Mean over seeds and the split's tasks of the relative drop (O - U) / O of the primary metric, in %."""
-    orig = {r.seed: r for r in by_method.get("original", [])}
-    drops = []
-    for r in by_method.get(method, []):
-        for t in TASKS:
-            key = _primary_key(split, t)
-            o = orig.get(r.seed) and orig[r.seed].metrics.get(key)
-            if o and key in r.metrics:
-                drops.append(100.0 * (o - r.metrics[key]) / abs(o))
-    return float(np.mean(drops)) if drops else None
-
-
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def uis_line(label: str, uis: dict[str, float], setting: str) -> str:
-    base = {m: v for m, v in uis.items() if m in baselines(uis)}
+def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozenset(), diffs: dict | None = None) -> str:
+    """The UIS goal line; `diffs` = {baseline: (per-seed OURS values, per-seed baseline values)} for the
+    paired difference of OURS minus the strongest baseline on the same requests and seeds."""
+    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low}
     if OURS not in uis or not base:
         return f"- {label}: UIS goal not computable ({OURS} or baselines missing)"
     best = min(base, key=base.get)
     below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
     floor = f"; the retrain's own UIS: {uis['retrain']:.4f}" if "retrain" in uis else ""
+    skipped = f"; below the floor, not ranked: {', '.join(sorted(low))}" if low else ""
+    pair = ""
+    if diffs and best in diffs and (d := paired(*diffs[best])) is not None:
+        pair = (f"; paired difference {OURS} - {best} {d.mean:+.4f}" +
+                (f" [{d.lo:+.4f}, {d.hi:+.4f}], {'excludes' if d.excludes(0) else 'includes'} 0" if d.n > 1
+                 else " (one seed: no interval)"))
     return (f"- {label}: {OURS} mean UIS {uis[OURS]:.4f} vs strongest baseline {best} {base[best]:.4f}: "
-            f"{100 * below:.0f}% below (goal >= {100 * GOALS[setting]:.0f}%{floor}): {_verdict(below >= GOALS[setting])}")
+            f"{100 * below:.0f}% below (goal >= {100 * GOALS[setting]:.0f}%{floor}{skipped}){pair}: "
+            f"{_verdict(below >= GOALS[setting])}")
 
 
 def goal_lines(groups: dict) -> str:
@@ -217,18 +301,23 @@ def goal_lines(groups: dict) -> str:
         if not keys:
             continue
         per_bench = {k[0]: mean_uis(groups[k]) for k in keys}
-        for bench, uis in per_bench.items():
-            out.append(uis_line(f"{setting}, {bench}", uis, setting))
+        for k in keys:
+            g = groups[k]
+            diffs = {m: (per_seed(g, OURS), per_seed(g, m)) for m in baselines(g)}
+            out.append(uis_line(f"{setting}, {k[0]}", per_bench[k[0]], setting, below_floor(g), diffs))
         common = set.intersection(*(set(u) for u in per_bench.values()))
         if len(per_bench) > 1:
             avg = {m: float(np.mean([u[m] for u in per_bench.values()])) for m in common}
-            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting))
+            low = set.union(*(below_floor(groups[k]) for k in keys))
+            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting, low))
         for k in keys:
             ours, ref = (stats(r.metrics.get("mia_auc") for r in groups[k].get(m, [])) for m in (OURS, "retrain"))
             if ours and ref:
-                gap = abs(ours[0] - ref[0])
-                out.append(f"- {setting}, {k[0]}: {OURS} MIA AUC {ours[0]:.3f} vs retrain {ref[0]:.3f}: gap {gap:.3f} "
-                           f"(goal <= {MIA_GOAL}): {_verdict(gap <= MIA_GOAL)}")
+                gap = abs(ours.mean - ref.mean)
+                d = paired(per_seed(groups[k], OURS, "mia_auc"), per_seed(groups[k], "retrain", "mia_auc"))
+                pair = (f"; paired difference {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" if d is not None and d.n > 1 else "")
+                out.append(f"- {setting}, {k[0]}: {OURS} MIA AUC {ours.mean:.3f} vs retrain {ref.mean:.3f}: gap {gap:.3f} "
+                           f"(goal <= {MIA_GOAL}{pair}): {_verdict(gap <= MIA_GOAL)}")
             if setting == "partial":
                 kept = [t for t in TASKS if any(_primary_key("forget_kept", t) in r.metrics
                                                 for rs in groups[k].values() for r in rs)]
@@ -253,8 +342,15 @@ def render(rows: list[Row], title: str) -> str:
     parts = [f"# {title}", ""]
     for (bench, setting), by_method in groups.items():
         seeds = sorted({r.seed for rs in by_method.values() for r in rs})
-        parts += [f"## {bench}, {setting}-task (seeds {', '.join(map(str, seeds))}; mean ± std)", "",
+        parts += [f"## {bench}, {setting}-task (seeds {', '.join(map(str, seeds))}; mean [95% interval])", "",
                   table(by_method), "", "UIS per task:", "", uis_table(by_method), ""]
+        eq = equal_forgetting_table(by_method)
+        if eq:
+            parts += ["Interference at equal forgetting (the forget pairs at the retrain's forget level; "
+                      "relative moves against the model before unlearning):", "", eq, ""]
+        memo = memorisation(by_method)
+        if memo["tasks"]:
+            parts += ["Memorisation of the original on these requests:", "", *memorisation_lines(memo), ""]
     parts.append(goal_lines(groups))
     parts += ["", "Primary metrics: seg mIoU, depth delta<1.25, normal % within 30 deg (higher is better). "
               "UIS: lower is better. MIA AUC: the closer to the retrain's, the better. "
@@ -268,9 +364,10 @@ def plot_data(rows: list[Row]) -> tuple[dict, dict]:
     for key, by_method in group(rows).items():
         label = f"{key[0]}, {key[1]}"
         order = [m for m in method_order(by_method) if m != "original"]
-        uis[label] = [(m, s[0], s[1]) for m in order if (s := stats(r.metrics.get("uis") for r in by_method[m]))]
-        trade[label] = [(m, f, r) for m in order
-                        if (f := _drop(by_method, m, "forget")) is not None and (r := _drop(by_method, m, "retain")) is not None]
+        uis[label] = [(m, s.mean, s.mean - s.lo, s.hi - s.mean) for m in order
+                      if (s := stats(r.metrics.get("uis") for r in by_method[m]))]
+        trade[label] = {m: [r.curve for r in by_method[m] if r.curve] for m in order}
+        trade[label] = {m: c for m, c in trade[label].items() if c}
     return uis, trade
 
 
@@ -284,8 +381,7 @@ def report_command(*, parent: str | None, experiment: str | None, bench: str | N
         parent, tracking_uri = rec["parent_run_id"], tracking_uri or rec["tracking_uri"]
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
-    from mlflow import MlflowClient
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     run = find_parent(client, parent=parent, experiment=experiment, uri=uri)
     rows = collect(client, run)
     if not rows:

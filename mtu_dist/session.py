@@ -14,8 +14,9 @@ from .config import RunConfig, dump
 from .data.manifest import Manifest, load_manifest
 from .distributed.runtime import make_accelerator, zero_stage
 from .errors import UserError
-from .fileio import atomic_write_text, ensure_writable_dir
+from .fileio import atomic_write_text
 from .forget import ForgetRequest, load_request
+from .runclaim import claim_run_dir
 from .runinfo import git_commit
 from .tracking import Tracker, check_reachable, flatten, resolve_uri
 
@@ -42,6 +43,7 @@ class Session:
     extra_params: dict = field(default_factory=dict)
     ledger: dict | None = None  # consumed supervision pairs, set by the training/unlearning loop
     lineage: object = None      # lineage.Lineage of an unlearning run
+    trajectory: dict | None = None  # an unlearning run's trajectory (trajectory.py), when recorded
 
     @property
     def forget_entries(self) -> dict:
@@ -101,10 +103,22 @@ def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: s
     if fresh and run_dir.exists() and not (resume or overwrite):  # checked on every rank: no rank waits alone
         raise UserError(f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to redo it")
     acc.wait_for_everyone()  # every rank has checked before rank 0 creates anything
+    # held until the process ends: a concurrent run into this folder fails here, before it touches anything
+    created = fresh and claim_run_dir(acc, run_dir, may_exist=resume or overwrite)
+    try:
+        return _open(cfg, command, run_name, acc, manifest, request, run_dir, fresh=fresh, resume=resume,
+                     overwrite=overwrite, parent_run_id=parent_run_id, extra_params=extra_params, lineage=lineage)
+    except BaseException:
+        if created and acc.is_main_process:  # a run that never started leaves no folder behind (a later
+            shutil.rmtree(run_dir, ignore_errors=True)  # run would otherwise need --overwrite)
+        raise
+
+
+def _open(cfg, command, run_name, acc, manifest, request, run_dir, *, fresh, resume, overwrite, parent_run_id,
+          extra_params, lineage) -> Session:
     if fresh and acc.is_main_process:
-        if run_dir.exists() and overwrite and not resume:
+        if overwrite and not resume:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ is replaced atomically at the end
-        ensure_writable_dir(run_dir)
         if not (resume and (run_dir / "config.yaml").is_file()):  # a resumed run keeps the config it began with
             atomic_write_text(run_dir / "config.yaml", dump(cfg))  # (its checkpoint refuses a changed one)
     acc.wait_for_everyone()

@@ -8,6 +8,7 @@ never leaves a half-written dataset in place of a good one.
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -18,6 +19,8 @@ from typing import Callable
 
 from ..errors import UserError
 from ..fileio import ensure_writable_dir, replace_dir, sha256_file
+from ..lifecycle import quiet_worker
+from ..locks import OWNER, make_staging, release, remove_stale
 from .manifest import Manifest, ShardInfo, SplitInfo
 from .sample import encode_sample
 
@@ -29,6 +32,20 @@ class DatasetLayout:
     num_classes: int
     class_names: list[str]
     resolution: tuple[int, int]
+
+
+FIT_SLOTS = 16     # reader slots the default layout serves evenly: 8 ranks x 2 loader workers (and 1, 2, 4)
+MAX_SHARD = 1000   # samples per default shard at most: large data gets more shards, not bigger ones
+
+
+def shard_bounds(n: int, shard_size: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of every shard of a split of n samples. `shard_size` given: shards of that size (the
+    last one shorter). None: a multiple of FIT_SLOTS shards whose sizes differ by at most one, so 1, 2,
+    4, 8 or 16 reader slots each get their own, equally full shards (see stream.py's reader slots)."""
+    if shard_size:
+        return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    k = min(n, FIT_SLOTS * math.ceil(n / (FIT_SLOTS * MAX_SHARD)))
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
 def instance_key(dataset: str, split: str, index: int) -> str:
@@ -60,9 +77,10 @@ def _write_shard(job) -> tuple[str, int, str, list[str]]:
 
 
 def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict[str, int],
-                  sample_fn: Callable[[str, int], dict], *, shard_size: int, workers: int,
+                  sample_fn: Callable[[str, int], dict], *, shard_size: int | None, workers: int,
                   overwrite: bool, source: dict, progress: Callable[[str], None] = print) -> Manifest:
-    """Render `split_sizes[split]` samples per split with `sample_fn(split, index)` into shards.
+    """Render `split_sizes[split]` samples per split with `sample_fn(split, index)` into shards
+    (`shard_size` None: the default layout of `shard_bounds`).
 
     `sample_fn` must be picklable (a module-level function or a functools.partial of one).
     """
@@ -71,18 +89,19 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
     if final.exists() and not overwrite:
         raise UserError(f"{final}: already exists; pass --overwrite to replace it "
                         "(the old data is kept until the new data is complete)")
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
+    remove_stale(root, ".*.staging-*")  # left by writers killed outright (SIGKILL, power loss)
     staging = root / f".{layout.dataset}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    owner = make_staging(staging)  # locked while we write: a later run can tell it is not stale
     try:
         splits = {}
         for split, n in split_sizes.items():
             if n <= 0:
                 continue
-            jobs = [(layout, sample_fn, str(staging), split, i, s, min(s + shard_size, n))
-                    for i, s in enumerate(range(0, n, shard_size))]
+            jobs = [(layout, sample_fn, str(staging), split, i, start, stop)
+                    for i, (start, stop) in enumerate(shard_bounds(n, shard_size))]
             results = _run(jobs, workers)
             splits[split] = SplitInfo(
                 keys=[k for r in results for k in r[3]],
@@ -92,10 +111,13 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
                             class_names=layout.class_names, resolution=layout.resolution,
                             splits=splits, source=source)
         manifest.save(staging)
+        (staging / OWNER).unlink()
         replace_dir(staging, final)
-    except BaseException:
+    except BaseException:  # errors, Ctrl-C and SIGTERM (lifecycle.Terminated) alike
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        release(owner)
     manifest.root = final
     return manifest
 
@@ -104,5 +126,6 @@ def _run(jobs, workers: int):
     if workers <= 1 or len(jobs) == 1:
         return [_write_shard(j) for j in jobs]
     # fork keeps start-up cheap; the workers only use numpy/PIL.
-    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+    # leaving the block (an error, Ctrl-C, SIGTERM) terminates the workers, which leave interrupts to us
+    with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=quiet_worker) as pool:
         return pool.map(_write_shard, jobs, chunksize=1)

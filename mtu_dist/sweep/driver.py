@@ -34,7 +34,7 @@ import yaml
 from ..config import load_config
 from ..errors import UserError
 from ..fileio import atomic_write_json, ensure_writable_dir, sha256_file
-from ..tracking import Tracker, check_reachable, flatten, resolve_uri
+from ..tracking import Tracker, check_reachable, flatten, mlflow_client, resolve_uri
 from . import launchers
 from .grid import Cell, Grid, load_grid, original_world_size, plan
 
@@ -140,11 +140,10 @@ def _ensure_request(sw: Sweep, manifest, n: int, fraction: float) -> None:
 
 def _parent_run(sw: Sweep, grid_path: str, experiment: str):
     """The sweep's parent run: the one recorded in sweep.json if it is still in this store, else a new one."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     record_path = sw.folder / "sweep.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    client = MlflowClient(sw.uri)
+    client = mlflow_client(sw.uri)
     if record.get("tracking_uri") == sw.uri:
         try:
             run = client.get_run(record["parent_run_id"])

@@ -1,0 +1,43 @@
+"""How a command ends whatever stops it: SIGTERM (a launcher stopping the other ranks, `kill`, a batch
+system) and SIGHUP become an exception like Ctrl-C's KeyboardInterrupt, so `finally` blocks run, staging
+folders are removed and MLflow runs end KILLED instead of staying RUNNING; worker processes leave
+interrupts to their parent, which stops them and prints the one line."""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived. A BaseException, like KeyboardInterrupt: `except Exception` must not
+    swallow it."""
+
+
+def _raise(signum, _frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
+def raise_on_termination() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+
+
+def quiet_worker() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group, but only the parent reacts (it stops the
+    workers with SIGTERM, which ends them silently); a worker printing its own traceback would bury the
+    one line that says what happened."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+@contextmanager
+def signals_ignored():
+    """For the few lines that record how a command ended: a second Ctrl-C must not cut them short."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,74 @@
+"""A run folder belongs to one live run: rank 0 holds `<run>/.lock` for the run's life (released by the OS
+when the process ends, however it ends), so two runs into one folder cannot both write it, `--overwrite`
+or not. The verdict is rank 0's and every rank gets it, so no rank waits alone in a collective."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+from .fileio import ensure_writable_dir
+from .locks import Held, release, try_lock
+
+LOCK = ".lock"
+_HELD: dict[str, int] = {}  # run folder -> lock descriptor held by this process
+
+
+def claim_run_dir(acc, run_dir: Path, *, may_exist: bool) -> bool:
+    """Claim `run_dir` for this run (creating it); True when this run created it. Raises UserError on every
+    rank when the folder is held by another run, or appeared since every rank checked it."""
+    verdict, created = None, False
+    if acc.is_main_process:
+        try:
+            created = _claim(run_dir, may_exist)
+        except UserError as e:
+            verdict = str(e)
+    verdict = _from_rank0(acc, verdict)
+    if verdict:
+        raise UserError(verdict)
+    return created
+
+
+def _claim(run_dir: Path, may_exist: bool) -> bool:
+    existed = run_dir.exists()
+    if existed and not may_exist:  # another run made it since it was checked
+        raise UserError(f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to redo it")
+    ensure_writable_dir(run_dir)
+    release_run_dir(run_dir)  # an earlier command of this process that stopped before releasing it
+    try:
+        fd = try_lock(run_dir / LOCK)
+    except Held as e:
+        raise UserError(f"{run_dir}: run folder is in use by another run ({e.holder}); wait for it to end or "
+                        "pass another --name") from None
+    _HELD[str(run_dir.resolve())] = fd
+    _remove_torn_writes(run_dir)
+    return not existed
+
+
+def release_run_dir(run_dir: Path) -> None:
+    release(_HELD.pop(str(run_dir.resolve()), None))
+
+
+def release_all() -> None:
+    for key in list(_HELD):
+        release(_HELD.pop(key))
+
+
+def _remove_torn_writes(run_dir: Path) -> None:
+    """Checkpoint temporaries of a killed earlier run in this folder (we hold its lock, so their writer is
+    gone). Only those whose checkpoint is in place: a write killed between its two renames leaves the
+    previous copy under `.NAME.old-PID`, and the temporary may be all there is of the new one."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+            name = tmp.name[1:].rsplit(".tmp-", 1)[0]
+            if (folder / name).is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_rank0(acc, value):
+    if acc.num_processes == 1:
+        return value
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
