@@ -4,7 +4,10 @@ arXiv 2605.19042; DESIGN section 4).
 1. Task subspaces (setup): for every shared weight (gradient viewed as [out, in]) and task u, the
    top eigenvectors, up to energy `energy`, of C^u = sum_b G_b^u^T G_b^u over retain batches — from
    per-task retain *gradients* (an activation basis is the same for every task in a shared layer, so
-   `subspace: activations` is only the task-agnostic, GPM-style ablation).
+   `subspace: activations` is only the task-agnostic, GPM-style ablation). Layers with rows of at
+   least `lowrank_min_in` get a bounded-rank basis from a randomized sketch of C instead (never formed;
+   `lowrank.py`); shorter rows keep the exact eigendecomposition. In `sharded` mode a rank builds and
+   keeps only the bases of the layers whose rows it owns.
 2. Task-aware projection (each step): target task t's forget gradient, layer by layer,
    G <- G (I - B B^T) with B the orthonormal union of the other tasks' bases (`off_others`; in the
    partial setting the others include the kept tasks of the same instances), or G <- G B_t B_t^T
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..distributed.gradstep import allreduce_small, gather_blocks, gather_update
 from ..objective import global_counts, normalised_losses
 from ..tasks import TASKS
+from .lowrank import gaussian_sketch, lowrank_basis
 from .signal_method import SignalMethod
 
 
@@ -35,6 +39,11 @@ class IamuOptions(BaseModel):
     subspace: Literal["gradients", "activations"] = "gradients"
     energy: float = Field(0.97, gt=0, le=1)                # epsilon: energy kept per task basis
     subspace_batches: int = Field(8, ge=1)                 # retain batches used for the bases
+    lowrank_min_in: int = Field(1024, ge=1)                # rows at least this long: randomized bounded-rank basis
+                                                           # (lowrank.py); shorter rows: exact eigh of [in, in]
+    max_rank: int = Field(256, ge=1)                       # cap on a randomized basis's dimension
+    oversample: int = Field(16, ge=0)                      # sketch columns beyond max_rank
+    power_iters: int = Field(0, ge=0)                      # extra passes over the subspace batches (sharper sketch)
     mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
     span: Literal["per_task", "per_sample"] = "per_task"   # retain span for step 3
     span_samples: int = Field(4, ge=1)                     # per rank, for span: per_sample
@@ -75,7 +84,7 @@ def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
         return cov.new_zeros(cov.shape[0], 0)
     level = torch.tensor(energy, dtype=vals.dtype, device=vals.device)
     k = int(torch.searchsorted(torch.cumsum(vals, 0) / total, level).item()) + 1
-    return vecs[:, :min(k, vals.numel())]
+    return vecs[:, :min(k, vals.numel())].contiguous()  # a view would keep the whole [in, in] alive
 
 
 def project_rows(g: torch.Tensor, basis: torch.Tensor, mode: str) -> torch.Tensor:
@@ -106,25 +115,105 @@ class Iamu(SignalMethod):
         self.orth_cols = self.column_mask(heads=ctx.targets if self.opts.orth_heads else ())
         logs = {}
         if self.opts.project:
-            covs = (self._gradient_covariances(ctx, retain_batches) if self.opts.subspace == "gradients"
-                    else self._activation_covariances(ctx, retain_batches))
-            self.bases = self._bases(ctx, covs)
+            if self.opts.subspace == "gradients":
+                own = self._gradient_bases(ctx, retain_batches, logs)
+            else:
+                own = {i: {t: energy_basis(c, self.opts.energy) for t, c in per_t.items()}
+                       for i, per_t in self._activation_covariances(ctx, retain_batches).items()}
+            self.bases = self._bases(ctx, own)
             dims = [b.shape[1] for per_t in self.bases.values() for b in per_t.values()]
             logs["basis_dim_mean"] = sum(dims) / max(len(dims), 1)
+            logs["basis_mb"] = self.basis_bytes() / 2**20
         return logs
 
-    def _gradient_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
-        covs: dict[int, dict[str, torch.Tensor]] = {}
-        for _ in range(self.opts.subspace_batches):
-            batch = next(retain_batches)
+    def basis_bytes(self) -> int:
+        """Bytes of the task bases this rank keeps (each tensor once)."""
+        held = {b.data_ptr(): b.numel() * b.element_size() for per_i in self.bases.values() for b in per_i.values()}
+        return sum(held.values())
+
+    def sketch_cols(self, n: int) -> int:
+        return min(n, self.opts.max_rank + self.opts.oversample)
+
+    def sketched(self, i: int) -> bool:
+        """Layer i takes the randomized path: long rows, and a sketch thinner than the row."""
+        n = self.params[i][0].numel()
+        return n >= self.opts.lowrank_min_in and self.sketch_cols(n) < n
+
+    def _gradient_bases(self, ctx, retain_batches, logs) -> dict[int, dict[str, torch.Tensor]]:
+        """Per owned layer and task: exact energy basis of C (short rows) or a randomized one (long rows)."""
+        batches = [next(retain_batches) for _ in range(self.opts.subspace_batches)]
+        mine = sorted({pc.index for pc in self.my_pieces(self.projected_idx)})
+        p0 = self.params[0]
+        omega = {}
+        for i in filter(self.sketched, mine):  # one draw per layer, the same on every rank (its seed)
+            n = self.params[i][0].numel()
+            draw = gaussian_sketch(n, self.sketch_cols(n), ctx.seed * 100_003 + i, p0.dtype, p0.device)
+            omega.update({(i, t): draw for t in ctx.tasks})
+
+        def first(i, t, g):
+            if (i, t) in omega:
+                return {("y", i, t): g.T @ (g @ omega[i, t]), ("tr", i, t): g.pow(2).sum()}
+            return {("cov", i, t): g.T @ g}
+
+        acc = self._sum_split(self._pass(ctx, batches, first), ctx, ("cov", "y", "tr"))
+        for _ in range(self.opts.power_iters):  # Omega <- orth(C Omega), one more pass over the same batches
+            omega = {(i, t): torch.linalg.qr(acc["y", i, t])[0] for i, t in omega}
+            again = self._pass(ctx, batches, lambda i, t, g: {("y", i, t): g.T @ (g @ omega[i, t])} if (i, t) in omega else {})
+            acc.update(self._sum_split(again, ctx, ("y",)))
+        own, kept = {}, []
+        for i in mine:
+            own[i] = {}
+            for t in ctx.tasks:
+                if (i, t) in omega:
+                    own[i][t], share = lowrank_basis(acc["y", i, t], omega[i, t], float(acc["tr", i, t]),
+                                                     self.opts.energy, self.opts.max_rank)
+                    kept.append(share)
+                else:
+                    own[i][t] = energy_basis(acc["cov", i, t], self.opts.energy)
+        if kept:
+            logs.update(lowrank_layers=len(kept) / len(ctx.tasks), lowrank_energy_min=min(kept))
+        return own
+
+    def _pass(self, ctx, batches, terms) -> dict[tuple, torch.Tensor]:
+        """Sum over the batches and this rank's rows of `terms(layer, task, G)` (G: a reduced retain gradient
+        [rows, in]; terms returns named partial sums)."""
+        acc: dict[tuple, torch.Tensor] = {}
+        for batch in batches:
             losses = normalised_losses(ctx.model(batch["image"]), batch, ctx.tasks, global_counts(batch, ctx.world))
             sig = self.signals([losses[t] for t in ctx.tasks], ctx)
             for pc in self.my_pieces(self.projected_idx):
                 g = sig[self.blocks.index(pc.rank), :, pc.dst:pc.dst + pc.n].view(len(ctx.tasks), -1, pc.row_size)
-                per_t = covs.setdefault(pc.index, {})
                 for j, t in enumerate(ctx.tasks):
-                    per_t[t] = per_t.get(t, 0) + g[j].T @ g[j]
-        return self._complete(covs, ctx)
+                    for key, val in terms(pc.index, t, g[j]).items():
+                        acc[key] = acc.get(key, 0) + val
+        return acc
+
+    def _sum_split(self, acc, ctx, names) -> dict[tuple, torch.Tensor]:
+        """Sharded: a layer whose rows lie on several ranks has a partial sum on each of them; ONE
+        all_reduce over those layers only (at most N-1; zeros from a rank that holds none of the rows)
+        completes them. Every other layer's sum is already whole on the one rank that owns it."""
+        if self.mode != "sharded" or ctx.world == 1:
+            return acc
+        owners: dict[int, set] = {}
+        for pc in self.layout.pieces:
+            owners.setdefault(pc.index, set()).add(pc.rank)
+        split = [i for i in self.projected_idx if len(owners[i]) > 1]
+        keys = [(name, i, t) for i in split for t in ctx.tasks for name in names
+                if (name == "cov") != self.sketched(i)]
+        if not keys:
+            return acc
+        p0 = self.params[0]
+        shape = lambda name, i, t: {"cov": (self.params[i][0].numel(),) * 2, "tr": (),  # noqa: E731
+                                    "y": (self.params[i][0].numel(), self.sketch_cols(self.params[i][0].numel()))}[name]
+        flat = torch.cat([acc[k].reshape(-1) if k in acc else torch.zeros(shape(*k), dtype=p0.dtype, device=p0.device).reshape(-1)
+                          for k in keys])
+        torch.distributed.all_reduce(flat)
+        out, off = dict(acc), 0
+        for k in keys:
+            n = torch.Size(shape(*k)).numel()
+            out[k] = flat[off:off + n].view(shape(*k))
+            off += n
+        return out
 
     def _activation_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
         """GPM-style ablation: input-patch covariance per shared conv, identical for every task."""
@@ -155,25 +244,9 @@ class Iamu(SignalMethod):
             acts = {i: part.view_as(acts[i]) for i, part in zip(order, flat.split(sizes))}
         return {i: {t: c for t in ctx.tasks} for i, c in acts.items()}
 
-    def _complete(self, covs, ctx):
-        """Sharded: each rank summed G^T G over its rows only -> one all_reduce completes every C."""
-        if self.mode != "sharded" or ctx.world == 1:
-            return covs
-        keys = [(i, t) for i in self.projected_idx for t in ctx.tasks]
-        sizes = [self.params[i][0].numel() for i, _ in keys]
-        p0 = self.params[0]
-        zeros = lambda n: torch.zeros(n * n, dtype=p0.dtype, device=p0.device)  # noqa: E731 (a rank may own no row)
-        flat = torch.cat([covs[i][t].reshape(-1) if i in covs else zeros(n) for (i, t), n in zip(keys, sizes)])
-        torch.distributed.all_reduce(flat)
-        out, off = {}, 0
-        for (i, t), n in zip(keys, sizes):
-            out.setdefault(i, {})[t] = flat[off:off + n * n].view(n, n)
-            off += n * n
-        return out
-
-    def _bases(self, ctx, covs) -> dict[str, dict[int, tuple[torch.Tensor, str]]]:
-        """Per target task and layer: (basis, 'off'|'onto') implementing `mode`."""
-        own = {i: {t: energy_basis(c, self.opts.energy) for t, c in per_t.items()} for i, per_t in covs.items()}
+    def _bases(self, ctx, own) -> dict[str, dict[int, torch.Tensor]]:
+        """Per target task and layer: the basis implementing `mode` (`self.direction`: 'off' or 'onto'),
+        from each task's own basis per layer."""
         bases: dict[str, dict[int, torch.Tensor]] = {}
         self.direction = "onto" if self.opts.mode in ("onto_own", "both") else "off"
         for t in ctx.targets:
