@@ -35,7 +35,6 @@ from mtu_dist.fileio import atomic_write_json
 from timing import ForeignLoad, median, ordered  # noqa: E402 (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 STEP_GOAL = 0.6      # 2-rank / 1-rank step time on 2 cores
 COST_GOAL = 1 / 20   # unlearning / retrain wall time
 SHARDS = {"full": {"train": 384, "val": 128, "height": 48, "width": 64},   # the demo's data
@@ -72,8 +71,15 @@ def launch_prefix(nproc: int, device: str) -> list:
         cfg = "gpu_1node.yaml" if nproc > 1 else "gpu_1proc.yaml"  # 1 rank: a plain process, no DDP wrapper
     else:
         cfg = "cpu_2proc.yaml" if nproc > 1 else "cpu_1proc.yaml"
-    cmd = [BIN / "accelerate", "launch", "--config_file", ROOT / "launch" / "accelerate" / cfg, "--num_processes", nproc]
+    # through this interpreter, not bin/accelerate: in a venv layered over a GPU image's packages
+    # (launch/offline/install.sh --venv) accelerate's script lives in the image's bin, not beside python
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "launch" / "accelerate" / cfg, "--num_processes", nproc]
     return cmd + (["--main_process_port", free_port()] if nproc > 1 else [])
+
+
+def train_samples(cfg) -> int:
+    from mtu_dist.data.manifest import load_manifest
+    return load_manifest(cfg.data.dataset, cfg.data.root).split("train").num_samples
 
 
 def steps_per_epoch(cfg, world: int) -> int:
@@ -102,8 +108,9 @@ def throughput(work: Path, shards: Path, repeats: int, epochs: int, *, files=(),
             step_s[nproc].append(report["time_s"] / steps[nproc])
     med = {n: median(v) for n, v in step_s.items()}
     gb = cfg.train.global_batch
+    valid = train_samples(cfg) * epochs  # what a run learns from: padding samples are not throughput
     return {"global_batch": gb, "epochs": epochs, "steps": steps, "device": device, "step_s": step_s,
-            "median_step_s": med, "median_samples_per_s": {n: gb / t for n, t in med.items()},
+            "median_step_s": med, "median_samples_per_s": {n: valid / (t * steps[n]) for n, t in med.items()},
             "step_time_2rank_over_1rank": med[2] / med[1], "goal": STEP_GOAL,
             "command": " ".join(map(str, launch_prefix(2, device)[:5])) + " --num_processes N -m mtu_dist.cli train "
                        + " ".join(map(str, args))}
@@ -159,7 +166,7 @@ def _unlearn_vs_retrain(work, shards, files, sets, methods, original_epochs, fra
 
 def demo(work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    wall = run([BIN / "mtu", "demo", "--root", work / "shards", "--out", work / "runs",
+    wall = run([sys.executable, "-m", "mtu_dist.cli", "demo", "--root", work / "shards", "--out", work / "runs",
                 "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"], cwd=work)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     times = {}

@@ -10,6 +10,12 @@
 # The line it runs (one node):  torchrun --standalone --nproc_per_node N -m mtu_dist.cli ARGS
 # TORCHRUN selects the binary (default: torchrun on PATH, e.g. .venv/bin/torchrun).
 set -euo pipefail
+torchrun_bin=${TORCHRUN:-torchrun}
+if ! command -v "$torchrun_bin" >/dev/null; then
+  echo "launch/torchrun.sh: '$torchrun_bin' not found on PATH: activate the project's venv (. .venv/bin/activate)" \
+       "or set TORCHRUN=/path/to/torchrun" >&2
+  exit 127
+fi
 nproc=${1:?usage: launch/torchrun.sh NPROC_PER_NODE (MTU_ARGS... | SCRIPT.py ARGS...)}
 shift
 if [[ "${1:-}" == *.py ]]; then program=("$@"); else program=(-m mtu_dist.cli "$@"); fi
@@ -19,4 +25,4 @@ if [[ "${NNODES:-1}" -gt 1 ]]; then
 else
   rendezvous=(--standalone)  # a local rendezvous on a free port
 fi
-exec "${TORCHRUN:-torchrun}" "${rendezvous[@]}" --nproc_per_node "$nproc" "${program[@]}"
+exec "$torchrun_bin" "${rendezvous[@]}" --nproc_per_node "$nproc" "${program[@]}"

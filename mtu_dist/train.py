@@ -48,13 +48,14 @@ def fit(s: Session, resume: bool = False):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
     for _ in range(start_step):  # the schedule is a pure function of the step
         sched.step()
-    step, t0, samples = start_step, time.perf_counter(), 0
+    step, t0, valid = start_step, time.perf_counter(), 0
     bar = _progress(s, total, start_step, f"{s.command}")
     for epoch in range(start_step // spe, cfg.train.epochs):
         for i, batch in enumerate(loader.epoch(epoch)):
             if epoch * spe + i < start_step:
                 continue  # replaying the deterministic stream up to the resume point
             ledger.record(batch, m.tasks)  # on the CPU, before the batch moves
+            valid += int(batch["valid"].sum())  # padding is not throughput
             batch = to_device(batch, s.acc.device)
             counts = global_counts(batch, s.world)
             losses = normalised_losses(model(batch["image"]), batch, m.tasks, counts)
@@ -67,7 +68,6 @@ def fit(s: Session, resume: bool = False):
                 raise UserError(f"{s.command}: non-finite loss at step {step}; last good checkpoint kept in {ckpt_dir}")
             sched.step()
             step += 1
-            samples += cfg.train.global_batch
             s.tracker.log_metrics({**logged, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm)}, step)
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
@@ -76,10 +76,19 @@ def fit(s: Session, resume: bool = False):
             fault_point(s.command, step)  # phase = train or retrain
     bar.close()
     elapsed = time.perf_counter() - t0
+    samples = _sum_over_ranks(valid, s.world, s.acc.device)
     s.tracker.log_metrics({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9),
                            "time/step_s": elapsed / max(step - start_step, 1)}, step)
     s.ledger = ledger.gather(s.world)
     return s.acc.unwrap_model(model), elapsed, step
+
+
+def _sum_over_ranks(n: int, world: int, device) -> int:
+    if world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.float64, device=device)  # on the rank's device: NCCL takes no host tensor
+    torch.distributed.all_reduce(t)
+    return int(t.item())
 
 
 def _checkpoint(s: Session, model, opt, step, epoch, ckpt_dir, ledger):

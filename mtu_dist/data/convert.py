@@ -82,7 +82,7 @@ def _convert_sample(src: str, layout: DatasetLayout, numbers: dict[str, list[int
     return out
 
 
-def convert(kind: str, src: str | Path, out_root: str | Path, *, shard_size: int, workers: int,
+def convert(kind: str, src: str | Path, out_root: str | Path, *, shard_size: int | None, workers: int,
             overwrite: bool, progress=print):
     if kind not in SOURCES:
         raise UserError(f"unknown source '{kind}' (expected one of {sorted(SOURCES)})")

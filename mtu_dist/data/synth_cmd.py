@@ -16,7 +16,7 @@ def _synth_sample(dataset: str, seed: int, height: int, width: int, split: str, 
 
 
 def synth(datasets: list[str], out_root, *, train: int, val: int, test: int, height: int, width: int,
-          seed: int, shard_size: int, workers: int, overwrite: bool, progress=print):
+          seed: int, shard_size: int | None, workers: int, overwrite: bool, progress=print):
     unknown = [d for d in datasets if d not in SPECS]
     if unknown:
         raise UserError(f"unknown synthetic dataset(s) {unknown} (expected {sorted(SPECS)})")

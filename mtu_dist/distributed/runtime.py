@@ -26,6 +26,8 @@ def make_accelerator(**kwargs):
     handlers = kwargs.pop("kwargs_handlers", [])
     # in a single process this handler would make Accelerate expect a process group (DeepSpeed always has
     # one; without the handler it asks for oneCCL on CPU and miscounts the ranks)
+    if deepspeed:
+        _require_deepspeed()
     if expected > 1 or deepspeed:
         handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT))
     if deepspeed and cpu:
@@ -48,6 +50,17 @@ def zero_stage(acc) -> int | None:
     return None if plugin is None else int(plugin.zero_stage)
 
 
+def _require_deepspeed() -> None:
+    """DeepSpeed and the transformers that Accelerate's DeepSpeed plugin imports are an extra: say what to
+    install instead of failing deep inside Accelerate with a PackageNotFoundError."""
+    from importlib.util import find_spec
+    missing = [name for name in ("deepspeed", "transformers") if find_spec(name) is None]
+    if missing:
+        raise UserError(f"the accelerate config asks for DeepSpeed but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -c constraints.txt "
+                        "-e '.[deepspeed]' (or pip install 'mtu_dist[deepspeed]')")
+
+
 def _plain_cpu_collectives() -> None:
     """DeepSpeed on CPU compiles a shared-memory collective op when its process group starts (one to two
     minutes, a C++ toolchain needed); it serves inference all-reduces only, so training loses nothing
@@ -65,6 +78,7 @@ def launcher_world_size() -> int:
         raise UserError(f"environment WORLD_SIZE={raw!r}: expected a positive integer")
     world = int(raw)
     if world == 1:
+        _check_single_launch()
         return 1
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
@@ -74,3 +88,15 @@ def launcher_world_size() -> int:
     if not rank.isdigit() or int(rank) >= world:
         raise UserError(f"environment RANK={rank!r}: expected 0..{world - 1} for WORLD_SIZE={world}")
     return world
+
+
+def _check_single_launch() -> None:
+    """`accelerate launch --cpu --num_processes N` (or a MULTI_CPU config) starts ONE process without a
+    WORLD_SIZE, and exits 0 after it. What it leaves behind (accelerate/utils/launch.py,
+    prepare_simple_launcher_cmd_env): its ACCELERATE_DYNAMO_BACKEND, and MASTER_ADDR/MASTER_PORT only when
+    more than one process was asked for. Together, without WORLD_SIZE, they mean N were asked for and 1 came."""
+    asked_many = os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")
+    if "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ and asked_many:
+        raise UserError("accelerate launch was asked for several processes but started ONE (--cpu or "
+                        "distributed_type MULTI_CPU does that; MASTER_ADDR is set, WORLD_SIZE is not): on CPU use "
+                        "accelerate launch --config_file launch/accelerate/cpu_2proc.yaml --num_processes N ...")

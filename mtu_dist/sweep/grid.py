@@ -47,7 +47,7 @@ class SynthSpec(_Strict):
     val: int = Field(128, ge=1)
     height: int = Field(48, ge=8)
     width: int = Field(64, ge=8)
-    shard_size: int = Field(64, ge=1)
+    shard_size: int | None = Field(None, ge=1)  # None: the default layout (reader slots up to 8 ranks x 2 workers fit)
     seed: int = 0
     workers: int = Field(0, ge=0)       # writer processes; 0 = every core
 
