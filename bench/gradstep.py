@@ -514,8 +514,7 @@ def worker(repeats: int, out_path: str, spec: Spec) -> int:
 
 def launch_workers(nproc: int, repeats: int, tmp: Path, spec: Spec) -> dict:
     out = tmp / f"reduce-{nproc}.json"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(nproc), str(Path(__file__).resolve()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(Path(__file__).resolve()),
            "--worker", "--repeats", str(repeats), "--worker-spec", spec.to_json(), "--worker-out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
@@ -284,6 +285,17 @@ def sections(cfg, files, sets, size: dict, work: Path, device: str, gpus: int, m
     }
 
 
+def summary(out: dict) -> dict:
+    """Every figure (value, goal, met, absolute detail, peak CUDA MiB) and each section's wall time and peak
+    memory, without the raw per-repeat results: the one JSON a GPU run prints."""
+    return {"device": out["device"], "env": out["env"],
+            "figures": {k: {f: v for f, v in fig.items() if f in ("value", "unit", "goal", "met", "absolute",
+                                                                     "peak_mib", "error", "skipped")}
+                        for k, fig in out["figures"].items()},
+            "sections": {n: {k: r.get(k) for k in ("wall_s", "peak_mib", "error", "skipped") if k in r}
+                         for n, r in out["sections"].items()}}
+
+
 def environment(device: str) -> dict:
     env = {"git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -305,6 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument("--workdir", type=Path, help="folder for the temporary data, runs and logs (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (section logs, runs)")
+    p.add_argument("--print-json", action="store_true",
+                   help="end with one line of JSON: every figure, each section's wall time and peak memory, the environment")
     p.add_argument("--skip", action="append", default=[], metavar="SECTION",
                    help="leave a section out (repeatable): data, signals, iamu, reduction, ranks, mlflow, unlearn")
     a = p.parse_args(argv)
@@ -323,29 +337,39 @@ def main(argv=None) -> int:
     t0, env = time.perf_counter(), environment(a.device)
     work = Path(tempfile.mkdtemp(prefix="mtu-suite-", dir=a.workdir))
     results = {}
+
+    def write(partial: bool) -> dict:
+        """The results JSON, rewritten after every section: a run stopped by a time limit keeps what it measured."""
+        figs = collect(results, methods)
+        env.update(wall_s=time.perf_counter() - t0, loadavg_end=list(os.getloadavg()),
+                   peak_rss_mib={"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                 "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+        load = {n: r["machine_load"] for n, r in results.items() if "machine_load" in r}
+        out = {"suite": "mtu_dist performance figures", "quick": a.quick, "device": a.device, "partial": partial,
+               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+               "config": cfg.model_dump(mode="json"), "env": env, "figures": figs,
+               "sections": {n: {k: v for k, v in r.items() if k != "machine_load"} for n, r in results.items()},
+               "machine_load": load}
+        atomic_write_json(a.out, out)
+        return out
+
     try:
         for name, fn in sections(cfg, files, a.set, size, work, a.device, gpus, methods).items():
             fn = "left out (--skip)" if name in a.skip else fn
             (work / name).mkdir(exist_ok=True)
             results[name] = {"skipped": fn} if isinstance(fn, str) else run_section(name, fn, work / f"{name}.log", a.device)
+            write(partial=True)
     finally:
         if not a.keep:
             import shutil
             shutil.rmtree(work, ignore_errors=True)
-    figs = collect(results, methods)
-    env.update(wall_s=time.perf_counter() - t0, loadavg_end=list(os.getloadavg()),
-               peak_rss_mib={"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                             "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
-    load = {n: r["machine_load"] for n, r in results.items() if "machine_load" in r}
-    out = {"suite": "mtu_dist performance figures", "quick": a.quick, "device": a.device,
-           "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-           "config": cfg.model_dump(mode="json"), "env": env, "figures": figs,
-           "sections": {n: {k: v for k, v in r.items() if k != "machine_load"} for n, r in results.items()},
-           "machine_load": load}
-    atomic_write_json(a.out, out)
+    out = write(partial=False)
+    figs, load = out["figures"], out["machine_load"]
     print(table(figs, a.device == "cuda"))
     print(f"\n{'quick' if a.quick else 'full'} run on {a.device}, {env['wall_s']:.0f} s wall on {env['cpu_count']} cores; "
           f"cores busy with other processes: {describe_load(load)}; results: {a.out}")
+    if a.print_json:
+        print(json.dumps(summary(out), default=str))
     failed = [n for n, r in results.items() if "error" in r]
     bad = [k for k, f in figs.items() if f["value"] is not None and not math.isfinite(f["value"])]
     if failed or bad:

@@ -147,3 +147,17 @@ def test_offline_install_names_a_missing_folder(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deepspeed_launch_without_the_extra_says_what_to_install(monkeypatch):
+    """The DeepSpeed path when the `deepspeed` extra is not installed: one line naming what is missing and
+    the install command, before Accelerate fails deep inside its plugin."""
+    import importlib.util
+
+    from mtu_dist.distributed import runtime
+    from mtu_dist.errors import UserError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match=r"deepspeed is not installed: pip install -c constraints.txt -e '\.\[deepspeed\]'"):
+        runtime.make_accelerator()
