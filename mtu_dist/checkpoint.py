@@ -152,6 +152,16 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor], where) -> None:
         raise UserError(f"{where}: tensor '{name}' holds NaN or inf; a model that is not finite cannot be used")
 
 
+def check_model_file(meta: dict) -> None:
+    """Before a command writes anything: the checkpoint's model file (read_state `meta`) loads and is finite."""
+    path = Path(meta["_folder"]) / "model.safetensors"
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+    refuse_non_finite(tensors, path)
+
+
 def check_resumable(meta: dict, config: dict, info: dict) -> None:
     """A run may only continue from `meta` (a checkpoint's state.json) under the same config (except
     `RESUME_FREE`), world size, data, request and origin: anything else gives another result."""

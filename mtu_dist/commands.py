@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint import read_state, save_checkpoint
+from .checkpoint import check_model_file, read_state, save_checkpoint
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import evaluate, flat_metrics
@@ -148,6 +148,7 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
     from .unlearn import load_original, unlearn
     build_method(cfg.unlearn.method, cfg.unlearn.options)  # unknown method / bad options: fail before any work
     meta = read_state(origin)
+    check_model_file(meta)  # a NaN/inf model is refused before a run folder exists
     manifest = load_manifest(cfg.data.dataset, cfg.data.root)
     req = load_request(request, manifest)
     lineage = start_step(meta, req, manifest, method=cfg.unlearn.method)  # repeats, other lineage: before work
@@ -195,6 +196,7 @@ def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri
     from .reference import write_eval
     from .unlearn import load_original
     meta = read_state(ckpt)
+    check_model_file(meta)  # before an MLflow run is opened for it
     folder = Path(meta["_folder"])
     s = open_session(cfg, "eval", f"eval-{folder.parent.name}", request_path=request, tracking_uri=tracking_uri,
                      run_dir=folder)

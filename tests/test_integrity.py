@@ -338,3 +338,14 @@ def test_the_audit_flags_a_forget_pair_borrowed_as_a_target():
     assert leaked["leaks"] == {"target": [{"pair": f"{f}|depth", "sha256": pair_hash(f, "depth"), "uses": 1}]}
     # a retrain may not consume a forget pair under any role, its forget role included
     assert not audit(ledger_document({f"forget|{f}|depth": 1}, None), forget, command="retrain")["passed"]
+
+
+def test_a_non_finite_final_model_is_never_saved(tmp_path):
+    from types import SimpleNamespace
+    from mtu_dist.commands import _refuse_non_finite_final
+    model, session = _tiny_model(), SimpleNamespace(run_dir=tmp_path / "run", command="unlearn")
+    _refuse_non_finite_final(session, model)  # finite: nothing to say
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("-inf")
+    with pytest.raises(UserError, match=r"run: the final model's tensor '0.weight' holds NaN or inf \(unlearn"):
+        _refuse_non_finite_final(session, model)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.forget import make_request, write_request
@@ -276,6 +277,78 @@ def audit_ledger_edited(c: Ctx):
     return ["audit", final, "--tracking-uri", c.uri], [str(final / "ledger.json"), "ledger edited after the run"], []
 
 
+def _sha8(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+
+
+def _non_finite(folder: Path, value: float) -> str:
+    """Put `value` into the first floating tensor of folder/model.safetensors and update state.json's
+    checksum, so only the values are wrong. Returns the tensor's name."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, folder / "model.safetensors")
+    state = json.loads((folder / "state.json").read_text())
+    state["sha256"]["model.safetensors"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "state.json").write_text(json.dumps(state))
+    return name
+
+
+def nan_checkpoint_iamu(c: Ctx):
+    ckpt = c.copy_final("nan")
+    name = _non_finite(ckpt, float("nan"))
+    return (c.unlearn(ckpt, method="iamu"), [str(ckpt / "model.safetensors"), f"tensor '{name}'", "NaN or inf"],
+            [ckpt], {"absent": [c.out / "synth-indoor" / f"unlearn-iamu-full-{_sha8(c.request)}"]})
+
+
+def inf_checkpoint_eval(c: Ctx):
+    ckpt = c.copy_final("inf")
+    name = _non_finite(ckpt, float("inf"))
+    return c.eval(ckpt), [str(ckpt / "model.safetensors"), f"tensor '{name}'", "NaN or inf"], [ckpt]
+
+
+def nan_checkpoint_resume(c: Ctx):
+    run, out = _copied_run(c)
+    last = sorted(run.glob("checkpoints/step-*"))[-1]
+    name = _non_finite(last, float("nan"))
+    return c.train(*out, "--resume"), [str(last / "model.safetensors"), f"tensor '{name}'"], [run / "checkpoints"]
+
+
+def renamed_member_retrain(c: Ctx):
+    """A forgotten instance renamed inside its shard (sha256 updated): a retrain must not train on the copy."""
+    from test_integrity import rewrite_shard
+    ds = _copy(c.data_root, c.tmp)
+    victim = yaml.safe_load(c.request.read_text())["entries"][0]["id"]
+    m = load_manifest(ds)
+    index = m.split("train").keys.index(victim)
+    shard, pos = m.split("train").shards[index // 8].file, index % 8
+    copy = "synth-indoor/train/777777"
+    rewrite_shard(ds, shard, lambda e: [(copy if n == pos else k, v) for n, (k, v) in enumerate(e)])
+    return (["retrain", "--config", TINY, "--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}",
+             "--set", "tracking.enabled=false", "--request", c.request],
+            [f"{shard}: {copy}", "not the key manifest.json lists"], [],
+            {"absent": [c.tmp / "runs" / "synth-indoor" / f"retrain-full-{_sha8(c.request)}" / "final"]})
+
+
+def config_bool_for_a_number(c: Ctx):
+    return c.train("--set", "train.epochs=true"), ["--set 'train.epochs=true'", "train.epochs", "boolean"], []
+
+
+def config_fraction_for_an_integer(c: Ctx):
+    cfg = c.tmp / "frac.yaml"
+    cfg.write_text("train: {epochs: 1.5}\n")
+    return c.train("--config", cfg), [f"{cfg}: invalid config", "train.epochs", "expected an integer"], []
+
+
+def tracking_uri_not_a_database(c: Ctx):
+    notes = c.tmp / "notes.txt"
+    notes.write_text("meeting notes, not a database\n")
+    args = c.train("--name", "never")
+    args[args.index(c.uri)] = f"sqlite:///{notes}"
+    return args, [f"sqlite:///{notes}", "not an SQLite database"], [], {"absent": [c.out / "synth-indoor" / "never"]}
+
+
 CASES = {
     "missing --from folder": missing_from,
     "corrupt checkpoint (unlearn)": corrupt_checkpoint,
@@ -307,6 +380,13 @@ CASES = {
     "server port in use": server_port_in_use,
     "audit of a folder that is no run": audit_not_a_run,
     "audit of an edited ledger": audit_ledger_edited,
+    "NaN in a checkpoint (unlearn iamu)": nan_checkpoint_iamu,
+    "inf in a checkpoint (eval)": inf_checkpoint_eval,
+    "NaN in a resume checkpoint (train --resume)": nan_checkpoint_resume,
+    "forgotten instance renamed in its shard (retrain)": renamed_member_retrain,
+    "config: a boolean for a number (--set)": config_bool_for_a_number,
+    "config: a fraction for an integer (file)": config_fraction_for_an_integer,
+    "tracking URI at a file that is no database": tracking_uri_not_a_database,
 }
 
 
