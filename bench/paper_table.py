@@ -54,12 +54,14 @@ SIZES = {
                 "config": {"model": {"width": 16, "head_width": 16}, "train": {"epochs": 40, "global_batch": 16},
                            "unlearn": {"forget_batch": 8, "retain_batch": 16},
                            "eval": {"batch": 32, "retain_sample": 64}},
-                "fraction": 0.1, "seeds": [0, 1, 2], "trials": None, "steps": None, "datasets": list(DATASETS)},
+                "fraction": 0.1, "seeds": [0, 1, 2], "trials": None, "steps": None, "datasets": list(DATASETS),
+                "curve_seeds": 3, "trajectory_every": 5, "trajectory_sample": 48},
     "quick": {"train": 32, "val": 16, "height": 16, "width": 24, "shard_size": 8,
               "config": {"model": {"width": 8, "head_width": 8}, "train": {"epochs": 2, "global_batch": 8},
                          "unlearn": {"forget_batch": 4, "retain_batch": 8},
                          "eval": {"batch": 8, "retain_sample": 8}},
-              "fraction": 0.1, "seeds": [0], "trials": 2, "steps": [2, 3], "datasets": ["synth-indoor"]},
+              "fraction": 0.1, "seeds": [0], "trials": 2, "steps": 3, "datasets": ["synth-indoor"],
+              "curve_seeds": 1, "trajectory_every": 1, "trajectory_sample": 8},
 }
 
 
@@ -196,6 +198,12 @@ class Bench:
     def seeds(self) -> list[int]:
         return self.a.seeds if self.a.seeds is not None else self.size["seeds"]
 
+    @property
+    def curve_seeds(self) -> list[int]:
+        """The seeds whose requests also get every method's equal-forgetting run."""
+        n = self.size["curve_seeds"]
+        return self.seeds[:n]
+
     def open_parent(self) -> None:
         """The parent run recorded in paper_table.json if it is still in this store, else a new one."""
         from mlflow import MlflowClient
@@ -255,7 +263,7 @@ class Bench:
         from mtu_dist.tune import TuneJob, load_space, tune
         space = load_space(self.a.space, self.a.trials or self.size["trials"])
         if self.size["steps"]:  # quick mode: a tiny step budget, the same for every method
-            space.common["unlearn.steps"] = {"choice": self.size["steps"]}
+            space.fixed["unlearn.steps"] = self.size["steps"]
         out = self.out / "tune" / f"{dataset}-{setting}"
         print(f"{dataset} {setting}: tuning {len(methods)} methods x {space.trials} trials on {dev.name}")
         job = TuneJob(str(dev), str(origin), out, self.base(dataset), [], [], self.uri, space)
@@ -263,70 +271,85 @@ class Bench:
         return out / "tuned.yaml"
 
     def cell(self, dataset, setting, seed, req: Path, origin: Path, tuned: Path, methods) -> None:
-        from mtu_dist.commands import eval_command, retrain_command, unlearn_command
-        from mtu_dist.scoring import original_reference, score_command
-        from mtu_dist.tune import chosen_overrides
+        """One evaluation request: its retrain (which scores itself: `mtu retrain --original`), the
+        original's row (`mtu eval --retrain`), then per method its run with the tuned knobs and, on the
+        curve seeds, its equal-forgetting run (the same knobs, stopped at the retrain's forget level,
+        recording its trajectory)."""
+        from mtu_dist.commands import retrain_command
         print(f"{dataset} {setting} seed {seed}: {req.name}")
         req_sha = sha256_file(req)
-        origin_sha = _model_sha(origin)
         tags = {"benchmark": dataset, "setting": setting, "seed": seed}
-        cfg0 = self.cfg(dataset)
-        try:
-            original_reference(str(origin), req_sha, cfg0.eval.retain_sample)
-        except UserError:  # the original's evaluation on the request, cached beside it (its row follows)
-            cfg0.tracking.enabled = False
-            eval_command(cfg0, ckpt=str(origin), request=str(req), tracking_uri=None)
         retrain = self.out / "runs" / dataset / f"retrain-{setting}-s{seed}"
         cfg = self.cfg(dataset, [f"seed={TRAIN_SEED}"])
-        spec = {"config": _spec_config(cfg, training=True), "request": req_sha}
+        spec = {"config": _spec_config(cfg, training=True), "request": req_sha, "origin": _model_sha(origin)}
         ok, sha = self.done(f"{dataset}-{retrain.name}", spec, retrain / "final")
         if not ok:
-            retrain_command(cfg, request=str(req), name=retrain.name, resume=False, overwrite=True, tracking_uri=self.uri)
-            rep = score_command(str(retrain), original=str(origin), retrain=str(retrain), tracking_uri=self.uri)
+            rep = retrain_command(cfg, request=str(req), name=retrain.name, resume=False, overwrite=True,
+                                  tracking_uri=self.uri, original=str(origin))
             self.record(f"{dataset}-{retrain.name}", sha, rep["run"]["mlflow_run_id"],
                         {**tags, "role": "retrain", "method": "retrain"}, rep["time_s"])
         self.original_row(dataset, setting, seed, req, req_sha, origin, retrain, tags)
+        level = _forget_level(retrain)
         for m in methods:
-            sets = [*chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
-            cfg = self.cfg(dataset, sets)
-            name = f"{m}-{setting}-s{seed}"
-            spec = {"config": _spec_config(cfg), "request": req_sha, "origin": origin_sha,
-                    "retrain": _model_sha(retrain)}
-            ok, sha = self.done(f"{dataset}-{name}", spec, self.out / "runs" / dataset / name / "final")
-            if not ok:
-                rep = unlearn_command(cfg, request=str(req), origin=str(origin), name=name, overwrite=True,
-                                      tracking_uri=self.uri, retrain=str(retrain))
-                self.record(f"{dataset}-{name}", sha, rep["run"]["mlflow_run_id"], {**tags, "role": "method", "method": m},
-                            rep["time_s"])
-                print(f"  {name}: UIS {rep['unlearning']['uis']['mean']:.4f}, MIA AUC {rep['unlearning']['mia_auc']:.3f}, "
-                      f"{rep['time_s']:.1f} s ({rep['stop_reason'][:40]})")
+            self.method_run(dataset, setting, seed, req, req_sha, origin, retrain, tuned, m, tags)
+            if seed in self.curve_seeds:
+                self.method_run(dataset, setting, seed, req, req_sha, origin, retrain, tuned, m, tags, level)
+
+    def method_run(self, dataset, setting, seed, req, req_sha, origin, retrain, tuned, m, tags, level=None) -> None:
+        """A method's evaluation run (tuned knobs, the tuned stop rule), or with `level` its equal-forgetting
+        run: the same knobs, stopped when every target task's forget pairs reach the retrain's `level`,
+        a trajectory point every `trajectory_every` steps."""
+        from mtu_dist.commands import unlearn_command
+        from mtu_dist.tune import chosen_overrides
+        sets = [*chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
+        if level is not None:
+            sets += ["unlearn.stop_at=" + json.dumps(level), f"unlearn.trajectory_every={self.size['trajectory_every']}",
+                     f"unlearn.trajectory_sample={self.size['trajectory_sample']}"]
+        cfg = self.cfg(dataset, sets)
+        name = f"{m}-{setting}-s{seed}" + ("-curve" if level is not None else "")
+        spec = {"config": _spec_config(cfg), "request": req_sha, "origin": _model_sha(origin),
+                "retrain": _model_sha(retrain)}
+        ok, sha = self.done(f"{dataset}-{name}", spec, self.out / "runs" / dataset / name / "final")
+        if ok:
+            return
+        rep = unlearn_command(cfg, request=str(req), origin=str(origin), name=name, overwrite=True,
+                              tracking_uri=self.uri, retrain=str(retrain))
+        role = "method" if level is None else "curve"
+        self.record(f"{dataset}-{name}", sha, rep["run"]["mlflow_run_id"], {**tags, "role": role, "method": m},
+                    rep["time_s"])
+        u = rep["unlearning"]
+        eq = u.get("equal_forgetting") or {}
+        extra = (f", equal forgetting {'reached' if eq.get('reached') else 'NOT reached'} "
+                 f"(progress {eq.get('max_progress') or 0:.2f})" if level is not None else "")
+        print(f"  {name}: UIS {u['uis']['mean']:.4f}, MIA AUC {u['mia_auc']:.3f}, "
+              f"{rep['time_s']:.1f} s ({rep['stop_reason'][:40]}){extra}")
 
     def original_row(self, dataset, setting, seed, req: Path, req_sha: str, origin: Path, retrain: Path, tags) -> None:
-        """The original model as a row of the table: its evaluation on the request, scored like a method
-        that did nothing (cost 0), as a child run of its own."""
-        from mtu_dist.evaluate import flat_metrics
-        from mtu_dist.scoring import mlflow_metrics, original_reference, retain_sample_of, run_results, unlearning_block
-        from mtu_dist.tracking import Tracker
+        """The original model as a row of the table: `mtu eval --request R --retrain RETRAIN` scores it like
+        a method that did nothing (cost 0), as a child run of its own; no unlearning run is made."""
+        from mtu_dist.commands import eval_command
         name = f"original-{setting}-s{seed}"
         spec = {"request": req_sha, "origin": _model_sha(origin), "retrain": _model_sha(retrain)}
         final = self.out / "runs" / dataset / "original" / "final"
         ok, sha = self.done(f"{dataset}-{name}", spec, final)
         if ok:
             return
-        ref = original_reference(str(origin), req_sha, retain_sample_of(retrain))
-        block = unlearning_block({**ref.report, "time_s": 0.0}, ref.losses, original=ref, retrain=run_results(retrain))
-        t = Tracker(enabled=True, uri=self.uri, experiment=EXPERIMENT, run_name=name, parent_run_id=self.parent,
-                    tags={"mtu.command": "paper_table"})
-        t.log_params({"request_sha256": req_sha, "method": "original"})
-        t.log_metrics(flat_metrics(ref.report["splits"]) | mlflow_metrics(block), 0)
-        t.finish()
-        self.record(f"{dataset}-{name}", sha, t.run_id, {**tags, "role": "original", "method": "original"}, 0.0)
+        rep = eval_command(self.cfg(dataset), ckpt=str(origin), request=str(req), tracking_uri=self.uri,
+                           retrain=str(retrain))
+        self.record(f"{dataset}-{name}", sha, rep["mlflow_run_id"], {**tags, "role": "original", "method": "original"}, 0.0)
 
 
 def _spec_config(cfg, training: bool = False) -> dict:
     """What decides a run's result: the config without tracking (and, for training, without unlearn)."""
     drop = {"tracking", "out"} | ({"unlearn"} if training else set())
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
+
+
+def _forget_level(run_dir: Path) -> dict[str, float]:
+    """A finished run's primary metric per task on the request's forget pairs (the retrain's forget level)."""
+    from mtu_dist.tasks import TASKS
+    forget = json.loads((Path(run_dir) / "final" / "metrics.json").read_text())["splits"]["forget"]
+    return {t: round(float(v[TASKS[t].primary]), 6) for t, v in forget.items()}
 
 
 def _model_sha(run_dir: Path) -> str:
@@ -353,7 +376,11 @@ def main(argv=None) -> int:
     ap.add_argument("--unit", help=argparse.SUPPRESS)  # worker mode: DATASET:original or DATASET:SETTING
     a = ap.parse_args(argv)
     import torch
+    from mtu_dist.lifecycle import Terminated, raise_on_termination
+    from mtu_dist.tracking import end_open_runs
     torch.set_num_threads(a.threads)
+    raise_on_termination()  # SIGTERM unwinds like Ctrl-C: the parent run's `finally` runs
+    status = "FAILED"
     try:
         bench = Bench(a, SIZES["quick" if a.quick else "default"])
         bench.argv = [x for x in (argv if argv is not None else sys.argv[1:])]
@@ -362,9 +389,16 @@ def main(argv=None) -> int:
             bench.unit(a.unit)
         else:
             bench.run()
+        status = "FINISHED"
     except UserError as e:
         print(f"paper_table: error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        print("paper_table: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        end_open_runs(status)  # runs a unit opened and did not finish: never left RUNNING
     return 0
 
 

@@ -279,7 +279,9 @@ def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozens
     paired difference of OURS minus the strongest baseline on the same requests and seeds."""
     base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low}
     if OURS not in uis or not base:
-        return f"- {label}: UIS goal not computable ({OURS} or baselines missing)"
+        why = (f"every baseline is below the floor: {', '.join(sorted(low))}" if OURS in uis and low
+               else f"{OURS} or baselines missing")
+        return f"- {label}: UIS goal not computable ({why})"
     best = min(base, key=base.get)
     below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
     floor = f"; the retrain's own UIS: {uis['retrain']:.4f}" if "retrain" in uis else ""

@@ -6,8 +6,9 @@
 * `cost_vs_forget.png`: unlearning wall time (setup included; retrain: its training time) vs forget fraction;
 * `uis_vs_forget.png`: UIS vs forget fraction — only when the runs recorded `uis`.
 One line per method and world size (and data size, when the sweep has several).
-For `mtu report` (the paper table): `uis_bars` (UIS per method, std over seeds) and `tradeoff` (forget
-drop vs retain drop per method), one panel per benchmark x setting.
+For `mtu report` (the paper table): `uis_bars` (UIS per method, 95% intervals over seeds) and
+`tradeoff` (forget progress vs task-level and instance-level interference, one curve per method and
+seed), one panel (row) per benchmark x setting.
 """
 from __future__ import annotations
 
@@ -108,30 +109,43 @@ def _panels(n: int, width: float, height: float):
     return fig, list(axes.flat[:n])
 
 
-def uis_bars(groups: dict[str, list[tuple[str, float, float]]], ours: str) -> bytes:
-    """Horizontal bars of mean UIS per method (error bar: std over seeds), `ours` highlighted."""
+def uis_bars(groups: dict[str, list[tuple[str, float, float, float]]], ours: str) -> bytes:
+    """Horizontal bars of mean UIS per method (error bar: the 95% interval, below and above), `ours` highlighted."""
     fig, axes = _panels(len(groups), 5.5, 0.3 * max((len(v) for v in groups.values()), default=1) + 1.2)
     for ax, (label, items) in zip(axes, groups.items()):
-        names = [m for m, _, _ in items]
+        names = [m for m, *_ in items]
         colors = ["tab:red" if m == ours else "tab:gray" if m == "retrain" else "tab:blue" for m in names]
-        ax.barh(range(len(items)), [v for _, v, _ in items], xerr=[s for _, _, s in items], color=colors, capsize=2)
+        ax.barh(range(len(items)), [v for _, v, _, _ in items], xerr=[[lo for *_, lo, _ in items], [hi for *_, hi in items]],
+                color=colors, capsize=2)
         ax.set_yticks(range(len(items)), names, fontsize=7)
         ax.invert_yaxis()
-        ax.set(xlabel="UIS (lower is better)", title=label)
+        ax.set(xlabel="UIS (lower is better; bars: 95% interval)", title=label)
         ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
-def tradeoff(groups: dict[str, list[tuple[str, float, float]]], ours: str) -> bytes:
-    """Forget drop vs retain drop (%, relative to the original; mean over seeds), one point per method."""
-    fig, axes = _panels(len(groups), 5.0, 4.0)
-    for ax, (label, items) in zip(axes, groups.items()):
-        for m, f, r in items:
-            style = {"color": "tab:red", "marker": "*", "s": 120} if m == ours else (
-                {"color": "black", "marker": "s", "s": 40} if m == "retrain" else {"color": "tab:blue", "s": 25})
-            ax.scatter([f], [r], **style)
-            ax.annotate(m, (f, r), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.set(xlabel="forget drop (%): more is more forgetting", ylabel="retain drop (%): less is better", title=label)
-        ax.grid(alpha=0.3)
+def tradeoff(groups: dict[str, dict[str, list[list[tuple]]]], ours: str) -> bytes:
+    """Per benchmark x setting, two panels: forget progress toward the retrain's level (x; 1 = the
+    retrain's forget level) against task-level and instance-level interference (y), one curve per run
+    (colour per method), a dotted line at equal forgetting. Curves: [(step, progress, task, instance)]."""
+    cmap = plt.get_cmap("tab20")
+    methods = sorted({m for g in groups.values() for m in g})
+    color = {m: ("tab:red" if m == ours else cmap(i % 20)) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(max(1, len(groups)), 2, figsize=(11, 3.8 * max(1, len(groups))), squeeze=False)
+    for row, (label, by_method) in zip(axes, groups.items()):
+        for col, (ax, what) in enumerate(zip(row, ("task-level", "instance-level"))):
+            for m, curves in by_method.items():
+                for i, c in enumerate(curves):
+                    pts = [(p[1], p[2 + col]) for p in c if p[1] is not None and p[2 + col] is not None]
+                    if pts:
+                        ax.plot([x for x, _ in pts], [y for _, y in pts], "-", lw=2 if m == ours else 1,
+                                color=color[m], alpha=0.8, label=m if i == 0 else None)
+            ax.axvline(1.0, color="black", ls=":", lw=1)
+            ax.set(xlabel="forget progress (1 = the retrain's forget level)", ylabel=f"{what} interference",
+                   title=f"{label}: {what}")
+            ax.grid(alpha=0.3)
+            if by_method and any(ax.get_lines()[:-1]):
+                ax.legend(fontsize=6, ncol=2)
+            elif not by_method:
+                ax.text(0.5, 0.5, "no trajectories", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)

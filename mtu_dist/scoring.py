@@ -42,6 +42,7 @@ def unlearning_block(report: dict, losses: dict, original: Results | None = None
              **mia_auc(losses, tasks, targets if setting == "partial" else None),
              "mia_auc_retrain": None, "mia_auc_gap": None, "uis": None, "delta_m": None, "delta_m_per_split": None,
              "gap_retrain": None, "gap_retrain_per_split": None, "cost_s": report.get("time_s"), "cost_ratio": None,
+             "uis_retrain": None, "uis_excess": None, "below_floor": None, "equal_forgetting": None,
              "references": {"original": original and original.path, "retrain": retrain and retrain.path}}
     if original is not None:
         _check_same_instances(losses, original, "original")
@@ -57,14 +58,51 @@ def unlearning_block(report: dict, losses: dict, original: Results | None = None
         gap = gap_to_retrain(splits, retrain.report["splits"])
         block["gap_retrain"], block["gap_retrain_per_split"] = gap["mean"], gap["per_split"]
         block["cost_ratio"] = cost_ratio(report.get("time_s"), retrain.report.get("time_s"))
+        if report.get("trajectory"):
+            block["equal_forgetting"] = equal_forgetting(report["trajectory"], retrain.report["splits"])
+    if original is not None and retrain is not None:
+        # the floor: a retrain is not scored 0 by UIS; a run below its UIS has not unlearned better than it
+        floor = uis(original.report["splits"], retrain.report["splits"], setting, targets)["mean"]
+        block["uis_retrain"] = floor
+        if floor is not None and block["uis"] and block["uis"]["mean"] is not None:
+            block["uis_excess"] = block["uis"]["mean"] - floor
+            block["below_floor"] = block["uis_excess"] < 0
     return block
+
+
+def equal_forgetting(trajectory: dict, retrain_splits: dict) -> dict:
+    """The run's collateral when its forget pairs first reach the retrain's forget level (interpolated
+    between trajectory points), its largest forget progress, and the whole curve."""
+    from .statistics import at_level
+    from .trajectory import curve
+    level = {t: retrain_splits["forget"][t][TASKS[t].primary] for t in trajectory["targets"]
+             if t in retrain_splits.get("forget", {})}
+    points = curve(trajectory, level)
+    reached = at_level(points, 1.0)
+    progress = [p["progress"] for p in points if p["progress"] is not None]
+    return {"reached": reached is not None, "step": reached and reached["step"],
+            "task_interference": reached and reached["task_interference"],
+            "instance_interference": reached and reached["instance_interference"],
+            "max_progress": max(progress) if progress else None, "curve": points}
+
+
+def curve_metrics(block: dict | None) -> list[tuple[int, dict[str, float]]]:
+    """The equal-forgetting curve as stepped MLflow metrics (`traj/...`, step = the unlearning step)."""
+    eq = (block or {}).get("equal_forgetting")
+    if not eq:
+        return []
+    return [(p["step"], {f"traj/{k}": float(p[k]) for k in ("progress", "task_interference", "instance_interference")
+                         if p.get(k) is not None}) for p in eq["curve"]]
 
 
 def mlflow_metrics(block: dict | None) -> dict[str, float]:
     """The block as MLflow metrics (DESIGN section 7 names); undefined scores are left out."""
     if not block:
         return {}
-    out = {k: block[k] for k in ("mia_auc", "mia_auc_target", "mia_auc_gap", "gap_retrain", "delta_m", "cost_ratio")}
+    out = {k: block.get(k) for k in ("mia_auc", "mia_auc_target", "mia_auc_gap", "gap_retrain", "delta_m", "cost_ratio",
+                                     "uis_retrain", "uis_excess", "below_floor")}
+    eq = block.get("equal_forgetting") or {}
+    out.update({f"eqf/{k}": eq.get(k) for k in ("reached", "task_interference", "instance_interference", "max_progress")})
     if block["uis"]:
         out["uis"] = block["uis"]["mean"]
         out.update({f"uis/{t}": v for t, v in block["uis"]["per_task"].items()})
@@ -188,6 +226,8 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
     if run_id:
         tracker = Tracker(enabled=True, uri=tracking_uri, experiment="", run_name="", run_id=run_id)
         tracker.log_metrics(metrics, 0)
+        for step, values in curve_metrics(block):
+            tracker.log_metrics(values, step)
         tracker.log_artifact(_final(run) / "metrics.json")
         tracker.flush()
     else:
@@ -208,6 +248,9 @@ def block_table(block: dict) -> str:
     rows = [("MIA AUC", block["mia_auc"]), ("MIA AUC, target tasks", block["mia_auc_target"]),
             ("MIA AUC gap to retrain", block["mia_auc_gap"]), ("UIS (mean)", (block["uis"] or {}).get("mean")),
             *[(f"UIS {t}", v) for t, v in ((block["uis"] or {}).get("per_task") or {}).items()],
+            ("UIS of the retrain (floor)", block.get("uis_retrain")), ("UIS excess over the floor", block.get("uis_excess")),
+            *[(f"at equal forgetting: {k.replace('_', ' ')}", (block.get("equal_forgetting") or {}).get(k))
+              for k in ("task_interference", "instance_interference", "max_progress")],
             ("gap to retrain (pp)", block["gap_retrain"]), ("delta_m (%)", block["delta_m"]),
             ("cost s", block["cost_s"]), ("cost ratio to retrain", block["cost_ratio"])]
     return "\n".join(["| score | value |", "|---|---|"] +

@@ -16,7 +16,7 @@ from .distributed.runtime import make_accelerator, zero_stage
 from .errors import UserError
 from .fileio import atomic_write_text
 from .forget import ForgetRequest, load_request
-from .runclaim import claim_run_dir
+from .runclaim import claim_run_dir, record_mlflow_run
 from .runinfo import git_commit
 from .tracking import Tracker, check_reachable, flatten, resolve_uri
 
@@ -134,6 +134,8 @@ def _open(cfg, command, run_name, acc, manifest, request, run_dir, *, fresh, res
     tracker = Tracker(enabled=acc.is_main_process and cfg.tracking.enabled, uri=cfg.tracking.uri,
                       experiment=cfg.tracking.experiment or manifest.dataset, run_name=run_name,
                       parent_run_id=parent_run_id, tags=tags)
+    if fresh and acc.is_main_process:
+        record_mlflow_run(run_dir, tracker)
     s = Session(cfg, command, run_dir, manifest, request, acc, tracker, extra_params or {}, lineage=lineage)
     params = {**flatten(cfg.model_dump(mode="json")), "git_commit": git_commit(), "world_size": acc.num_processes,
               "deepspeed_stage": "none" if zero_stage(acc) is None else zero_stage(acc),

@@ -2,8 +2,10 @@
 without peeking").
 
 Every method gets the same number of trials (`trials` in the space file, `configs/tune_space.yaml`),
-drawn by a seeded Latin-hypercube sampler over its documented knobs: step size, step budget, the
-retain weight alpha where the method has one, and at most one method-specific knob. Each trial is an
+drawn by a seeded Latin-hypercube sampler over its documented knobs: step size, the retain weight
+alpha where the method has one, and at most one method-specific knob. The step budget is not a knob:
+it is fixed (generous) in the space's `fixed` section for every method, and the stop rule decides
+when a run has forgotten, so no trial wins by an arbitrary budget. Each trial is an
 `mtu unlearn` on the dev request (other instances than the evaluation request, same setting and
 size: `mtu forget make ... --exclude EVAL_REQUEST`), from the original model, under the common stop
 rule of the space file's `fixed` section, and an MLflow child run.
@@ -11,20 +13,24 @@ rule of the space file's `fixed` section, and an MLflow child run.
 **Selection criterion.** A real user has neither a retrain nor the evaluation request when tuning,
 so the criterion uses only the original model and the unlearned model on the dev request:
 
-* *forget gap* = mean over the target tasks t of |O_val,t - U_forget,t| / O_val,t: how far the
-  dev forget pairs' primary metric is from the original model's val level (the level the stop rule
-  aims at: forgotten pairs should look like unseen ones, not better and not worse);
+* *forget gap* = the largest over the target tasks t of |O_val,t - U_forget,t| / O_val,t: how far
+  the dev forget pairs' primary metric is from the original model's val level (the level the stop
+  rule aims at: forgotten pairs should look like unseen ones, not better and not worse). The largest,
+  not the mean: a trial that forgot one task and left another untouched has not forgotten;
 * *damage* = mean over the groups that must not move of the mean |O - U| / O of the primary
   metrics: val (every task), retain (every task) and, in the partial setting, the kept tasks of the
   dev request's instances (`forget_kept`).
 
-A trial is *feasible* when its forget gap is at most `criterion.forget_tolerance`. The chosen trial
+A trial is *feasible* when its forget gap is at most `criterion.forget_tolerance` (so: on every
+target task). tuned.yaml records, per method, how many of its trials were feasible. The chosen trial
 is the feasible one with the least damage; when no trial is feasible, the one with the least forget
 gap (damage breaks ties). Nothing here reads a retrain, an MIA score or the evaluation request.
 
 Outputs, in `--out` (default `tune/<dataset>-<setting>`): `runs/` (the trial run folders),
 `trials/<method>-tNN.json` (per trial: knobs, scores, MLflow run id, spec sha256) and `tuned.yaml`
-(per method: the chosen knobs as `--set` items, which `bench/paper_table.py` consumes). Resumable: a
+(per method: the chosen knobs as `--set` items, which `bench/paper_table.py` and `mtu unlearn --tuned`
+consume). Several `mtu tune` processes (e.g. one per method) may share one `--out`: tuned.yaml is
+rewritten under a file lock, merged with what the others wrote. Resumable: a
 trial whose record holds the sha256 of the spec it would run now (resolved config, dev request,
 original model) is not run again.
 """
@@ -46,7 +52,8 @@ from .errors import UserError
 from .fileio import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .tasks import TASKS
 
-GENERAL_KNOBS = ("unlearn.lr", "unlearn.steps", "unlearn.alpha")  # anything else is method-specific
+GENERAL_KNOBS = ("unlearn.lr", "unlearn.alpha")  # anything else is method-specific
+FIXED_ONLY = ("unlearn.steps",)  # the budget is the same for every trial: the stop rule decides
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "tune_space.yaml"
 
@@ -95,6 +102,11 @@ def load_space(path: str | Path | None = None, trials: int | None = None) -> Spa
     common = raw.get("common") or {}
     for where, knobs in [("common", common), *((f"methods.{m}", k or {}) for m, k in methods.items())]:
         _check_knobs(path, where, knobs)
+    for where, knobs in [("common", common), *((f"methods.{m}", k or {}) for m, k in methods.items())]:
+        for key in FIXED_ONLY:
+            if key in knobs:
+                raise UserError(f"{path}: field '{where}.{key}': the step budget is not tuned; set it under 'fixed' "
+                                "(the same generous budget for every method, the stop rule deciding)")
     for m, knobs in methods.items():
         specific = [k for k in {**common, **(knobs or {})} if k not in GENERAL_KNOBS]
         if len(specific) > 1:
@@ -172,7 +184,8 @@ def criterion(original: dict, trial: dict, tolerance: float) -> dict:
     `trial` are the two models' metrics.json `splits` on the dev request. An undefined term counts as
     the worst case (inf), so a trial that broke a metric is never chosen over one that did not."""
     targets = [t for t in TASKS if t in trial.get("forget", {})]
-    gap = _mean(_rel(_p(original, "val", t), _p(trial, "forget", t)) for t in targets)
+    gaps = [_rel(_p(original, "val", t), _p(trial, "forget", t)) for t in targets]
+    gap = None if not gaps or None in gaps else max(gaps)  # per task: every target must have forgotten
     groups = [_mean(_rel(_p(original, sp, t), _p(trial, sp, t)) for t in original.get(sp, {}))
               for sp in ("val", "retain", "forget_kept") if original.get(sp)]
     damage = _mean(groups)
@@ -280,10 +293,26 @@ def tune(job: TuneJob, methods: list[str], log=print) -> dict:
                 f"forget gap {rec['forget_gap']:.3f}, damage {rec['damage']:.4f}"
                 f"{'' if rec['feasible'] else ' (not forgotten)'}")
         best = select(records)
-        tuned["methods"][m] = {"set": overrides({**job.space.fixed, **best["knobs"]}), "trial": best["trial"],
-                               "forget_gap": best["forget_gap"], "damage": best["damage"],
-                               "feasible": best["feasible"], "mlflow_run_id": best["mlflow_run_id"]}
-        atomic_write_text(tuned_path, yaml.safe_dump(tuned, sort_keys=False))
+        entry = {"set": overrides({**job.space.fixed, **best["knobs"]}), "trial": best["trial"],
+                 "forget_gap": best["forget_gap"], "damage": best["damage"], "feasible": best["feasible"],
+                 "feasible_trials": sum(bool(r["feasible"]) for r in records), "trials": len(records),
+                 "mlflow_run_id": best["mlflow_run_id"]}
+        tuned = _merge_tuned(tuned_path, req.sha256, origin_sha, m, entry)
+    return tuned
+
+
+def _merge_tuned(path: Path, request_sha: str, origin_sha: str, method: str, entry: dict) -> dict:
+    """Add one method's entry to tuned.yaml under an exclusive lock, keeping what other `mtu tune`
+    processes sharing the folder wrote meanwhile (read, merge, write atomically, unlock)."""
+    import fcntl
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            tuned = _load_tuned(path, request_sha, origin_sha)
+            tuned["methods"][method] = entry
+            atomic_write_text(path, yaml.safe_dump(tuned, sort_keys=False))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return tuned
 
 
@@ -362,9 +391,9 @@ def tune_command(a) -> None:
             if status == "FINISHED":
                 parent.log_artifact(out / "tuned.yaml")
             parent.finish(status)
-    print("\n| method | trial | forget gap | damage | chosen knobs |\n|---|---|---|---|---|")
+    print("\n| method | trial | feasible trials | forget gap | damage | chosen knobs |\n|---|---|---|---|---|---|")
     for m in methods:
         e = tuned["methods"][m]
-        print(f"| {m} | {e['trial']} | {e['forget_gap']:.3f}{'' if e['feasible'] else ' (not reached)'} | "
-              f"{e['damage']:.4f} | {' '.join(e['set'])} |")
+        print(f"| {m} | {e['trial']} | {e.get('feasible_trials', '?')}/{e.get('trials', '?')} | "
+              f"{e['forget_gap']:.3f}{'' if e['feasible'] else ' (not reached)'} | {e['damage']:.4f} | {' '.join(e['set'])} |")
     print(f"wrote {out / 'tuned.yaml'}")

@@ -6,7 +6,8 @@ loss / gradient norm above `unlearn.diverge_factor` times its first value, resto
 parameters (copied every step, on their device) and says so. The optional stop rule is checked after every step on
 the forget pairs: a target task is *done* once its primary metric is at or below the original model's
 val level plus `unlearn.stop_band`, or (`unlearn.stop_drop`) has fallen by that fraction of its value
-before unlearning (for comparing methods at an equal forget drop). A done task — its forget pairs are masked out of later forget
+before unlearning, or (`unlearn.stop_at`) is at a given level per task (e.g. the retrain's forget
+level: the benchmark's equal-forgetting runs). A done task — its forget pairs are masked out of later forget
 batches, so no method keeps ascending a task that is already forgotten — and the run ends when every
 target task is done. Observable without a retrain, and the same for every method.
 
@@ -39,6 +40,7 @@ from .methods.base import StepContext
 from .model import build_model
 from .objective import reduce_for_logging
 from .session import Session, run_info
+from .trajectory import Recorder
 
 
 def load_original(s: Session, ckpt: str):
@@ -106,6 +108,9 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
     s.tracker.log_metrics({**{f"setup/{k}": v for k, v in setup_logs.items()},
                            "time/setup_s": time.perf_counter() - t_setup}, 0)
     thresholds = _stop_thresholds(s, raw, forget_set, original_val)  # on the original model, resumed or not
+    traj = Recorder(s, forget_set, targets) if u.trajectory_every else None
+    if traj is not None:
+        traj.record(raw, 0)  # the model before any step: the reference of every later point
     streams = {"forget": forget_it, "retain": retain_it}
     start, first, done = 0, None, set()
     if resume and (last := latest_checkpoint(s.run_dir / "checkpoints")) is not None:
@@ -147,11 +152,17 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
         if u.checkpoint_every and step % u.checkpoint_every == 0:
             _save_resume_point(s, raw, stepper.checkpoint_optimizer(), step, method, ledger, streams, first, done)
         fault_point("unlearn", step)
-        if thresholds and done >= set(targets):
+        last = thresholds and done >= set(targets)
+        if traj is not None and (step % u.trajectory_every == 0 or last or step == u.steps):
+            traj.record(raw, step)
+        if last:
             stopped = f"stop rule at step {step}: every target task's forget-pair metric reached its threshold"
             break
     bar.close()
-    elapsed = time.perf_counter() - t0
+    if traj is not None and traj.points[-1]["step"] != step:  # a diverged run: its restored parameters
+        traj.record(raw, step)
+    elapsed = time.perf_counter() - t0 - (traj.seconds if traj is not None else 0.0)  # measuring is not unlearning
+    s.trajectory = traj.result() if traj is not None else None
     s.tracker.log_metrics({"time/unlearn_s": elapsed, "unlearn/steps_run": step}, step)
     s.tracker.set_tags({"mtu.stop_reason": stopped})
     s.ledger = ledger.gather(s.world)
@@ -229,6 +240,12 @@ def _forget_metrics(s: Session, model, forget_set) -> dict:
 def _stop_thresholds(s: Session, model, forget_set, original_val) -> dict[str, float]:
     """Per target task: the primary-metric level on the forget pairs at which the task is done."""
     u = s.cfg.unlearn
+    if u.stop_at is not None:
+        targets = target_tasks(s.forget_entries, s.manifest.tasks)
+        missing = [t for t in targets if t not in u.stop_at]
+        if missing:
+            raise UserError(f"unlearn.stop_at: no level for target task(s) {missing} (got {sorted(u.stop_at)})")
+        return {t: float(u.stop_at[t]) for t in targets}
     if u.stop_drop is not None:
         before = _forget_metrics(s, model, forget_set)
         return {t: primary(before, t) * (1 - u.stop_drop) for t in before}

@@ -18,7 +18,7 @@ from mtu_dist.errors import UserError
 from mtu_dist.methods import METHODS
 from mtu_dist.tune import criterion, load_space, sample, select
 
-from conftest import ROOT, run_mtu
+from conftest import BIN, ROOT, run_mtu
 
 ENV = {"OMP_NUM_THREADS": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,14 +60,25 @@ def test_report_table_goals_and_plots(bench, tmp_path):
     for name in [*METHODS, "original", "retrain"]:
         assert f"| {name} |" in text, f"row {name} missing from the table"
     assert "## synth-indoor, full-task (seeds 0, 1" in text and "## synth-indoor, partial-task (seeds 0;" in text
-    assert "± " in text  # two seeds in the full setting: mean +- std
-    assert "iamu mean UIS" in text and "strongest baseline" in text
+    full = text.split("## synth-indoor, full-task")[1].split("## synth-indoor, partial-task")[0]
+    # two seeds in the full setting: every method's UIS cell is a mean with its 95% interval
+    for name in METHODS:
+        row = next(ln for ln in full.splitlines() if ln.startswith(f"| {name} |") or ln.startswith(f"| {name} (below"))
+        assert row.count(" [") >= 5, row
+    assert "UIS excess" in text
+    assert "iamu mean UIS" in text and "strongest baseline" in text and "paired difference iamu - " in text
     assert "MIA AUC" in text and "vs retrain" in text and "kept tasks" in text
+    # equal forgetting (from the curve runs of seed 0) and the memorisation figures, per unit
+    assert text.count("Interference at equal forgetting") == 2 and "| iamu | " in full.split("equal forgetting")[1]
+    assert text.count("Memorisation of the original") == 2 and "MIA AUC, retrain" in text
     for png in ("uis.png", "tradeoff.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000
     from PIL import Image
     assert Image.open(tmp_path / "rep" / "uis.png").size[0] > 200
+    # the trade-off plot: one row of two panels (task-level, instance-level) per benchmark x setting
+    w, h = Image.open(tmp_path / "rep" / "tradeoff.png").size
+    assert w > 1000 and h > 700
     client, parent = _client(out)
     artifacts = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/table.md", "report/uis.png", "report/tradeoff.png"} <= artifacts
@@ -82,11 +93,22 @@ def test_one_parent_with_every_run_as_child(bench):
     roles = {}
     for r in runs:
         roles.setdefault(r.data.tags.get("mtu.paper.role") or ("trial" if "mtu.tune.method" in r.data.tags else "?"), []).append(r)
-    assert set(roles) == {"train", "original", "retrain", "method", "trial"}, set(roles)
-    # 12 methods x 2 settings x 2 trials; then seeds {0, 1} in full and {0} in partial
+    assert set(roles) == {"train", "original", "retrain", "method", "curve", "trial"}, set(roles)
+    # 12 methods x 2 settings x 2 trials; then seeds {0, 1} in full and {0} in partial; curves: seed 0
     assert len(roles["trial"]) == len(METHODS) * 2 * 2
     assert len(roles["method"]) == len(METHODS) * 3
+    assert len(roles["curve"]) == len(METHODS) * 2
     assert all(r.info.status == "FINISHED" for r in runs)
+    # the original's row is an evaluation (`mtu eval --retrain`), not an unlearning run
+    originals = [r for r in roles["original"]]
+    assert all(r.data.tags.get("mtu.command") == "eval" for r in originals) and all("uis" in r.data.metrics for r in originals)
+    # the retrain scored itself (`mtu retrain --original`): its UIS is the floor, its excess 0
+    for r in roles["retrain"]:
+        assert r.data.metrics["uis_excess"] == 0.0 and r.data.metrics["uis_retrain"] == r.data.metrics["uis"]
+    # every curve run stopped at (or ran its budget toward) the retrain's forget level, with a trajectory
+    for r in roles["curve"]:
+        assert "eqf/max_progress" in r.data.metrics
+        assert len(client.get_metric_history(r.info.run_id, "traj/progress")) >= 2
 
 
 @pytest.mark.slow
@@ -111,7 +133,7 @@ def test_new_evaluation_request_reuses_tuning_and_skips_finished_runs(bench):
     assert {p.name: p.read_bytes() for p in sorted(out.glob("tune/*/tuned.yaml"))} == tuned
     assert "trial 2/2: ran" not in log and "trial 1/2: skipped (finished)" in log
     assert "synth-indoor-original: skipped (finished)" in second
-    assert f"{len(METHODS) + 2} runs made, {len(METHODS) + 3} skipped" in log  # seed 0 rows + original
+    assert f"{len(METHODS) + 2} runs made, {2 * len(METHODS) + 3} skipped" in log  # seed 0 rows and curves + original
     # only seed 1's rows were added: retrain, original row, every method
     assert len(_children(*_client(out))) == runs_after_first + len(METHODS) + 2
     assert (out / "runs/synth-indoor/iamu-full-s1/final/metrics.json").is_file()
@@ -123,24 +145,42 @@ def test_mtu_tune_command(bench, tmp_path):
     out, *_ = bench
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"trials": 2, "seed": 3, "criterion": {"forget_tolerance": 0.1},
-                                     "fixed": {"unlearn.stop_band": 0.0},
-                                     "common": {"unlearn.lr": {"log_uniform": [0.001, 0.005]},
-                                                "unlearn.steps": {"choice": [2, 3]}},
+                                     "fixed": {"unlearn.stop_band": 0.0, "unlearn.steps": 3},
+                                     "common": {"unlearn.lr": {"log_uniform": [0.001, 0.005]}},
                                      "methods": {"grad_ascent": {}, "neggrad_plus": {"unlearn.alpha": {"uniform": [0.3, 0.9]}}}}))
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_mtu("tune", "--request", out / "requests/synth-indoor-full-dev.yaml", "--from", out / "runs/synth-indoor/original",
-                   "--methods", "grad_ascent", "neggrad_plus", "--space", space, "--out", tmp_path / "tune",
-                   "--set", "data.workers=0", "--set", "eval.retain_sample=8", "--tracking-uri", db, cwd=tmp_path, env=ENV, check=True)
-    assert "| grad_ascent |" in proc.stdout and "| neggrad_plus |" in proc.stdout
+    # two `mtu tune` processes, one method each, sharing one --out: neither loses the other's entry
+    procs = [subprocess.Popen([str(BIN / "mtu"), "tune",
+                               "--request", str(out / "requests/synth-indoor-full-dev.yaml"),
+                               "--from", str(out / "runs/synth-indoor/original"), "--methods", m, "--space", str(space),
+                               "--out", str(tmp_path / "tune"), "--set", "data.workers=0", "--set", "eval.retain_sample=8",
+                               "--tracking-uri", db], cwd=tmp_path, env={**__import__("os").environ, **ENV},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in ("grad_ascent", "neggrad_plus")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "| grad_ascent |" in outs[0][0] and "| neggrad_plus |" in outs[1][0] and "feasible trials" in outs[0][0]
     tuned = yaml.safe_load((tmp_path / "tune/tuned.yaml").read_text())
     assert set(tuned["methods"]) == {"grad_ascent", "neggrad_plus"}
     assert "unlearn.stop_band=0.0" in tuned["methods"]["neggrad_plus"]["set"]
+    assert tuned["methods"]["neggrad_plus"]["trials"] == 2 and 0 <= tuned["methods"]["neggrad_plus"]["feasible_trials"] <= 2
     from mlflow import MlflowClient
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("synth-indoor")
     parents = client.search_runs([exp.experiment_id], "tags.`mtu.command` = 'tune'")
-    assert len(parents) == 1
-    assert len(_children(client, parents[0].info.run_id)) == 4
+    assert len(parents) == 2 and sum(len(_children(client, p.info.run_id)) for p in parents) == 4
+    # `mtu unlearn --tuned`: the chosen knobs reach the run, a --set item still wins over them
+    chosen = dict(x.split("=", 1) for x in tuned["methods"]["neggrad_plus"]["set"])
+    run_mtu("unlearn", "--request", out / "requests/synth-indoor-full-s0.yaml", "--from", out / "runs/synth-indoor/original",
+            "--method", "neggrad_plus", "--tuned", tmp_path / "tune/tuned.yaml", "--set", "unlearn.steps=1",
+            "--set", f"out={tmp_path / 'runs'}", "--set", "data.workers=0", "--set", "eval.retain_sample=8",
+            "--name", "tuned", "--tracking-uri", db, cwd=tmp_path, env=ENV, check=True)
+    resolved = yaml.safe_load((tmp_path / "runs/synth-indoor/tuned/config.yaml").read_text())["unlearn"]
+    assert resolved["lr"] == float(chosen["unlearn.lr"]) and resolved["alpha"] == float(chosen["unlearn.alpha"])
+    assert resolved["steps"] == 1 and resolved["method"] == "neggrad_plus"
+    bad = run_mtu("unlearn", "--request", out / "requests/synth-indoor-full-s0.yaml", "--from", out / "runs/synth-indoor/original",
+                  "--method", "scrub", "--tuned", tmp_path / "tune/tuned.yaml", cwd=tmp_path, env=ENV)
+    assert bad.returncode == 2 and "no tuned config for method 'scrub'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # --------------------------------------------------------------------------
@@ -160,6 +200,15 @@ def test_space_gives_every_method_the_same_trial_count():
     import math
     strata = sorted(int((math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo)) * space.trials * 0.9999) for x in lrs)
     assert strata == list(range(space.trials))
+
+
+def test_space_refuses_a_tuned_step_budget(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1},
+                                   "common": {"unlearn.steps": {"choice": [30, 60]}}, "methods": {"iamu": {}}}))
+    with pytest.raises(UserError, match=r"common.unlearn.steps.*not tuned.*fixed"):
+        load_space(bad)
+    assert "unlearn.steps" in load_space().fixed  # the default space: one generous budget for all
 
 
 def test_space_errors_name_the_field(tmp_path):
