@@ -44,23 +44,31 @@ def test_epochs_shuffle_deterministically(indoor):
     assert a0 != a1 and sorted(sum(a0, [])) == sorted(sum(a1, []))
 
 
-def test_retain_mask_blanks_forget_labels(indoor, tmp_path):
-    req_path = tmp_path / "r.yaml"
-    run_mtu("forget", "make", "--dataset", indoor.root, "--fraction", 0.25, "--setting", "partial",
-            "--tasks", "depth", "--out", req_path, check=True)
-    req = load_request(req_path, indoor)
+# which tasks each forgotten instance loses: the first, the middle and the last task, two at once, all of them
+MASKS = {"seg": ("seg",), "depth": ("depth",), "normal": ("normal",), "seg+normal": ("seg", "normal"),
+         "full": ("seg", "depth", "normal")}
+BLANK = {"seg": lambda x: (x == 255).all(), "depth": lambda x: (x == 0).all(), "normal": lambda x: (x == 0).all()}
+
+
+@pytest.mark.parametrize("forgotten", sorted(MASKS))
+def test_retain_mask_blanks_forget_labels(indoor, forgotten):
+    tasks = MASKS[forgotten]
+    entries = {k: tasks for k in indoor.split("train").keys[::4]}
+    # a mixed request: every other forgotten instance loses only the middle task
+    entries |= {k: ("depth",) for k in indoor.split("train").keys[2::8]}
     ld = BatchLoader(indoor, "train", rank=0, world=1, local_batch=8, shuffle=False,
-                     mask_fn=retain_mask(indoor, req.entries))
+                     mask_fn=retain_mask(indoor, entries))
     checked = 0
     for batch in ld.epoch(0):
         for b, key in enumerate(batch["key"]):
-            if key in req.entries:
-                assert batch["mask"][b].tolist() == [True, False, True]
-                assert (batch["depth"][b] == 0).all() and (batch["seg"][b] != 255).any()
-                checked += 1
-            elif key:
-                assert batch["mask"][b].all()
-    assert checked == len(req.entries) == 10
+            if not key:
+                continue
+            lost = entries.get(key, ())
+            assert batch["mask"][b].tolist() == [t not in lost for t in indoor.tasks]
+            for t in indoor.tasks:  # a forgotten label is blanked, a kept one is not
+                assert BLANK[t](batch[t][b]) == (t in lost), (key, t)
+            checked += key in entries
+    assert checked == len(entries) == 15
 
 
 @pytest.mark.slow
