@@ -5,6 +5,7 @@ interrupts to their parent, which stops them and prints the one line."""
 from __future__ import annotations
 
 import signal
+import subprocess
 from contextlib import contextmanager
 
 
@@ -41,3 +42,29 @@ def signals_ignored():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def run_child(argv: list, *, grace_s: float = 60, **kwargs) -> int:
+    """subprocess.run for a child that records runs (a sweep cell under its launcher), except on an
+    interrupt: subprocess.run would SIGKILL it at once, leaving its MLflow runs RUNNING and a launcher's
+    ranks orphaned. Here the child gets the signal (SIGTERM, or SIGINT for Ctrl-C unless the terminal
+    already sent it to the whole group) and `grace_s` to end cleanly before it is killed."""
+    proc = subprocess.Popen(argv, **kwargs)
+    try:
+        return proc.wait()
+    except BaseException as e:
+        with signals_ignored():
+            if not (isinstance(e, KeyboardInterrupt) and _ends_within(proc, 5)):
+                proc.send_signal(signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+                if not _ends_within(proc, grace_s):
+                    proc.kill()
+                    proc.wait()
+        raise
+
+
+def _ends_within(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False

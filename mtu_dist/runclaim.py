@@ -3,6 +3,7 @@ when the process ends, however it ends), so two runs into one folder cannot both
 or not. The verdict is rank 0's and every rank gets it, so no rank waits alone in a collective."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -35,14 +36,40 @@ def _claim(run_dir: Path, may_exist: bool) -> bool:
         raise UserError(f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to redo it")
     ensure_writable_dir(run_dir)
     release_run_dir(run_dir)  # an earlier command of this process that stopped before releasing it
+    before = (run_dir / LOCK).read_text(errors="replace") if (run_dir / LOCK).is_file() else ""
     try:
         fd = try_lock(run_dir / LOCK)
     except Held as e:
         raise UserError(f"{run_dir}: run folder is in use by another run ({e.holder}); wait for it to end or "
                         "pass another --name") from None
     _HELD[str(run_dir.resolve())] = fd
+    _PREVIOUS[str(run_dir.resolve())] = before
     _remove_torn_writes(run_dir)
     return not existed
+
+
+_PREVIOUS: dict[str, str] = {}  # run folder -> what its lock file said before this run took it
+
+
+def record_mlflow_run(run_dir: Path, tracker) -> None:
+    """Note the run's MLflow run in its lock file, and end the previous holder's if it is still RUNNING: that
+    holder is gone (we hold its lock), killed too hard to end it itself (SIGKILL, a lost node)."""
+    key = str(run_dir.resolve())
+    fd = _HELD.get(key)
+    if fd is None or not tracker.enabled:
+        return
+    for line in _PREVIOUS.pop(key, "").splitlines():
+        if line.startswith(f"mlflow {tracker.uri} "):
+            _end_if_running(tracker.client, line.rsplit(" ", 1)[1])
+    os.pwrite(fd, f"mlflow {tracker.uri} {tracker.run_id}\n".encode(), os.fstat(fd).st_size)
+
+
+def _end_if_running(client, run_id: str) -> None:
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception:  # noqa: BLE001 - a run deleted since, or a store that moved: nothing to end
+        pass
 
 
 def release_run_dir(run_dir: Path) -> None:

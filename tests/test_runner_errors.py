@@ -422,3 +422,13 @@ def test_bad_input_fails_cleanly(ctx_base, tmp_path, case):
         assert snapshot(folder) == files, f"{folder} changed"
     for path in opts.get("absent", []):
         assert not Path(path).exists(), f"{path} exists"
+    assert not running_runs(c.base / "mlflow.db"), "a failed command left its MLflow run RUNNING"
+
+
+def running_runs(db: Path) -> list[str]:
+    """Names of the store's runs still RUNNING (read from its sqlite file: no MLflow start-up)."""
+    import sqlite3
+    if not db.is_file():
+        return []
+    with sqlite3.connect(db) as con:
+        return [name for (name,) in con.execute("SELECT name FROM runs WHERE status = 'RUNNING'")]

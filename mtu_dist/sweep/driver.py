@@ -34,6 +34,7 @@ import yaml
 from ..config import load_config
 from ..errors import UserError
 from ..fileio import atomic_write_json, ensure_writable_dir, sha256_file
+from ..lifecycle import run_child
 from ..tracking import Tracker, check_reachable, flatten, mlflow_client, resolve_uri
 from . import launchers
 from .grid import Cell, Grid, load_grid, original_world_size, plan
@@ -243,7 +244,7 @@ def _run_or_skip(sw: Sweep, cell: Cell, manifest, client, parent: str, tag: str)
     ensure_writable_dir(log.parent)
     with open(log, "w") as fh:
         env = {**os.environ, **env, "MTU_PARENT_RUN_ID": parent}  # the cell's run nests under the parent
-        rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        rc = run_child(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)  # an interrupt reaches the cell too
     wall = time.perf_counter() - t0
     if rc != 0 or not final.is_file():
         atomic_write_json(record_path, {**json.loads(record_path.read_text()), "status": "failed", "exit_code": rc})
