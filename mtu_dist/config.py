@@ -19,11 +19,11 @@ from pydantic_core import PydanticCustomError
 from .errors import UserError
 
 
-class Section(BaseModel):
+class Strict(BaseModel):
     """Strict where coercion would hide a mistake (`epochs: true` is not 1 epoch, `epochs: 2.5` or `2.0`
     is not an integer, `lr: .inf` is no step size), lenient where YAML 1.1 itself is ambiguous: it
-    reads `1e-3` as a string, which must stay a valid float."""
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    reads `1e-3` as a string, which must stay a valid float. Method options are held to it too."""
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -37,6 +37,10 @@ class Section(BaseModel):
         elif isinstance(value, float) and int in kinds and float not in kinds:
             raise PydanticCustomError("strict_int", "expected an integer, got {value}", {"value": repr(value)})
         return value
+
+
+class Section(Strict):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _scalar_kinds(annotation) -> set:

@@ -349,3 +349,16 @@ def test_a_non_finite_final_model_is_never_saved(tmp_path):
         model[0].weight[1, 2] = float("-inf")
     with pytest.raises(UserError, match=r"run: the final model's tensor '0.weight' holds NaN or inf \(unlearn"):
         _refuse_non_finite_final(session, model)
+
+
+@pytest.mark.parametrize("method, options, words", [
+    ("iamu", {"energy": True}, "unlearn.options.energy: expected a number, got the boolean True"),
+    ("iamu", {"subspace_batches": 2.0}, "unlearn.options.subspace_batches: expected an integer, got 2.0"),
+    ("pcgrad", {"heads": 1}, "unlearn.options.heads: expected true or false, got 1"),
+    ("scrub", {"temperature": float("inf")}, "unlearn.options.temperature: Input should be a finite number"),
+])
+def test_method_options_follow_the_same_type_rules(method, options, words):
+    from mtu_dist.methods import build_method
+    with pytest.raises(UserError, match=f"method '{method}': invalid options: {words}"):
+        build_method(method, options)
+    assert build_method("iamu", {"energy": "0.9"}).opts.energy == 0.9  # YAML 1.1's string stays a number

@@ -7,6 +7,7 @@ Methods that manipulate per-task gradients override `step` instead. Method knobs
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,6 +62,14 @@ class StepContext:
         return out
 
 
+@functools.cache
+def _strict(options: type[BaseModel]) -> type[BaseModel]:
+    """The method's option schema under the config's type rules (no bool for a number, no fraction for
+    an integer, no NaN/inf)."""
+    from ..config import Strict
+    return type(options.__name__, (options, Strict), {})
+
+
 class Method:
     """Base class. Subclasses set `Options` and implement `objective` (loss-based methods) or
     override `step` and set `manages_gradients` (methods that combine per-task gradient signals)."""
@@ -71,7 +80,7 @@ class Method:
     manages_gradients: bool = False   # True: `step` writes .grad itself; the model is not DDP-wrapped
 
     def __init__(self, options: dict):
-        self.opts = self.Options.model_validate(options)
+        self.opts = _strict(self.Options).model_validate(options)
 
     def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
         """Once before unlearning (e.g. subspaces from the retain stream, a saliency mask from the forget
