@@ -103,6 +103,8 @@ def parse_request(raw, manifest: Manifest, sha256: str, path: Path | None = None
     if raw.get("dataset") != manifest.dataset:
         fail(f"request is for dataset {raw.get('dataset')!r}, but the data is {manifest.dataset!r}")
     split = raw.get("split", "train")
+    if split != "train":  # models are trained on `train` only: forgetting another split's instances removes nothing
+        fail(f"field 'split' must be 'train', the split models are trained on (got {split!r})")
     known_ids = set(manifest.split(split).keys)
     entries_raw = raw.get("entries")
     if not isinstance(entries_raw, list) or not entries_raw:
@@ -127,6 +129,8 @@ def _parse_entry(e, n, setting, manifest: Manifest, known_ids, fail):
     if extra:
         fail(f"entries[{n}] (id {e['id']!r}): unknown field(s) {sorted(extra)}")
     iid = e["id"]
+    if not isinstance(iid, str):
+        fail(f"entries[{n}]: field 'id' must be an instance key string (got {iid!r})")
     if iid not in known_ids:
         fail(f"entries[{n}] (id {iid!r}): unknown id (not in {manifest.dataset})")
     tasks = e.get("tasks", list(manifest.tasks) if setting == "full" else None)

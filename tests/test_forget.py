@@ -39,6 +39,12 @@ BAD = {
                                   "entries[0] (id 'synth-indoor/train/000002'): field 'tasks' must be a non-empty list "
                                   "(every entry of a mixed request names its tasks)"),
     "bad lineage root": (_req(lineage_root="abc"), "field 'lineage_root' must be the sha256 (64 hex digits)"),
+    # a retrain on a val request would forget nothing and still finish: only training instances can be forgotten
+    "val split": (_req(split="val", entries=[{"id": "synth-indoor/val/000001", "tasks": ["seg"]}]),
+                  "field 'split' must be 'train', the split models are trained on (got 'val')"),
+    "split as a list": (_req(split=["train"]), "field 'split' must be 'train'"),
+    "id as a list": (_req(entries=[{"id": [K.format(1)], "tasks": ["seg"]}]),
+                     "entries[0]: field 'id' must be an instance key string"),
 }
 
 

@@ -7,12 +7,15 @@ tests/test_runner_errors.py.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sqlite3
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -362,3 +365,27 @@ def test_method_options_follow_the_same_type_rules(method, options, words):
     with pytest.raises(UserError, match=f"method '{method}': invalid options: {words}"):
         build_method(method, options)
     assert build_method("iamu", {"energy": "0.9"}).opts.energy == 0.9  # YAML 1.1's string stays a number
+
+
+def test_a_member_stored_twice_for_one_sample_is_refused(tiny_root, tmp_path):
+    """Two different depth maps for one instance: verify, the forget/eval reader and the stream each refuse."""
+    ds = tmp_path / "synth-indoor"
+    shutil.copytree(tiny_root / "synth-indoor", ds)
+    entries = list(iter_entries(ds / "train-000001.tar"))
+    key, other = entries[2][0], entries[3][1]["depth.npy"]
+    with tarfile.open(ds / "train-000001.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for k, members in entries:
+            for name, data in [*members.items(), *([("depth.npy", other)] if k == key else [])]:
+                info = tarfile.TarInfo(f"{k}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    raw = json.loads((ds / "manifest.json").read_text())
+    raw["splits"]["train"]["shards"][1]["sha256"] = sha256_file(ds / "train-000001.tar")
+    (ds / "manifest.json").write_text(json.dumps(raw))
+    m = load_manifest(ds)
+    assert any(f"{key}: member depth.npy appears twice" in p for p in verify_dataset(m, check_samples=False))
+    with pytest.raises(UserError, match=f"{key}: member depth.npy appears twice"):
+        load_instances(m, "train", [key], lambda k: np.ones(3, dtype=bool))
+    with pytest.raises(UserError, match="train-000001.tar"):
+        for _ in BatchLoader(m, "train", rank=0, world=1, local_batch=8, shuffle=False).epoch(0):
+            pass

@@ -182,6 +182,7 @@ class ShardStream(IterableDataset):
             if sha256_bytes(data) != shard.sha256:
                 raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
                                 "run `mtu data verify`)")
+            self._reading = str(path)  # the shard a tar error below the expander comes from
             yield {"url": str(path), "stream": io.BytesIO(data)}
 
     def _samples(self) -> Iterator[dict]:
@@ -202,8 +203,9 @@ class ShardStream(IterableDataset):
         except UserError:
             raise
         except Exception as e:  # tar/format errors from the expander carry the url in args
-            url = next((a for a in e.args if isinstance(a, str) and a.endswith(".tar")), "shard")
-            raise UserError(f"{url}: corrupt or truncated tar ({type(e).__name__})") from None
+            url = next((a for a in e.args if isinstance(a, str) and a.endswith(".tar")), getattr(self, "_reading", "shard"))
+            detail = (str(e).splitlines() or [""])[0][:200]
+            raise UserError(f"{url}: corrupt or truncated tar ({type(e).__name__}{': ' + detail if detail else ''})") from None
 
     def _shuffled(self, samples: Iterator[dict]) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:

@@ -33,6 +33,8 @@ def iter_entries(path: Path, data: bytes | None = None) -> Iterator[tuple[str, d
                     yield key, members
                     members = {}
                 key = k
+                if ext in members:  # two different bytes for one member: which one a reader took would be arbitrary
+                    raise UserError(f"{path}: {k}: member {ext} appears twice")
                 members[ext] = tar.extractfile(info).read()
             if key is not None:
                 yield key, members
