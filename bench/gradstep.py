@@ -573,8 +573,9 @@ def bench_setup(repeats: int, spec: Spec) -> tuple[dict, Iamu, torch.nn.Module]:
             if name == "setup":
                 method = Iamu({})
                 bd = Breakdown()
-                bd.wrap(method, "_gradient_covariances", "gradient covariances")
-                bd.wrap(method, "_bases", "bases (eigh + orth)")
+                bd.wrap(method, "_pass", "gradient passes (signals + covariance / sketch sums)")
+                bd.wrap(method, "_gradient_bases", "task bases (the passes + eigh / Nystrom)")
+                bd.wrap(method, "_bases", "mode bases (orth)")
                 t, logs = timed(method.setup, ctx, itertools.cycle(retain), None)
                 parts.append(bd.take())
                 clear_grads(method.params)
@@ -587,7 +588,7 @@ def bench_setup(repeats: int, spec: Spec) -> tuple[dict, Iamu, torch.nn.Module]:
             else:
                 t, _ = timed(epoch)
             times[name].append(t)
-    for attr in ("_gradient_covariances", "_bases"):  # unwrap for later use
+    for attr in ("_pass", "_gradient_bases", "_bases"):  # unwrap for later use
         method.__dict__.pop(attr, None)
     s, e, sa = median(times["setup"]), median(times["epoch"]), median(times["setup_auto"])
     out = {"subspace_batches": subspace_batches, "retain_batch": spec.retain_batch,

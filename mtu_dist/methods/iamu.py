@@ -39,11 +39,14 @@ class IamuOptions(BaseModel):
     subspace: Literal["gradients", "activations"] = "gradients"
     energy: float = Field(0.97, gt=0, le=1)                # epsilon: energy kept per task basis
     subspace_batches: int = Field(8, ge=1)                 # retain batches used for the bases
-    lowrank_min_in: int = Field(1024, ge=1)                # rows at least this long: randomized bounded-rank basis
-                                                           # (lowrank.py); shorter rows: exact eigh of [in, in]
-    max_rank: int = Field(256, ge=1)                       # cap on a randomized basis's dimension
-    oversample: int = Field(16, ge=0)                      # sketch columns beyond max_rank
-    power_iters: int = Field(0, ge=0)                      # extra passes over the subspace batches (sharper sketch)
+    # bases of long rows from a randomized sketch (lowrank.py; measured in bench/iamu_setup.py): rows of at
+    # least `lowrank_min_in` (ViT-B width and up; the default conv model's rows, <= 576, and ResNet's first
+    # stage stay on the exact eigh of [in, in]), at most `max_rank` directions, a sketch of max_rank +
+    # `oversample` columns, `power_iters` extra passes over the subspace batches
+    lowrank_min_in: int = Field(768, ge=1)
+    max_rank: int = Field(128, ge=1)
+    oversample: int = Field(16, ge=0)
+    power_iters: int = Field(0, ge=0)
     mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
     span: Literal["per_task", "per_sample"] = "per_task"   # retain span for step 3
     span_samples: int = Field(4, ge=1)                     # per rank, for span: per_sample
