@@ -83,12 +83,12 @@ def release_all() -> None:
 
 def _remove_torn_writes(run_dir: Path) -> None:
     """Checkpoint temporaries of a killed earlier run in this folder (we hold its lock, so their writer is
-    gone). Only those whose checkpoint is in place: a write killed between its two renames leaves the
-    previous copy under `.NAME.old-PID`, and the temporary may be all there is of the new one."""
+    gone): half-written, a torn checkpoint nobody reads. Except where a write was killed between its two
+    renames: the previous copy is then `.NAME.old-PID` and the temporary is complete; both are kept."""
     for folder in (run_dir, run_dir / "checkpoints"):
         for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
             name = tmp.name[1:].rsplit(".tmp-", 1)[0]
-            if (folder / name).is_dir():
+            if tmp.is_dir() and not any(folder.glob(f".{name}.old-*")):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -115,9 +115,16 @@ def test_a_run_killed_outright_is_ended_by_the_next_run_of_its_folder(tiny_root,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "MTU_FAULT": "train:4"})
     assert crashed.returncode == 137, crashed.stderr[-3000:]
     assert runs(db) == {"hard": "RUNNING"}
+    ckpts = out / "synth-indoor" / "hard" / "checkpoints"
+    torn = ckpts / ".step-0000099.tmp-4242"  # a checkpoint write killed half-way: junk
+    between = [ckpts / ".step-0000098.tmp-4243", ckpts / ".step-0000098.old-4243"]  # killed between its renames
+    for d in (torn, *between):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
     resumed = subprocess.run([str(BIN / "mtu"), *args, "--resume"], cwd=tmp_path, capture_output=True, text=True,
                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not torn.exists() and all(d.is_dir() for d in between)
     with sqlite3.connect(db) as con:
         assert sorted(con.execute("SELECT status FROM runs")) == [("FINISHED",), ("KILLED",)]
 
