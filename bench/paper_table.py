@@ -47,20 +47,24 @@ DEV_SEED = 1000           # the dev request's seed: not an evaluation seed
 TRAIN_SEED = 0            # the original's (and every retrain's) training seed
 EXPERIMENT = "paper_table"
 
-# Sizes: data (synth flags), model and training, eval, request fraction, seeds, trials per method.
-# `default` was sized from measured per-run costs (bench/README.md, "Paper table").
+# Sizes: data (synth flags), model and training (`epochs` per benchmark: long enough to memorise the
+# training scenes), eval, request fraction, seeds, trials per method (None: the space file's), the
+# seeds that also get equal-forgetting runs, and their trajectories. `default` was sized from measured
+# per-run costs (bench/README.md, "Paper table"): requests of 100 scenes (25% of 400), 200 val scenes
+# for the attack and the val terms, 5 evaluation seeds.
 SIZES = {
-    "default": {"train": 192, "val": 64, "height": 32, "width": 40, "shard_size": 48,
-                "config": {"model": {"width": 16, "head_width": 16}, "train": {"epochs": 40, "global_batch": 16},
-                           "unlearn": {"forget_batch": 8, "retain_batch": 16},
-                           "eval": {"batch": 32, "retain_sample": 64}},
-                "fraction": 0.1, "seeds": [0, 1, 2], "trials": None, "steps": None, "datasets": list(DATASETS),
-                "curve_seeds": 3, "trajectory_every": 5, "trajectory_sample": 48},
+    "default": {"train": 400, "val": 200, "height": 24, "width": 32, "shard_size": 50,
+                "config": {"model": {"width": 16, "head_width": 16}, "train": {"global_batch": 16},
+                           "unlearn": {"forget_batch": 16, "retain_batch": 32},
+                           "eval": {"batch": 50, "retain_sample": 200}},
+                "epochs": {"synth-indoor": 120, "synth-street": 200},
+                "fraction": 0.25, "seeds": [0, 1, 2, 3, 4], "trials": None, "steps": None, "datasets": list(DATASETS),
+                "curve_seeds": 2, "trajectory_every": 5, "trajectory_sample": 48},
     "quick": {"train": 32, "val": 16, "height": 16, "width": 24, "shard_size": 8,
               "config": {"model": {"width": 8, "head_width": 8}, "train": {"epochs": 2, "global_batch": 8},
                          "unlearn": {"forget_batch": 4, "retain_batch": 8},
                          "eval": {"batch": 8, "retain_sample": 8}},
-              "fraction": 0.1, "seeds": [0], "trials": 2, "steps": 3, "datasets": ["synth-indoor"],
+              "epochs": {}, "fraction": 0.1, "seeds": [0], "trials": 2, "steps": 3, "datasets": ["synth-indoor"],
               "curve_seeds": 1, "trajectory_every": 1, "trajectory_sample": 8},
 }
 
@@ -78,6 +82,8 @@ class Bench:
 
     def base(self, dataset: str) -> dict:
         conf = json.loads(json.dumps(self.size["config"]))
+        if dataset in self.size["epochs"]:
+            conf["train"]["epochs"] = self.size["epochs"][dataset]
         # workers 0: the loader runs in the main process (no worker start per run; the data is small)
         conf.update({"data": {"dataset": dataset, "root": str(self.out / "data"), "workers": 0}, "out": str(self.out / "runs"),
                      "tracking": {"experiment": EXPERIMENT}})
@@ -175,10 +181,12 @@ class Bench:
                 return
             methods = self.a.methods or list(METHODS)
             dev = self.request(manifest, what, DEV_SEED, None)
+            # the references first (they need no tuning): the memorisation figures are there early
+            reqs = {seed: self.request(manifest, what, seed, dev) for seed in self.seeds}
+            retrains = {seed: self.references(ds, what, seed, req, origin) for seed, req in reqs.items()}
             tuned = self.tune(ds, what, dev, origin, methods)
-            for seed in self.seeds:
-                req = self.request(manifest, what, seed, dev)
-                self.cell(ds, what, seed, req, origin, tuned, methods)
+            for seed, req in reqs.items():
+                self.cell(ds, what, seed, req, origin, retrains[seed], tuned, methods)
         finally:
             os.environ.pop("MTU_PARENT_RUN_ID", None)
         print(f"{unit}: {self.counts['ran']} runs made, {self.counts['skipped']} skipped")
@@ -270,11 +278,9 @@ class Bench:
         tune(job, methods, log=lambda msg: print("  " + msg))
         return out / "tuned.yaml"
 
-    def cell(self, dataset, setting, seed, req: Path, origin: Path, tuned: Path, methods) -> None:
-        """One evaluation request: its retrain (which scores itself: `mtu retrain --original`), the
-        original's row (`mtu eval --retrain`), then per method its run with the tuned knobs and, on the
-        curve seeds, its equal-forgetting run (the same knobs, stopped at the retrain's forget level,
-        recording its trajectory)."""
+    def references(self, dataset, setting, seed, req: Path, origin: Path) -> Path:
+        """One evaluation request's references: its retrain (which scores itself: `mtu retrain --original`)
+        and the original's row (`mtu eval --retrain`). Returns the retrain's run folder."""
         from mtu_dist.commands import retrain_command
         print(f"{dataset} {setting} seed {seed}: {req.name}")
         req_sha = sha256_file(req)
@@ -289,6 +295,13 @@ class Bench:
             self.record(f"{dataset}-{retrain.name}", sha, rep["run"]["mlflow_run_id"],
                         {**tags, "role": "retrain", "method": "retrain"}, rep["time_s"])
         self.original_row(dataset, setting, seed, req, req_sha, origin, retrain, tags)
+        return retrain
+
+    def cell(self, dataset, setting, seed, req: Path, origin: Path, retrain: Path, tuned: Path, methods) -> None:
+        """Per method its run with the tuned knobs and, on the curve seeds, its equal-forgetting run (the
+        same knobs, stopped at the retrain's forget level, recording its trajectory)."""
+        req_sha = sha256_file(req)
+        tags = {"benchmark": dataset, "setting": setting, "seed": seed}
         level = _forget_level(retrain)
         for m in methods:
             self.method_run(dataset, setting, seed, req, req_sha, origin, retrain, tuned, m, tags)

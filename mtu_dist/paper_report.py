@@ -360,6 +360,26 @@ def render(rows: list[Row], title: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+def tuning_lines(bench: Path) -> str:
+    """How many of each method's tuning trials reached the forget target on the dev request, per unit
+    (from the benchmark folder's tune/<benchmark>-<setting>/tuned.yaml)."""
+    import yaml
+    units = {p.parent.name: yaml.safe_load(p.read_text()) or {} for p in sorted(bench.glob("tune/*/tuned.yaml"))}
+    if not units:
+        return ""
+    names = method_order({m for u in units.values() for m in (u.get("methods") or {})})
+    lines = ["", "## Tuning: feasible trials on the dev request (every target task within the tolerance)", "",
+             "| method | " + " | ".join(units) + " |", "|---|" + "---|" * len(units)]
+    for m in names:
+        cells = []
+        for u in units.values():
+            e = (u.get("methods") or {}).get(m)
+            cells.append("" if not e else f"{e.get('feasible_trials', '?')}/{e.get('trials', '?')}"
+                         + ("" if e.get("feasible") else " (none: least forget gap chosen)"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_data(rows: list[Row]) -> tuple[dict, dict]:
     """UIS (mean, std) per method and (forget drop, retain drop) in % per method, per (benchmark, setting)."""
     uis, trade = {}, {}
@@ -393,6 +413,8 @@ def report_command(*, parent: str | None, experiment: str | None, bench: str | N
     ensure_writable_dir(folder)
     from .plots import tradeoff, uis_bars
     text = render(rows, f"Benchmark {run.info.run_name} (parent run {run.info.run_id})")
+    if bench:
+        text += tuning_lines(Path(bench))
     print(text)
     uis, trade = plot_data(rows)
     files = {"table.md": text.encode(), "uis.png": uis_bars(uis, OURS), "tradeoff.png": tradeoff(trade, OURS)}

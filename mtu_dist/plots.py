@@ -144,8 +144,9 @@ def tradeoff(groups: dict[str, dict[str, list[list[tuple]]]], ours: str) -> byte
             ax.set(xlabel="forget progress (1 = the retrain's forget level)", ylabel=f"{what} interference",
                    title=f"{label}: {what}")
             ax.grid(alpha=0.3)
-            if by_method and any(ax.get_lines()[:-1]):
+            if len(ax.get_lines()) > 1:
                 ax.legend(fontsize=6, ncol=2)
-            elif not by_method:
-                ax.text(0.5, 0.5, "no trajectories", ha="center", va="center", transform=ax.transAxes)
+            else:  # the full setting has no non-target task: task-level interference is undefined there
+                ax.text(0.5, 0.5, "no trajectories" if not by_method else "undefined here (every task is a target)"
+                        if col == 0 else "no points", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)

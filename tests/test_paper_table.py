@@ -8,6 +8,7 @@ every finished run. The search-space and selection tests at the bottom are pure 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,8 @@ def test_report_table_goals_and_plots(bench, tmp_path):
     # equal forgetting (from the curve runs of seed 0) and the memorisation figures, per unit
     assert text.count("Interference at equal forgetting") == 2 and "| iamu | " in full.split("equal forgetting")[1]
     assert text.count("Memorisation of the original") == 2 and "MIA AUC, retrain" in text
+    assert "feasible trials on the dev request" in text
+    assert re.search(r"\| iamu \| [012]/2[^|]* \| [012]/2", text), "per unit: feasible trials out of 2"
     for png in ("uis.png", "tradeoff.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000
