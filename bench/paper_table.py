@@ -128,7 +128,9 @@ class Bench:
         try:
             failed = self.units([f"{ds}:original" for ds in self.datasets], walls)
             if not failed:
-                failed = self.units([f"{ds}:{st}" for ds in self.datasets for st in self.a.settings], walls)
+                # setting-major: each worker starts on another benchmark, so both benchmarks' references
+                # (retrains, the original's rows: the memorisation figures) come early
+                failed = self.units([f"{ds}:{st}" for st in self.a.settings for ds in self.datasets], walls)
             status = "FAILED" if failed else "FINISHED"
         finally:
             self.client.set_terminated(self.parent, status)
