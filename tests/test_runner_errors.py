@@ -64,8 +64,10 @@ class Ctx:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
+    """Every file's sha256, except a run folder's `.lock`: it names whichever run last claimed the folder
+    (a refused --resume claims it before it reads the checkpoint it refuses), it is no result."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")
