@@ -201,10 +201,25 @@ def _checked_ledger(final: Path, state: dict) -> dict:
     if doc.get("request_sha256") != state.get("request_sha256"):
         raise UserError(f"{path}: request sha256 {doc.get('request_sha256')} differs from state.json's "
                         f"{state.get('request_sha256')}")
+    _check_shape(doc, path)
     for role, r in doc["roles"].items():
         if {pair_hash(*k.split("|")): n for k, n in r["keys"].items()} != r["sha256"]:
             raise UserError(f"{path}: role '{role}': hashed keys do not match the plain keys")
     return doc
+
+
+def _check_shape(doc: dict, path: Path) -> None:
+    """roles -> {keys: {instance|task: uses}, sha256: {hash: uses}}: anything else is refused by name, so
+    that no check below reads a field that is not there."""
+    roles = doc.get("roles")
+    if not isinstance(roles, dict):
+        raise UserError(f"{path}: field 'roles' must be an object")
+    for role, r in roles.items():
+        if not (isinstance(r, dict) and isinstance(r.get("keys"), dict) and isinstance(r.get("sha256"), dict)):
+            raise UserError(f"{path}: role '{role}' must hold the objects 'keys' and 'sha256'")
+        for key, n in r["keys"].items():
+            if key.count("|") != 1 or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise UserError(f"{path}: role '{role}': {key!r}: {n!r} is not an 'instance|task' key with a use count")
 
 
 def _forget_pairs(request: str | None, state: dict) -> dict[str, str]:

@@ -389,3 +389,19 @@ def test_a_member_stored_twice_for_one_sample_is_refused(tiny_root, tmp_path):
     with pytest.raises(UserError, match="train-000001.tar"):
         for _ in BatchLoader(m, "train", rank=0, world=1, local_batch=8, shuffle=False).epoch(0):
             pass
+
+
+@pytest.mark.parametrize("roles, words", [
+    ([], "field 'roles' must be an object"),
+    ({"retain": {"keys": {}}}, "role 'retain' must hold the objects 'keys' and 'sha256'"),
+    ({"retain": {"keys": {"a|b|c": 1}, "sha256": {}}}, "'a|b|c': 1 is not an 'instance|task' key"),
+    ({"retain": {"keys": {"a|seg": True}, "sha256": {}}}, "'a|seg': True is not an 'instance|task' key"),
+])
+def test_a_ledger_of_another_shape_is_refused_by_the_audit(tmp_path, roles, words):
+    from mtu_dist.audit import _checked_ledger
+    from mtu_dist.ledger import FORMAT
+    (tmp_path / "ledger.json").write_text(json.dumps({"format": FORMAT, "request_sha256": "r", "roles": roles}))
+    state = {"ledger_sha256": sha256_file(tmp_path / "ledger.json"), "request_sha256": "r"}  # checksums consistent
+    with pytest.raises(UserError) as err:
+        _checked_ledger(tmp_path, state)
+    assert str(err.value).startswith(f"{tmp_path / 'ledger.json'}: ") and words in str(err.value)
