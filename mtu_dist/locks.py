@@ -28,7 +28,7 @@ class Held(Exception):
 
 def holder_line() -> str:
     cmd = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:2]])
-    return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({cmd})"
+    return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}, {cmd}"
 
 
 def try_lock(path: str | Path, *, record: bool = True) -> int:
@@ -42,7 +42,7 @@ def try_lock(path: str | Path, *, record: bool = True) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read(fd)
+        holder = _read(fd).split("\n")[0]  # the holder line; what follows is the holder's own notes
         os.close(fd)
         raise Held(holder or "another process") from None
     if record:

@@ -97,5 +97,5 @@ def _from_rank0(acc, value):
         return value
     import torch.distributed as dist
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=acc.device)  # NCCL: through this rank's own GPU
     return box[0]
