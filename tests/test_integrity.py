@@ -231,14 +231,14 @@ def test_a_non_finite_checkpoint_is_refused_at_load_naming_file_and_tensor(tmp_p
 
 def test_a_non_finite_optimizer_state_is_refused(tmp_path):
     model = _tiny_model()
-    opt = torch.optim.Adam(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    opt.state[model[0].weight]["exp_avg_sq"][0, 0] = float("inf")
+    opt.state[model[0].weight]["momentum_buffer"][0, 0] = float("inf")
     folder = _save(tmp_path / "ckpt", model, optimizer=opt)
     fresh = _tiny_model()
-    with pytest.raises(UserError, match=r"optim.safetensors: tensor 'state.0.exp_avg_sq' holds NaN or inf"):
-        load_checkpoint(folder, fresh, torch.optim.Adam(fresh.parameters()))
+    with pytest.raises(UserError, match=r"optim.safetensors: tensor 'state.0.momentum_buffer' holds NaN or inf"):
+        load_checkpoint(folder, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
 
 
 @pytest.mark.parametrize("state", [[], {"sha256": "abc"}, {"sha256": {"../../etc/passwd": "0" * 64}}])
