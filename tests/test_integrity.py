@@ -283,9 +283,10 @@ def test_config_refuses_silent_coercion_naming_the_set_item(item):
 
 def test_config_stays_lenient_where_yaml_is_ambiguous_and_names_the_file(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  lr: 1e-3\n  epochs: 3\nunlearn:\n  stop_band: null\n")  # YAML 1.1: '1e-3' is a string
+    cfg.write_text("train:\n  lr: 1e-3\n  epochs: 3\nunlearn:\n  stop_band: 1e-2\n")  # YAML 1.1: '1e-3' is a string
     loaded = load_config([str(cfg)], ["unlearn.lr=5e-3", "seed=4"])
     assert loaded.train.lr == 1e-3 and loaded.unlearn.lr == 5e-3 and loaded.train.epochs == 3
+    assert loaded.unlearn.stop_band == 0.01  # an optional number too
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochs: true}\n")
     with pytest.raises(UserError) as err:
