@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -35,7 +36,8 @@ def check_reachable(uri: str) -> None:
         folder = db.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UserError(f"tracking URI {uri}: folder {folder} does not exist or is not writable")
-        _check_sqlite_store(uri, db)
+        with store_lock(db):  # not while another process is creating the store's tables
+            _check_sqlite_store(uri, db)
     elif uri.startswith(("file:", "/", ".")):
         raise UserError(f"tracking URI {uri}: the file store is retired in MLflow 3; use sqlite:///path/mlflow.db")
     elif not uri.startswith(DATABASE_SCHEMES):
@@ -181,11 +183,17 @@ def mlflow_client(uri: str):
     from mlflow import MlflowClient
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
+    with store_lock(Path(uri[len("sqlite:///"):].split("?")[0])):
+        return MlflowClient(uri)  # builds (and caches, per process) the store: schema created or checked here
+
+
+@contextmanager
+def store_lock(db: Path):
+    """`<db>.lock` beside a sqlite store, held while its schema may be created or read half-made."""
     from .locks import release, wait_lock
-    db = Path(uri[len("sqlite:///"):].split("?")[0])
     fd = wait_lock(db.with_name(db.name + ".lock"))
     try:
-        return MlflowClient(uri)  # builds (and caches, per process) the store: schema created or checked here
+        yield
     finally:
         release(fd)
 
