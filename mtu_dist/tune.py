@@ -50,6 +50,7 @@ import yaml
 from .config import load_config
 from .errors import UserError
 from .fileio import atomic_write_json, atomic_write_text, ensure_writable_dir
+from .lifecycle import Terminated
 from .tasks import TASKS
 
 GENERAL_KNOBS = ("unlearn.lr", "unlearn.alpha")  # anything else is method-specific
@@ -385,6 +386,9 @@ def tune_command(a) -> None:
     try:
         tuned = tune(job, methods)
         status = "FINISHED"
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        raise
     finally:
         if parent is not None:
             os.environ.pop("MTU_PARENT_RUN_ID", None)

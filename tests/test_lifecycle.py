@@ -274,3 +274,25 @@ def test_a_run_whose_mlflow_run_cannot_be_created_leaves_no_folder(tiny_root, tm
     errors = [x for x in proc.stderr.splitlines() if x.startswith("mtu: error:")]
     assert len(errors) == 1 and uri in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "runs" / "synth-indoor" / "nostore").exists()
+
+
+# ---------------- a driver's children (sweep cells) ----------------
+
+CHILD = ("import signal, sys, time; from pathlib import Path; out = Path(sys.argv[1]); "
+         "signal.signal(signal.SIGTERM, lambda *_: (out.write_text('ended cleanly'), sys.exit(143))); "
+         "out.write_text('ready'); time.sleep(120)")
+DRIVER = ("import sys; from mtu_dist.lifecycle import raise_on_termination, run_child; raise_on_termination(); "
+          "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]], grace_s=30))")
+
+
+def test_a_terminated_driver_lets_its_child_end_cleanly(tmp_path):
+    """`mtu sweep` runs each cell as a child: terminated, it passes SIGTERM on and waits for the cell to end
+    its runs (subprocess.run would SIGKILL it, leaving them RUNNING and a launcher's ranks orphaned)."""
+    marker = tmp_path / "child"
+    driver = subprocess.Popen([str(BIN / "python"), "-c", DRIVER, CHILD, str(marker)], stderr=subprocess.PIPE,
+                              text=True)
+    wait_for(lambda: marker.is_file() and marker.read_text() == "ready", driver, "the child")
+    driver.send_signal(signal.SIGTERM)
+    driver.communicate(timeout=60)
+    assert driver.returncode != 0
+    assert marker.read_text() == "ended cleanly"
