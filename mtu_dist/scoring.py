@@ -249,8 +249,8 @@ def block_table(block: dict) -> str:
             ("MIA AUC gap to retrain", block["mia_auc_gap"]), ("UIS (mean)", (block["uis"] or {}).get("mean")),
             *[(f"UIS {t}", v) for t, v in ((block["uis"] or {}).get("per_task") or {}).items()],
             ("UIS of the retrain (floor)", block.get("uis_retrain")), ("UIS excess over the floor", block.get("uis_excess")),
-            *[(f"at equal forgetting: {k.replace('_', ' ')}", (block.get("equal_forgetting") or {}).get(k))
-              for k in ("task_interference", "instance_interference", "max_progress")],
+            *[(f"at equal forgetting: {k.replace('_', ' ')}", block["equal_forgetting"].get(k))
+              for k in ("task_interference", "instance_interference", "max_progress") if block.get("equal_forgetting")],
             ("gap to retrain (pp)", block["gap_retrain"]), ("delta_m (%)", block["delta_m"]),
             ("cost s", block["cost_s"]), ("cost ratio to retrain", block["cost_ratio"])]
     return "\n".join(["| score | value |", "|---|---|"] +
