@@ -27,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _bench(out, *extra):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_table.py"), "--quick", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **ENV})
+                          capture_output=True, text=True, timeout=1800, env={**__import__("os").environ, **ENV})
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
