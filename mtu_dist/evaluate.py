@@ -29,8 +29,11 @@ def instance_batches(samples: list[dict], rank: int, world: int, local_batch: in
 
 
 @torch.no_grad()
-def run_split(model, batches, tasks, num_classes, world) -> tuple[dict, list]:
+def run_split(model, batches, tasks, num_classes, world, *, only=None, losses: bool = True) -> tuple[dict, list]:
+    """Metrics per task (reduced over ranks) and the per-instance losses. `only`: the tasks to measure
+    (the others are left out); `losses=False`: metrics only (the stop rule's check after every step)."""
     device = model_device(model)
+    keep_losses = losses
     meters = {t: TASKS[t].new_meter(num_classes, device) for t in tasks}  # states reduced on the device
     losses = []  # (key, task, loss)
     for batch in batches:
@@ -39,15 +42,17 @@ def run_split(model, batches, tasks, num_classes, world) -> tuple[dict, list]:
         sup = batch["mask"] & batch["valid"][:, None]
         flags = sup.cpu()  # which pairs count: read on the host once per batch, not once per sample
         for j, t in enumerate(tasks):
-            if not flags[:, j].any():
+            if not flags[:, j].any() or (only is not None and t not in only):
                 continue
             meters[t].update(preds[t], batch[t], sample_mask=sup[:, j])
+            if not keep_losses:
+                continue
             per_sample = TASKS[t].per_sample_loss(preds[t], batch[t]).cpu().tolist()
             losses += [(k, t, v) for k, v, ok in zip(batch["key"], per_sample, flags[:, j].tolist()) if ok]
     reduce_meters(meters, dist.all_reduce if world > 1 else None)
     computed = {t: meters[t].compute() for t in tasks}
     metrics = {t: v for t, v in computed.items() if not math.isnan(v[TASKS[t].primary])}  # drop unseen tasks
-    if world > 1:
+    if world > 1 and keep_losses:
         gathered = [None] * world
         dist.all_gather_object(gathered, losses)
         losses = [x for part in gathered for x in part]
