@@ -148,3 +148,16 @@ def test_tuned_yaml_merges_concurrent_writers(tmp_path):
         assert p.exitcode == 0
     methods = yaml.safe_load(path.read_text())["methods"]
     assert set(methods) == {f"{m}{i}" for m in "abc" for i in range(15)}  # nobody lost another's entry
+
+
+def test_kept_task_goal_line_pairs_the_retrains_move():
+    from mtu_dist.paper_report import goal_lines
+    def row(m, s, depth_kept, depth_val):
+        return Row("b", "partial", s, m, {"eval/forget_kept/depth/delta1": depth_kept, "eval/val/depth/delta1": depth_val,
+                                          "eval/forget/seg/miou": 0.3, "uis": 0.1})
+    g = {"original": [row("original", s, 0.9, 0.6) for s in (0, 1)],
+         "retrain": [row("retrain", 0, 0.72, 0.6), row("retrain", 1, 0.81, 0.6)],   # moves 20%, 10%
+         "iamu": [row("iamu", 0, 0.9, 0.57), row("iamu", 1, 0.9, 0.54)]}            # moves 5%, 10%
+    text = goal_lines({("b", "partial"): g})
+    assert "move at most 7.50%" in text  # the mean over seeds of the val move, the larger one
+    assert "iamu - retrain -7.50% [" in text  # per seed: 5 - 20, 10 - 10
