@@ -45,7 +45,8 @@ def _optim_from_flat(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor], 
 # config sections that may change between a crash and `--resume` without changing the result
 RESUME_FREE = ("tracking", "out", "data.root")
 # run info that must match
-RESUME_SAME = ("dataset", "world_size", "deepspeed_stage", "request_sha256", "origin_sha256")
+RESUME_SAME = ("dataset", "data_sha256", "world_size", "deepspeed_stage", "request_sha256", "origin_sha256")
+RECORDED_SINCE = ("data_sha256",)  # compared only where the checkpoint records it (older ones do not)
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, step: int, epoch: int, config: dict,
@@ -167,6 +168,8 @@ def check_resumable(meta: dict, config: dict, info: dict) -> None:
     `RESUME_FREE`), world size, data, request and origin: anything else gives another result."""
     where = meta["_folder"]
     for key in RESUME_SAME:
+        if key in RECORDED_SINCE and key not in meta:
+            continue
         if meta.get(key) != info.get(key):
             raise UserError(f"{where}: written with {key} = {meta.get(key)!r}, this run has {info.get(key)!r}; "
                             "resume under the same launcher/request/origin, or start anew with --overwrite")

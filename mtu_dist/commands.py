@@ -150,6 +150,7 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
     meta = read_state(origin)
     check_model_file(meta)  # a NaN/inf model is refused before a run folder exists
     manifest = load_manifest(cfg.data.dataset, cfg.data.root)
+    _same_data(meta, manifest)
     req = load_request(request, manifest)
     lineage = start_step(meta, req, manifest, method=cfg.unlearn.method)  # repeats, other lineage: before work
     cum_req, _ = lineage.cumulative_request(manifest)
@@ -178,6 +179,17 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
                   "original": root_ref and Results(*root_ref, root)}
     return finish(s, model, elapsed=elapsed, step=cfg.unlearn.steps, extra={"stop_reason": stopped, "trajectory": s.trajectory},
                   original=original, retrain=retrain_ref if same else None, cumulative=cumulative)
+
+
+def _same_data(meta: dict, manifest) -> None:
+    """A model made from another version of the dataset (shards regenerated or edited under the same name)
+    would be unlearned on instances it never saw under those ids: refuse it (older checkpoints record no
+    data sha256 and are taken as they are)."""
+    made_from = meta.get("data_sha256")
+    if made_from and made_from != manifest.data_sha256:
+        raise UserError(f"{meta['_folder']}: made from another version of {manifest.dataset} (data sha256 "
+                        f"{made_from[:12]}..., {manifest.root / 'manifest.json'} describes {manifest.data_sha256[:12]}...); "
+                        "unlearn on the data the model was trained on")
 
 
 def _original_val(meta: dict) -> dict | None:

@@ -152,7 +152,7 @@ def _open(cfg, command, run_name, acc, manifest, request, run_dir, *, fresh, res
 def run_info(s: Session) -> dict:
     """Recorded in every checkpoint's state.json: enough to rebuild the model and trace its data."""
     m = s.manifest
-    return {"dataset": m.dataset, "tasks": list(m.tasks), "num_classes": m.num_classes,
+    return {"dataset": m.dataset, "data_sha256": m.data_sha256, "tasks": list(m.tasks), "num_classes": m.num_classes,
             "world_size": s.world, "deepspeed_stage": zero_stage(s.acc), "git_commit": git_commit(),
             "command": s.command,
             "request_sha256": s.request.sha256 if s.request else None,

@@ -406,3 +406,25 @@ def test_a_ledger_of_another_shape_is_refused_by_the_audit(tmp_path, roles, word
     with pytest.raises(UserError) as err:
         _checked_ledger(tmp_path, state)
     assert str(err.value).startswith(f"{tmp_path / 'ledger.json'}: ") and words in str(err.value)
+
+
+def test_resume_refuses_another_version_of_the_data():
+    from mtu_dist.checkpoint import check_resumable
+    meta = {"_folder": "ckpt", "dataset": "d", "data_sha256": "a" * 64, "config": {}}
+    info = {"dataset": "d", "data_sha256": "b" * 64}
+    with pytest.raises(UserError, match="ckpt: written with data_sha256 = 'aaaa"):
+        check_resumable(meta, {}, info)
+    check_resumable({**meta, "data_sha256": "b" * 64}, {}, info)
+    old = {k: v for k, v in meta.items() if k != "data_sha256"}  # written before the data was recorded
+    check_resumable(old, {}, info)
+
+
+def test_the_data_identity_follows_the_data_not_its_provenance(tiny_root, tmp_path):
+    m = load_manifest(tiny_root / "synth-indoor")
+    raw = json.loads((tiny_root / "synth-indoor" / "manifest.json").read_text())
+    raw["source"] = {"converted_from": "/elsewhere"}
+    (tmp_path / "manifest.json").write_text(json.dumps(raw, indent=3))
+    assert load_manifest(tmp_path).data_sha256 == m.data_sha256
+    raw["splits"]["train"]["shards"][0]["sha256"] = "0" * 64  # one shard edited
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert load_manifest(tmp_path).data_sha256 != m.data_sha256

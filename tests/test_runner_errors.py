@@ -333,6 +333,15 @@ def renamed_member_retrain(c: Ctx):
             {"absent": [c.tmp / "runs" / "synth-indoor" / f"retrain-full-{_sha8(c.request)}" / "final"]})
 
 
+def unlearn_on_other_data(c: Ctx):
+    """The original was trained on the shards as they were; one sample edited since (valid, hash updated)."""
+    ds = _copy(c.data_root, c.tmp / "data")
+    _mutate_sample(ds, "train-000002.tar", 1, _set_depth(lambda d: (d * 1.5).astype(np.float32)))
+    args = c.unlearn(c.run, "--set", f"data.root={c.tmp / 'data'}")
+    return (args, [str(c.run / "final"), "another version of synth-indoor", str(ds / "manifest.json")], [],
+            {"absent": [c.out / "synth-indoor" / f"unlearn-finetune-full-{_sha8(c.request)}"]})
+
+
 def config_bool_for_a_number(c: Ctx):
     return c.train("--set", "train.epochs=true"), ["--set 'train.epochs=true'", "train.epochs", "boolean"], []
 
@@ -386,6 +395,7 @@ CASES = {
     "inf in a checkpoint (eval)": inf_checkpoint_eval,
     "NaN in a resume checkpoint (train --resume)": nan_checkpoint_resume,
     "forgotten instance renamed in its shard (retrain)": renamed_member_retrain,
+    "unlearn on another version of the data": unlearn_on_other_data,
     "config: a boolean for a number (--set)": config_bool_for_a_number,
     "config: a fraction for an integer (file)": config_fraction_for_an_integer,
     "tracking URI at a file that is no database": tracking_uri_not_a_database,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, sha256_bytes
 
 FORMAT = 1
 KNOWN_TASKS = ("seg", "depth", "normal")
@@ -49,6 +49,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     source: dict = field(default_factory=dict)
     root: Path | None = None  # folder holding manifest.json and the shards
+    data_sha256: str | None = None  # which version of the data a model was made from (`data_identity`)
 
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.root / shard.file
@@ -89,10 +90,19 @@ def load_manifest(path: str | Path, root: str | Path = "data_shards") -> Manifes
         raise UserError(f"{mpath}: manifest not found (generate shards with `mtu data synth` "
                         "or `mtu data convert`)")
     try:
-        raw = json.loads(mpath.read_text())
+        raw = json.loads(mpath.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{mpath}: not valid JSON ({e})") from None
-    return _parse(raw, mpath)
+    manifest = _parse(raw, mpath)
+    manifest.data_sha256 = data_identity(raw)
+    return manifest
+
+
+def data_identity(raw: dict) -> str:
+    """sha256 of what the data is (tasks, classes, resolution, every split's keys and shard checksums), not of
+    where it came from: re-converting the same files elsewhere keeps it, editing one sample changes it."""
+    fields = {k: raw[k] for k in ("dataset", "tasks", "num_classes", "resolution", "splits")}
+    return sha256_bytes(json.dumps(fields, sort_keys=True).encode())
 
 
 def _parse(raw, mpath: Path) -> Manifest:
