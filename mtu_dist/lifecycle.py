@@ -4,6 +4,7 @@ folders are removed and MLflow runs end KILLED instead of staying RUNNING; worke
 interrupts to their parent, which stops them and prints the one line."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from contextlib import contextmanager
@@ -23,13 +24,16 @@ def raise_on_termination() -> None:
         signal.signal(sig, _raise)
 
 
-def quiet_worker() -> None:
+def quiet_worker(*close_fds: int) -> None:
     """Pool initializer: Ctrl-C reaches the whole process group, but only the parent reacts (it stops the
     workers with SIGTERM, which ends them silently); a worker printing its own traceback would bury the
-    one line that says what happened."""
+    one line that says what happened. `close_fds`: the parent's lock files, which a forked worker shares
+    and, outliving a parent killed outright, would keep locked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    for fd in close_fds:
+        os.close(fd)
 
 
 @contextmanager

@@ -138,7 +138,7 @@ def test_staging_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_k
     out = tmp_path / "shards"
     proc = start([*SYNTH, "--out", out], tmp_path)
     wait_for(lambda: any(out.glob(".synth-indoor.staging-*/train-000001.tar")), proc, "shards in staging")
-    os.killpg(proc.pid, signal.SIGKILL)  # the writer and its workers: nothing runs its cleanup
+    os.kill(proc.pid, signal.SIGKILL)  # `kill -9 PID`: no cleanup runs; its orphaned workers must not keep it locked
     proc.communicate()
     stale = list(out.glob(".synth-indoor.staging-*"))
     assert len(stale) == 1

@@ -102,7 +102,7 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
                 continue
             jobs = [(layout, sample_fn, str(staging), split, i, start, stop)
                     for i, (start, stop) in enumerate(shard_bounds(n, shard_size))]
-            results = _run(jobs, workers)
+            results = _run(jobs, workers, owner)
             splits[split] = SplitInfo(
                 keys=[k for r in results for k in r[3]],
                 shards=[ShardInfo(file=r[0], num_samples=r[1], sha256=r[2]) for r in results])
@@ -122,10 +122,11 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
     return manifest
 
 
-def _run(jobs, workers: int):
+def _run(jobs, workers: int, owner: int):
     if workers <= 1 or len(jobs) == 1:
         return [_write_shard(j) for j in jobs]
     # fork keeps start-up cheap; the workers only use numpy/PIL.
     # leaving the block (an error, Ctrl-C, SIGTERM) terminates the workers, which leave interrupts to us
-    with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=quiet_worker) as pool:
+    # (and drop their copy of the staging lock: orphans of a killed parent would keep it held)
+    with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=quiet_worker, initargs=(owner,)) as pool:
         return pool.map(_write_shard, jobs, chunksize=1)
