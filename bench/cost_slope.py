@@ -98,6 +98,8 @@ def _f(v):
 def _n(fit_: dict) -> str:
     if fit_["n_at_goal"] is None:
         return "not reached (slope >= 0 or one size)"
+    if fit_["n_at_goal"] > 1e9:  # a slope near 0: the line hardly falls
+        return "> 1e9 (extrapolated; slope near 0)"
     return f"{fit_['n_at_goal']:.0f}" + (" (measured)" if fit_.get("measured") else " (extrapolated)")
 
 
