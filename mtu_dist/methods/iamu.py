@@ -161,7 +161,8 @@ class Iamu(SignalMethod):
         acc = self._sum_split(self._pass(ctx, batches, first), ctx, ("cov", "y", "tr"))
         for _ in range(self.opts.power_iters):  # Omega <- orth(C Omega), one more pass over the same batches
             omega = {(i, t): torch.linalg.qr(acc["y", i, t])[0] for i, t in omega}
-            again = self._pass(ctx, batches, lambda i, t, g: {("y", i, t): g.T @ (g @ omega[i, t])} if (i, t) in omega else {})
+            again = self._pass(ctx, batches,
+                               lambda i, t, g: {("y", i, t): g.T @ (g @ omega[i, t])} if (i, t) in omega else {})
             acc.update(self._sum_split(again, ctx, ("y",)))
         own, kept = {}, []
         for i in mine:
@@ -206,17 +207,19 @@ class Iamu(SignalMethod):
         if not keys:
             return acc
         p0 = self.params[0]
-        shape = lambda name, i, t: {"cov": (self.params[i][0].numel(),) * 2, "tr": (),  # noqa: E731
-                                    "y": (self.params[i][0].numel(), self.sketch_cols(self.params[i][0].numel()))}[name]
-        flat = torch.cat([acc[k].reshape(-1) if k in acc else torch.zeros(shape(*k), dtype=p0.dtype, device=p0.device).reshape(-1)
-                          for k in keys])
+        shapes = {k: self._sum_shape(*k) for k in keys}
+        flat = torch.cat([(acc[k] if k in acc else p0.new_zeros(shapes[k])).reshape(-1) for k in keys])
         torch.distributed.all_reduce(flat)
         out, off = dict(acc), 0
         for k in keys:
-            n = torch.Size(shape(*k)).numel()
-            out[k] = flat[off:off + n].view(shape(*k))
+            n = shapes[k].numel()
+            out[k] = flat[off:off + n].view(shapes[k])
             off += n
         return out
+
+    def _sum_shape(self, name, i, t) -> torch.Size:
+        n = self.params[i][0].numel()
+        return torch.Size({"cov": (n, n), "y": (n, self.sketch_cols(n)), "tr": ()}[name])
 
     def _activation_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
         """GPM-style ablation: input-patch covariance per shared conv, identical for every task."""
