@@ -258,14 +258,12 @@ class Iamu(SignalMethod):
         for t in ctx.targets:
             bases[t] = {}
             for i, per_t in own.items():
-                if self.opts.subspace == "activations":
-                    bases[t][i] = per_t[t]  # task-agnostic: the same basis whatever the task
+                if self.opts.subspace == "activations" or self.opts.mode == "onto_own":
+                    bases[t][i] = per_t[t]  # activations: task-agnostic, the same basis whatever the task
                     continue
-                others = _orth(torch.cat([b for u, b in per_t.items() if u != t], dim=1))
+                others = _orth(torch.cat([b for u, b in per_t.items() if u != t], dim=1))  # an SVD: only when used
                 if self.opts.mode == "off_others":
                     bases[t][i] = others
-                elif self.opts.mode == "onto_own":
-                    bases[t][i] = per_t[t]
                 else:  # both: t's own directions, minus what the others use
                     mine = per_t[t]
                     bases[t][i] = _orth(mine - others @ (others.T @ mine))
