@@ -79,13 +79,16 @@ def paired(a: dict, b: dict, level: float = LEVEL) -> Interval | None:
 def progress(forget: dict, original: dict, retrain: dict) -> float | None:
     """How far the forget pairs have gone from the original's level to the retrain's: per target task
     (O - U) / (O - R) on the primary metric (0 = untouched, 1 = at the retrain's level), and the least
-    of them, so a point counts as forgotten only when every target task is. None where undefined."""
+    of them, so a point counts as forgotten only when every target task is. A task the original already
+    scores at the retrain's level (O = R) has nothing to forget and is left out; None where a metric is
+    missing or no task is left."""
     values = []
     for t, o in original.items():
         u, r = forget.get(t), retrain.get(t)
-        if u is None or r is None or o == r:
+        if u is None or r is None:
             return None
-        values.append((o - u) / (o - r))
+        if o != r:
+            values.append((o - u) / (o - r))
     return min(values) if values else None
 
 

@@ -60,6 +60,9 @@ def test_equal_forgetting_interpolation_on_a_hand_made_trajectory():
     assert at_level(points, 0.0)["step"] == 0  # reached at the first point
     # progress: per task from the original's level (1 = the retrain's), the least of the targets
     assert progress({"seg": 0.4, "depth": 0.9}, {"seg": 0.6, "depth": 1.0}, {"seg": 0.4, "depth": 0.5}) == pytest.approx(0.2)
+    # a task already at the retrain's level has nothing to forget: it is left out, not a None for all
+    assert progress({"seg": 0.5, "depth": 0.0}, {"seg": 0.6, "depth": 0.0}, {"seg": 0.4, "depth": 0.0}) == pytest.approx(0.5)
+    assert progress({"seg": 0.5}, {"seg": 0.6}, {}) is None
 
 
 def test_trajectory_interference_and_curve():
