@@ -128,7 +128,7 @@ def platform_args(args) -> list[str]:
 
 
 def gather(args) -> list[tuple[str, str]]:
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # a file URI for the project wheel needs an absolute path
     out.mkdir(parents=True, exist_ok=True)
     target = read_pins(Path(args.target_freeze))
     lock = read_pins(Path(args.lock)) if args.lock else {}
