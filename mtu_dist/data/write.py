@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import shutil
 import tarfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -123,10 +125,57 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
 
 
 def _run(jobs, workers: int, owner: int):
+    """Shards in job order, written by up to `workers` forked processes (fork keeps start-up cheap; the
+    workers only use numpy/PIL). Each worker has a pipe of its own: multiprocessing.Pool's shared queue
+    locks deadlock its terminate() when Ctrl-C or SIGTERM kills a worker that holds one, and then the
+    interrupt never ends. Here an interrupt only stops the workers (they leave interrupts to us)."""
     if workers <= 1 or len(jobs) == 1:
         return [_write_shard(j) for j in jobs]
-    # fork keeps start-up cheap; the workers only use numpy/PIL.
-    # leaving the block (an error, Ctrl-C, SIGTERM) terminates the workers, which leave interrupts to us
-    # (and drop their copy of the staging lock: orphans of a killed parent would keep it held)
-    with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=quiet_worker, initargs=(owner,)) as pool:
-        return pool.map(_write_shard, jobs, chunksize=1)
+    ctx, n = mp.get_context("fork"), min(workers, len(jobs))
+    procs, pending, results = [], [], [None] * len(jobs)
+    try:
+        for w in range(n):
+            reader, writer = ctx.Pipe(duplex=False)
+            procs.append(ctx.Process(target=_worker, args=(list(enumerate(jobs))[w::n], writer, owner,
+                                                           [*pending, reader]), daemon=True))
+            procs[-1].start()
+            writer.close()
+            pending.append(reader)
+        while pending:
+            for reader in mp.connection.wait(pending):
+                try:
+                    index, result = reader.recv()
+                except EOFError:  # that worker is done (or died: its shards are missing below)
+                    pending.remove(reader)
+                    continue
+                if index is None:
+                    raise result
+                results[index] = result
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    if any(r is None for r in results):
+        raise RuntimeError(f"a shard writer process died (exit codes {[p.exitcode for p in procs]})")
+    return results
+
+
+def _worker(jobs, conn, owner: int, others: list) -> None:
+    # drop what the fork copied but is not ours: the staging lock (an orphan of a parent killed outright
+    # would keep it held) and every pipe's reading end (a copy of one keeps its writer from EPIPE)
+    quiet_worker(owner)
+    for reader in others:
+        reader.close()
+    try:
+        for index, job in jobs:
+            conn.send((index, _write_shard(job)))
+    except BrokenPipeError:  # the parent is gone (killed outright): nobody to report to
+        pass
+    except Exception as e:  # noqa: BLE001 - re-raised by the parent: a bad input is one line there
+        try:
+            conn.send((None, e if isinstance(e, UserError) else RuntimeError(traceback.format_exc())))
+        except BrokenPipeError:
+            pass
+    finally:
+        conn.close()
