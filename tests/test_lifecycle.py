@@ -38,9 +38,14 @@ def train_args(root: Path, out: Path, db: Path, name: str, *extra) -> list[str]:
 
 
 def start(args: list, cwd: Path, env=None) -> subprocess.Popen:
-    """`mtu ARGS` in its own process group (as a shell job is), so a test can signal the group like Ctrl-C."""
+    """`mtu ARGS` in its own process group (as a shell job is), so a test can signal the group like Ctrl-C.
+
+    SIGINT is restored to its default first, as a terminal's foreground job has it: a suite started in the
+    background of a non-interactive shell (`.ci/run &`) passes SIGINT down *ignored*, and Python then never
+    turns it into KeyboardInterrupt, so the Ctrl-C case would test nothing."""
     return subprocess.Popen([str(BIN / "mtu"), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
