@@ -55,7 +55,7 @@ class Recorder:
         for name in SPLITS:
             if name in self.sets:
                 metrics, _ = run_split(model, instance_batches(self.sets[name], s.rank, s.world, 16, blank_sample(m)),
-                                       m.tasks, m.num_classes, s.world)
+                                       m.tasks, m.num_classes, s.world, losses=False)  # metrics only
                 point[name] = {t: primary(metrics, t) for t in metrics}
         model.train()
         self.points.append(point)

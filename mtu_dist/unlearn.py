@@ -151,10 +151,10 @@ def unlearn(s: Session, model, original_val: dict | None, resume: bool = False):
         if u.checkpoint_every and step % u.checkpoint_every == 0:
             _save_resume_point(s, raw, stepper.checkpoint_optimizer(), step, method, ledger, streams, first, done)
         fault_point("unlearn", step)
-        last = thresholds and done >= set(targets)
-        if traj is not None and (step % u.trajectory_every == 0 or last or step == u.steps):
+        all_done = thresholds and done >= set(targets)
+        if traj is not None and (step % u.trajectory_every == 0 or all_done or step == u.steps):
             traj.record(raw, step)
-        if last:
+        if all_done:
             stopped = f"stop rule at step {step}: every target task's forget-pair metric reached its threshold"
             break
     bar.close()

@@ -175,13 +175,7 @@ class ShardStream(IterableDataset):
         for i in indices:
             shard = self.manifest.split(self.split).shards[i]
             path = self.manifest.shard_path(shard)
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise UserError(f"{path}: cannot read shard ({e.strerror or e})") from None
-            if sha256_bytes(data) != shard.sha256:
-                raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
-                                "run `mtu data verify`)")
+            data = read_verified(path, shard.sha256)
             self._reading = str(path)  # the shard a tar error below the expander comes from
             yield {"url": str(path), "stream": io.BytesIO(data)}
 
@@ -295,6 +289,18 @@ def split_note(manifest: Manifest, split: str, world: int, workers: int) -> str:
             f"sample in {slots}: exactly once per epoch, {slots}x the reads); to give each slot its own shards, {fix}")
 
 
+def read_verified(path, sha256: str) -> bytes:
+    """A shard's bytes, read once and checked against its manifest sha256 before anything is expanded."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    if sha256_bytes(data) != sha256:
+        raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
+                        "run `mtu data verify`)")
+    return data
+
+
 def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: MaskFn) -> list[dict]:
     """Materialise a few instances (the forget stream is small) by reading only their shards."""
     from .tario import iter_entries
@@ -309,10 +315,7 @@ def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: Mask
         path = manifest.shard_path(shard)
         if not path.is_file():
             raise UserError(f"{path}: shard listed in manifest.json is missing")
-        data = path.read_bytes()
-        if sha256_bytes(data) != shard.sha256:  # the same checks as the streaming reader
-            raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
-                            "run `mtu data verify`)")
+        data = read_verified(path, shard.sha256)  # the same checks as the streaming reader
         for key, members in iter_entries(path, data):
             check.check(str(path), key)
             if key in wanted:
