@@ -40,13 +40,21 @@ def train_args(root: Path, out: Path, db: Path, name: str, *extra) -> list[str]:
 def start(args: list, cwd: Path, env=None) -> subprocess.Popen:
     """`mtu ARGS` in its own process group (as a shell job is), so a test can signal the group like Ctrl-C.
 
-    SIGINT is restored to its default first, as a terminal's foreground job has it: a suite started in the
-    background of a non-interactive shell (`.ci/run &`) passes SIGINT down *ignored*, and Python then never
-    turns it into KeyboardInterrupt, so the Ctrl-C case would test nothing."""
+    The signals are given back as a terminal's foreground job has them (`as_foreground_job`)."""
     return subprocess.Popen([str(BIN / "mtu"), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            preexec_fn=as_foreground_job, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def as_foreground_job() -> None:
+    """In the child, before exec: SIGINT, SIGTERM and SIGHUP at their defaults and unblocked. A suite run by
+    a job runner can inherit them *ignored* (a background job of a non-interactive shell ignores SIGINT) or
+    *blocked* (a mask survives fork and exec); Python then never turns Ctrl-C into KeyboardInterrupt, the
+    command runs to the end, and the interrupt cases would test the runner instead of mtu."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 
 
 def runs(db: Path) -> dict[str, str]:
@@ -288,7 +296,7 @@ def test_a_terminated_driver_lets_its_child_end_cleanly(tmp_path):
     its runs (subprocess.run would SIGKILL it, leaving them RUNNING and a launcher's ranks orphaned)."""
     marker = tmp_path / "child"
     driver = subprocess.Popen([str(BIN / "python"), "-c", DRIVER, CHILD, str(marker)], stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=as_foreground_job)
     wait_for(lambda: marker.is_file() and marker.read_text() == "ready", driver, "the child")
     driver.send_signal(signal.SIGTERM)
     driver.communicate(timeout=60)
