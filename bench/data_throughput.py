@@ -43,7 +43,7 @@ from mtu_dist.data.sample import encode_sample
 from mtu_dist.data.stream import BatchLoader
 from mtu_dist.data.synth import render_sample
 from mtu_dist.data.synth_cmd import synth
-from mtu_dist.fileio import atomic_write_json
+from mtu_dist.utils.fileio import atomic_write_json
 from mtu_dist.model import build_model
 from mtu_dist.tasks import TASKS
 from timing import ForeignLoad, cpu_seconds, describe_load, median, ordered, synchronize  # noqa: E402 (bench/ is on sys.path)

@@ -65,12 +65,12 @@ import torch.nn.functional as F  # noqa: E402
 from mtu_dist.config import ModelConfig, RunConfig
 from mtu_dist.distributed import signals as engines
 from mtu_dist.distributed.gradstep import ParamLayout, gather_update, reduce_signals
-from mtu_dist.fileio import atomic_write_json
+from mtu_dist.utils.fileio import atomic_write_json
 from mtu_dist.methods.base import StepContext
 from mtu_dist.methods.iamu import Iamu
 from mtu_dist.methods.neggrad_plus import NegGradPlus
 from mtu_dist.model import build_model
-from mtu_dist.objective import global_counts, normalised_losses
+from mtu_dist.runner.objective import global_counts, normalised_losses
 from mtu_dist.tasks import TASKS
 from timing import ForeignLoad, describe_load, median, ordered, synchronize  # noqa: E402 (bench/ is on sys.path)
 

@@ -48,10 +48,10 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import gradstep  # noqa: E402 (bench/ is on sys.path)
-from mtu_dist.fileio import atomic_write_json
+from mtu_dist.utils.fileio import atomic_write_json
 from mtu_dist.methods.iamu import Iamu
 from mtu_dist.model import OUT_CHANNELS, Head, MultiTaskModel
-from mtu_dist.objective import global_counts, normalised_losses
+from mtu_dist.runner.objective import global_counts, normalised_losses
 from timing import median, ordered
 
 SIZE = 32

@@ -43,11 +43,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def run_one(table: Path, size: str, dataset: str, setting: str, seed: int, method: str, variant: str, sets: list[str],
             out: Path) -> dict:
-    from mtu_dist.commands import unlearn_command
+    from mtu_dist.runner.commands import unlearn_command
     from mtu_dist.config import load_config
-    from mtu_dist.fileio import sha256_file
-    from mtu_dist.scoring import original_reference
-    from mtu_dist.tune import load_space
+    from mtu_dist.utils.fileio import sha256_file
+    from mtu_dist.evaluation.scoring import original_reference
+    from mtu_dist.studies.tune import load_space
     base = json.loads(json.dumps(paper_table.SIZES[size]["config"]))  # the size the table's models were made at
     base.update({"data": {"dataset": dataset, "root": str(table / "data"), "workers": 0}, "out": str(out),
                  "tracking": {"enabled": False}})

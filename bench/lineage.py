@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtu_dist.config import load_config  # noqa: E402
-from mtu_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
+from mtu_dist.utils.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
 
 DATASETS = ("synth-indoor", "synth-street")
 EXPERIMENT = "lineage"
@@ -98,7 +98,7 @@ class Bench:
                                                                                  "shard_size")})
 
     def original(self, dataset: str, manifest) -> Path:
-        from mtu_dist.commands import train_command
+        from mtu_dist.runner.commands import train_command
         run = self.out / "runs" / dataset / "original"
         cfg = self.cfg(dataset)
         must, sha = self.fresh(f"{dataset}-original", {"config": _training(cfg),
@@ -111,7 +111,7 @@ class Bench:
 
     def requests(self, manifest, original: Path, seed: int) -> tuple[list[Path], list[Path]]:
         """K requests (none draws an instance an earlier one took) and the K cumulative request files."""
-        from mtu_dist.forget import make_request, merge_entries, request_bytes, write_request
+        from mtu_dist.compliance.request import make_request, merge_entries, request_bytes, write_request
         root_sha = _model_sha(original)
         folder = self.out / "requests" / manifest.dataset
         requests, cumulative, taken = [], [], {}
@@ -129,7 +129,7 @@ class Bench:
         return requests, cumulative
 
     def retrain(self, dataset: str, k: int, request: Path, seed: int) -> Path:
-        from mtu_dist.commands import retrain_command
+        from mtu_dist.runner.commands import retrain_command
         run = self.out / "runs" / dataset / f"retrain-{k}{_tag(seed)}"
         cfg = self.cfg(dataset)
         must, sha = self.fresh(f"{dataset}-{run.name}", {"config": _training(cfg), "request": sha256_file(request)}, run)
@@ -141,9 +141,9 @@ class Bench:
 
     def retrain_row(self, dataset: str, k: int, run: Path, request: Path, original: Path) -> dict:
         """Retrain k scored against the original on the cumulative forget set (the floor of the UIS column)."""
-        from mtu_dist.commands import eval_command
+        from mtu_dist.runner.commands import eval_command
         from mtu_dist.errors import UserError
-        from mtu_dist.scoring import original_reference, score_command
+        from mtu_dist.evaluation.scoring import original_reference, score_command
         cfg = self.cfg(dataset)
         try:
             original_reference(str(original), sha256_file(request), cfg.eval.retain_sample)
@@ -158,7 +158,7 @@ class Bench:
 
     def chain(self, dataset: str, method: str, original: Path, requests: list[Path], retrains: list[Path],
               seed: int) -> list[dict]:
-        from mtu_dist.commands import unlearn_command
+        from mtu_dist.runner.commands import unlearn_command
         rows, parent, spent = [], original, 0.0
         retrain_s = [json.loads((r / "final" / "metrics.json").read_text())["time_s"] for r in retrains]
         for k, (request, retrain) in enumerate(zip(requests, retrains), 1):

@@ -1,6 +1,6 @@
 """MLflow logging overhead: step time of the real training loop with tracking on vs off.
 
-`fit` (mtu_dist/train.py) in a real session (`open_session`), same data, model, seed and steps, once with
+`fit` (mtu_dist/runner/train.py) in a real session (`open_session`), same data, model, seed and steps, once with
 the project's Tracker on an embedded sqlite store in a temporary folder (metric points buffered and sent
 with one `log_batch` per FLUSH_EVERY points) and once with tracking disabled; the two interleaved, order
 alternated, `--repeats` times, after one untimed warm-up pair (mlflow import, store creation). Step time
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mtu_dist.fileio import atomic_write_json
+from mtu_dist.utils.fileio import atomic_write_json
 from runner import ROOT, make_shards  # noqa: E402 (bench/ is on sys.path)
 from timing import median, ordered  # noqa: E402
 
@@ -33,8 +33,8 @@ GOAL = 0.02
 
 def one_run(cfg, name: str) -> dict:
     """One training run through the real session and loop; the Tracker's metric calls timed."""
-    from mtu_dist.session import open_session
-    from mtu_dist.train import fit
+    from mtu_dist.runner.session import open_session
+    from mtu_dist.runner.train import fit
     s = open_session(cfg, "train", name, overwrite=True)
     spent, points = [0.0], [0]
     log_metrics = s.tracker.log_metrics
@@ -62,7 +62,7 @@ def measure(work: Path, shards: Path, *, files=(), sets=(), repeats: int = 5, ep
     """Tracking on vs off, interleaved; `threads` torch threads (as the launched ranks run)."""
     import torch
     from mtu_dist.config import load_config
-    from mtu_dist.tracking import FLUSH_EVERY
+    from mtu_dist.reporting.tracking import FLUSH_EVERY
     uri = f"sqlite:///{work / 'mlflow.db'}"
     runs = {"on": [], "off": []}
     before = torch.get_num_threads()

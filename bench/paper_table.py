@@ -13,7 +13,7 @@ What a seed changes: the evaluation request (which instances are forgotten) and 
 spread over seeds is the spread over requests; each retrain starts from the same seed as the
 original, so it differs from it only in the supervision it never saw.
 
-Tuning (`mtu tune`, criterion in mtu_dist/tune.py): one *dev* request per (benchmark, setting),
+Tuning (`mtu tune`, criterion in mtu_dist/studies/tune.py): one *dev* request per (benchmark, setting),
 drawn first and with its own seed, so it is the same for every evaluation seed; each evaluation
 request is drawn with `--exclude` of the dev request (disjoint instances, same setting and size).
 Every method gets the same number of trials over its space in configs/tune_space.yaml, and the
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from mtu_dist.config import load_config  # noqa: E402
 from mtu_dist.errors import UserError  # noqa: E402
-from mtu_dist.fileio import atomic_write_json, sha256_file  # noqa: E402
+from mtu_dist.utils.fileio import atomic_write_json, sha256_file  # noqa: E402
 
 DATASETS = ("synth-indoor", "synth-street")
 SETTINGS = {"full": None, "partial": ["seg"]}
@@ -105,7 +105,7 @@ class Bench:
         return ok, sha
 
     def record(self, name: str, sha: str, run_id: str | None, tags: dict, cost_s: float | None) -> None:
-        from mtu_dist.tracking import Tracker
+        from mtu_dist.reporting.tracking import Tracker
         if run_id:
             t = Tracker(enabled=True, uri=self.uri, experiment="", run_name="", run_id=run_id)
             t.set_tags({f"mtu.paper.{k}": v for k, v in tags.items()})
@@ -139,7 +139,7 @@ class Bench:
         atomic_write_json(self.out / "timing.json", {"wall_s": wall, "jobs": self.a.jobs, "units_s": walls})
         if failed:
             raise UserError(f"{len(failed)} unit(s) failed (logs in {self.out / 'logs'}): {', '.join(failed)}")
-        from mtu_dist.paper_report import report_command
+        from mtu_dist.reporting.report import report_command
         report_command(parent=self.parent, experiment=None, bench=None, tracking_uri=self.uri, out=str(self.out / "report"))
 
     def units(self, units: list[str], walls: dict) -> list[str]:
@@ -218,7 +218,7 @@ class Bench:
         """The parent run recorded in paper_table.json if it is still in this store, else a new one."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
-        from mtu_dist.tracking import Tracker, check_reachable
+        from mtu_dist.reporting.tracking import Tracker, check_reachable
         self.out.mkdir(parents=True, exist_ok=True)
         check_reachable(self.uri)
         path = self.out / "paper_table.json"
@@ -245,7 +245,7 @@ class Bench:
                                                                                  "shard_size")})
 
     def original(self, dataset: str, manifest) -> Path:
-        from mtu_dist.commands import train_command
+        from mtu_dist.runner.commands import train_command
         folder = self.out / "runs" / dataset / "original"
         cfg = self.cfg(dataset, [f"seed={TRAIN_SEED}"])
         spec = {"config": _spec_config(cfg, training=True), "manifest": sha256_file(manifest.root / "manifest.json")}
@@ -260,7 +260,7 @@ class Bench:
     def request(self, manifest, setting: str, seed: int, dev: Path | None) -> Path:
         """The dev request (dev None) or an evaluation request disjoint from the dev request."""
         import yaml
-        from mtu_dist.forget import load_request, make_request, write_request
+        from mtu_dist.compliance.request import load_request, make_request, write_request
         name = f"{manifest.dataset}-{setting}-{'dev' if dev is None else f's{seed}'}.yaml"
         path = self.out / "requests" / name
         raw = make_request(manifest, fraction=self.size["fraction"], setting=setting, tasks=SETTINGS[setting],
@@ -270,7 +270,7 @@ class Bench:
         return path
 
     def tune(self, dataset: str, setting: str, dev: Path, origin: Path, methods: list[str]) -> Path:
-        from mtu_dist.tune import TuneJob, load_space, tune
+        from mtu_dist.studies.tune import TuneJob, load_space, tune
         space = load_space(self.a.space, self.a.trials or self.size["trials"])
         if self.size["steps"]:  # quick mode: a tiny step budget, the same for every method
             space.fixed["unlearn.steps"] = self.size["steps"]
@@ -283,7 +283,7 @@ class Bench:
     def references(self, dataset, setting, seed, req: Path, origin: Path) -> Path:
         """One evaluation request's references: its retrain (which scores itself: `mtu retrain --original`)
         and the original's row (`mtu eval --retrain`). Returns the retrain's run folder."""
-        from mtu_dist.commands import retrain_command
+        from mtu_dist.runner.commands import retrain_command
         print(f"{dataset} {setting} seed {seed}: {req.name}")
         req_sha = sha256_file(req)
         tags = {"benchmark": dataset, "setting": setting, "seed": seed}
@@ -314,8 +314,8 @@ class Bench:
         """A method's evaluation run (tuned knobs, the tuned stop rule), or with `level` its equal-forgetting
         run: the same knobs, stopped when every target task's forget pairs reach the retrain's `level`,
         a trajectory point every `trajectory_every` steps."""
-        from mtu_dist.commands import unlearn_command
-        from mtu_dist.tune import chosen_overrides
+        from mtu_dist.runner.commands import unlearn_command
+        from mtu_dist.studies.tune import chosen_overrides
         sets = [*chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
         if level is not None:
             sets += ["unlearn.stop_at=" + json.dumps(level), f"unlearn.trajectory_every={self.size['trajectory_every']}",
@@ -342,7 +342,7 @@ class Bench:
     def original_row(self, dataset, setting, seed, req: Path, req_sha: str, origin: Path, retrain: Path, tags) -> None:
         """The original model as a row of the table: `mtu eval --request R --retrain RETRAIN` scores it like
         a method that did nothing (cost 0), as a child run of its own; no unlearning run is made."""
-        from mtu_dist.commands import eval_command
+        from mtu_dist.runner.commands import eval_command
         name = f"original-{setting}-s{seed}"
         spec = {"request": req_sha, "origin": _model_sha(origin), "retrain": _model_sha(retrain)}
         final = self.out / "runs" / dataset / "original" / "final"
@@ -391,8 +391,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unit", help=argparse.SUPPRESS)  # worker mode: DATASET:original or DATASET:SETTING
     a = ap.parse_args(argv)
     import torch
-    from mtu_dist.lifecycle import Terminated, raise_on_termination
-    from mtu_dist.tracking import end_open_runs
+    from mtu_dist.utils.lifecycle import Terminated, raise_on_termination
+    from mtu_dist.reporting.tracking import end_open_runs
     torch.set_num_threads(a.threads)
     raise_on_termination()  # SIGTERM unwinds like Ctrl-C: the parent run's `finally` runs
     status = "FAILED"

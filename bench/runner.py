@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mtu_dist.fileio import atomic_write_json
+from mtu_dist.utils.fileio import atomic_write_json
 from timing import ForeignLoad, median, ordered  # noqa: E402 (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,10 +131,10 @@ def unlearn_vs_retrain(work: Path, shards: Path, *, files=(), sets=(), methods=(
 
 
 def _unlearn_vs_retrain(work, shards, files, sets, methods, original_epochs, fraction) -> dict:
-    from mtu_dist.commands import retrain_command, train_command, unlearn_command
+    from mtu_dist.runner.commands import retrain_command, train_command, unlearn_command
     from mtu_dist.config import load_config
     from mtu_dist.data.manifest import load_manifest
-    from mtu_dist.forget import make_request, write_request
+    from mtu_dist.compliance.request import make_request, write_request
 
     def cfg(*extra):
         return load_config(list(files), [*sets, f"data.root={shards}", f"out={work / 'runs'}",

@@ -45,8 +45,8 @@ import mlflow_overhead
 import runner
 from mtu_dist.config import load_config
 from mtu_dist.errors import UserError
-from mtu_dist.fileio import atomic_write_json
-from mtu_dist.runinfo import git_commit
+from mtu_dist.utils.fileio import atomic_write_json
+from mtu_dist.runner.runinfo import git_commit
 from timing import ForeignLoad, PeakMemory, describe_load
 
 ROOT = Path(__file__).resolve().parents[1]

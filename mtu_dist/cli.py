@@ -5,12 +5,12 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from mtu_dist.errors import UserError
 
 
 def cmd_data_synth(a):
-    from .data.synth_cmd import synth
-    from .data.verify import summarize
+    from mtu_dist.data.synth_cmd import synth
+    from mtu_dist.data.verify import summarize
     for m in synth(a.datasets, a.out, train=a.train, val=a.val, test=a.test, height=a.height,
                    width=a.width, seed=a.seed, shard_size=a.shard_size, workers=a.workers,
                    overwrite=a.overwrite):
@@ -18,15 +18,15 @@ def cmd_data_synth(a):
 
 
 def cmd_data_convert(a):
-    from .data.convert import convert
-    from .data.verify import summarize
+    from mtu_dist.data.convert import convert
+    from mtu_dist.data.verify import summarize
     print(summarize(convert(a.kind, a.src, a.out, shard_size=a.shard_size, workers=a.workers,
                             overwrite=a.overwrite)))
 
 
 def cmd_data_verify(a):
-    from .data.manifest import load_manifest
-    from .data.verify import summarize, verify_dataset
+    from mtu_dist.data.manifest import load_manifest
+    from mtu_dist.data.verify import summarize, verify_dataset
     bad = 0
     for path in a.paths:
         m = load_manifest(path, a.root)
@@ -41,13 +41,13 @@ def cmd_data_verify(a):
 
 
 def cmd_forget_make(a):
-    from .data.manifest import load_manifest
-    from .forget import load_request, make_request, write_request
+    from mtu_dist.data.manifest import load_manifest
+    from mtu_dist.compliance.request import load_request, make_request, write_request
     m = load_manifest(a.dataset, a.root)
     exclude = load_request(a.exclude, m) if a.exclude else None
     root, forgotten = None, ()
     if getattr(a, "from"):  # the next request for a lineage: names its root, draws what it has not forgotten
-        from .lineage import read_lineage
+        from mtu_dist.compliance.lineage import read_lineage
         _, rec = read_lineage(getattr(a, "from"))
         root, forgotten = rec["root"]["model_sha256"], rec["cumulative"]
     raw = make_request(m, fraction=a.fraction, setting=a.setting, tasks=a.tasks, seed=a.seed, exclude=exclude,
@@ -58,15 +58,15 @@ def cmd_forget_make(a):
 
 
 def cmd_forget_check(a):
-    from .data.manifest import load_manifest
-    from .forget import load_request
+    from mtu_dist.data.manifest import load_manifest
+    from mtu_dist.compliance.request import load_request
     m = load_manifest(a.dataset, a.root)
     req = load_request(a.request, m)
     print(f"{a.request}: OK — {req.setting} request on {req.dataset}, {len(req.entries)} instances, "
           f"{len(req.pairs())} (instance, task) pairs, sha256 {req.sha256}")
     if getattr(a, "from"):  # what `mtu unlearn --from` would make of it: the same checks, nothing run
-        from .checkpoint import read_state
-        from .lineage import start_step
+        from mtu_dist.runner.checkpoint import read_state
+        from mtu_dist.compliance.lineage import start_step
         lin = start_step(read_state(getattr(a, "from")), req, m, method="-")
         print(f"  against the lineage of {getattr(a, 'from')} (step {lin.depth}): "
               f"{sum(map(len, lin.new.values()))} new pair(s), {len(lin.skipped)} already forgotten (would be skipped)"
@@ -74,30 +74,30 @@ def cmd_forget_check(a):
 
 
 def _config(a, base: dict | None = None):
-    from .config import load_config
+    from mtu_dist.config import load_config
     return load_config(a.config, a.set, base=base)
 
 
 def cmd_train(a):
     cfg = _config(a)  # a bad config fails before torch is imported
-    from .commands import train_command
+    from mtu_dist.runner.commands import train_command
     _print_summary(train_command(cfg, name=a.name, resume=a.resume, overwrite=a.overwrite,
                                  tracking_uri=a.tracking_uri))
 
 
 def cmd_retrain(a):
     cfg = _config(a)
-    from .commands import retrain_command
+    from mtu_dist.runner.commands import retrain_command
     _print_summary(retrain_command(cfg, request=a.request, name=a.name, resume=a.resume,
                                    overwrite=a.overwrite, tracking_uri=a.tracking_uri, original=a.original))
 
 
 def cmd_unlearn(a):
-    from .commands import config_from_checkpoint, unlearn_command
+    from mtu_dist.runner.commands import config_from_checkpoint, unlearn_command
     base = config_from_checkpoint(getattr(a, "from"))
     if a.tuned:  # the knobs `mtu tune` chose for the method, before any --set item
-        from .config import load_config
-        from .tune import chosen_overrides
+        from mtu_dist.config import load_config
+        from mtu_dist.studies.tune import chosen_overrides
         method = a.method or load_config(a.config, a.set, base=base).unlearn.method
         a.set = [*chosen_overrides(a.tuned, method), f"unlearn.method={method}", *a.set]
     cfg = _config(a, base=base)
@@ -108,7 +108,7 @@ def cmd_unlearn(a):
 
 
 def cmd_eval(a):
-    from .commands import config_from_checkpoint, eval_command
+    from mtu_dist.runner.commands import config_from_checkpoint, eval_command
     if a.retrain and not a.request:
         raise UserError("--retrain needs --request (the request the retrain run removed)")
     _print_summary(eval_command(_config(a, base=config_from_checkpoint(a.ckpt)), ckpt=a.ckpt, request=a.request,
@@ -116,26 +116,26 @@ def cmd_eval(a):
 
 
 def cmd_score(a):
-    from .scoring import block_table, score_command
+    from mtu_dist.evaluation.scoring import block_table, score_command
     report = score_command(a.run, original=a.original, retrain=a.retrain, tracking_uri=a.tracking_uri)
     print(block_table(report["unlearning"]))
     _print_cumulative(report)
 
 
 def _print_summary(report: dict) -> None:
-    from .report import split_table
+    from mtu_dist.reporting.tables import split_table
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(split_table(report))
         if report.get("unlearning"):
-            from .scoring import block_table
+            from mtu_dist.evaluation.scoring import block_table
             print(block_table(report["unlearning"]))
             _print_cumulative(report)
 
 
 def _print_cumulative(report: dict) -> None:
     """A lineage step's scores on everything its lineage forgot (beyond the first request)."""
-    from .scoring import block_table
+    from mtu_dist.evaluation.scoring import block_table
     cum = report.get("cumulative")
     if cum and not cum["same_as_request"]:
         print(f"\ncumulative forget set: {cum['pairs']} pairs over {cum['depth']} requests, against the original "
@@ -144,42 +144,42 @@ def _print_cumulative(report: dict) -> None:
 
 
 def cmd_sweep(a):
-    from .sweep.driver import run_sweep
+    from mtu_dist.studies.sweep.driver import run_sweep
     run_sweep(a.grid, out=a.out, tracking_uri=a.tracking_uri, dry_run=a.dry_run)
 
 
 def cmd_compare(a):
-    from .compare import compare_command
+    from mtu_dist.reporting.compare import compare_command
     compare_command(parent=a.parent, experiment=a.experiment, sweep=a.sweep, tracking_uri=a.tracking_uri, out=a.out)
 
 
 def cmd_tune(a):
-    from .tune import tune_command
+    from mtu_dist.studies.tune import tune_command
     tune_command(a)
 
 
 def cmd_report(a):
-    from .paper_report import report_command
+    from mtu_dist.reporting.report import report_command
     report_command(parent=a.parent, experiment=a.experiment, bench=a.bench, tracking_uri=a.tracking_uri, out=a.out)
 
 
 def cmd_lineage(a):
-    from .lineage import lineage_command
+    from mtu_dist.compliance.lineage import lineage_command
     lineage_command(a.run, write_request=a.write_request, as_json=a.json, show_pairs=a.pairs, overwrite=a.overwrite)
 
 
 def cmd_audit(a):
-    from .audit import audit_command
+    from mtu_dist.compliance.audit import audit_command
     audit_command(a.runs, request=a.request, tracking_uri=a.tracking_uri)
 
 
 def cmd_server(a):
-    from .server import serve
+    from mtu_dist.reporting.server import serve
     serve(store=a.store, artifacts=a.artifacts, host=a.host, port=a.port, workers=a.workers)
 
 
 def cmd_demo(a):
-    from .demo import run_demo
+    from mtu_dist.studies.demo import run_demo
     run_demo(a)
 
 
@@ -359,19 +359,19 @@ def _close_progress_bars() -> None:
 
 def _end(status: str) -> None:
     """MLflow runs the command opened and did not finish end `status`; run folders it claimed are let go."""
-    from .lifecycle import signals_ignored
+    from mtu_dist.utils.lifecycle import signals_ignored
     with signals_ignored():
-        if "mtu_dist.tracking" in sys.modules:
-            from .tracking import end_open_runs
+        if "mtu_dist.reporting.tracking" in sys.modules:
+            from mtu_dist.reporting.tracking import end_open_runs
             end_open_runs(status)
-        if "mtu_dist.runclaim" in sys.modules:
-            from .runclaim import release_all
+        if "mtu_dist.runner.runclaim" in sys.modules:
+            from mtu_dist.runner.runclaim import release_all
             release_all()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .lifecycle import Terminated, raise_on_termination
+    from mtu_dist.utils.lifecycle import Terminated, raise_on_termination
     raise_on_termination()
     status = "FAILED"  # a bug keeps its traceback, and its runs end FAILED
     try:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import UserError
+from mtu_dist.errors import UserError
 
 
 class Strict(BaseModel):

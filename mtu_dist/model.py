@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from mtu_dist.errors import UserError
 
 OUT_CHANNELS = {"depth": 1, "normal": 3}  # seg: num_classes
 
@@ -70,7 +70,7 @@ def _load_local_weights(path: str) -> dict:
         raise UserError(f"{p}: cannot load backbone weights ({type(e).__name__}: {e})") from None
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise UserError(f"{p}: backbone weights must be a state dict (parameter name -> tensor)")
-    from .checkpoint import refuse_non_finite
+    from mtu_dist.runner.checkpoint import refuse_non_finite
     refuse_non_finite(weights, p)
     return weights
 

@@ -288,7 +288,7 @@ SMALL = {"iamu": ("unlearn.options.subspace_batches=2",), "iamu_no_proj": ("unle
 
 def _session(root, out, command: str, name: str, sets=(), request=None, run_dir=None):
     from mtu_dist.config import load_config
-    from mtu_dist.session import open_session
+    from mtu_dist.runner.session import open_session
     cfg = load_config([str(TINY)], [f"data.root={root}", f"out={Path(out) / 'runs'}", *BASE, *sets])
     return open_session(cfg, command, name, request_path=request and str(request), overwrite=True, run_dir=run_dir)
 
@@ -296,7 +296,7 @@ def _session(root, out, command: str, name: str, sets=(), request=None, run_dir=
 def make_request(root, out) -> Path:
     """A partial request (seg and normal forgotten, depth kept): random targets of both kinds, kept tasks."""
     from mtu_dist.data.manifest import load_manifest
-    from mtu_dist.forget import make_request as make, write_request
+    from mtu_dist.compliance.request import make_request as make, write_request
     path = Path(out) / "partial.yaml"
     write_request(make(load_manifest("synth-indoor", root), fraction=0.2, setting="partial", tasks=["seg", "normal"],
                        seed=0), path, overwrite=True)
@@ -305,8 +305,8 @@ def make_request(root, out) -> Path:
 
 def train_pass(root, out, sets=()) -> tuple[DeviceAudit, Path]:
     """`fit` under the audit; the audit and the checkpoint it wrote."""
-    from mtu_dist.checkpoint import latest_checkpoint
-    from mtu_dist.train import fit
+    from mtu_dist.runner.checkpoint import latest_checkpoint
+    from mtu_dist.runner.train import fit
     s = _session(root, out, "train", "original", sets)
     with DeviceAudit() as audit:
         model, _, _ = fit(s)
@@ -316,7 +316,7 @@ def train_pass(root, out, sets=()) -> tuple[DeviceAudit, Path]:
 
 def unlearn_pass(root, out, ckpt, request, method: str, sets=()) -> DeviceAudit:
     """Loading the original and `unlearn` (setup and the steps) with `method`, under the audit."""
-    from mtu_dist.unlearn import load_original, unlearn
+    from mtu_dist.runner.unlearn import load_original, unlearn
     s = _session(root, out, "unlearn", f"unlearn-{method}",
                  [f"unlearn.method={method}", *UNLEARN, *SMALL.get(method, ()), *sets], request)
     with DeviceAudit() as audit:
@@ -328,8 +328,8 @@ def unlearn_pass(root, out, ckpt, request, method: str, sets=()) -> DeviceAudit:
 
 def eval_pass(root, out, ckpt, request) -> DeviceAudit:
     """What `mtu eval` does (load, evaluate every split) under the audit."""
-    from mtu_dist.evaluate import evaluate
-    from mtu_dist.unlearn import load_original
+    from mtu_dist.evaluation.evaluate import evaluate
+    from mtu_dist.runner.unlearn import load_original
     s = _session(root, out, "eval", "eval", request=request, run_dir=Path(out) / "eval")
     with DeviceAudit() as audit:
         model, _ = load_original(s, ckpt)

@@ -24,7 +24,7 @@ from mtu_dist.methods.random_label import random_targets
 from mtu_dist.methods.salun import top_fraction_mask
 from mtu_dist.methods.scrub import divergences
 from mtu_dist.model import build_model
-from mtu_dist.objective import global_counts, normalised_losses
+from mtu_dist.runner.objective import global_counts, normalised_losses
 from mtu_dist.tasks import IGNORE_INDEX, TASKS
 
 TASKS3 = ("seg", "depth", "normal")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from mtu_dist.paper_report import Row, below_floor, memorisation, table, uis_line
-from mtu_dist.scoring import Results, unlearning_block
-from mtu_dist.statistics import at_level, interval, paired, progress
-from mtu_dist.trajectory import curve, interference
-from mtu_dist.tune import _merge_tuned, criterion
+from mtu_dist.reporting.report import Row, below_floor, memorisation, table, uis_line
+from mtu_dist.evaluation.scoring import Results, unlearning_block
+from mtu_dist.evaluation.statistics import at_level, interval, paired, progress
+from mtu_dist.evaluation.trajectory import curve, interference
+from mtu_dist.studies.tune import _merge_tuned, criterion
 
 
 def test_interval_known_answers():
@@ -154,7 +154,7 @@ def test_tuned_yaml_merges_concurrent_writers(tmp_path):
 
 
 def test_kept_task_goal_line_pairs_the_retrains_move():
-    from mtu_dist.paper_report import goal_lines
+    from mtu_dist.reporting.report import goal_lines
     def row(m, s, depth_kept, depth_val):
         return Row("b", "partial", s, m, {"eval/forget_kept/depth/delta1": depth_kept, "eval/val/depth/delta1": depth_val,
                                           "eval/forget/seg/miou": 0.3, "uis": 0.1})

@@ -13,7 +13,7 @@ from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.tario import iter_entries
 from mtu_dist.data.verify import verify_dataset
 from mtu_dist.data.write import write_tar
-from mtu_dist.fileio import sha256_file
+from mtu_dist.utils.fileio import sha256_file
 
 from conftest import run_mtu
 

@@ -78,7 +78,7 @@ def test_zero_stage_gives_the_plain_parameters(plain, stage):
 def _check_resume_points(tmp, tag: str) -> None:
     """Training (AdamW: its state partitioned over the ranks) checkpoints no optimizer state and a resume
     refuses it; unlearning with SGD without momentum holds none, so its resume points are complete."""
-    from mtu_dist.checkpoint import latest_checkpoint, load_checkpoint, read_state
+    from mtu_dist.runner.checkpoint import latest_checkpoint, load_checkpoint, read_state
     from mtu_dist.config import load_config
     from mtu_dist.errors import UserError
     from mtu_dist.model import build_model

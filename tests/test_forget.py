@@ -6,7 +6,7 @@ import yaml
 
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.errors import UserError
-from mtu_dist.forget import load_request, make_request, parse_request
+from mtu_dist.compliance.request import load_request, make_request, parse_request
 
 from conftest import run_mtu
 
@@ -76,7 +76,7 @@ def test_make_round_trip_and_hash(manifest, tmp_path):
     assert [e["id"] for e in again["entries"]] == list(req.entries)
     other = make_request(manifest, fraction=0.1, setting="partial", tasks=["seg", "normal"], seed=4)
     assert [e["id"] for e in other["entries"]] != list(req.entries)
-    from mtu_dist.fileio import sha256_file
+    from mtu_dist.utils.fileio import sha256_file
     assert req.sha256 == sha256_file(out)
     # never clobber without --overwrite
     p = run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.2, "--setting", "full", "--out", out)
@@ -107,7 +107,7 @@ def test_make_errors(manifest):
 def test_merge_subtract_and_mixed_round_trip(manifest):
     """A lineage's set algebra on pairs: merged per instance in manifest order, repeats split off, and the
     merged set written as a canonical `mixed` request that parses back to the same pairs."""
-    from mtu_dist.forget import merge_entries, pairs_sha256, request_from_entries, setting_of, subtract_entries
+    from mtu_dist.compliance.request import merge_entries, pairs_sha256, request_from_entries, setting_of, subtract_entries
     full = {K.format(5): ("seg", "depth", "normal"), K.format(3): ("seg", "depth", "normal")}
     partial = {K.format(3): ("seg",), K.format(9): ("normal",), K.format(1): ("depth",)}
     merged = merge_entries(manifest, full, partial)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtu_dist.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from mtu_dist.runner.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from mtu_dist.config import load_config
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import BatchLoader, load_instances
@@ -27,8 +27,8 @@ from mtu_dist.data.tario import iter_entries
 from mtu_dist.data.verify import verify_dataset
 from mtu_dist.data.write import write_tar
 from mtu_dist.errors import UserError
-from mtu_dist.fileio import atomic_write_text, sha256_file
-from mtu_dist.forget import make_request, write_request
+from mtu_dist.utils.fileio import atomic_write_text, sha256_file
+from mtu_dist.compliance.request import make_request, write_request
 
 from conftest import run_mtu
 
@@ -300,7 +300,7 @@ def test_config_stays_lenient_where_yaml_is_ambiguous_and_names_the_file(tmp_pat
 # ---------------------------------------------------------------- tracking stores, file modes
 
 def test_a_sqlite_tracking_uri_must_name_an_mlflow_store(tmp_path):
-    from mtu_dist.tracking import check_reachable
+    from mtu_dist.reporting.tracking import check_reachable
     (tmp_path / "notes.txt").write_text("not a database\n")
     con = sqlite3.connect(tmp_path / "other.db")
     con.execute("CREATE TABLE customers (name TEXT)")
@@ -330,8 +330,8 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
 # ---------------------------------------------------------------- the audit's roles
 
 def test_the_audit_flags_a_forget_pair_borrowed_as_a_target():
-    from mtu_dist.audit import audit
-    from mtu_dist.ledger import ledger_document, pair_hash
+    from mtu_dist.compliance.audit import audit
+    from mtu_dist.compliance.ledger import ledger_document, pair_hash
     f, r = K.format(3), K.format(5)
     forget = {pair_hash(f, "depth"): f"{f}|depth"}
     clean = {f"retain|{r}|depth": 2, f"forget|{f}|depth": 3, f"target|{r}|depth": 1}
@@ -346,7 +346,7 @@ def test_the_audit_flags_a_forget_pair_borrowed_as_a_target():
 
 def test_a_non_finite_final_model_is_never_saved(tmp_path):
     from types import SimpleNamespace
-    from mtu_dist.commands import _refuse_non_finite_final
+    from mtu_dist.runner.commands import _refuse_non_finite_final
     model, session = _tiny_model(), SimpleNamespace(run_dir=tmp_path / "run", command="unlearn")
     _refuse_non_finite_final(session, model)  # finite: nothing to say
     with torch.no_grad():
@@ -399,8 +399,8 @@ def test_a_member_stored_twice_for_one_sample_is_refused(tiny_root, tmp_path):
     ({"retain": {"keys": {"a|seg": True}, "sha256": {}}}, "'a|seg': True is not an 'instance|task' key"),
 ])
 def test_a_ledger_of_another_shape_is_refused_by_the_audit(tmp_path, roles, words):
-    from mtu_dist.audit import _checked_ledger
-    from mtu_dist.ledger import FORMAT
+    from mtu_dist.compliance.audit import _checked_ledger
+    from mtu_dist.compliance.ledger import FORMAT
     (tmp_path / "ledger.json").write_text(json.dumps({"format": FORMAT, "request_sha256": "r", "roles": roles}))
     state = {"ledger_sha256": sha256_file(tmp_path / "ledger.json"), "request_sha256": "r"}  # checksums consistent
     with pytest.raises(UserError) as err:
@@ -409,7 +409,7 @@ def test_a_ledger_of_another_shape_is_refused_by_the_audit(tmp_path, roles, word
 
 
 def test_resume_refuses_another_version_of_the_data():
-    from mtu_dist.checkpoint import check_resumable
+    from mtu_dist.runner.checkpoint import check_resumable
     meta = {"_folder": "ckpt", "dataset": "d", "data_sha256": "a" * 64, "config": {}}
     info = {"dataset": "d", "data_sha256": "b" * 64}
     with pytest.raises(UserError, match="ckpt: written with data_sha256 = 'aaaa"):

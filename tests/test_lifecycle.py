@@ -287,7 +287,7 @@ def test_a_run_whose_mlflow_run_cannot_be_created_leaves_no_folder(tiny_root, tm
 CHILD = ("import signal, sys, time; from pathlib import Path; out = Path(sys.argv[1]); "
          "signal.signal(signal.SIGTERM, lambda *_: (out.write_text('ended cleanly'), sys.exit(143))); "
          "out.write_text('ready'); time.sleep(120)")
-DRIVER = ("import sys; from mtu_dist.lifecycle import raise_on_termination, run_child; raise_on_termination(); "
+DRIVER = ("import sys; from mtu_dist.utils.lifecycle import raise_on_termination, run_child; raise_on_termination(); "
           "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]], grace_s=30))")
 
 

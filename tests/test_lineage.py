@@ -90,7 +90,7 @@ def chain(tiny_root, tiny_original, tmp_path_factory):
 def test_lineage_round_trip(chain):
     """`mtu lineage` traces s3 back to the original through every request, and its cumulative set (and the
     request file it writes) is r1 + r2 + r3 merged by hand."""
-    from mtu_dist.fileio import sha256_file
+    from mtu_dist.utils.fileio import sha256_file
     runs, tmp = chain["runs"], chain["tmp"]
     out = tmp / "cumulative.json"
     proc = run_mtu("lineage", runs / "s3", "--json", "--write-request", out, cwd=tmp, check=True)
@@ -189,7 +189,7 @@ def test_later_steps_never_see_earlier_pairs(chain):
 def test_cumulative_metrics_equal_hand_merged(chain):
     """Step 2's cumulative block = its evaluation on the hand-merged r1 + r2 (`mtu eval`), scored by hand
     against the original's evaluation on it and the retrain on its retain signal."""
-    from mtu_dist.unlearning_metrics import gap_to_retrain, uis
+    from mtu_dist.evaluation.unlearning_metrics import gap_to_retrain, uis
     runs, tmp, cum12 = chain["runs"], chain["tmp"], chain["cum12"]
     report = read_json(runs / "s2" / "final" / "metrics.json")
     cum = report["cumulative"]
@@ -197,7 +197,7 @@ def test_cumulative_metrics_equal_hand_merged(chain):
     for ckpt in (runs / "s2", chain["original"]):  # the same eval config (tiny.yaml: eval.retain_sample 16)
         run_mtu("eval", "--config", TINY, "--ckpt", ckpt, "--request", cum12, "--tracking-uri", chain["uri"], cwd=tmp,
                 check=True)
-    from mtu_dist.fileio import sha256_file
+    from mtu_dist.utils.fileio import sha256_file
     sha12 = sha256_file(cum12)[:12]
     mine = read_json(runs / "s2" / "final" / f"metrics-{sha12}.json")["splits"]
     original = read_json(chain["original"] / "final" / f"metrics-{sha12}.json")["splits"]

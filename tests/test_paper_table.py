@@ -17,7 +17,7 @@ import yaml
 
 from mtu_dist.errors import UserError
 from mtu_dist.methods import METHODS
-from mtu_dist.tune import criterion, load_space, sample, select
+from mtu_dist.studies.tune import criterion, load_space, sample, select
 
 from conftest import BIN, ROOT, run_mtu
 

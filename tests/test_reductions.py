@@ -20,10 +20,10 @@ from mtu_dist.config import RunConfig
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import blank_sample, load_instances
 from mtu_dist.distributed.gradstep import ParamLayout, allreduce_small, gather_blocks, gather_update, reduce_signals
-from mtu_dist.evaluate import instance_batches, run_split
-from mtu_dist.ledger import Ledger
+from mtu_dist.evaluation.evaluate import instance_batches, run_split
+from mtu_dist.compliance.ledger import Ledger
 from mtu_dist.model import build_model
-from mtu_dist.objective import global_counts, reduce_for_logging
+from mtu_dist.runner.objective import global_counts, reduce_for_logging
 
 
 class ThreadWorld:

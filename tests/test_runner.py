@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtu_dist.ledger import flat_counts
+from mtu_dist.compliance.ledger import flat_counts
 
 from conftest import ROOT, accelerate_launch, run_many, run_mtu
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from mtu_dist.data.manifest import load_manifest
-from mtu_dist.forget import make_request, write_request
+from mtu_dist.compliance.request import make_request, write_request
 
 from conftest import BIN, ROOT, _free_port
 from test_data import _copy, _mutate_sample, _set_depth

@@ -91,7 +91,7 @@ PYTHON_TAG = '!!python/object/apply:os.system ["touch {pwned}"]'
 
 def test_yaml_python_tags_are_refused(tmp_path):
     from mtu_dist.config import load_config
-    from mtu_dist.forget import load_request
+    from mtu_dist.compliance.request import load_request
     pwned = tmp_path / "PWNED"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"train: {PYTHON_TAG.format(pwned=pwned)}\n")
@@ -116,8 +116,8 @@ class _Payload:
 
 
 def test_a_pickle_posing_as_a_checkpoint_is_never_unpickled(tmp_path):
-    from mtu_dist.checkpoint import load_checkpoint
-    from mtu_dist.fileio import sha256_file
+    from mtu_dist.runner.checkpoint import load_checkpoint
+    from mtu_dist.utils.fileio import sha256_file
     from mtu_dist.model import _load_local_weights
     pwned = tmp_path / "PWNED"
     ckpt = tmp_path / "ckpt"
@@ -152,7 +152,7 @@ def test_shard_members_are_read_in_memory_never_written_where_they_point(tiny_ro
     from mtu_dist.data.stream import BatchLoader
     from mtu_dist.data.tario import iter_entries
     from mtu_dist.data.verify import verify_dataset
-    from mtu_dist.fileio import sha256_file
+    from mtu_dist.utils.fileio import sha256_file
     ds = tmp_path / "deep" / "er" / "synth-indoor"
     shutil.copytree(tiny_root / "synth-indoor", ds)
     outside = tmp_path / "outside"
@@ -179,7 +179,7 @@ def test_shard_members_are_read_in_memory_never_written_where_they_point(tiny_ro
 
 def test_server_defaults_to_localhost():
     from mtu_dist.cli import build_parser
-    from mtu_dist.server import server_argv
+    from mtu_dist.reporting.server import server_argv
     args = build_parser().parse_args(["server"])
     assert args.host == "127.0.0.1"
     argv = server_argv(store=args.store, artifacts=args.artifacts, host=args.host, port=args.port, workers=1)

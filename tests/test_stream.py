@@ -7,7 +7,7 @@ import pytest
 
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import BatchLoader, retain_mask
-from mtu_dist.forget import load_request
+from mtu_dist.compliance.request import load_request
 
 from conftest import accelerate_launch, read_json, run_mtu
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from mtu_dist.errors import UserError
-from mtu_dist.sweep import launchers
-from mtu_dist.sweep.driver import Sweep, _args
-from mtu_dist.sweep.grid import load_grid, plan
+from mtu_dist.studies.sweep import launchers
+from mtu_dist.studies.sweep.driver import Sweep, _args
+from mtu_dist.studies.sweep.grid import load_grid, plan
 
 from conftest import ROOT, run_mtu
 
@@ -123,7 +123,7 @@ def test_two_process_sweep_compare_and_resume(tmp_path):
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
     assert {f"report/{n}" for n in ["table.md", "cells.csv", *pngs]} <= logged
 
-    from mtu_dist.compare import find_parent
+    from mtu_dist.reporting.compare import find_parent
     client = MlflowClient(uri)
     assert find_parent(client, parent=None, experiment="synth-indoor", uri=uri).info.run_id == parent
     with pytest.raises(UserError, match="--parent nope: no such run"):

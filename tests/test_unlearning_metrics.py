@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from mtu_dist.scoring import request_tasks
+from mtu_dist.evaluation.scoring import request_tasks
 from mtu_dist.tasks import TASKS
-from mtu_dist.unlearning_metrics import (PRIMARY_PERCENT, attack_auc, cost_ratio, delta_m, gap_to_retrain, mia_auc,
+from mtu_dist.evaluation.unlearning_metrics import (PRIMARY_PERCENT, attack_auc, cost_ratio, delta_m, gap_to_retrain, mia_auc,
                                          split_val, uis)
 
 from conftest import run_many, run_mtu
@@ -186,7 +186,7 @@ def test_mia_on_overfit_model_members_vs_val_and_val_halves(overfit):
     assert got["mia_auc"] > 0.8, got
     # two halves of the held-out val (80 vs 80), scored by the same attack: no membership signal.
     # Under the null the AUC's sd is sqrt((80 + 80 + 1) / (12 * 80 * 80)) = 0.046; 0.15 is ~3.3 sd.
-    from mtu_dist.unlearning_metrics import loss_features
+    from mtu_dist.evaluation.unlearning_metrics import loss_features
     keys, x = loss_features(losses["val"], tasks)
     attack, heldout = split_val(keys)
     row = {k: i for i, k in enumerate(keys)}

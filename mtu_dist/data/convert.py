@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from .write import DatasetLayout, write_dataset
+from mtu_dist.errors import UserError
+from mtu_dist.data.write import DatasetLayout, write_dataset
 
 NYU_CLASSES = ["bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "painting",
                "sofa", "table", "tv", "wall", "window"]

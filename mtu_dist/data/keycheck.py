@@ -7,8 +7,8 @@ instance supervise a retrain. Every reader checks keys while it reads.
 """
 from __future__ import annotations
 
-from ..errors import UserError
-from .manifest import Manifest, shard_keys
+from mtu_dist.errors import UserError
+from mtu_dist.data.manifest import Manifest, shard_keys
 
 
 class KeyCheck:

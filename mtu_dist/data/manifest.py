@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..fileio import atomic_write_json, sha256_bytes
+from mtu_dist.errors import UserError
+from mtu_dist.utils.fileio import atomic_write_json, sha256_bytes
 
 FORMAT = 1
 KNOWN_TASKS = ("seg", "depth", "normal")

@@ -12,7 +12,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from mtu_dist.errors import UserError
 
 TASK_MEMBERS = {"seg": "seg.png", "depth": "depth.npy", "normal": "normal.npy"}
 SEG_IGNORE = 255

@@ -45,12 +45,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import UserError
-from ..fileio import sha256_bytes
-from ..ledger import deliberate_leak
-from .keycheck import KeyCheck
-from .manifest import Manifest
-from .sample import SEG_IGNORE, decode_sample
+from mtu_dist.errors import UserError
+from mtu_dist.utils.fileio import sha256_bytes
+from mtu_dist.compliance.ledger import deliberate_leak
+from mtu_dist.data.keycheck import KeyCheck
+from mtu_dist.data.manifest import Manifest
+from mtu_dist.data.sample import SEG_IGNORE, decode_sample
 
 MaskFn = Callable[[str], np.ndarray]  # instance key -> bool[T] supervision mask
 
@@ -237,7 +237,7 @@ class BatchLoader:
                  workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 64, seed: int = 0,
                  mask_fn: MaskFn | None = None, pin_memory: bool = False):
         self.manifest, self.split, self.rank, self.world = manifest, split, rank, world
-        self.pin_memory = pin_memory  # for a CUDA consumer (mtu_dist.device.pins_memory): batches move asynchronously
+        self.pin_memory = pin_memory  # for a CUDA consumer (mtu_dist.runner.device.pins_memory): batches move asynchronously
         self.local_batch, self.workers, self.shuffle = local_batch, workers, shuffle
         self.shuffle_buffer, self.seed = (shuffle_buffer if shuffle else 0), seed
         self.mask_fn = mask_fn or full_mask(manifest)
@@ -303,7 +303,7 @@ def read_verified(path, sha256: str) -> bytes:
 
 def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: MaskFn) -> list[dict]:
     """Materialise a few instances (the forget stream is small) by reading only their shards."""
-    from .tario import iter_entries
+    from mtu_dist.data.tario import iter_entries
 
     wanted, keys, offset = set(ids), manifest.split(split).keys, 0
     found, check = {}, KeyCheck(manifest, split)

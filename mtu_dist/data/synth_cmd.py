@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import functools
 
-from ..errors import UserError
-from .synth import SPECS, render_sample
-from .write import DatasetLayout, write_dataset
+from mtu_dist.errors import UserError
+from mtu_dist.data.synth import SPECS, render_sample
+from mtu_dist.data.write import DatasetLayout, write_dataset
 
 
 def _synth_sample(dataset: str, seed: int, height: int, width: int, split: str, index: int) -> dict:
@@ -43,8 +43,8 @@ def synth_once(root, dataset: str, spec: dict):
     import json
     from pathlib import Path
 
-    from ..fileio import atomic_write_json
-    from .manifest import load_manifest
+    from mtu_dist.utils.fileio import atomic_write_json
+    from mtu_dist.data.manifest import load_manifest
     root = Path(root)
     spec_file = root / f"{dataset}.synth.json"
     if not ((root / dataset / "manifest.json").is_file() and spec_file.is_file()

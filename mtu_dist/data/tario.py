@@ -6,7 +6,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import UserError
+from mtu_dist.errors import UserError
 
 
 def split_member_name(name: str) -> tuple[str, str]:

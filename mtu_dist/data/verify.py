@@ -1,11 +1,11 @@
 """`mtu data verify`: check every shard against the manifest and report each problem by file and key."""
 from __future__ import annotations
 
-from ..errors import UserError
-from ..fileio import sha256_file
-from .manifest import Manifest
-from .sample import decode_sample
-from .tario import iter_entries
+from mtu_dist.errors import UserError
+from mtu_dist.utils.fileio import sha256_file
+from mtu_dist.data.manifest import Manifest
+from mtu_dist.data.sample import decode_sample
+from mtu_dist.data.tario import iter_entries
 
 
 def verify_dataset(manifest: Manifest, check_samples: bool = True) -> list[str]:

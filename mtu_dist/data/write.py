@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
-from ..fileio import ensure_writable_dir, replace_dir, sha256_file
-from ..lifecycle import quiet_worker
-from ..locks import OWNER, make_staging, release, remove_stale
-from .manifest import Manifest, ShardInfo, SplitInfo
-from .sample import encode_sample
+from mtu_dist.errors import UserError
+from mtu_dist.utils.fileio import ensure_writable_dir, replace_dir, sha256_file
+from mtu_dist.utils.lifecycle import quiet_worker
+from mtu_dist.utils.locks import OWNER, make_staging, release, remove_stale
+from mtu_dist.data.manifest import Manifest, ShardInfo, SplitInfo
+from mtu_dist.data.sample import encode_sample
 
 
 @dataclass(frozen=True)

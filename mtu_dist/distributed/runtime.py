@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import torch
 
-from ..errors import UserError
+from mtu_dist.errors import UserError
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=int(os.environ.get("MTU_COLLECTIVE_TIMEOUT_MIN", "10")))
 

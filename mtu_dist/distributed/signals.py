@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .gradstep import ParamLayout
+from mtu_dist.distributed.gradstep import ParamLayout
 
 
 def sequential(losses: list[torch.Tensor], params, layout: ParamLayout, buf: torch.Tensor) -> None:

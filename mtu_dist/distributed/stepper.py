@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import zero_stage
+from mtu_dist.distributed.runtime import zero_stage
 
 BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
 

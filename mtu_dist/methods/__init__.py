@@ -1,18 +1,18 @@
 """The method registry: the runner looks methods up here and never names one."""
 from __future__ import annotations
 
-from ..errors import UserError
-from .base import Method
-from .finetune import Finetune
-from .grad_ascent import GradAscent
-from .iamu import Iamu, IamuNoOrth, IamuNoProj
-from .l1_sparse import L1Sparse
-from .neggrad_plus import NegGradPlus
-from .orthograd import OrthoGrad
-from .pcgrad import PCGrad
-from .random_label import RandomLabel
-from .salun import SalUn
-from .scrub import Scrub
+from mtu_dist.errors import UserError
+from mtu_dist.methods.base import Method
+from mtu_dist.methods.finetune import Finetune
+from mtu_dist.methods.grad_ascent import GradAscent
+from mtu_dist.methods.iamu import Iamu, IamuNoOrth, IamuNoProj
+from mtu_dist.methods.l1_sparse import L1Sparse
+from mtu_dist.methods.neggrad_plus import NegGradPlus
+from mtu_dist.methods.orthograd import OrthoGrad
+from mtu_dist.methods.pcgrad import PCGrad
+from mtu_dist.methods.random_label import RandomLabel
+from mtu_dist.methods.salun import SalUn
+from mtu_dist.methods.scrub import Scrub
 
 METHODS: dict[str, type[Method]] = {
     "finetune": Finetune,

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..objective import global_counts, normalised_losses
+from mtu_dist.runner.objective import global_counts, normalised_losses
 
 
 class NoOptions(BaseModel):
@@ -66,7 +66,7 @@ class StepContext:
 def _strict(options: type[BaseModel]) -> type[BaseModel]:
     """The method's option schema under the config's type rules (no bool for a number, no fraction for
     an integer, no NaN/inf)."""
-    from ..config import Strict
+    from mtu_dist.config import Strict
     return type(options.__name__, (options, Strict), {})
 
 

@@ -3,7 +3,7 @@ forgetting as unlearning; the standard baseline, e.g. Golatkar et al., CVPR 2020
 of the Spotless Net", and every benchmark since)."""
 from __future__ import annotations
 
-from .base import Method
+from mtu_dist.methods.base import Method
 
 
 class Finetune(Method):

@@ -3,7 +3,7 @@ Understanding Factors Influencing Machine Unlearning", EuroS&P 2022). No retain 
 point for how much damage unconstrained forgetting does."""
 from __future__ import annotations
 
-from .base import Method
+from mtu_dist.methods.base import Method
 
 
 class GradAscent(Method):

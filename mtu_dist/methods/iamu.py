@@ -25,11 +25,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..distributed.gradstep import allreduce_small, gather_blocks, gather_update
-from ..objective import global_counts, normalised_losses
-from ..tasks import TASKS
-from .lowrank import gaussian_sketch, lowrank_basis
-from .signal_method import SignalMethod
+from mtu_dist.distributed.gradstep import allreduce_small, gather_blocks, gather_update
+from mtu_dist.runner.objective import global_counts, normalised_losses
+from mtu_dist.tasks import TASKS
+from mtu_dist.methods.lowrank import gaussian_sketch, lowrank_basis
+from mtu_dist.methods.signal_method import SignalMethod
 
 
 class IamuOptions(BaseModel):

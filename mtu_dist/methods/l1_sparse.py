@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Method
+from mtu_dist.methods.base import Method
 
 
 class L1SparseOptions(BaseModel):

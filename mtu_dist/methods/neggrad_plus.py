@@ -2,7 +2,7 @@
 "Towards Unbounded Machine Unlearning", NeurIPS 2023). alpha is `unlearn.alpha`."""
 from __future__ import annotations
 
-from .base import Method
+from mtu_dist.methods.base import Method
 
 
 class NegGradPlus(Method):

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..distributed.gradstep import allreduce_small
-from ..objective import global_counts, normalised_losses
-from ..tasks import TASKS
-from .iamu import orthogonalize
-from .signal_method import SignalMethod
+from mtu_dist.distributed.gradstep import allreduce_small
+from mtu_dist.runner.objective import global_counts, normalised_losses
+from mtu_dist.tasks import TASKS
+from mtu_dist.methods.iamu import orthogonalize
+from mtu_dist.methods.signal_method import SignalMethod
 
 
 class OrthoGradOptions(BaseModel):

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..distributed.gradstep import allreduce_small
-from ..objective import global_counts, normalised_losses
-from .signal_method import SignalMethod
+from mtu_dist.distributed.gradstep import allreduce_small
+from mtu_dist.runner.objective import global_counts, normalised_losses
+from mtu_dist.methods.signal_method import SignalMethod
 
 
 class PCGradOptions(BaseModel):

@@ -20,8 +20,8 @@ import zlib
 
 import torch
 
-from ..tasks import IGNORE_INDEX
-from .base import Method
+from mtu_dist.tasks import IGNORE_INDEX
+from mtu_dist.methods.base import Method
 
 
 def seeded(*parts) -> torch.Generator:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
-from .random_label import RandomLabel
+from mtu_dist.methods.random_label import RandomLabel
 
 
 class SalUnOptions(BaseModel):

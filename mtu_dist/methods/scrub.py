@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..objective import global_counts, normalised_losses
-from .base import Method
+from mtu_dist.runner.objective import global_counts, normalised_losses
+from mtu_dist.methods.base import Method
 
 
 class ScrubOptions(BaseModel):

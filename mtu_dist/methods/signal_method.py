@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import signals as engines
-from ..distributed.gradstep import ParamLayout, gather_update, reduce_signals
-from ..tasks import TASKS
-from .base import Method
+from mtu_dist.distributed import signals as engines
+from mtu_dist.distributed.gradstep import ParamLayout, gather_update, reduce_signals
+from mtu_dist.tasks import TASKS
+from mtu_dist.methods.base import Method
 
 
 class SignalMethod(Method):

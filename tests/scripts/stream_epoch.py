@@ -6,7 +6,7 @@ import sys
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import BatchLoader, blank_sample, forget_batches, load_instances, retain_mask
 from mtu_dist.distributed.runtime import make_accelerator
-from mtu_dist.forget import load_request
+from mtu_dist.compliance.request import load_request
 
 dataset, request, out, workers, local_batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 acc = make_accelerator()

@@ -1,0 +1,1 @@
+"""Evaluation and scoring: dense metrics per split, unlearning metrics, statistics, trajectories."""

@@ -1,0 +1,441 @@
+"""`mtu report`: the paper-style table of a benchmark (bench/paper_table.py), read from MLflow.
+
+The benchmark is found by its parent run (`--parent ID`), its folder (`--bench DIR`, whose
+paper_table.json records the parent and the tracking URI) or its experiment (`--experiment NAME`: the
+latest benchmark there). Rows are the parent's finished child runs tagged `mtu.paper.role` =
+`original`, `retrain` or `method` (the latest run of each benchmark x setting x seed x method);
+tuning trials and the original's training run are not rows.
+
+Per benchmark x setting, one Markdown table, methods x columns, each cell the mean over seeds and
+its 95% interval `[lo, hi]` (statistics.interval: a bootstrap over the seeds, i.e. over requests of
+>= 100 instances, widened to Student-t's small-sample width; a lone seed shows the mean only):
+
+* the primary metric of every task on `forget` (target pairs), `forget_kept` (partial: the kept
+  tasks of the forgotten instances), `retain` and `val` (`eval/<split>/<task>/<primary>`);
+* MIA AUC (and, partial, on the target tasks alone), UIS (mean over tasks; lower is better), gap to
+  retrain (percentage points), cost (unlearning wall time, setup included; the retrain: its training
+  time; the original: 0) and its ratio to the retrain's;
+* UIS excess: UIS minus the retrain's UIS on the same request (the floor); a row whose mean excess is
+  below 0 is flagged `below floor` and never counts as the strongest baseline;
+* below it, UIS per task (the breakdown of the UIS column);
+* interference at equal forgetting, from each run's trajectory (trajectory.py): task-level and
+  instance-level interference when the forget pairs first reach the retrain's forget level
+  (interpolated), with the number of runs that reached it and the largest forget progress;
+* the memorisation figures of the original (forget vs val per task, MIA AUC of original and retrain).
+
+Then the goal lines: `OURS`' mean UIS against the strongest baseline (the lowest mean UIS among the
+methods that are neither references nor `OURS` and its ablations, nor below the floor), per benchmark
+and averaged over benchmarks, with the paired difference (same requests and seeds) and its interval; `OURS`' MIA AUC against the retrain's; in the partial setting, the largest relative move
+of a kept task's primary metric, on the forgotten instances and on val, against the original.
+Plots (`plots.py`): `uis.png` (UIS per method, bars with the 95% interval) and `tradeoff.png` (per
+benchmark x setting: forget progress toward the retrain's level on x, task-level and instance-level
+interference on y, one curve per method and seed). Everything is written atomically to `--out`
+(default `<bench>/report`, or `reports/<parent name>-<id>`) and logged to the parent run under `report/`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mtu_dist.errors import UserError
+from mtu_dist.evaluation.statistics import Interval, interval, paired
+from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
+from mtu_dist.tasks import TASKS
+from mtu_dist.reporting.tracking import check_reachable, mlflow_client, resolve_uri
+
+OURS = "iamu"
+ABLATIONS = ("iamu_no_proj", "iamu_no_orth")
+REFERENCES = ("original", "retrain")
+SPLITS = ("forget", "forget_kept", "retain", "val")
+GOALS = {"full": 0.30, "partial": 0.50}   # OURS' UIS at least this fraction below the strongest baseline
+MIA_GOAL = 0.03                           # |MIA AUC - retrain's|
+KEPT_GOAL = 0.01                          # kept tasks: relative move of the primary metric vs the original
+
+
+MEMO_GOALS = {"excess": 0.25, "mia_original": 0.90, "mia_retrain": 0.60}  # the benchmark's memorisation targets
+CURVE_KEYS = ("traj/progress", "traj/task_interference", "traj/instance_interference")
+
+
+@dataclass
+class Row:
+    benchmark: str
+    setting: str
+    seed: int
+    method: str
+    metrics: dict = field(default_factory=dict)
+    curve: list = field(default_factory=list)  # [(step, progress, task interference, instance interference)]
+
+
+def find_parent(client, *, parent: str | None, experiment: str | None, uri: str):
+    from mlflow.exceptions import MlflowException
+    if parent:
+        try:
+            return client.get_run(parent)
+        except MlflowException:
+            raise UserError(f"--parent {parent}: no such run in {uri}") from None
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"--experiment {experiment!r}: no such experiment in {uri}")
+    runs = client.search_runs([exp.experiment_id], "tags.`mtu.command` = 'paper_table'",
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not runs:
+        raise UserError(f"--experiment {experiment!r}: it holds no benchmark parent run (bench/paper_table.py)")
+    return runs[0]
+
+
+def collect(client, parent) -> list[Row]:
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=50000)
+    latest, curves = {}, {}
+    for r in runs:
+        t = r.data.tags
+        role = t.get("mtu.paper.role")
+        if r.info.status == "FINISHED" and role in ("original", "retrain", "method", "curve"):
+            key = (t["mtu.paper.benchmark"], t["mtu.paper.setting"], int(t["mtu.paper.seed"]), t["mtu.paper.method"])
+            (curves if role == "curve" else latest)[key] = r
+    rows = {key: Row(*key, metrics=dict(r.data.metrics)) for key, r in latest.items()}
+    for key, r in curves.items():  # a method's equal-forgetting run adds its eqf/ figures and curve to its row
+        if key in rows:
+            rows[key].metrics.update({k: v for k, v in r.data.metrics.items() if k.startswith("eqf/")})
+            rows[key].curve = _curve(client, r.info.run_id)
+    return list(rows.values())
+
+
+def _curve(client, run_id: str) -> list[tuple]:
+    """The run's equal-forgetting curve (logged per trajectory step), in step order."""
+    by_step: dict = defaultdict(dict)
+    for key in CURVE_KEYS:
+        for m in client.get_metric_history(run_id, key):
+            by_step[m.step][key] = m.value
+    return [(step, *(v.get(k) for k in CURVE_KEYS)) for step, v in sorted(by_step.items())]
+
+
+# --------------------------------------------------------------------------
+# numbers
+# --------------------------------------------------------------------------
+
+def stats(values) -> Interval | None:
+    """Mean and 95% interval over the finite values (statistics.interval), or None."""
+    return interval(list(values))
+
+
+def _primary_key(split: str, task: str) -> str:
+    return f"eval/{split}/{task}/{TASKS[task].primary}"
+
+
+def columns(rows: list[Row]) -> list[tuple[str, str]]:
+    """(header, metric key) of every column the rows have."""
+    cols = []
+    for sp in SPLITS:
+        for t in TASKS:
+            if any(_primary_key(sp, t) in r.metrics for r in rows):
+                cols.append((f"{sp} {t}", _primary_key(sp, t)))
+    cols += [("MIA AUC", "mia_auc")]
+    if any("mia_auc_target" in r.metrics for r in rows):
+        cols += [("MIA AUC target", "mia_auc_target")]
+    cols += [("UIS", "uis"), ("UIS excess", "uis_excess"), ("gap pp", "gap_retrain"), ("cost s", "paper/cost_s"),
+             ("cost ratio", "cost_ratio")]
+    return cols
+
+
+def method_order(names) -> list[str]:
+    from mtu_dist.methods import METHODS
+    known = [*REFERENCES, *(m for m in METHODS if m != OURS and m not in ABLATIONS), OURS, *ABLATIONS]
+    return [m for m in known if m in names] + sorted(set(names) - set(known))
+
+
+def baselines(names) -> list[str]:
+    return [m for m in names if m not in REFERENCES and m != OURS and m not in ABLATIONS]
+
+
+def _fmt(s: Interval | None, key: str) -> str:
+    if s is None:
+        return ""
+    spec = ".4f" if key.startswith("uis") else (".1f" if abs(s.mean) >= 10 else ".3f")
+    return format(s.mean, spec) + (f" [{format(s.lo, spec)}, {format(s.hi, spec)}]" if s.n > 1 else "")
+
+
+def below_floor(by_method: dict[str, list[Row]]) -> set[str]:
+    """Methods whose mean UIS is below the retrain's on the same requests: not better, only off the scale."""
+    return {m for m, rs in by_method.items() if m not in REFERENCES
+            and (s := stats(r.metrics.get("uis_excess") for r in rs)) is not None and s.mean < 0}
+
+
+def group(rows: list[Row]) -> dict[tuple[str, str], dict[str, list[Row]]]:
+    """(benchmark, setting) -> method -> rows (one per seed)."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        out[(r.benchmark, r.setting)][r.method].append(r)
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def table(by_method: dict[str, list[Row]]) -> str:
+    every = [r for rs in by_method.values() for r in rs]
+    cols = columns(every)
+    lines = ["| method | " + " | ".join(h for h, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    low = below_floor(by_method)
+    for m in method_order(by_method):
+        cells = [_fmt(stats(r.metrics.get(k) for r in by_method[m]), k) for _, k in cols]
+        lines.append(f"| {m}{' (below floor)' if m in low else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
+    """Per method: interference when the forget pairs first reach the retrain's forget level."""
+    lines = ["| method | reached | task-level interference | instance-level interference | largest forget progress |",
+             "|---|---|---|---|---|"]
+    for m in method_order(by_method):
+        rs = [r for r in by_method[m] if "eqf/reached" in r.metrics]
+        if not rs or m in REFERENCES:
+            continue
+        reached = [r for r in rs if r.metrics["eqf/reached"] > 0]
+        cells = [_fmt(stats(r.metrics.get(k) for r in reached), k)
+                 for k in ("eqf/task_interference", "eqf/instance_interference")]
+        lines.append(f"| {m} | {len(reached)}/{len(rs)} | " + " | ".join(c or "-" for c in cells) + " | "
+                     + _fmt(stats(r.metrics.get("eqf/max_progress") for r in rs), "p") + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def memorisation(by_method: dict[str, list[Row]]) -> dict:
+    """The original's memorisation on the requests, from the original's and the retrain's rows: per task
+    the forget-pair primary metric (target pairs, and kept pairs in the partial setting), the val one and
+    their relative excess forget / val - 1; the MIA AUC of the original and of the retrain. Each an
+    interval over seeds."""
+    orig, ret = by_method.get("original", []), by_method.get("retrain", [])
+    out = {"tasks": {}}
+    for t in TASKS:
+        def forget_of(r, t=t):
+            return r.metrics.get(_primary_key("forget", t), r.metrics.get(_primary_key("forget_kept", t)))
+        pairs = [(forget_of(r), r.metrics.get(_primary_key("val", t))) for r in orig]
+        pairs = [(f, v) for f, v in pairs if f is not None and v]
+        if pairs:
+            out["tasks"][t] = {"forget": stats(f for f, _ in pairs), "val": stats(v for _, v in pairs),
+                               "excess": stats(f / v - 1 for f, v in pairs)}
+    out["mia_original"] = stats(r.metrics.get("mia_auc") for r in orig)
+    out["mia_retrain"] = stats(r.metrics.get("mia_auc") for r in ret)
+    return out
+
+
+def memorisation_lines(memo: dict) -> list[str]:
+    g = MEMO_GOALS
+    lines = ["| task | original forget | original val | forget / val - 1 | goal |", "|---|---|---|---|---|"]
+    for t, v in memo["tasks"].items():
+        ok = v["excess"].mean >= g["excess"]
+        lines.append(f"| {t} | {_fmt(v['forget'], 'm')} | {_fmt(v['val'], 'm')} | {_fmt(v['excess'], 'm')} | "
+                     f">= {g['excess']:.2f}: {_verdict(ok)} |")
+    for key, what, ok in (("mia_original", "MIA AUC, original", lambda x: x >= g["mia_original"]),
+                          ("mia_retrain", "MIA AUC, retrain", lambda x: x <= g["mia_retrain"])):
+        if memo[key] is not None:
+            bound = (">= " if key == "mia_original" else "<= ") + f"{g[key]:.2f}"
+            lines.append(f"| {what} | {_fmt(memo[key], 'm')} | | | {bound}: {_verdict(ok(memo[key].mean))} |")
+    return lines
+
+
+def uis_table(by_method: dict[str, list[Row]]) -> str:
+    """Methods x tasks: UIS per task (mean +- std over seeds), the breakdown behind the UIS column."""
+    tasks = [t for t in TASKS if any(f"uis/{t}" in r.metrics for rs in by_method.values() for r in rs)]
+    lines = ["| method | " + " | ".join(f"UIS {t}" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in method_order(by_method):
+        lines.append(f"| {m} | " + " | ".join(_fmt(stats(r.metrics.get(f"uis/{t}") for r in by_method[m]), "uis")
+                                             for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def mean_uis(by_method: dict[str, list[Row]]) -> dict[str, float]:
+    return {m: s.mean for m, rs in by_method.items() if (s := stats(r.metrics.get("uis") for r in rs))}
+
+
+def per_seed(by_method: dict[str, list[Row]], method: str, key: str = "uis") -> dict[int, float]:
+    return {r.seed: r.metrics[key] for r in by_method.get(method, []) if key in r.metrics}
+
+
+def _relative_moves(by_method, method: str, split: str, tasks) -> list[float]:
+    """Per task: mean over seeds of |U - O| / O on `split`, O the original on the same seed's request."""
+    orig = {r.seed: r for r in by_method.get("original", [])}
+    out = []
+    for t in tasks:
+        key, moves = _primary_key(split, t), []
+        for r in by_method.get(method, []):
+            o, u = orig.get(r.seed) and orig[r.seed].metrics.get(key), r.metrics.get(key)
+            if o and u is not None:
+                moves.append(abs(u - o) / abs(o))
+        if moves:
+            out.append(float(np.mean(moves)))
+    return out
+
+
+def _worst_kept_move(by_method, method: str, tasks) -> dict[int, float]:
+    """Per seed: the largest relative move |U - O| / O of a kept task on forget_kept or val."""
+    orig = {r.seed: r for r in by_method.get("original", [])}
+    out = {}
+    for r in by_method.get(method, []):
+        moves = [abs(u - o) / abs(o) for sp in ("forget_kept", "val") for t in tasks
+                 if (o := orig.get(r.seed) and orig[r.seed].metrics.get(_primary_key(sp, t)))
+                 and (u := r.metrics.get(_primary_key(sp, t))) is not None]
+        if moves:
+            out[r.seed] = max(moves)
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozenset(), diffs: dict | None = None) -> str:
+    """The UIS goal line; `diffs` = {baseline: (per-seed OURS values, per-seed baseline values)} for the
+    paired difference of OURS minus the strongest baseline on the same requests and seeds."""
+    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low}
+    if OURS not in uis or not base:
+        why = (f"every baseline is below the floor: {', '.join(sorted(low))}" if OURS in uis and low
+               else f"{OURS} or baselines missing")
+        return f"- {label}: UIS goal not computable ({why})"
+    best = min(base, key=base.get)
+    below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
+    floor = f"; the retrain's own UIS: {uis['retrain']:.4f}" if "retrain" in uis else ""
+    skipped = f"; below the floor, not ranked: {', '.join(sorted(low))}" if low else ""
+    pair = ""
+    if diffs and best in diffs and (d := paired(*diffs[best])) is not None:
+        pair = (f"; paired difference {OURS} - {best} {d.mean:+.4f}" +
+                (f" [{d.lo:+.4f}, {d.hi:+.4f}], {'excludes' if d.excludes(0) else 'includes'} 0" if d.n > 1
+                 else " (one seed: no interval)"))
+    return (f"- {label}: {OURS} mean UIS {uis[OURS]:.4f} vs strongest baseline {best} {base[best]:.4f}: "
+            f"{100 * below:.0f}% below (goal >= {100 * GOALS[setting]:.0f}%{floor}{skipped}){pair}: "
+            f"{_verdict(below >= GOALS[setting])}")
+
+
+def goal_lines(groups: dict) -> str:
+    out = ["## Goals", ""]
+    for setting in GOALS:
+        keys = [k for k in groups if k[1] == setting]
+        if not keys:
+            continue
+        per_bench = {k[0]: mean_uis(groups[k]) for k in keys}
+        for k in keys:
+            g = groups[k]
+            diffs = {m: (per_seed(g, OURS), per_seed(g, m)) for m in baselines(g)}
+            out.append(uis_line(f"{setting}, {k[0]}", per_bench[k[0]], setting, below_floor(g), diffs))
+        common = set.intersection(*(set(u) for u in per_bench.values()))
+        if len(per_bench) > 1:
+            avg = {m: float(np.mean([u[m] for u in per_bench.values()])) for m in common}
+            low = set.union(*(below_floor(groups[k]) for k in keys))
+            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting, low))
+        for k in keys:
+            ours, ref = (stats(r.metrics.get("mia_auc") for r in groups[k].get(m, [])) for m in (OURS, "retrain"))
+            if ours and ref:
+                gap = abs(ours.mean - ref.mean)
+                d = paired(per_seed(groups[k], OURS, "mia_auc"), per_seed(groups[k], "retrain", "mia_auc"))
+                pair = (f"; paired difference {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" if d is not None and d.n > 1 else "")
+                out.append(f"- {setting}, {k[0]}: {OURS} MIA AUC {ours.mean:.3f} vs retrain {ref.mean:.3f}: gap {gap:.3f} "
+                           f"(goal <= {MIA_GOAL}{pair}): {_verdict(gap <= MIA_GOAL)}")
+            if setting == "partial":
+                kept = [t for t in TASKS if any(_primary_key("forget_kept", t) in r.metrics
+                                                for rs in groups[k].values() for r in rs)]
+                moves = (_relative_moves(groups[k], OURS, "forget_kept", kept)
+                         + _relative_moves(groups[k], OURS, "val", kept))
+                ref = (_relative_moves(groups[k], "retrain", "forget_kept", kept)
+                       + _relative_moves(groups[k], "retrain", "val", kept))
+                if moves:
+                    worst = max(moves)
+                    floor = f"; the retrain's: {100 * max(ref):.2f}%" if ref else ""
+                    d = paired(_worst_kept_move(groups[k], OURS, kept), _worst_kept_move(groups[k], "retrain", kept))
+                    pair = (f"; paired difference of the per-seed largest move {OURS} - retrain {100 * d.mean:+.2f}% "
+                            f"[{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]" if d is not None and d.n > 1 else "")
+                    out.append(f"- {setting}, {k[0]}: {OURS} kept tasks ({', '.join(kept)}) move at most "
+                               f"{100 * worst:.2f}% vs the original (forget_kept and val; goal <= {100 * KEPT_GOAL:.0f}%"
+                               f"{floor}{pair}): {_verdict(worst <= KEPT_GOAL)}")
+                else:
+                    out.append(f"- {setting}, {k[0]}: {OURS} kept tasks ({', '.join(kept) or 'none'}): not computable "
+                               "(no run of it, or the original's metric is 0)")
+    return "\n".join(out)
+
+
+def render(rows: list[Row], title: str) -> str:
+    groups = group(rows)
+    parts = [f"# {title}", ""]
+    for (bench, setting), by_method in groups.items():
+        seeds = sorted({r.seed for rs in by_method.values() for r in rs})
+        parts += [f"## {bench}, {setting}-task (seeds {', '.join(map(str, seeds))}; mean [95% interval])", "",
+                  table(by_method), "", "UIS per task:", "", uis_table(by_method), ""]
+        eq = equal_forgetting_table(by_method)
+        if eq:
+            parts += ["Interference at equal forgetting (the forget pairs at the retrain's forget level; "
+                      "relative moves against the model before unlearning):", "", eq, ""]
+        memo = memorisation(by_method)
+        if memo["tasks"]:
+            parts += ["Memorisation of the original on these requests:", "", *memorisation_lines(memo), ""]
+    parts.append(goal_lines(groups))
+    parts += ["", "Primary metrics: seg mIoU, depth delta<1.25, normal % within 30 deg (higher is better). "
+              "UIS: lower is better. MIA AUC: the closer to the retrain's, the better. "
+              "gap pp: mean |difference| to the retrain over the primary metrics of every split."]
+    return "\n".join(parts) + "\n"
+
+
+def tuning_lines(bench: Path) -> str:
+    """How many of each method's tuning trials reached the forget target on the dev request, per unit
+    (from the benchmark folder's tune/<benchmark>-<setting>/tuned.yaml)."""
+    import yaml
+    units = {p.parent.name: yaml.safe_load(p.read_text()) or {} for p in sorted(bench.glob("tune/*/tuned.yaml"))}
+    if not units:
+        return ""
+    names = method_order({m for u in units.values() for m in (u.get("methods") or {})})
+    lines = ["", "## Tuning: feasible trials on the dev request (every target task within the tolerance)", "",
+             "| method | " + " | ".join(units) + " |", "|---|" + "---|" * len(units)]
+    for m in names:
+        cells = []
+        for u in units.values():
+            e = (u.get("methods") or {}).get(m)
+            cells.append("" if not e else f"{e.get('feasible_trials', '?')}/{e.get('trials', '?')}"
+                         + ("" if e.get("feasible") else " (none: least forget gap chosen)"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_data(rows: list[Row]) -> tuple[dict, dict]:
+    """UIS (mean, std) per method and (forget drop, retain drop) in % per method, per (benchmark, setting)."""
+    uis, trade = {}, {}
+    for key, by_method in group(rows).items():
+        label = f"{key[0]}, {key[1]}"
+        order = [m for m in method_order(by_method) if m != "original"]
+        uis[label] = [(m, s.mean, s.mean - s.lo, s.hi - s.mean) for m in order
+                      if (s := stats(r.metrics.get("uis") for r in by_method[m]))]
+        trade[label] = {m: [r.curve for r in by_method[m] if r.curve] for m in order}
+        trade[label] = {m: c for m, c in trade[label].items() if c}
+    return uis, trade
+
+
+def report_command(*, parent: str | None, experiment: str | None, bench: str | None, tracking_uri: str | None,
+                   out: str | None) -> Path:
+    if bench:
+        record = Path(bench) / "paper_table.json"
+        if not record.is_file():
+            raise UserError(f"--bench {bench}: no paper_table.json there (is it a folder made by bench/paper_table.py?)")
+        rec = json.loads(record.read_text())
+        parent, tracking_uri = rec["parent_run_id"], tracking_uri or rec["tracking_uri"]
+    uri = resolve_uri(tracking_uri)
+    check_reachable(uri)
+    client = mlflow_client(uri)
+    run = find_parent(client, parent=parent, experiment=experiment, uri=uri)
+    rows = collect(client, run)
+    if not rows:
+        raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): no finished benchmark rows under it")
+    folder = Path(out) if out else (Path(bench) / "report" if bench else
+                                    Path("reports") / f"{run.info.run_name}-{run.info.run_id[:8]}")
+    ensure_writable_dir(folder)
+    from mtu_dist.reporting.plots import tradeoff, uis_bars
+    text = render(rows, f"Benchmark {run.info.run_name} (parent run {run.info.run_id})")
+    if bench:
+        text += tuning_lines(Path(bench))
+    print(text)
+    uis, trade = plot_data(rows)
+    files = {"table.md": text.encode(), "uis.png": uis_bars(uis, OURS), "tradeoff.png": tradeoff(trade, OURS)}
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
+        client.log_artifact(run.info.run_id, str(folder / name), "report")
+    print(f"wrote {', '.join(files)} to {folder} and logged them to run {run.info.run_id[:8]} (artifacts/report)")
+    return folder

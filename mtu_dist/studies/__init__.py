@@ -1,0 +1,1 @@
+"""Studies built from runs: the demo, tuning without peeking, scaling sweeps."""
