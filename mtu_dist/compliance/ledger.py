@@ -1,4 +1,4 @@
-"""Which (instance, task) supervision pairs a run consumed, and deliberate faults for tests.
+"""Which (instance, task) supervision pairs a run consumed.
 
 Every training or unlearning step records the pairs whose supervision mask was on, per role:
 `retain` (supervised toward its own labels), `forget` (the forget signal a method removes) and
@@ -9,16 +9,12 @@ number of distinct pairs, the total uses, and the pairs both as sha256 keys (`pa
 name any pair without re-hashing the dataset; instance ids are dataset positions, and the request
 holding the same ids is logged with the run anyway).
 
-Test hooks, both loud and off unless their environment variable is set: `MTU_FAULT` kills a rank
-hard at a chosen step (`fault_point`); `MTU_TEST_LEAK` leaves one forget pair (the first, or a named
-one) in the retain stream (`deliberate_leak`), a real leak through the real loop that the audit must catch.
+The test hooks that kill a rank or leak a pair on purpose are in runner/faults.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from collections import Counter
 
 import torch.distributed as dist
@@ -112,42 +108,3 @@ def ledger_bytes(counts: dict[str, int], request_sha256: str | None) -> bytes:
 def flat_counts(document: dict) -> dict[str, int]:
     """ledger.json -> `role|instance|task -> uses` (the inverse of `ledger_document`)."""
     return {f"{role}|{key}": n for role, r in document["roles"].items() for key, n in r["keys"].items()}
-
-
-def deliberate_leak(forget_entries: dict[str, tuple[str, ...]],
-                    newest: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, ...]]:
-    """Test hook: with `MTU_TEST_LEAK=1` the first pair of this run's own request (`newest`, default all of
-    `forget_entries`; `MTU_TEST_LEAK=<instance>|<task>`: that pair, e.g. one an earlier request of a lineage
-    forgot) is NOT masked out of the retain stream (its label stays too), so a run really trains on it.
-    Only for proving the audit catches it."""
-    spec = os.environ.get("MTU_TEST_LEAK")
-    if not spec or not forget_entries:
-        return forget_entries
-    if spec == "1":
-        instance, tasks = next(iter((newest or forget_entries).items()))
-        task = tasks[0]
-    else:
-        instance, _, task = spec.partition("|")
-        if task not in forget_entries.get(instance, ()):
-            return forget_entries
-    print(f"mtu: WARNING: MTU_TEST_LEAK: forget pair {instance}|{task} is deliberately left in the "
-          "retain stream", file=sys.stderr)
-    out = dict(forget_entries)
-    rest = tuple(t for t in out[instance] if t != task)
-    if rest:
-        out[instance] = rest
-    else:
-        del out[instance]
-    return out
-
-
-def fault_point(phase: str, step: int) -> None:
-    """Test hook: `MTU_FAULT=phase:step[:rank]` kills this process hard (like kill -9) after that step;
-    phases: train, retrain, unlearn."""
-    spec = os.environ.get("MTU_FAULT")
-    if not spec:
-        return
-    parts = spec.split(":")
-    rank = int(os.environ.get("RANK", "0"))
-    if parts[0] == phase and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
-        os._exit(137)

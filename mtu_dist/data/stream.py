@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtu_dist.errors import UserError
 from mtu_dist.utils.fileio import sha256_bytes
-from mtu_dist.compliance.ledger import deliberate_leak
+from mtu_dist.runner.faults import deliberate_leak
 from mtu_dist.data.keycheck import KeyCheck
 from mtu_dist.data.manifest import Manifest
 from mtu_dist.data.sample import SEG_IGNORE, decode_sample
@@ -68,6 +68,16 @@ def retain_mask(manifest: Manifest, forget_entries: dict[str, tuple[str, ...]],
     ones = np.ones(len(manifest.tasks), dtype=bool)
     masked = {k: np.array([t not in ts for t in manifest.tasks]) for k, ts in forget_entries.items()}
     return lambda key: masked.get(key, ones)
+
+
+def forget_mask(manifest: Manifest, entries: dict[str, tuple[str, ...]]) -> MaskFn:
+    """Supervision mask of the forget pairs themselves: an instance's forgotten tasks only."""
+    return lambda key: np.array([t in entries[key] for t in manifest.tasks])
+
+
+def kept_mask(manifest: Manifest, entries: dict[str, tuple[str, ...]]) -> MaskFn:
+    """The tasks a forget instance keeps (a partial request's other tasks)."""
+    return lambda key: np.array([t not in entries[key] for t in manifest.tasks])
 
 
 def to_tensors(s: dict, tasks: tuple[str, ...], mask: np.ndarray, key: str, valid: bool = True) -> dict:
