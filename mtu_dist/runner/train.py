@@ -16,7 +16,8 @@ from mtu_dist.data.stream import BatchLoader, full_mask, retain_mask
 from mtu_dist.runner.device import pins_memory, to_device
 from mtu_dist.distributed.stepper import prepare
 from mtu_dist.errors import UserError
-from mtu_dist.compliance.ledger import Ledger, fault_point
+from mtu_dist.compliance.ledger import Ledger
+from mtu_dist.runner.faults import fault_point
 from mtu_dist.model import build_model
 from mtu_dist.runner.objective import global_counts, normalised_losses, reduce_for_logging
 from mtu_dist.runner.session import Session, run_info

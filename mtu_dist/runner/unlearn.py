@@ -33,7 +33,8 @@ from mtu_dist.runner.device import pins_memory, to_device
 from mtu_dist.distributed.stepper import prepare
 from mtu_dist.errors import UserError
 from mtu_dist.evaluation.evaluate import instance_batches, run_split, primary
-from mtu_dist.compliance.ledger import Ledger, fault_point
+from mtu_dist.compliance.ledger import Ledger
+from mtu_dist.runner.faults import fault_point
 from mtu_dist.methods import build_method
 from mtu_dist.methods.base import StepContext
 from mtu_dist.model import build_model
