@@ -287,10 +287,14 @@ SMALL = {"iamu": ("unlearn.options.subspace_batches=2",), "iamu_no_proj": ("unle
 
 
 def _session(root, out, command: str, name: str, sets=(), request=None, run_dir=None):
+    from mtu_dist.compliance.request import load_request
     from mtu_dist.config import load_config
+    from mtu_dist.data.manifest import load_manifest
     from mtu_dist.runner.session import open_session
     cfg = load_config([str(TINY)], [f"data.root={root}", f"out={Path(out) / 'runs'}", *BASE, *sets])
-    return open_session(cfg, command, name, request_path=request and str(request), overwrite=True, run_dir=run_dir)
+    manifest = load_manifest(cfg.data.dataset, cfg.data.root)
+    return open_session(cfg, command, name, manifest=manifest, request=request and load_request(request, manifest),
+                        overwrite=True, run_dir=run_dir)
 
 
 def make_request(root, out) -> Path:

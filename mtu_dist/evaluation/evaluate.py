@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtu_dist.data.stream import BatchLoader, blank_sample, collate, load_instances
+from mtu_dist.data.stream import BatchLoader, blank_sample, collate, forget_mask, full_mask, kept_mask, load_instances
 from mtu_dist.runner.device import model_device, pins_memory, to_device
 from mtu_dist.tasks import TASKS, reduce_meters
 
@@ -70,12 +69,12 @@ def evaluate(model, s, request=None) -> dict:
     # a lineage step also keeps what earlier requests forgot out of the retain sample
     out_of_retain = set(forgotten) | set(request.retain_exclude if request else ())
     retain_ids = [k for k in m.split("train").keys if k not in out_of_retain][:cfg.eval.retain_sample]
-    sets = {"retain": (retain_ids, lambda k: np.ones(len(tasks), bool))}
+    sets = {"retain": (retain_ids, full_mask(m))}
     if request:
-        sets["forget"] = (list(forgotten), lambda k: np.array([t in forgotten[k] for t in tasks]))
+        sets["forget"] = (list(forgotten), forget_mask(m, forgotten))
         if request.setting == "partial" or (request.setting == "mixed"
                                             and any(len(ts) < len(tasks) for ts in forgotten.values())):
-            sets["forget_kept"] = (list(forgotten), lambda k: np.array([t not in forgotten[k] for t in tasks]))
+            sets["forget_kept"] = (list(forgotten), kept_mask(m, forgotten))
     for name, (ids, mask_fn) in sets.items():
         samples = load_instances(m, "train", ids, mask_fn)
         splits[name], losses[name] = run_split(model, instance_batches(samples, s.rank, s.world, local, blank),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtu_dist.runner.checkpoint import check_model_file, read_state, save_checkpoint
 from mtu_dist.config import RunConfig
@@ -14,9 +15,17 @@ from mtu_dist.compliance.ledger import ledger_bytes
 from mtu_dist.runner.runclaim import release_run_dir
 from mtu_dist.runner.session import Session, open_session, run_info
 
+if TYPE_CHECKING:
+    import torch
 
-def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None = None,
-           original=None, retrain=None, cumulative: dict | None = None) -> dict:
+    from mtu_dist.compliance.request import ForgetRequest
+    from mtu_dist.data.manifest import Manifest
+    from mtu_dist.evaluation.scoring import Results
+
+
+def finish(s: Session, model: torch.nn.Module, *, elapsed: float, step: int, extra: dict | None = None,
+           original: Results | None = None, retrain: Results | str | None = None,
+           cumulative: dict | None = None) -> dict:
     """Save the final model (atomically), evaluate it, write metrics.json beside it, log everything.
     A run on a forget request also gets its unlearning scores (scoring.py) against the references given;
     a lineage step (`cumulative`: request, root and retrain references) also its scores on the cumulative
@@ -72,7 +81,7 @@ def finish(s: Session, model, *, elapsed: float, step: int, extra: dict | None =
     return report
 
 
-def _refuse_non_finite_final(s: Session, model) -> None:
+def _refuse_non_finite_final(s: Session, model: torch.nn.Module) -> None:
     """A run whose final model is not finite failed, whatever its loop concluded: exit non-zero, save nothing."""
     from mtu_dist.runner.checkpoint import non_finite
     name = non_finite(dict(model.state_dict()))
@@ -118,12 +127,10 @@ def retrain_command(cfg: RunConfig, *, request: str, name: str | None, resume: b
     """Train from scratch on the request's retain signal. With `original` (the model the request was
     made against) the run also writes its full unlearning block: UIS against the original, and itself as
     the retrain reference (the floor every method's UIS is compared with)."""
-    from mtu_dist.compliance.request import load_request
-    from mtu_dist.data.manifest import load_manifest
     from mtu_dist.runner.train import fit
-    req = load_request(request, load_manifest(cfg.data.dataset, cfg.data.root))
-    s = open_session(cfg, "retrain", name or f"retrain-{req.setting}-{req.sha256[:8]}", request_path=request,
-                     resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
+    manifest, req = _inputs(cfg, request)
+    s = open_session(cfg, "retrain", name or f"retrain-{req.setting}-{req.sha256[:8]}", manifest=manifest,
+                     request=req, resume=resume, overwrite=overwrite, tracking_uri=tracking_uri)
     model, elapsed, step = fit(s, resume=resume)
     ref = None
     if original:
@@ -139,8 +146,6 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
     """One unlearning run; from an earlier unlearning run's model, the next step of its lineage (lineage.py).
     `retrain`: a retrain run that removed the same pairs as the lineage so far (for a first request, the
     request's own): the gap to retrain and the cost ratio."""
-    from mtu_dist.data.manifest import load_manifest
-    from mtu_dist.compliance.request import load_request
     from mtu_dist.compliance.lineage import start_step
     from mtu_dist.methods import build_method
     from mtu_dist.evaluation.reference import reference_eval
@@ -149,9 +154,8 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
     build_method(cfg.unlearn.method, cfg.unlearn.options)  # unknown method / bad options: fail before any work
     meta = read_state(origin)
     check_model_file(meta)  # a NaN/inf model is refused before a run folder exists
-    manifest = load_manifest(cfg.data.dataset, cfg.data.root)
+    manifest, req = _inputs(cfg, request)
     _same_data(meta, manifest)
-    req = load_request(request, manifest)
     lineage = start_step(meta, req, manifest, method=cfg.unlearn.method)  # repeats, other lineage: before work
     cum_req, _ = lineage.cumulative_request(manifest)
     # the retrain reference (gap, cost ratio) is checked before any work
@@ -159,7 +163,7 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
                                      request_sha=req.sha256 if cum_req.pairs() == req.pairs() else None,
                                      what="lineage's cumulative forget set") if retrain else None)
     s = open_session(cfg, "unlearn", name or f"unlearn-{cfg.unlearn.method}-{req.setting}-{req.sha256[:8]}",
-                     request_path=request, resume=resume, overwrite=overwrite, tracking_uri=tracking_uri,
+                     manifest=manifest, request=req, resume=resume, overwrite=overwrite, tracking_uri=tracking_uri,
                      extra_params={"method": cfg.unlearn.method, "origin": meta["_folder"],
                                    "origin_sha256": meta["sha256"]["model.safetensors"]}, lineage=lineage)
     if s.is_main and lineage.skipped:
@@ -181,7 +185,15 @@ def unlearn_command(cfg: RunConfig, *, request: str, origin: str, name: str | No
                   original=original, retrain=retrain_ref if same else None, cumulative=cumulative)
 
 
-def _same_data(meta: dict, manifest) -> None:
+def _inputs(cfg: RunConfig, request: str | None) -> tuple[Manifest, ForgetRequest | None]:
+    """The dataset's manifest and the forget request (if any), each parsed once for the whole command."""
+    from mtu_dist.compliance.request import load_request
+    from mtu_dist.data.manifest import load_manifest
+    manifest = load_manifest(cfg.data.dataset, cfg.data.root)
+    return manifest, load_request(request, manifest) if request else None
+
+
+def _same_data(meta: dict, manifest: Manifest) -> None:
     """A model made from another version of the dataset (shards regenerated or edited under the same name)
     would be unlearned on instances it never saw under those ids: refuse it (older checkpoints record no
     data sha256 and are taken as they are)."""
@@ -210,8 +222,9 @@ def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri
     meta = read_state(ckpt)
     check_model_file(meta)  # before an MLflow run is opened for it
     folder = Path(meta["_folder"])
-    s = open_session(cfg, "eval", f"eval-{folder.parent.name}", request_path=request, tracking_uri=tracking_uri,
-                     run_dir=folder)
+    manifest, req = _inputs(cfg, request)
+    s = open_session(cfg, "eval", _eval_run_name(folder, request), manifest=manifest, request=req,
+                     tracking_uri=tracking_uri, run_dir=folder)
     model, _ = load_original(s, ckpt)
     results = evaluate(model, s, s.request)
     report = {"splits": results["splits"]}
@@ -233,6 +246,17 @@ def eval_command(cfg: RunConfig, *, ckpt: str, request: str | None, tracking_uri
         print(f"wrote {out}")
     s.tracker.finish()
     return report
+
+
+def _eval_run_name(folder: Path, request: str | None) -> str:
+    """`eval-<run>[-<checkpoint>][-<request file stem>]`: one checkpoint evaluated on two requests gives
+    two runs told apart by name (a run's final model, `final/`, goes by the run's name alone)."""
+    if folder.name == "final":
+        parts = [folder.parent.name]
+    else:  # a resume point, <run>/checkpoints/step-NNNNNNN, or a folder elsewhere
+        run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        parts = [run.name, folder.name]
+    return "-".join(["eval", *parts, *([Path(request).stem] if request else [])])
 
 
 def config_from_checkpoint(ckpt: str) -> dict:

@@ -6,6 +6,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,10 +16,15 @@ from mtu_dist.data.manifest import Manifest, load_manifest
 from mtu_dist.distributed.runtime import make_accelerator, zero_stage
 from mtu_dist.errors import UserError
 from mtu_dist.utils.fileio import atomic_write_text
-from mtu_dist.compliance.request import ForgetRequest, load_request
+from mtu_dist.compliance.request import ForgetRequest
 from mtu_dist.runner.runclaim import claim_run_dir, record_mlflow_run
 from mtu_dist.runner.runinfo import git_commit
 from mtu_dist.reporting.tracking import Tracker, check_reachable, flatten, resolve_uri
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from mtu_dist.compliance.lineage import Lineage
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -38,11 +44,11 @@ class Session:
     run_dir: Path
     manifest: Manifest
     request: ForgetRequest | None
-    acc: object
+    acc: Accelerator
     tracker: Tracker
     extra_params: dict = field(default_factory=dict)
     ledger: dict | None = None  # consumed supervision pairs, set by the training/unlearning loop
-    lineage: object = None      # lineage.Lineage of an unlearning run
+    lineage: Lineage | None = None  # an unlearning run's step of its lineage
     trajectory: dict | None = None  # an unlearning run's trajectory (trajectory.py), when recorded
 
     @property
@@ -80,20 +86,21 @@ class Session:
         self.acc.wait_for_everyone()
 
 
-def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: str | None = None,
-                 resume: bool = False, overwrite: bool = False, tracking_uri: str | None = None,
-                 parent_run_id: str | None = None, extra_params: dict | None = None,
-                 run_dir: Path | None = None, lineage=None) -> Session:
-    """Validate everything the command needs before anything is written. `run_dir` given = write
-    beside an existing checkpoint (eval) instead of creating a run folder. With `lineage` (an unlearning
-    step) the request is evaluated with earlier-forgotten instances out of the retain sample, and the
-    MLflow run nests under the parent step's unless MTU_PARENT_RUN_ID groups it elsewhere."""
+def open_session(cfg: RunConfig, command: str, run_name: str, *, manifest: Manifest | None = None,
+                 request: ForgetRequest | None = None, resume: bool = False, overwrite: bool = False,
+                 tracking_uri: str | None = None, parent_run_id: str | None = None, extra_params: dict | None = None,
+                 run_dir: Path | None = None, lineage: Lineage | None = None) -> Session:
+    """Validate everything the command needs before anything is written. `manifest` and `request` come
+    parsed (the manifest is loaded from the config when not given). `run_dir` given = write beside an
+    existing checkpoint (eval) instead of creating a run folder. With `lineage` (an unlearning step) the
+    request is evaluated with earlier-forgotten instances out of the retain sample, and the MLflow run
+    nests under the parent step's unless MTU_PARENT_RUN_ID groups it elsewhere."""
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
     acc = make_accelerator()
     seed_everything(cfg.seed, cfg.deterministic)
-    manifest = load_manifest(cfg.data.dataset, cfg.data.root)
-    request = load_request(request_path, manifest) if request_path else None
+    if manifest is None:
+        manifest = load_manifest(cfg.data.dataset, cfg.data.root)
     if lineage is not None:
         request = lineage.evaluation_request(request)
     if cfg.tracking.enabled:
@@ -114,8 +121,9 @@ def open_session(cfg: RunConfig, command: str, run_name: str, *, request_path: s
         raise
 
 
-def _open(cfg, command, run_name, acc, manifest, request, run_dir, *, fresh, resume, overwrite, parent_run_id,
-          extra_params, lineage) -> Session:
+def _open(cfg: RunConfig, command: str, run_name: str, acc: Accelerator, manifest: Manifest,
+          request: ForgetRequest | None, run_dir: Path, *, fresh: bool, resume: bool, overwrite: bool,
+          parent_run_id: str | None, extra_params: dict | None, lineage: Lineage | None) -> Session:
     if fresh and acc.is_main_process:
         if overwrite and not resume:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ is replaced atomically at the end
