@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-import gradstep  # noqa: E402 (bench/ is on sys.path)
+import synthetic  # noqa: E402 (bench/ is on sys.path)
 from mtu_dist.utils.fileio import atomic_write_json
 from mtu_dist.methods.iamu import Iamu
 from mtu_dist.model import OUT_CHANNELS, Head, MultiTaskModel
@@ -58,7 +58,7 @@ SIZE = 32
 RETAIN_BATCH = 16
 EPOCH_SAMPLES = 384
 VARIANTS = {"exact": {"lowrank_min_in": 10**9}, "lowrank": {}, "lowrank_p1": {"power_iters": 1}}
-SPEC = gradstep.Spec(height=SIZE, width=SIZE)
+SPEC = synthetic.Spec(height=SIZE, width=SIZE)
 OUT = Path(__file__).resolve().parent / "results" / "iamu_setup.json"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,8 +91,8 @@ def resnet50_shapes() -> nn.Module:
 def build(name: str) -> MultiTaskModel:
     torch.manual_seed(0)
     enc = resnet50_shapes() if name == "resnet50" else ViTEncoder()
-    heads = {t: Head(enc.out_channels, gradstep.NUM_CLASSES if t == "seg" else OUT_CHANNELS[t], 32)
-             for t in gradstep.TASK_NAMES}
+    heads = {t: Head(enc.out_channels, synthetic.NUM_CLASSES if t == "seg" else OUT_CHANNELS[t], 32)
+             for t in synthetic.TASK_NAMES}
     return MultiTaskModel(enc, heads).train()
 
 
@@ -100,12 +100,12 @@ def batches(world: int = 1, rank: int = 0) -> tuple[list[dict], dict]:
     """The 8 subspace batches and a held-out one (global batch 16; rank r takes its contiguous share)."""
     def share(b):
         return {k: (v.tensor_split(world)[rank] if torch.is_tensor(v) else v) for k, v in b.items()}
-    return ([share(gradstep.make_batch(RETAIN_BATCH, 300 + i, SPEC)) for i in range(8)],
-            share(gradstep.make_batch(RETAIN_BATCH, 999, SPEC)))
+    return ([share(synthetic.make_batch(RETAIN_BATCH, 300 + i, SPEC)) for i in range(8)],
+            share(synthetic.make_batch(RETAIN_BATCH, 999, SPEC)))
 
 
 def run_setup(model, options: dict, world=1, rank=0, reduction="replicated") -> tuple[float, Iamu, dict]:
-    ctx = gradstep.make_ctx(model, world=world, rank=rank, reduction=reduction)
+    ctx = synthetic.make_ctx(model, world=world, rank=rank, reduction=reduction)
     method = Iamu(options)
     sub, _ = batches(world, rank)
     if world > 1:
@@ -113,7 +113,7 @@ def run_setup(model, options: dict, world=1, rank=0, reduction="replicated") -> 
     t0 = time.perf_counter()
     logs = method.setup(ctx, iter(sub), None)
     t = time.perf_counter() - t0
-    gradstep.clear_grads(method.params)
+    synthetic.clear_grads(method.params)
     return t, method, logs
 
 
@@ -123,9 +123,9 @@ def epoch_equivalent(model, steps: int) -> dict:
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     times = []
     for i in range(steps + 1):
-        b = gradstep.make_batch(RETAIN_BATCH, 500 + i, SPEC)
+        b = synthetic.make_batch(RETAIN_BATCH, 500 + i, SPEC)
         t0 = time.perf_counter()
-        losses = normalised_losses(m(b["image"]), b, gradstep.TASK_NAMES, global_counts(b, 1))
+        losses = normalised_losses(m(b["image"]), b, synthetic.TASK_NAMES, global_counts(b, 1))
         sum(losses.values()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,7 +139,7 @@ def quality(exact: Iamu, others: dict[str, dict], model) -> dict:
     subspace batches) and the held-out onto-projection error."""
     long_rows = [i for i in exact.projected_idx if Iamu({}).opts.lowrank_min_in <= exact.params[i][0].numel()]
     every = {"exact": exact.bases, **others}
-    ctx = gradstep.make_ctx(model)
+    ctx = synthetic.make_ctx(model)
     sub, held = batches()
 
     def terms(i, t, g):
@@ -149,19 +149,19 @@ def quality(exact: Iamu, others: dict[str, dict], model) -> dict:
     kept = exact._pass(ctx, sub, terms)
     held_g = exact._pass(ctx, [held], lambda i, t, g: {("g", i, t): g} if i in long_rows else {})
     out = {"layers": len(long_rows), "exact_share_min": min(float(kept["exact", i, t] / kept["tot", i, t])
-                                                           for i in long_rows for t in gradstep.TASK_NAMES)}
+                                                           for i in long_rows for t in synthetic.TASK_NAMES)}
     for v, b in others.items():
-        ratio = [float(kept[v, i, t] / kept["exact", i, t]) for i in long_rows for t in gradstep.TASK_NAMES]
+        ratio = [float(kept[v, i, t] / kept["exact", i, t]) for i in long_rows for t in synthetic.TASK_NAMES]
         err = []
         for i in long_rows:
-            for t in gradstep.TASK_NAMES:
+            for t in synthetic.TASK_NAMES:
                 g, be, bl = held_g["g", i, t], exact.bases[t][i], b[t][i]
                 ref = (g @ be) @ be.T
                 err.append(float(((g @ bl) @ bl.T - ref).norm() / ref.norm().clamp(min=1e-30)))
-        dims = [b[t][i].shape[1] for i in long_rows for t in gradstep.TASK_NAMES]
+        dims = [b[t][i].shape[1] for i in long_rows for t in synthetic.TASK_NAMES]
         out[v] = {"share_ratio_min": min(ratio), "share_ratio_median": median(ratio),
                   "proj_err_median": median(err), "proj_err_max": max(err), "rank_median": median(dims)}
-    out["exact_rank_median"] = median([exact.bases[t][i].shape[1] for i in long_rows for t in gradstep.TASK_NAMES])
+    out["exact_rank_median"] = median([exact.bases[t][i].shape[1] for i in long_rows for t in synthetic.TASK_NAMES])
     return out
 
 

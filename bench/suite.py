@@ -3,10 +3,10 @@ absolute` (medians; on CUDA also each section's peak memory) and one JSON.
 
 Sections, one after the other in this process tree (variants inside each interleaved, see each module):
   data       bench/data_throughput.py  loader delivery (2 workers) vs training-step consumption     goal >= 5x
-  signals    bench/gradstep.py         batched vs sequential signal engines, K = 2..8
-  iamu       bench/gradstep.py         iamu step vs its floor (forward + K single-signal backward
-                                       passes), goal overhead <= 15%; iamu setup vs one epoch
-  reduction  bench/gradstep.py         replicated vs sharded: memory and bytes per rank, time at 2 ranks
+  signals    bench/signal_engines.py         batched vs sequential signal engines, K = 2..8
+  iamu       bench/iamu_step_overhead.py     iamu step vs its floor (forward + K single-signal backward
+             bench/iamu_setup_vs_epoch.py    passes), goal overhead <= 15%; iamu setup vs one epoch
+  reduction  bench/sharded_vs_replicated.py  replicated vs sharded: memory and bytes per rank, time at 2 ranks
   ranks      bench/runner.py           train step time, 2 ranks / 1 rank, same global batch (real
                                        `accelerate launch`)                                         goal <= 0.6
   mlflow     bench/mlflow_overhead.py  step time with tracking (sqlite store, the real Tracker) vs
@@ -40,9 +40,12 @@ from pathlib import Path
 import torch
 
 import data_throughput
-import gradstep
+import iamu_step_overhead
 import mlflow_overhead
 import runner
+import sharded_vs_replicated
+import signal_engines
+import synthetic
 from mtu_dist.config import load_config
 from mtu_dist.errors import UserError
 from mtu_dist.utils.fileio import atomic_write_json
@@ -54,12 +57,12 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "suite.json"
 KS = (2, 4, 6, 8)
 SIZES = {  # per section: how much is measured (quick: a smoke run, the numbers mean little)
     "full": {"data": dict(repeats=3, loader_samples=512, steps=10, budget_s=3.0),
-             "gradstep": dict(repeats=5, setup_repeats=2, dist_repeats=10, piece_calls=10),
-             "image": (gradstep.HEIGHT, gradstep.WIDTH), "shards": "full",
+             "signals": dict(repeats=5), "iamu": dict(repeats=5, setup_repeats=2, piece_calls=10),
+             "reduction": dict(dist_repeats=10), "image": (synthetic.HEIGHT, synthetic.WIDTH), "shards": "full",
              "ranks": dict(repeats=3, epochs=2), "mlflow": dict(repeats=4, epochs=1), "original_epochs": 2},
     "quick": {"data": dict(repeats=1, loader_samples=64, steps=3, budget_s=0.5),
-              "gradstep": dict(repeats=1, setup_repeats=1, dist_repeats=2, piece_calls=2),
-              "image": (16, 24), "shards": "tiny",
+              "signals": dict(repeats=1), "iamu": dict(repeats=1, setup_repeats=1, piece_calls=2),
+              "reduction": dict(dist_repeats=2), "image": (16, 24), "shards": "tiny",
               "ranks": dict(repeats=1, epochs=1), "mlflow": dict(repeats=1, epochs=1), "original_epochs": 1},
 }
 
@@ -266,16 +269,16 @@ def sections(cfg, files, sets, size: dict, work: Path, device: str, gpus: int, m
     """name -> zero-argument callable (or a 'skipped' reason), in the order they run."""
     two_ranks = device == "cpu" or gpus >= 2
     h, w = size["image"]
-    spec = gradstep.Spec(model=cfg.model, height=h, width=w, forget_batch=cfg.unlearn.forget_batch,
+    spec = synthetic.Spec(model=cfg.model, height=h, width=w, forget_batch=cfg.unlearn.forget_batch,
                          retain_batch=cfg.unlearn.retain_batch, device=device)
     shards = lambda: runner.make_shards(work / "shards", size["shards"])  # noqa: E731
     return {
         "data": lambda: data_throughput.measure(generator=False, batch=cfg.train.global_batch, model_cfg=cfg.model,
                                                 device=device, workdir=work, **size["data"]),
         # three sections: one that fails (say iamu on a device it does not support) leaves the others' figures
-        "signals": lambda: gradstep.measure(spec, parts=("engines",), ks=KS, **size["gradstep"]),
-        "iamu": lambda: gradstep.measure(spec, parts=("iamu",), **size["gradstep"]),
-        "reduction": lambda: gradstep.measure(spec, parts=("reduction",), two_ranks=two_ranks, **size["gradstep"]),
+        "signals": lambda: signal_engines.measure(spec, ks=KS, **size["signals"]),
+        "iamu": lambda: iamu_step_overhead.measure(spec, **size["iamu"]),
+        "reduction": lambda: sharded_vs_replicated.measure(spec, two_ranks=two_ranks, **size["reduction"]),
         "ranks": (lambda: runner.throughput(work / "ranks", shards(), files=files, sets=sets, device=device,
                                             **size["ranks"])) if two_ranks else
                  f"needs 2 CUDA devices, {gpus} visible",

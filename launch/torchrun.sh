@@ -4,7 +4,7 @@
 # and checks the world size; on CPU the ranks use gloo (torchrun really starts N processes).
 #
 #   launch/torchrun.sh 4 unlearn --method iamu --request requests/full.yaml --from runs/synth-indoor/original
-#   launch/torchrun.sh 2 bench/gradstep.py ...                       # a .py first argument: run that script
+#   launch/torchrun.sh 2 bench/signal_engines.py ...                 # a .py first argument: run that script
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh 8 train   # multi-node: the same line on every node
 #
 # The line it runs (one node):  torchrun --standalone --nproc_per_node N -m mtu_dist.cli ARGS
