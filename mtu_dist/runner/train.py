@@ -11,32 +11,25 @@ import time
 
 import torch
 
-from mtu_dist.runner.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from mtu_dist.data.stream import BatchLoader, full_mask, retain_mask
 from mtu_dist.runner.device import pins_memory, to_device
 from mtu_dist.distributed.stepper import prepare
 from mtu_dist.errors import UserError
 from mtu_dist.compliance.ledger import Ledger
 from mtu_dist.runner.faults import fault_point
+from mtu_dist.runner.loop import diverged, load_resume_point, save_resume_point
 from mtu_dist.model import build_model
 from mtu_dist.runner.objective import global_counts, normalised_losses, reduce_for_logging
-from mtu_dist.runner.session import Session, run_info
+from mtu_dist.runner.session import Session
 
 
-def fit(s: Session, resume: bool = False):
+def fit(s: Session, resume: bool = False) -> tuple[torch.nn.Module, float, int]:
     cfg, m = s.cfg, s.manifest
     model = build_model(cfg.model, m.tasks, m.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    start_step, ledger = 0, Ledger()
-    ckpt_dir = s.run_dir / "checkpoints"
-    if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
-        check_resumable(read_state(last), cfg.model_dump(mode="json"), run_info(s))  # before loading anything
-        meta = load_checkpoint(last, model, opt)
-        start_step = meta["step"]
-        if s.is_main:  # the ledger is cumulative: rank 0 carries what was consumed before the crash
-            ledger.pairs.update(meta.get("ledger", {}))
-        if s.is_main:
-            print(f"resuming from {last} (step {start_step})")
+    ledger = Ledger()  # the ledger is cumulative: a resumed run's rank 0 carries what was consumed before
+    meta = load_resume_point(s, model, opt, ledger) if resume else None
+    start_step = meta["step"] if meta else 0
     local_batch = s.local_batch(cfg.train.global_batch, "train.global_batch")
     model, stepper = prepare(s.acc, model, opt, wrap=True, micro_batch=local_batch, clip=cfg.train.grad_clip)
     mask_fn = retain_mask(m, s.request.entries) if s.request else full_mask(m)
@@ -65,15 +58,17 @@ def fit(s: Session, resume: bool = False):
             logged = reduce_for_logging({**{f"loss/{t}": v for t, v in losses.items()}}, s.world)
             logged["loss/total"] = sum(logged.values())
             gnorm = stepper.step()  # clipped at train.grad_clip; the norm before clipping
-            if not math.isfinite(logged["loss/total"]) or not math.isfinite(gnorm):
-                raise UserError(f"{s.command}: non-finite loss at step {step}; last good checkpoint kept in {ckpt_dir}")
+            if diverged(logged["loss/total"], gnorm):
+                raise UserError(f"{s.command}: non-finite loss at step {step}; last good checkpoint kept in "
+                                f"{s.run_dir / 'checkpoints'}")
             sched.step()
             step += 1
             s.tracker.log_metrics({**logged, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm)}, step)
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss/total']:.3f}")
             if step % every == 0 or step == total:
-                _checkpoint(s, model, stepper.checkpoint_optimizer(), step, epoch, ckpt_dir, ledger)
+                save_resume_point(s, s.acc.unwrap_model(model), stepper.checkpoint_optimizer(), step=step, epoch=epoch,
+                                  ledger=ledger, keep=cfg.train.keep_checkpoints)
             fault_point(s.command, step)  # phase = train or retrain
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -90,15 +85,6 @@ def _sum_over_ranks(n: int, world: int, device) -> int:
     t = torch.tensor([n], dtype=torch.float64, device=device)  # on the rank's device: NCCL takes no host tensor
     torch.distributed.all_reduce(t)
     return int(t.item())
-
-
-def _checkpoint(s: Session, model, opt, step, epoch, ckpt_dir, ledger):
-    consumed = ledger.gather(s.world)  # collective: every rank calls it
-    if s.is_main:
-        save_checkpoint(ckpt_dir / f"step-{step:07d}", s.acc.unwrap_model(model), step=step, epoch=epoch,
-                        config=s.cfg.model_dump(mode="json"), info={**run_info(s), "ledger": consumed}, optimizer=opt)
-        prune(ckpt_dir, s.cfg.train.keep_checkpoints)
-    s.barrier()
 
 
 def _progress(s: Session, total: int, initial: int, desc: str):
