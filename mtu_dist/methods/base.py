@@ -8,13 +8,17 @@ Methods that manipulate per-task gradients override `step` instead. Method knobs
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from mtu_dist.runner.objective import global_counts, normalised_losses
+
+if TYPE_CHECKING:
+    from mtu_dist.config import UnlearnConfig
 
 
 class NoOptions(BaseModel):
@@ -35,7 +39,7 @@ class StepContext:
     step: int
     rank: int = 0
     targets: tuple[str, ...] = ()  # tasks with at least one forget pair in the request
-    config: object = None          # the `unlearn` config section
+    config: UnlearnConfig | None = None  # the `unlearn` config section
     seed: int = 0                  # the run's seed: methods derive every random draw from it (same on every rank)
     num_classes: int = 0           # seg classes
     # record(batch, role): put the supervision pairs of `batch` in the run's ledger under `role` (e.g. the
@@ -82,7 +86,8 @@ class Method:
     def __init__(self, options: dict):
         self.opts = _strict(self.Options).model_validate(options)
 
-    def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
+    def setup(self, ctx: StepContext, retain_batches: Iterator[dict] | None,
+              forget_batches: Iterator[dict] | None) -> dict[str, float]:
         """Once before unlearning (e.g. subspaces from the retain stream, a saliency mask from the forget
         stream); either iterator is None when the method does not use it. Returns values to log.
         A resumed run calls it again on the original model with the same batches, so whatever it

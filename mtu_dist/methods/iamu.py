@@ -26,10 +26,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtu_dist.distributed.gradstep import allreduce_small, gather_blocks, gather_update
-from mtu_dist.runner.objective import global_counts, normalised_losses
-from mtu_dist.tasks import TASKS
+from mtu_dist.methods.base import StepContext
 from mtu_dist.methods.lowrank import gaussian_sketch, lowrank_basis
 from mtu_dist.methods.signal_method import SignalMethod
+from mtu_dist.runner.objective import global_counts, normalised_losses
 
 
 class IamuOptions(BaseModel):
@@ -110,7 +110,7 @@ class Iamu(SignalMethod):
     Options = IamuOptions
 
     # ---------------------------------------------------------------- setup: layout + task subspaces
-    def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
+    def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
         self.setup_layout(ctx)
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
         # the target tasks' heads only: a correction along a retain gradient must not leak into a kept
@@ -142,7 +142,7 @@ class Iamu(SignalMethod):
         n = self.params[i][0].numel()
         return n >= self.opts.lowrank_min_in and self.sketch_cols(n) < n
 
-    def _gradient_bases(self, ctx, retain_batches, logs) -> dict[int, dict[str, torch.Tensor]]:
+    def _gradient_bases(self, ctx: StepContext, retain_batches, logs) -> dict[int, dict[str, torch.Tensor]]:
         """Per owned layer and task: exact energy basis of C (short rows) or a randomized one (long rows)."""
         batches = [next(retain_batches) for _ in range(self.opts.subspace_batches)]
         mine = sorted({pc.index for pc in self.my_pieces(self.projected_idx)})
@@ -178,7 +178,7 @@ class Iamu(SignalMethod):
             logs.update(lowrank_layers=len(kept) / len(ctx.tasks), lowrank_energy_min=min(kept))
         return own
 
-    def _pass(self, ctx, batches, terms) -> dict[tuple, torch.Tensor]:
+    def _pass(self, ctx: StepContext, batches, terms) -> dict[tuple, torch.Tensor]:
         """Sum over the batches and this rank's rows of `terms(layer, task, G)` (G: a reduced retain gradient
         [rows, in]; terms returns named partial sums)."""
         acc: dict[tuple, torch.Tensor] = {}
@@ -192,7 +192,7 @@ class Iamu(SignalMethod):
                         acc[key] = acc.get(key, 0) + val
         return acc
 
-    def _sum_split(self, acc, ctx, names) -> dict[tuple, torch.Tensor]:
+    def _sum_split(self, acc, ctx: StepContext, names) -> dict[tuple, torch.Tensor]:
         """Sharded: a layer whose rows lie on several ranks has a partial sum on each of them; ONE
         all_reduce over those layers only (at most N-1; zeros from a rank that holds none of the rows)
         completes them. Every other layer's sum is already whole on the one rank that owns it."""
@@ -221,7 +221,7 @@ class Iamu(SignalMethod):
         n = self.params[i][0].numel()
         return torch.Size({"cov": (n, n), "y": (n, self.sketch_cols(n)), "tr": ()}[name])
 
-    def _activation_covariances(self, ctx, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
+    def _activation_covariances(self, ctx: StepContext, retain_batches) -> dict[int, dict[str, torch.Tensor]]:
         """GPM-style ablation: input-patch covariance per shared conv, identical for every task."""
         modules = {id(m.weight): m for m in ctx.model.modules() if isinstance(m, torch.nn.Conv2d)}
         acts: dict[int, torch.Tensor] = {}
@@ -250,7 +250,7 @@ class Iamu(SignalMethod):
             acts = {i: part.view_as(acts[i]) for i, part in zip(order, flat.split(sizes))}
         return {i: {t: c for t in ctx.tasks} for i, c in acts.items()}
 
-    def _bases(self, ctx, own) -> dict[str, dict[int, torch.Tensor]]:
+    def _bases(self, ctx: StepContext, own) -> dict[str, dict[int, torch.Tensor]]:
         """Per target task and layer: the basis implementing `mode` (`self.direction`: 'off' or 'onto'),
         from each task's own basis per layer."""
         bases: dict[str, dict[int, torch.Tensor]] = {}
@@ -270,13 +270,13 @@ class Iamu(SignalMethod):
         return bases
 
     # ---------------------------------------------------------------- one step
-    def step(self, ctx, forget, retain):
-        nf, tasks, targets = forget["image"].shape[0], ctx.tasks, ctx.targets
-        preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
-        f_losses = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
-        r_losses = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
+    def step(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict]:
+        tasks, targets = ctx.tasks, ctx.targets
+        f_losses, r_losses, preds = self.forward_losses(ctx, forget, retain)
         signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
-        signals += self._per_sample_signals(preds, retain, nf, ctx)
+        if self.opts.span == "per_sample":  # per-sample retain rows (retain preds follow the forget ones)
+            signals += self.per_sample_signals(preds, retain, ctx, self.opts.span_samples,
+                                               start=forget["image"].shape[0])
         x = self.signals(signals, ctx, probe=True)  # [blocks, K, S]
         nF, nT = len(targets), len(tasks)
         logs, trace = {}, {}
@@ -295,26 +295,9 @@ class Iamu(SignalMethod):
         if self.opts.trace_dir:  # tests: the whole update, gathered for the trace only
             full = gather_update(update, self.mode, ctx.world)
             self._dump(ctx, {**trace, "gram": self.last_gram, "update": self.layout.to_natural(full[:, None])[0]})
-        loss = ctx.alpha * sum(r_losses.values()) - (1 - ctx.alpha) * sum(f_losses.values())
-        parts = {**{f"forget/{t}": f_losses[t] for t in targets}, **{f"retain/{t}": r_losses[t] for t in tasks}}
-        # the runner sums parts over ranks (they are per-rank shares); these stats are already global
-        return loss.detach(), {**parts, **{k: v / ctx.world for k, v in logs.items()}}
+        return self.step_result(ctx, f_losses, r_losses, {k: v / ctx.world for k, v in logs.items()})  # global
 
-    def _per_sample_signals(self, preds, retain, nf, ctx) -> list[torch.Tensor]:
-        """span: per_sample — rank r fills global rows r*n..r*n+n-1 (zeros elsewhere); the sum-reduce
-        then concatenates every rank's per-sample retain gradients."""
-        if self.opts.span != "per_sample":
-            return []
-        n = self.opts.span_samples
-        zero = sum(p.sum() * 0 for p in preds.values())
-        mine = []
-        sup = (retain["mask"] & retain["valid"][:, None]).float()
-        per = sum(TASKS[t].per_sample_loss(preds[t][nf:], retain[t]) * sup[:, j] for j, t in enumerate(ctx.tasks))
-        for i in range(n):
-            mine.append(per[i] if i < per.shape[0] else zero)
-        return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]
-
-    def _project(self, x, targets, ctx) -> dict[str, torch.Tensor]:
+    def _project(self, x, targets, ctx: StepContext) -> dict[str, torch.Tensor]:
         before = x.new_zeros(len(targets))
         after = x.new_zeros(len(targets))
         for pc in self.my_pieces(self.projected_idx):
@@ -331,7 +314,7 @@ class Iamu(SignalMethod):
         before, after = sums[:len(targets)], sums[len(targets):]
         return {f"proj_removed/{t}": 1 - after[j] / before[j].clamp(min=1e-30) for j, t in enumerate(targets)}
 
-    def _orthogonalize(self, g_f, g_r, span, ctx, logs, pre_norm2) -> torch.Tensor:
+    def _orthogonalize(self, g_f, g_r, span, ctx: StepContext, logs, pre_norm2) -> torch.Tensor:
         """Gram of [g_f; g_r; span] over this rank's shared columns -> one small all_reduce (which also
         completes the pre-projection norm of the forget direction)."""
         cols = self.orth_cols[self.blocks]                 # [blocks, S]
@@ -362,7 +345,7 @@ class Iamu(SignalMethod):
         return torch.where(cols.bool(), g_f * scale, g_f)
 
 
-    def _dump(self, ctx, tensors: dict) -> None:
+    def _dump(self, ctx: StepContext, tensors: dict) -> None:
         if ctx.rank == 0:
             from pathlib import Path
 

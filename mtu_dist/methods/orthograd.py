@@ -20,10 +20,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtu_dist.distributed.gradstep import allreduce_small
-from mtu_dist.runner.objective import global_counts, normalised_losses
-from mtu_dist.tasks import TASKS
+from mtu_dist.methods.base import StepContext
 from mtu_dist.methods.iamu import orthogonalize
 from mtu_dist.methods.signal_method import SignalMethod
+from mtu_dist.tasks import TASKS
 
 
 class OrthoGradOptions(BaseModel):
@@ -34,17 +34,14 @@ class OrthoGradOptions(BaseModel):
 class OrthoGrad(SignalMethod):
     Options = OrthoGradOptions
 
-    def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
+    def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
         self.setup_layout(ctx)
         return {}
 
-    def step(self, ctx, forget, retain):
-        nf, tasks, targets = forget["image"].shape[0], ctx.tasks, ctx.targets
-        preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
-        f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
-        r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
+    def step(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict]:
+        f, r, _ = self.forward_losses(ctx, forget, retain)
         n = self.opts.span_samples or retain["image"].shape[0]
-        x = self.signals([sum(f[t] for t in targets), sum(r.values()), *self.span_losses(retain, ctx, n)], ctx,
+        x = self.signals([sum(f[t] for t in ctx.targets), sum(r.values()), *self.span_losses(retain, ctx, n)], ctx,
                          probe=True)
         g_f, g_r, span = x[:, 0], x[:, 1], x[:, 2:]                   # [blocks, S], [blocks, S], [blocks, m, S]
         vecs = torch.cat([g_f[:, None], span], 1)
@@ -53,12 +50,9 @@ class OrthoGrad(SignalMethod):
         g_orth = g_f - torch.einsum("k,bks->bs", c, span)
         kept = (gram[0, 0] - 2 * c @ gram[1:, 0] + c @ gram[1:, 1:] @ c) / gram[0, 0].clamp(min=1e-30)
         self.write_update(ctx.alpha * g_r - (1 - ctx.alpha) * g_orth, ctx)
-        loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
-        parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},
-                 "orthograd/kept_norm2": kept.detach() / ctx.world}  # global; the runner sums parts over ranks
-        return loss.detach(), parts
+        return self.step_result(ctx, f, r, {"orthograd/kept_norm2": kept.detach() / ctx.world})  # global
 
-    def span_losses(self, retain: dict, ctx, n: int) -> list[torch.Tensor]:
+    def span_losses(self, retain: dict, ctx: StepContext, n: int) -> list[torch.Tensor]:
         """world * n scalar losses whose gradients are the span rows: rank r fills rows r*n..r*n+n-1 with
         its first n samples' supervised task losses (summed), each forwarded alone, and zeros elsewhere, so
         the sum-reduce of the signal buffer concatenates every rank's per-sample gradients."""

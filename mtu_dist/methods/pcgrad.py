@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from mtu_dist.distributed.gradstep import allreduce_small
-from mtu_dist.runner.objective import global_counts, normalised_losses
+from mtu_dist.methods.base import StepContext
 from mtu_dist.methods.signal_method import SignalMethod
 
 
@@ -50,16 +50,14 @@ def pcgrad_coefficients(gram: torch.Tensor, orders: list[list[int]]) -> tuple[to
 class PCGrad(SignalMethod):
     Options = PCGradOptions
 
-    def setup(self, ctx, retain_batches, forget_batches) -> dict[str, float]:
+    def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
         self.setup_layout(ctx)
         self.surgery_cols = self.column_mask(heads=self.opts.heads)
         return {}
 
-    def step(self, ctx, forget, retain):
-        nf, tasks, targets = forget["image"].shape[0], ctx.tasks, ctx.targets
-        preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
-        f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
-        r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
+    def step(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict]:
+        tasks, targets = ctx.tasks, ctx.targets
+        f, r, _ = self.forward_losses(ctx, forget, retain)
         x = self.signals([f[t] for t in targets] + [r[u] for u in tasks], ctx, probe=True)  # [blocks, K, S]
         weight = torch.tensor([-(1 - ctx.alpha)] * len(targets) + [ctx.alpha] * len(tasks), dtype=x.dtype,
                               device=x.device)
@@ -73,9 +71,6 @@ class PCGrad(SignalMethod):
         combined = torch.einsum("k,bks->bs", coef.sum(0).to(vecs.device), vecs)
         update = torch.where(cols[:, 0].bool(), combined, vecs.sum(1))  # outside surgery: the plain sum
         self.write_update(update, ctx)
-        loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
         k = gram.shape[0]
-        parts = {**{f"forget/{t}": f[t] for t in targets}, **{f"retain/{t}": r[t] for t in tasks},
-                 # global already: divided by world because the runner sums parts over ranks
-                 "pcgrad/projected_pairs": torch.tensor(projections / max(k * (k - 1), 1) / ctx.world, device=x.device)}
-        return loss.detach(), parts
+        share = projections / max(k * (k - 1), 1) / ctx.world  # global: divided as the runner sums over ranks
+        return self.step_result(ctx, f, r, {"pcgrad/projected_pairs": torch.tensor(share, device=x.device)})

@@ -12,14 +12,17 @@ import torch
 
 from mtu_dist.distributed import signals as engines
 from mtu_dist.distributed.gradstep import ParamLayout, gather_update, reduce_signals
+from mtu_dist.methods.base import Method, StepContext
+from mtu_dist.runner.objective import global_counts, normalised_losses
 from mtu_dist.tasks import TASKS
-from mtu_dist.methods.base import Method
+
+Losses = dict[str, torch.Tensor]  # task -> this rank's share of the global-batch loss
 
 
 class SignalMethod(Method):
     manages_gradients = True
 
-    def setup_layout(self, ctx) -> None:
+    def setup_layout(self, ctx: StepContext) -> None:
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
         self.layout = ParamLayout(self.params, ctx.world)
         self.mode, self.engine = ctx.config.reduction, ctx.config.signal_engine
@@ -46,7 +49,25 @@ class SignalMethod(Method):
         wanted = set(indices)
         return [pc for b in self.blocks for pc in self.layout.pieces_of(b) if pc.index in wanted]
 
-    def signals(self, losses: list[torch.Tensor], ctx, probe: bool = False) -> torch.Tensor:
+    def forward_losses(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[Losses, Losses, dict]:
+        """The opening of every step: forget and retain batches through ONE forward pass (GroupNorm keeps
+        samples independent), then per task the forget losses, the retain losses, and the predictions."""
+        nf, tasks = forget["image"].shape[0], ctx.tasks
+        preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
+        f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
+        r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
+        return f, r, preds
+
+    @staticmethod
+    def step_result(ctx: StepContext, f: Losses, r: Losses, stats: dict) -> tuple[torch.Tensor, dict]:
+        """The ending of every step: the objective it stands for, alpha * retain - (1 - alpha) * forget,
+        and the parts to log, the method's `stats` last. The runner sums parts over ranks (they are
+        per-rank shares), so a stat that is global already comes divided by the world size."""
+        loss = ctx.alpha * sum(r.values()) - (1 - ctx.alpha) * sum(f.values())
+        parts = {**{f"forget/{t}": f[t] for t in ctx.targets}, **{f"retain/{t}": r[t] for t in ctx.tasks}}
+        return loss.detach(), {**parts, **stats}
+
+    def signals(self, losses: list[torch.Tensor], ctx: StepContext, probe: bool = False) -> torch.Tensor:
         """Losses -> reduced signals, as [blocks, K, S] (the columns this rank works on)."""
         dtype = self.params[0].dtype
         buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
@@ -59,7 +80,7 @@ class SignalMethod(Method):
         out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)
         return out if out.dim() == 3 else out[None]
 
-    def write_update(self, update: torch.Tensor, ctx) -> None:
+    def write_update(self, update: torch.Tensor, ctx: StepContext) -> None:
         """The combined update, [blocks, S] (the columns this rank worked on) -> the optimizer's gradient.
 
         Plain path: all-gathered (sharded mode) and written to .grad. Under DeepSpeed the engine's
@@ -82,7 +103,7 @@ class SignalMethod(Method):
     def restore(self, state: dict) -> None:
         self.engine = state.get("engine", self.engine)
 
-    def _agreed(self, engine: str, ctx) -> str:
+    def _agreed(self, engine: str, ctx: StepContext) -> str:
         """Rank 0's timing decides for every rank, so all ranks (and a resumed run) use one engine."""
         if ctx.world == 1:
             return engine
@@ -90,13 +111,14 @@ class SignalMethod(Method):
         torch.distributed.broadcast(choice, src=0)
         return list(engines.ENGINES)[int(choice)]
 
-    def per_sample_signals(self, preds: dict, batch: dict, ctx, n: int) -> list[torch.Tensor]:
-        """Per-sample losses (summed over supervised tasks) of this rank's first `n` samples, as world * n
-        signals: rank r fills rows r*n..r*n+n-1 and zeros elsewhere, so the sum-reduce of the signal
-        buffer concatenates every rank's per-sample gradients (the OrthoGrad span)."""
+    @staticmethod
+    def per_sample_signals(preds: dict, batch: dict, ctx: StepContext, n: int, start: int = 0) -> list[torch.Tensor]:
+        """Per-sample losses (summed over supervised tasks) of this rank's first `n` samples of `batch`
+        (predicted from row `start` of `preds` on), as world * n signals: rank r fills rows r*n..r*n+n-1
+        and zeros elsewhere, so the sum-reduce of the signal buffer concatenates every rank's per-sample
+        gradients (the span of iamu's `span: per_sample`)."""
         zero = sum(p.sum() * 0 for p in preds.values())
-        sup = batch["mask"] & batch["valid"][:, None]
-        per = sum(TASKS[t].per_sample_loss(preds[t], batch[t]) * sup[:, j].to(preds[t].dtype)
-                  for j, t in enumerate(ctx.tasks))
+        sup = (batch["mask"] & batch["valid"][:, None]).float()
+        per = sum(TASKS[t].per_sample_loss(preds[t][start:], batch[t]) * sup[:, j] for j, t in enumerate(ctx.tasks))
         mine = [per[i] if i < per.shape[0] else zero for i in range(n)]
         return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]
