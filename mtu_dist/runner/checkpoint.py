@@ -114,7 +114,7 @@ def read_state(folder: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer=None) -> dict:
+def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     meta = read_state(folder)
     folder = Path(meta["_folder"])
     try:
