@@ -58,8 +58,10 @@ def test_report_table_goals_and_plots(bench, tmp_path):
     out, first, *_ = bench
     proc = run_mtu("report", "--bench", out, "--out", tmp_path / "rep", check=True)
     text = proc.stdout
-    for name in [*METHODS, "original", "retrain"]:
+    for name in [*METHODS, "original (before)", "retrain (reference)"]:  # the references are marked, not ranked
         assert f"| {name} |" in text, f"row {name} missing from the table"
+    assert "UIS ↓" in text and "val seg mIoU (0–1) ↑" in text and "forget seg mIoU (0–1) ≈R" in text
+    assert "bold: the best value of its column" in text and "**" in text
     assert "## synth-indoor, full-task (seeds 0, 1" in text and "## synth-indoor, partial-task (seeds 0;" in text
     full = text.split("## synth-indoor, full-task")[1].split("## synth-indoor, partial-task")[0]
     # two seeds in the full setting: every method's UIS cell is a mean with its 95% interval

@@ -14,19 +14,22 @@ run more than once (its spec changed) counts with its latest run. What is read p
 
 Outputs go to `--out` (default `<sweep>/report`, or `reports/<parent name>-<id>`), each written
 atomically: `table.md`, `cells.csv` and the PNGs of `plots.py`; all are logged as artifacts of the
-parent run under `report/`.
+parent run under `report/` (the command body is report.parent_command, shared with `mtu report`). In the
+tables every column names its unit and direction, the best value is bold and the retrain cells are
+reference rows. A demo's parent run (`mtu demo`) is accepted too: it has no scaling axes, so what is
+shown is its comparison of the methods against the retrain (its tables), with a note saying so.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mtu_dist.errors import UserError
-from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
-from mtu_dist.reporting.tracking import check_reachable, mlflow_client, resolve_uri
+from mtu_dist.reporting.report import ParentKind, parent_command
+from mtu_dist.reporting.report import find_parent as _find_parent
+from mtu_dist.reporting.tables import REFERENCE, Column, Row, Table, markdown
 
 OPTIONAL = ("uis", "mia_auc", "gap_retrain", "cost_ratio")  # unlearning-quality metrics, present when recorded
 
@@ -66,20 +69,7 @@ def _row(run) -> CellRow:
 
 
 def find_parent(client, *, parent: str | None, experiment: str | None, uri: str):
-    from mlflow.exceptions import MlflowException
-    if parent:
-        try:
-            return client.get_run(parent)
-        except MlflowException:
-            raise UserError(f"--parent {parent}: no such run in {uri}") from None
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise UserError(f"--experiment {experiment!r}: no such experiment in {uri}")
-    runs = client.search_runs([exp.experiment_id], "tags.`mtu.command` = 'sweep'", order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    if not runs:
-        raise UserError(f"--experiment {experiment!r}: it holds no sweep parent run (made by `mtu sweep`)")
-    return runs[0]
+    return _find_parent(client, parent=parent, experiment=experiment, uri=uri, kind=SWEEP)
 
 
 def collect(client, parent) -> list[CellRow]:
@@ -92,39 +82,50 @@ def collect(client, parent) -> list[CellRow]:
     return sorted(rows, key=lambda r: (r.kind, r.method or "", r.train_size, r.forget_fraction or 0, r.world_size))
 
 
-def _fmt(v, spec=".3g") -> str:
-    return "" if v is None else format(v, spec)
+THROUGHPUT = [Column("", "step", "s", "min", ".3g"), Column("", "samples/s", "all ranks", "max", ".1f"),
+              Column("", "speed-up", "x smallest world", "max", ".2f"), Column("", "efficiency", "", "max", ".0%")]
+QUALITY = {"uis": Column("", "UIS", "", "min", ".4f"), "mia_auc": Column("", "MIA AUC", "", None, ".4f"),
+           "gap_retrain": Column("", "gap to retrain", "pp", "min", ".4f"),
+           "cost_ratio": Column("", "cost ratio", "x retrain", "min", ".4f")}
+
+
+def throughput_table(train: list[CellRow]) -> Table:
+    base = {}
+    for r in train:  # the smallest world size of each data size is the speed-up reference
+        if r.samples_per_s and (r.train_size not in base or r.world_size < base[r.train_size].world_size):
+            base[r.train_size] = r
+    rows = []
+    for r in train:
+        b = base.get(r.train_size)
+        speedup = r.samples_per_s / b.samples_per_s if b and r.samples_per_s else None
+        eff = speedup * b.world_size / r.world_size if speedup else None
+        rows.append(Row([r.cell, str(r.train_size), str(r.world_size)], [r.step_s, r.samples_per_s, speedup, eff]))
+    return Table(["cell", "train size", "world size"], THROUGHPUT, rows)
+
+
+def unlearning_table(unl: list[CellRow]) -> Table:
+    """One row per cell; the retrain cells (the gold standard) are reference rows. MIA AUC has no best: the
+    value to approach is the retrain's of the same forget fraction, not one of the whole column."""
+    extra = [k for k in OPTIONAL if any(k in r.quality for r in unl)]
+    cols = [Column("", "step", "s", "min", ".3g"), Column("", "cost", "s", "min", ".3g"), *(QUALITY[k] for k in extra)]
+    rows = [Row([r.cell, r.method or "", str(r.train_size), f"{r.forget_fraction:g}", str(r.world_size)],
+                [r.step_s, r.cost_s, *(r.quality.get(k) for k in extra)],
+                role=REFERENCE if r.kind == "retrain" else None) for r in unl]
+    legend = ["Directions: ↑ higher is better, ↓ lower is better. step: unlearning time per step, the method's setup "
+              "excluded; cost: unlearning wall time, setup included (a retrain: its training time). The best of a "
+              "column is over all unlearning cells, whatever their data size, forget fraction and world size. "
+              "MIA AUC: the closer to the retrain's of the same forget fraction the better (no best marked)."]
+    return Table(["cell", "method", "train size", "forget fraction", "world size"], cols, rows, legend)
 
 
 def tables(rows: list[CellRow]) -> str:
     out = []
     train = [r for r in rows if r.kind == "train"]
     if train:
-        base = {}
-        for r in train:  # the smallest world size of each data size is the speed-up reference
-            if r.samples_per_s and (r.train_size not in base or r.world_size < base[r.train_size].world_size):
-                base[r.train_size] = r
-        out += ["## Training throughput", "",
-                "| cell | train size | world size | step s | samples/s | speed-up | efficiency |",
-                "|---|---|---|---|---|---|---|"]
-        for r in train:
-            b = base.get(r.train_size)
-            speedup = r.samples_per_s / b.samples_per_s if b and r.samples_per_s else None
-            eff = speedup * b.world_size / r.world_size if speedup else None
-            out.append(f"| {r.cell} | {r.train_size} | {r.world_size} | {_fmt(r.step_s)} | {_fmt(r.samples_per_s, '.1f')} "
-                       f"| {_fmt(speedup, '.2f')} | {_fmt(eff, '.0%')} |")
-        out.append("")
-    unl = [r for r in rows if r.kind != "train"]  # the retrain reference is a row like any method
+        out += ["## Training throughput", "", markdown(throughput_table(train)), ""]
+    unl = [r for r in rows if r.kind != "train"]
     if unl:
-        extra = [k for k in OPTIONAL if any(k in r.quality for r in unl)]
-        out += ["## Unlearning", "",
-                ("| cell | method | train size | forget fraction | world size | step s | cost s | "
-                 + "".join(f"{'UIS' if k == 'uis' else k} | " for k in extra)).rstrip(),
-                "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
-        for r in unl:
-            q = "".join(f"{_fmt(r.quality.get(k), '.4f')} | " for k in extra)
-            out.append(f"| {r.cell} | {r.method} | {r.train_size} | {r.forget_fraction:g} | {r.world_size} | "
-                       f"{_fmt(r.step_s)} | {_fmt(r.cost_s)} | {q}".rstrip())
+        out += ["## Unlearning", "", markdown(unlearning_table(unl))]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -139,32 +140,25 @@ def _csv(rows: list[CellRow]) -> str:
     return buf.getvalue()
 
 
-def compare_command(*, parent: str | None, experiment: str | None, sweep: str | None, tracking_uri: str | None,
-                    out: str | None) -> Path:
-    if sweep:
-        record = Path(sweep) / "sweep.json"
-        if not record.is_file():
-            raise UserError(f"--sweep {sweep}: no sweep.json there (is it a folder made by `mtu sweep`?)")
-        rec = json.loads(record.read_text())
-        parent, tracking_uri = rec["parent_run_id"], tracking_uri or rec["tracking_uri"]
-    uri = resolve_uri(tracking_uri)
-    check_reachable(uri)
-    client = mlflow_client(uri)
-    run = find_parent(client, parent=parent, experiment=experiment, uri=uri)
+def _sweep(client, run, sweep: Path | None) -> tuple[str, dict[str, bytes]]:
+    from mtu_dist.reporting.plots import draw_all
     rows = collect(client, run)
     if not rows:
         raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): no finished sweep cells under it")
-    folder = Path(out) if out else (Path(sweep) / "report" if sweep else
-                                    Path("reports") / f"{run.info.run_name}-{run.info.run_id[:8]}")
-    ensure_writable_dir(folder)
-    from mtu_dist.reporting.plots import draw_all
     figures, notes = draw_all(rows)
     text = (f"# Sweep {run.info.run_name} (parent run {run.info.run_id})\n\n" + tables(rows)
             + "".join(f"\nNote: {n}." for n in notes) + ("\n" if notes else ""))
-    print(text)
-    files = {"table.md": text.encode(), "cells.csv": _csv(rows).encode(), **figures}
-    for name, data in files.items():
-        atomic_write_bytes(folder / name, data)
-        client.log_artifact(run.info.run_id, str(folder / name), "report")
-    print(f"wrote {', '.join(files)} to {folder} and logged them to run {run.info.run_id[:8]} (artifacts/report)")
-    return folder
+    return text, {"cells.csv": _csv(rows).encode(), **figures}
+
+
+# A demo runs one world size, one data size and one forget fraction: there is no scaling to plot, and the
+# comparison that applies is the one between methods, which its tables are.
+DEMO_NOTE = ("Note: a demo has no scaling axes (one world size, data size and forget fraction), so there are no "
+             "scaling plots; its comparison is that of the methods against the retrain, above (`mtu sweep` makes "
+             "scaling studies).")
+SWEEP = ParentKind("sweep", "sweep", "`mtu sweep`", "--sweep", "sweep.json", _sweep, DEMO_NOTE)
+
+
+def compare_command(*, parent: str | None, experiment: str | None, sweep: str | None, tracking_uri: str | None,
+                    out: str | None) -> Path:
+    return parent_command(SWEEP, parent=parent, experiment=experiment, folder=sweep, tracking_uri=tracking_uri, out=out)

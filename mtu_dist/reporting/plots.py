@@ -1,14 +1,18 @@
-"""Scaling plots of a sweep's cells (matplotlib, Agg: no display needed), returned as PNG bytes.
+"""Plots of a sweep's cells, of the paper table and of the demo (matplotlib, Agg: no display needed),
+returned as PNG bytes. Each figure states what it draws and nothing it does not.
 
-* `scaling.png`: training throughput vs world size (with the linear-scaling line from the smallest
-  world size), and step time vs world size for training and for each unlearning method (mean over
-  forget fractions);
-* `cost_vs_forget.png`: unlearning wall time (setup included; retrain: its training time) vs forget fraction;
+* `scaling.png`: training throughput vs world size, with the linear-scaling line from the smallest world
+  size (dotted, only where there are two world sizes or more to scale between), and step time vs world
+  size for training and for each unlearning method, one curve per forget fraction;
+* `cost_vs_forget.png`: unlearning wall time (setup included) vs forget fraction, the retrain's training
+  time beside it when the sweep has retrain cells;
 * `uis_vs_forget.png`: UIS vs forget fraction — only when the runs recorded `uis`.
 One line per method and world size (and data size, when the sweep has several).
 For `mtu report` (the paper table): `uis_bars` (UIS per method, 95% intervals over seeds) and
 `tradeoff` (forget progress vs task-level and instance-level interference, one curve per method and
 seed), one panel (row) per benchmark x setting.
+For `mtu demo`: `demo_uis` (UIS per method, one bar per setting) and `demo_interference` (the relative
+drop of each task's primary metric on retain and val against the original, per method and setting).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ def _png(fig) -> bytes:
 
 
 def _series(rows, key, x, y) -> dict[str, list[tuple[float, float]]]:
-    """Points (x, y) grouped by a label; y averaged where several rows share a label and x."""
+    """Points (x, y) grouped by a label; the labels carry every axis of the rows (one row per label and x),
+    so the mean only merges a cell run twice."""
     acc = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if y(r) is not None:
@@ -55,14 +60,19 @@ def scaling(rows) -> bytes:
     unl = [r for r in rows if r.kind == "unlearn"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     thr = _series(train, lambda r: f"train{n_label(r)}", lambda r: r.world_size, lambda r: r.samples_per_s)
-    _lines(left, thr)
-    for label, pts in thr.items():  # ideal: throughput proportional to world size
+    linear = {label: pts for label, pts in thr.items() if len(pts) > 1}  # one world size: nothing to scale
+    for label, pts in linear.items():  # ideal: throughput proportional to world size
         (w0, s0) = pts[0]
-        left.plot([p[0] for p in pts], [s0 * p[0] / w0 for p in pts], ":", color="gray")
-    left.set(xlabel="world size (ranks)", ylabel="samples / s", title="training throughput (dotted: linear)")
+        left.plot([p[0] for p in pts], [s0 * p[0] / w0 for p in pts], ":", color="gray",
+                  label=f"linear scaling{label[5:]}")
+    _lines(left, thr)
+    left.set(xlabel="world size (ranks)", ylabel="samples / s",
+             title="training throughput" + ("" if linear else " (one world size: no scaling line)"))
     _lines(right, _series(train, lambda r: f"train{n_label(r)}", lambda r: r.world_size, lambda r: r.step_s))
-    _lines(right, _series(unl, lambda r: f"unlearn {r.method}{n_label(r)}", lambda r: r.world_size, lambda r: r.step_s), "--s")
-    right.set(xlabel="world size (ranks)", ylabel="seconds / step", title="step time")
+    _lines(right, _series(unl, lambda r: f"unlearn {r.method}, f={r.forget_fraction:g}{n_label(r)}",
+                          lambda r: r.world_size, lambda r: r.step_s), "--s")
+    right.set(xlabel="world size (ranks)", ylabel="seconds / step",
+              title="step time (unlearning: per forget fraction f)")
     for ax in (left, right):
         ax.set_xticks(sorted({r.world_size for r in rows}))
         ax.grid(alpha=0.3)
@@ -82,10 +92,11 @@ def vs_forget(rows, y, ylabel: str, title: str) -> bytes:
 def draw_all(rows) -> tuple[dict[str, bytes], list[str]]:
     """The figures that the rows support, and a note for each one that had to be left out."""
     unl = [r for r in rows if r.kind != "train"]  # with the retrain reference, when the sweep has one
+    has_retrain = any(r.kind == "retrain" for r in unl)
     figures, notes = {"scaling.png": scaling(rows)}, []
     if unl:
-        figures["cost_vs_forget.png"] = vs_forget(unl, lambda r: r.cost_s, "wall time (s)",
-                                                  "unlearning cost (retrain: its training time)")
+        title = "unlearning cost" + (" (retrain: its training time)" if has_retrain else "")
+        figures["cost_vs_forget.png"] = vs_forget(unl, lambda r: r.cost_s, "wall time (s)", title)
     else:
         notes.append("no unlearning cells: cost_vs_forget.png not drawn")
     if any("uis" in r.quality for r in unl):
@@ -149,4 +160,78 @@ def tradeoff(groups: dict[str, dict[str, list[list[tuple]]]], ours: str) -> byte
             else:  # the full setting has no non-target task: task-level interference is undefined there
                 ax.text(0.5, 0.5, "no trajectories" if not by_method else "undefined here (every task is a target)"
                         if col == 0 else "no points", ha="center", va="center", transform=ax.transAxes)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------
+# demo figures (`mtu demo`, `mtu report` of a demo): summary rows per setting (tables.summary)
+# --------------------------------------------------------------------------
+
+def _bar_style(method: str) -> dict:
+    return {"hatch": "//", "alpha": 0.6} if method == "retrain" else {}
+
+
+def _bar_legend(ax, labels: list[str], title: str | None = None) -> None:
+    """One plain patch per colour (not the first bar drawn, which may be the hatched reference) and the hatch."""
+    from matplotlib.patches import Patch
+    handles = [Patch(color=f"C{k}", label=label) for k, label in enumerate(labels)]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="retrain (reference)"))
+    ax.legend(handles=handles, fontsize=7, title=title, title_fontsize=7)
+
+
+def demo_uis(by_setting: dict[str, dict[str, dict]]) -> bytes:
+    """UIS per method (lower is better), one bar per setting; the retrain (hatched) is the reference."""
+    methods = [m for m in dict.fromkeys(m for rows in by_setting.values() for m in rows)
+               if any(rows.get(m, {}).get("uis") is not None for rows in by_setting.values())]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(methods), 1) * len(by_setting) + 1.5))
+    height = 0.8 / max(len(by_setting), 1)
+    for k, (setting, rows) in enumerate(by_setting.items()):
+        for i, m in enumerate(methods):
+            v = rows.get(m, {}).get("uis")
+            if v is not None:
+                ax.barh(i + k * height, v, height, color=f"C{k}", **_bar_style(m))
+    ax.set_yticks([i + height * (len(by_setting) - 1) / 2 for i in range(len(methods))],
+                  [f"{m} (reference)" if m == "retrain" else m for m in methods], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="UIS (lower is better)", title="unlearning impact score per method")
+    ax.grid(axis="x", alpha=0.3)
+    if methods:
+        _bar_legend(ax, [f"{setting}-task request" for setting in by_setting])
+    return _png(fig)
+
+
+def relative_drop(rows: dict[str, dict], split: str, task: str) -> dict[str, float]:
+    """Per method: 100 x (original - method) / original of the task's primary metric on `split` (> 0: a drop)."""
+    orig = rows.get("original", {}).get("splits", {}).get(split, {}).get(task)
+    if not orig:
+        return {}
+    return {m: 100 * (orig - v) / orig for m, r in rows.items() if m != "original"
+            and (v := r["splits"].get(split, {}).get(task)) is not None}
+
+
+def demo_interference(by_setting: dict[str, dict[str, dict]]) -> bytes:
+    """Interference: per setting (row) and split (retain, val; column), the relative drop of each task's
+    primary metric against the original, one bar per task for every method; the retrain (hatched) is the
+    reference: what removing the pairs by training without them costs."""
+    from mtu_dist.tasks import TASKS
+    splits = ("retain", "val")
+    fig, axes = plt.subplots(max(len(by_setting), 1), 2, figsize=(12, 4 * max(len(by_setting), 1)), squeeze=False)
+    for row, (setting, rows) in zip(axes, by_setting.items()):
+        methods = [m for m in rows if m != "original"]
+        tasks = [t for t in TASKS if any(relative_drop(rows, sp, t) for sp in splits)]
+        width = 0.8 / max(len(tasks), 1)
+        for ax, sp in zip(row, splits):
+            for k, t in enumerate(tasks):
+                drop = relative_drop(rows, sp, t)
+                for i, m in enumerate(methods):
+                    if m in drop:
+                        ax.bar(i + k * width, drop[m], width, color=f"C{k}", **_bar_style(m))
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xticks([i + width * (len(tasks) - 1) / 2 for i in range(len(methods))],
+                          [f"{m} (ref.)" if m == "retrain" else m for m in methods],
+                          rotation=45, ha="right", fontsize=7)
+            ax.set(ylabel="drop vs the original (%; lower is better)", title=f"{setting}-task request: {sp} split")
+            ax.grid(axis="y", alpha=0.3)
+            if tasks:
+                _bar_legend(ax, tasks, "primary metric")
     return _png(fig)

@@ -8,7 +8,9 @@ tuning trials and the original's training run are not rows.
 
 Per benchmark x setting, one Markdown table, methods x columns, each cell the mean over seeds and
 its 95% interval `[lo, hi]` (statistics.interval: a bootstrap over the seeds, i.e. over requests of
->= 100 instances, widened to Student-t's small-sample width; a lone seed shows the mean only):
+>= 100 instances, widened to Student-t's small-sample width; a lone seed shows the mean only). Every
+column names its metric, unit and direction, the best mean of each column is bold, and the original,
+the retrain and the rows below the floor are marked and never ranked (tables.py):
 
 * the primary metric of every task on `forget` (target pairs), `forget_kept` (partial: the kept
   tasks of the forgotten instances), `retain` and `val` (`eval/<split>/<task>/<primary>`);
@@ -31,12 +33,16 @@ Plots (`plots.py`): `uis.png` (UIS per method, bars with the 95% interval) and `
 benchmark x setting: forget progress toward the retrain's level on x, task-level and instance-level
 interference on y, one curve per method and seed). Everything is written atomically to `--out`
 (default `<bench>/report`, or `reports/<parent name>-<id>`) and logged to the parent run under `report/`.
+
+`parent_command` is that command body, shared with `mtu compare` (compare.py): find the parent run,
+turn its children into text and figures, write and log them. Both accept a demo's parent run (`mtu
+demo`) as well: its tables (the JSON rows it logged under `demo/`) and its UIS and interference figures.
 """
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +52,8 @@ from mtu_dist.errors import UserError
 from mtu_dist.evaluation.statistics import Interval, interval, paired
 from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
 from mtu_dist.tasks import TASKS
+from mtu_dist.reporting.tables import (BEFORE, DIRECTIONS, REFERENCE, Column, Row as TableRow, Table, markdown,
+                                       metrics_legend, primary_column)
 from mtu_dist.reporting.tracking import check_reachable, mlflow_client, resolve_uri
 
 OURS = "iamu"
@@ -71,8 +79,22 @@ class Row:
     curve: list = field(default_factory=list)  # [(step, progress, task interference, instance interference)]
 
 
-def find_parent(client, *, parent: str | None, experiment: str | None, uri: str):
+@dataclass(frozen=True)
+class ParentKind:
+    """A kind of parent run the report commands read, and how its children become tables and figures."""
+    what: str                 # "benchmark", "sweep"
+    command: str              # the `mtu.command` tag of its parent runs
+    made_by: str
+    folder_flag: str          # the option naming its folder, which records the parent run and the store
+    record: str               # that folder's record file
+    build: Callable           # (client, parent run, folder or None) -> (Markdown text, {file name: bytes})
+    demo_note: str = ""       # said under a demo's tables (a demo parent is accepted by both commands)
+
+
+def find_parent(client, *, parent: str | None, experiment: str | None, uri: str, kind: ParentKind | None = None):
+    """The run `--parent` names, or the latest top-level parent run of `kind` in `--experiment`."""
     from mlflow.exceptions import MlflowException
+    kind = kind or BENCHMARK
     if parent:
         try:
             return client.get_run(parent)
@@ -81,11 +103,11 @@ def find_parent(client, *, parent: str | None, experiment: str | None, uri: str)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"--experiment {experiment!r}: no such experiment in {uri}")
-    runs = client.search_runs([exp.experiment_id], "tags.`mtu.command` = 'paper_table'",
+    runs = client.search_runs([exp.experiment_id], f"tags.`mtu.command` = '{kind.command}'",
                               order_by=["attributes.start_time DESC"], max_results=100)
     runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     if not runs:
-        raise UserError(f"--experiment {experiment!r}: it holds no benchmark parent run (bench/paper_table.py)")
+        raise UserError(f"--experiment {experiment!r}: it holds no {kind.what} parent run ({kind.made_by})")
     return runs[0]
 
 
@@ -129,19 +151,19 @@ def _primary_key(split: str, task: str) -> str:
     return f"eval/{split}/{task}/{TASKS[task].primary}"
 
 
-def columns(rows: list[Row]) -> list[tuple[str, str]]:
-    """(header, metric key) of every column the rows have."""
-    cols = []
-    for sp in SPLITS:
-        for t in TASKS:
-            if any(_primary_key(sp, t) in r.metrics for r in rows):
-                cols.append((f"{sp} {t}", _primary_key(sp, t)))
-    cols += [("MIA AUC", "mia_auc")]
-    if any("mia_auc_target" in r.metrics for r in rows):
-        cols += [("MIA AUC target", "mia_auc_target")]
-    cols += [("UIS", "uis"), ("UIS excess", "uis_excess"), ("gap pp", "gap_retrain"), ("cost s", "paper/cost_s"),
-             ("cost ratio", "cost_ratio")]
-    return cols
+SCORES = {"mia_auc": Column("", "MIA AUC", "", "ref"), "mia_auc_target": Column("", "MIA AUC target", "", "ref"),
+          "uis": Column("", "UIS", "", "min"), "uis_excess": Column("", "UIS excess", "", "min"),
+          "gap_retrain": Column("", "gap to retrain", "pp", "min"), "paper/cost_s": Column("", "cost", "s", "min"),
+          "cost_ratio": Column("", "cost ratio", "x retrain", "min")}
+
+
+def columns(rows: list[Row]) -> list[tuple[Column, str]]:
+    """(column, metric key) of every column the rows have."""
+    cols = [(primary_column(sp, t), _primary_key(sp, t)) for sp in SPLITS for t in TASKS
+            if any(_primary_key(sp, t) in r.metrics for r in rows)]
+    keys = ["mia_auc", *(["mia_auc_target"] if any("mia_auc_target" in r.metrics for r in rows) else []),
+            "uis", "uis_excess", "gap_retrain", "paper/cost_s", "cost_ratio"]
+    return cols + [(SCORES[k], k) for k in keys]
 
 
 def method_order(names) -> list[str]:
@@ -175,31 +197,44 @@ def group(rows: list[Row]) -> dict[tuple[str, str], dict[str, list[Row]]]:
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
+def _role(method: str, low: set) -> str | None:
+    """Rows that are not contenders for a column's best: the references, and runs off the UIS scale."""
+    return {"original": BEFORE, "retrain": REFERENCE}.get(method) or ("below floor" if method in low else None)
+
+
+def _table(by_method: dict[str, list[Row]], cols: list[tuple[Column, str]], methods, fmt=None) -> Table:
+    low = below_floor(by_method)
+    rows = []
+    for m in methods:
+        cells = [stats(r.metrics.get(k) for r in by_method[m]) for _, k in cols]
+        rows.append(TableRow([m], [c and c.mean for c in cells],
+                             [(fmt or _fmt)(c, k) for c, (_, k) in zip(cells, cols)], role=_role(m, low)))
+    return Table(["method"], [c for c, _ in cols], rows)
+
+
 def table(by_method: dict[str, list[Row]]) -> str:
     every = [r for rs in by_method.values() for r in rs]
-    cols = columns(every)
-    lines = ["| method | " + " | ".join(h for h, _ in cols) + " |", "|---|" + "---|" * len(cols)]
-    low = below_floor(by_method)
-    for m in method_order(by_method):
-        cells = [_fmt(stats(r.metrics.get(k) for r in by_method[m]), k) for _, k in cols]
-        lines.append(f"| {m}{' (below floor)' if m in low else ''} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown(_table(by_method, columns(every), method_order(by_method)))
 
 
 def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
     """Per method: interference when the forget pairs first reach the retrain's forget level."""
-    lines = ["| method | reached | task-level interference | instance-level interference | largest forget progress |",
-             "|---|---|---|---|---|"]
+    cols = [(Column("", "reached"), "eqf/reached"),
+            (Column("", "task-level interference", "", "min"), "eqf/task_interference"),
+            (Column("", "instance-level interference", "", "min"), "eqf/instance_interference"),
+            (Column("", "largest forget progress", "1 = the retrain's level"), "eqf/max_progress")]
+    rows = []
     for m in method_order(by_method):
         rs = [r for r in by_method[m] if "eqf/reached" in r.metrics]
         if not rs or m in REFERENCES:
             continue
         reached = [r for r in rs if r.metrics["eqf/reached"] > 0]
-        cells = [_fmt(stats(r.metrics.get(k) for r in reached), k)
-                 for k in ("eqf/task_interference", "eqf/instance_interference")]
-        lines.append(f"| {m} | {len(reached)}/{len(rs)} | " + " | ".join(c or "-" for c in cells) + " | "
-                     + _fmt(stats(r.metrics.get("eqf/max_progress") for r in rs), "p") + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+        at = [stats(r.metrics.get(k) for r in reached) for _, k in cols[1:3]]
+        top = stats(r.metrics.get("eqf/max_progress") for r in rs)
+        rows.append(TableRow([m], [None, *(s and s.mean for s in at), top and top.mean],
+                             [f"{len(reached)}/{len(rs)}", *(_fmt(s, k) or "-" for s, (_, k) in zip(at, cols[1:3])),
+                              _fmt(top, "p")], role="below floor" if m in below_floor(by_method) else None))
+    return markdown(Table(["method"], [c for c, _ in cols], rows)) if rows else ""
 
 
 def memorisation(by_method: dict[str, list[Row]]) -> dict:
@@ -238,13 +273,10 @@ def memorisation_lines(memo: dict) -> list[str]:
 
 
 def uis_table(by_method: dict[str, list[Row]]) -> str:
-    """Methods x tasks: UIS per task (mean +- std over seeds), the breakdown behind the UIS column."""
+    """Methods x tasks: UIS per task (mean and 95% interval over seeds), the breakdown behind the UIS column."""
     tasks = [t for t in TASKS if any(f"uis/{t}" in r.metrics for rs in by_method.values() for r in rs)]
-    lines = ["| method | " + " | ".join(f"UIS {t}" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for m in method_order(by_method):
-        lines.append(f"| {m} | " + " | ".join(_fmt(stats(r.metrics.get(f"uis/{t}") for r in by_method[m]), "uis")
-                                             for t in tasks) + " |")
-    return "\n".join(lines)
+    cols = [(Column("", f"UIS {t}", "", "min"), f"uis/{t}") for t in tasks]
+    return markdown(_table(by_method, cols, method_order(by_method), lambda s, k: _fmt(s, "uis")))
 
 
 def mean_uis(by_method: dict[str, list[Row]]) -> dict[str, float]:
@@ -370,9 +402,10 @@ def render(rows: list[Row], title: str) -> str:
         if memo["tasks"]:
             parts += ["Memorisation of the original on these requests:", "", *memorisation_lines(memo), ""]
     parts.append(goal_lines(groups))
-    parts += ["", "Primary metrics: seg mIoU, depth delta<1.25, normal % within 30 deg (higher is better). "
-              "UIS: lower is better. MIA AUC: the closer to the retrain's, the better. "
-              "gap pp: mean |difference| to the retrain over the primary metrics of every split."]
+    parts += ["", metrics_legend(), f"Directions: {DIRECTIONS}.",
+              "UIS: unlearning impact score (mean over tasks). MIA AUC: membership inference on the forget vs "
+              "val losses. gap to retrain: mean |difference| to the retrain over the primary metrics of every "
+              "split, in percentage points. cost: unlearning wall time (the retrain: its training time)."]
     return "\n".join(parts) + "\n"
 
 
@@ -409,33 +442,101 @@ def plot_data(rows: list[Row]) -> tuple[dict, dict]:
     return uis, trade
 
 
-def report_command(*, parent: str | None, experiment: str | None, bench: str | None, tracking_uri: str | None,
-                   out: str | None) -> Path:
+def _benchmark(client, run, bench: Path | None) -> tuple[str, dict[str, bytes]]:
+    from mtu_dist.reporting.plots import tradeoff, uis_bars
+    rows = collect(client, run)
+    if not rows:
+        raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): no finished benchmark rows under it")
+    text = render(rows, f"Benchmark {run.info.run_name} (parent run {run.info.run_id})")
     if bench:
-        record = Path(bench) / "paper_table.json"
+        text += tuning_lines(bench)
+    uis, trade = plot_data(rows)
+    return text, {"uis.png": uis_bars(uis, OURS), "tradeoff.png": tradeoff(trade, OURS)}
+
+
+BENCHMARK = ParentKind("benchmark", "paper_table", "bench/paper_table.py", "--bench", "paper_table.json", _benchmark)
+
+
+# --------------------------------------------------------------------------
+# a demo's parent run (`mtu demo`): its tables, logged under demo/ as JSON rows
+# --------------------------------------------------------------------------
+
+DEMO_FOLDER = "demo"  # the demo's artifact folder on its parent run (and under its --out)
+
+
+def demo_section(record: dict) -> str:
+    """One setting of a demo (a record the demo logs: dataset, setting, request, rows) as Markdown."""
+    from mtu_dist.reporting.tables import method_table
+    return (f"## {record['dataset']}, {record['setting']}-task request ({record['request']})\n\n"
+            + markdown(method_table(record["rows"])) + "\n")
+
+
+def demo_records(client, run) -> list[dict]:
+    """The records the demo logged to its parent run, in the order it ran them."""
+    import os
+    import tempfile
+    from unittest import mock
+    names = [a.path for a in client.list_artifacts(run.info.run_id, DEMO_FOLDER) if a.path.endswith(".json")]
+    records = []
+    # a progress bar per small file would bury the table
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        for name in names:
+            records.append(json.loads(Path(client.download_artifacts(run.info.run_id, name, tmp)).read_text()))
+    return sorted(records, key=lambda r: r.get("order", 0))
+
+
+def demo_figures(records: list[dict]) -> dict[str, bytes]:
+    from mtu_dist.reporting.plots import demo_interference, demo_uis
+    by_setting = {r["setting"]: r["rows"] for r in records}
+    return {"uis.png": demo_uis(by_setting), "interference.png": demo_interference(by_setting)}
+
+
+def _demo(client, run, note: str) -> tuple[str, dict[str, bytes]]:
+    records = demo_records(client, run)
+    if not records:
+        raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): the demo logged no table under it "
+                        f"(artifacts/{DEMO_FOLDER}; a demo stopped before its first table?)")
+    text = f"# Demo {run.info.run_name} (parent run {run.info.run_id})\n\n" + "\n".join(map(demo_section, records))
+    return text + (f"\n{note}\n" if note else ""), demo_figures(records)
+
+
+# --------------------------------------------------------------------------
+# the command body `mtu report` and `mtu compare` share
+# --------------------------------------------------------------------------
+
+def parent_command(kind: ParentKind, *, parent: str | None, experiment: str | None, folder: str | None,
+                   tracking_uri: str | None, out: str | None) -> Path:
+    """Find the parent run (by id, by its folder's record, or the latest of `kind` in an experiment), turn
+    its children into a Markdown text and figures, print the text, write everything atomically to `out`
+    and log it to the parent run under report/. A demo's parent run is accepted too: its tables."""
+    if folder:
+        record = Path(folder) / kind.record
         if not record.is_file():
-            raise UserError(f"--bench {bench}: no paper_table.json there (is it a folder made by bench/paper_table.py?)")
+            raise UserError(f"{kind.folder_flag} {folder}: no {kind.record} there "
+                            f"(is it a folder made by {kind.made_by}?)")
         rec = json.loads(record.read_text())
         parent, tracking_uri = rec["parent_run_id"], tracking_uri or rec["tracking_uri"]
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
     client = mlflow_client(uri)
-    run = find_parent(client, parent=parent, experiment=experiment, uri=uri)
-    rows = collect(client, run)
-    if not rows:
-        raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): no finished benchmark rows under it")
-    folder = Path(out) if out else (Path(bench) / "report" if bench else
-                                    Path("reports") / f"{run.info.run_name}-{run.info.run_id[:8]}")
-    ensure_writable_dir(folder)
-    from mtu_dist.reporting.plots import tradeoff, uis_bars
-    text = render(rows, f"Benchmark {run.info.run_name} (parent run {run.info.run_id})")
-    if bench:
-        text += tuning_lines(Path(bench))
+    run = find_parent(client, parent=parent, experiment=experiment, uri=uri, kind=kind)
+    if run.data.tags.get("mtu.command") == "demo":
+        text, figures = _demo(client, run, kind.demo_note)
+    else:
+        text, figures = kind.build(client, run, Path(folder) if folder else None)
+    dest = Path(out) if out else (Path(folder) / "report" if folder else
+                                  Path("reports") / f"{run.info.run_name}-{run.info.run_id[:8]}")
+    ensure_writable_dir(dest)
     print(text)
-    uis, trade = plot_data(rows)
-    files = {"table.md": text.encode(), "uis.png": uis_bars(uis, OURS), "tradeoff.png": tradeoff(trade, OURS)}
+    files = {"table.md": text.encode(), **figures}
     for name, data in files.items():
-        atomic_write_bytes(folder / name, data)
-        client.log_artifact(run.info.run_id, str(folder / name), "report")
-    print(f"wrote {', '.join(files)} to {folder} and logged them to run {run.info.run_id[:8]} (artifacts/report)")
-    return folder
+        atomic_write_bytes(dest / name, data)
+        client.log_artifact(run.info.run_id, str(dest / name), "report")
+    print(f"wrote {', '.join(files)} to {dest} and logged them to run {run.info.run_id[:8]} (artifacts/report)")
+    return dest
+
+
+def report_command(*, parent: str | None, experiment: str | None, bench: str | None, tracking_uri: str | None,
+                   out: str | None) -> Path:
+    return parent_command(BENCHMARK, parent=parent, experiment=experiment, folder=bench, tracking_uri=tracking_uri,
+                          out=out)
