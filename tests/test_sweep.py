@@ -113,9 +113,10 @@ def test_two_process_sweep_compare_and_resume(tmp_path):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     table = (report / "table.md").read_text()
     assert "## Training throughput" in table and "## Unlearning" in table
+    assert "samples/s (all ranks) ↑" in table and "cost (s) ↓" in table  # units and directions
     for name in by_cell:
         assert f"| {name} |" in table and f"| {name} |" in cmp.stdout
-    pngs = ["scaling.png", "cost_vs_forget.png"] + (["uis_vs_forget.png"] if "| UIS |" in table else [])
+    pngs = ["scaling.png", "cost_vs_forget.png"] + (["uis_vs_forget.png"] if "| UIS ↓ |" in table else [])
     for name in pngs:
         data = (report / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, name
