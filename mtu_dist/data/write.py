@@ -23,6 +23,7 @@ from mtu_dist.errors import UserError
 from mtu_dist.utils.fileio import ensure_writable_dir, replace_dir, sha256_file
 from mtu_dist.utils.lifecycle import quiet_worker
 from mtu_dist.utils.locks import OWNER, make_staging, release, remove_stale
+from mtu_dist.utils.logs import progress_bar
 from mtu_dist.data.manifest import Manifest, ShardInfo, SplitInfo
 from mtu_dist.data.sample import encode_sample
 
@@ -104,7 +105,8 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
                 continue
             jobs = [(layout, sample_fn, str(staging), split, i, start, stop)
                     for i, (start, stop) in enumerate(shard_bounds(n, shard_size))]
-            results = _run(jobs, workers, owner)
+            with progress_bar(total=len(jobs), desc=f"{layout.dataset}/{split}", unit="shard") as bar:
+                results = _run(jobs, workers, owner, done=bar.update)
             splits[split] = SplitInfo(
                 keys=[k for r in results for k in r[3]],
                 shards=[ShardInfo(file=r[0], num_samples=r[1], sha256=r[2]) for r in results])
@@ -124,13 +126,18 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
     return manifest
 
 
-def _run(jobs, workers: int, owner: int):
+def _run(jobs, workers: int, owner: int, done: Callable[[], object] = lambda: None):
     """Shards in job order, written by up to `workers` forked processes (fork keeps start-up cheap; the
-    workers only use numpy/PIL). Each worker has a pipe of its own: multiprocessing.Pool's shared queue
-    locks deadlock its terminate() when Ctrl-C or SIGTERM kills a worker that holds one, and then the
-    interrupt never ends. Here an interrupt only stops the workers (they leave interrupts to us)."""
+    workers only use numpy/PIL), `done()` called as each one is in. Each worker has a pipe of its own:
+    multiprocessing.Pool's shared queue locks deadlock its terminate() when Ctrl-C or SIGTERM kills a
+    worker that holds one, and then the interrupt never ends. Here an interrupt only stops the workers
+    (they leave interrupts to us)."""
     if workers <= 1 or len(jobs) == 1:
-        return [_write_shard(j) for j in jobs]
+        results = []
+        for job in jobs:
+            results.append(_write_shard(job))
+            done()
+        return results
     ctx, n = mp.get_context("fork"), min(workers, len(jobs))
     procs, pending, results = [], [], [None] * len(jobs)
     try:
@@ -151,6 +158,7 @@ def _run(jobs, workers: int, owner: int):
                 if index is None:
                     raise result
                 results[index] = result
+                done()
     finally:
         for p in procs:
             if p.is_alive():

@@ -16,15 +16,21 @@ import torch.distributed as dist
 from mtu_dist.data.stream import BatchLoader, blank_sample, collate, forget_mask, full_mask, kept_mask, load_instances
 from mtu_dist.runner.device import model_device, pins_memory, to_device
 from mtu_dist.tasks import TASKS, reduce_meters
+from mtu_dist.utils.logs import progress_bar
 
 
 def instance_batches(samples: list[dict], rank: int, world: int, local_batch: int, blank: dict):
     """Rank r evaluates samples r::world, padded so every rank runs the same number of batches."""
     mine = samples[rank::world]
-    n = math.ceil(math.ceil(len(samples) / world) / local_batch) if samples else 0
+    n = batch_count(len(samples), world, local_batch)
     mine = mine + [blank] * (n * local_batch - len(mine))
     for i in range(n):
         yield collate(mine[i * local_batch:(i + 1) * local_batch])
+
+
+def batch_count(n_samples: int, world: int, local_batch: int) -> int:
+    """Batches every rank runs over `n_samples` instances (instance_batches)."""
+    return math.ceil(math.ceil(n_samples / world) / local_batch) if n_samples else 0
 
 
 @torch.no_grad()
@@ -77,11 +83,13 @@ def evaluate(model, s, request=None) -> dict:
             sets["forget_kept"] = (list(forgotten), kept_mask(m, forgotten))
     for name, (ids, mask_fn) in sets.items():
         samples = load_instances(m, "train", ids, mask_fn)
-        splits[name], losses[name] = run_split(model, instance_batches(samples, s.rank, s.world, local, blank),
-                                                tasks, m.num_classes, s.world)
+        batches = progress_bar(instance_batches(samples, s.rank, s.world, local, blank), desc=f"eval {name}",
+                               total=batch_count(len(samples), s.world, local), main=s.rank == 0)
+        splits[name], losses[name] = run_split(model, batches, tasks, m.num_classes, s.world)
     val = BatchLoader(m, "val", rank=s.rank, world=s.world, local_batch=local, shuffle=False, workers=0,
                       pin_memory=pins_memory(model_device(model)))
-    splits["val"], losses["val"] = run_split(model, val.epoch(0), tasks, m.num_classes, s.world)
+    batches = progress_bar(val.epoch(0), desc="eval val", total=val.steps_per_epoch(0), main=s.rank == 0)
+    splits["val"], losses["val"] = run_split(model, batches, tasks, m.num_classes, s.world)
     model.train()
     return {"splits": splits, "losses": losses}
 

@@ -89,4 +89,7 @@ def _sum_over_ranks(n: int, world: int, device) -> int:
 
 def _progress(s: Session, total: int, initial: int, desc: str):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, disable=not s.is_main, leave=False, dynamic_ncols=True)
+
+    from mtu_dist.utils.logs import quiet
+    return tqdm(total=total, initial=initial, desc=desc, disable=not s.is_main or quiet(), leave=False,
+                dynamic_ncols=True)

@@ -89,8 +89,10 @@ def unlearn(s: Session, model: torch.nn.Module, original_val: dict | None,
 
     stopped = "budget"
     from tqdm import tqdm
-    bar = tqdm(total=u.steps, initial=start, desc=f"unlearn {u.method}", disable=not s.is_main, leave=False,
-               dynamic_ncols=True)
+
+    from mtu_dist.utils.logs import quiet
+    bar = tqdm(total=u.steps, initial=start, desc=f"unlearn {u.method}", disable=not s.is_main or quiet(),
+               leave=False, dynamic_ncols=True)
     step = start
     for step in range(start + 1, u.steps + 1):
         streams.mask_tasks(stop.mask())  # a task already forgotten is not ascended further
