@@ -50,11 +50,20 @@ import numpy as np
 
 from mtu_dist.errors import UserError
 from mtu_dist.evaluation.statistics import Interval, interval, paired
-from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
-from mtu_dist.tasks import TASKS
-from mtu_dist.reporting.tables import (BEFORE, DIRECTIONS, REFERENCE, Column, Row as TableRow, Table, markdown,
-                                       metrics_legend, primary_column)
+from mtu_dist.reporting.tables import (
+    BEFORE,
+    DIRECTIONS,
+    REFERENCE,
+    Column,
+    Table,
+    markdown,
+    metrics_legend,
+    primary_column,
+)
+from mtu_dist.reporting.tables import Row as TableRow
 from mtu_dist.reporting.tracking import check_reachable, mlflow_client, resolve_uri
+from mtu_dist.tasks import TASKS
+from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
 
 OURS = "iamu"
 ABLATIONS = ("iamu_no_proj", "iamu_no_orth")
@@ -478,16 +487,16 @@ def demo_records(client, run) -> list[dict]:
     from unittest import mock
     names = [a.path for a in client.list_artifacts(run.info.run_id, DEMO_FOLDER) if a.path.endswith(".json")]
     records = []
-    # a progress bar per small file would bury the table
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a progress bar per small file would bury the table
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, quiet):
         for name in names:
             records.append(json.loads(Path(client.download_artifacts(run.info.run_id, name, tmp)).read_text()))
     return sorted(records, key=lambda r: r.get("order", 0))
 
 
-def demo_figures(records: list[dict]) -> dict[str, bytes]:
+def demo_figures(by_setting: dict[str, dict[str, dict]]) -> dict[str, bytes]:
+    """The demo's figures from its summary rows per setting (tables.summary)."""
     from mtu_dist.reporting.plots import demo_interference, demo_uis
-    by_setting = {r["setting"]: r["rows"] for r in records}
     return {"uis.png": demo_uis(by_setting), "interference.png": demo_interference(by_setting)}
 
 
@@ -497,7 +506,7 @@ def _demo(client, run, note: str) -> tuple[str, dict[str, bytes]]:
         raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): the demo logged no table under it "
                         f"(artifacts/{DEMO_FOLDER}; a demo stopped before its first table?)")
     text = f"# Demo {run.info.run_name} (parent run {run.info.run_id})\n\n" + "\n".join(map(demo_section, records))
-    return text + (f"\n{note}\n" if note else ""), demo_figures(records)
+    return text + (f"\n{note}\n" if note else ""), demo_figures({r["setting"]: r["rows"] for r in records})
 
 
 # --------------------------------------------------------------------------

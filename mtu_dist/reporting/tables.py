@@ -82,7 +82,7 @@ def primary_column(split: str, task: str) -> Column:
     metric = TASKS[task].primary
     name, unit, _ = METRICS.get(metric, (metric, "", ""))
     better = "ref" if split in FORGET_SPLITS else ("max" if TASKS[task].higher_is_better[metric] else "min")
-    return Column(split, f"{task} {name}", unit, better, ".1f" if unit == "%" else ".3f")
+    return Column(split, f"{task} {name}", unit, better, ".2f" if unit == "%" else ".3f")
 
 
 def metrics_legend(tasks=None) -> str:

@@ -140,10 +140,9 @@ def present(parent, setting: str, request: Path, reports: dict[str, dict], out: 
 
 def figures(parent, results: dict[str, dict], out: Path) -> None:
     """The UIS and interference figures of every setting, saved under <out>/demo/ and logged to the parent."""
-    from mtu_dist.reporting.plots import demo_interference, demo_uis
-    from mtu_dist.reporting.report import DEMO_FOLDER
+    from mtu_dist.reporting.report import DEMO_FOLDER, demo_figures
     folder = out / DEMO_FOLDER
-    for name, data in {"uis.png": demo_uis(results), "interference.png": demo_interference(results)}.items():
+    for name, data in demo_figures(results).items():
         atomic_write_bytes(folder / name, data)
         parent.log_artifact(folder / name, DEMO_FOLDER)
         print(f"wrote {folder / name}")
