@@ -46,6 +46,7 @@ SETTINGS = {"full": None, "partial": ["seg"]}
 DEV_SEED = 1000           # the dev request's seed: not an evaluation seed
 TRAIN_SEED = 0            # the original's (and every retrain's) training seed
 EXPERIMENT = "paper_table"
+SUMMARY = ("uis", "mia_auc", "gap_retrain", "paper/cost_s")  # a row's scores the parent averages over seeds
 
 # Sizes: data (synth flags), model and training (`epochs` per benchmark: long enough to memorise the
 # training scenes), eval, request fraction, seeds, trials per method (None: the space file's), the
@@ -108,12 +109,34 @@ class Bench:
         from mtu_dist.reporting.tracking import Tracker
         if run_id:
             t = Tracker(enabled=True, uri=self.uri, experiment="", run_name="", run_id=run_id)
+            t.set_name(name)  # unique in the experiment: run folders repeat across benchmarks (`original`)
             t.set_tags({f"mtu.paper.{k}": v for k, v in tags.items()})
             if cost_s is not None:
-                t.log_metrics({"paper/cost_s": cost_s}, 0)
+                t.log_scores({"paper/cost_s": cost_s})
             t.flush()
         atomic_write_json(self.out / "cells" / f"{name}.json",
                           {"spec_sha256": sha, "parent_run_id": self.parent, "mlflow_run_id": run_id, "tags": tags})
+
+    def log_summary(self) -> None:
+        """Per (benchmark, setting, method) the mean over seeds of each row's scores, on the parent as
+        `mean/<benchmark>/<setting>/<method>/<score>` (its own charts in MLflow; `mtu report` makes the table)."""
+        from mtu_dist.reporting.tracking import Tracker
+        groups: dict[str, dict[str, list[float]]] = {}
+        for path in sorted((self.out / "cells").glob("*.json")):
+            rec = json.loads(path.read_text())
+            tags = rec["tags"]
+            if rec["parent_run_id"] != self.parent or not rec["mlflow_run_id"] or tags.get("role") == "curve" \
+                    or "setting" not in tags:
+                continue  # the originals' training runs and the equal-forgetting runs are no table rows
+            metrics = self.client.get_run(rec["mlflow_run_id"]).data.metrics
+            group = groups.setdefault(f"mean/{tags['benchmark']}/{tags['setting']}/{tags['method']}", {})
+            for key in SUMMARY:
+                if key in metrics:
+                    group.setdefault(key.replace("paper/", ""), []).append(metrics[key])
+        summary = {f"{g}/{k}": sum(v) / len(v) for g, scores in groups.items() for k, v in scores.items()}
+        t = Tracker(enabled=True, uri=self.uri, experiment="", run_name="", run_id=self.parent)
+        t.log_scores(summary)
+        t.flush()
 
     # ---------------- the pipeline ----------------
 
@@ -132,6 +155,7 @@ class Bench:
                 # (retrains, the original's rows: the memorisation figures) come early
                 failed = self.units([f"{ds}:{st}" for st in self.a.settings for ds in self.datasets], walls)
             status = "FAILED" if failed else "FINISHED"
+            self.log_summary()
         finally:
             self.client.set_terminated(self.parent, status)
         wall = time.perf_counter() - t0

@@ -230,6 +230,10 @@ def test_chain_is_nested_in_mlflow(chain):
     assert tags["s3"]["mtu.lineage.depth"] == "3"
     metrics = client.get_run(ids["s3"]).data.metrics
     assert {"cumulative/uis", "cumulative/mia_auc", "uis", "lineage/cumulative_pairs"} <= set(metrics)
+    # a first step's cumulative set is its request: its scores are not logged twice (metrics.json keeps them)
+    first = client.get_run(ids["s1"]).data.metrics
+    assert "uis" in first and not [k for k in first if k.startswith(("cumulative/", "lineage/"))]
+    assert read_json(runs / "s1" / "final" / "metrics.json")["cumulative"]["depth"] == 1
     # s3 ran at 2 ranks: its cumulative block is there too, and `mtu score` recomputes it from the files alone
     report = read_json(runs / "s3" / "final" / "metrics.json")
     assert report["run"]["world_size"] == 2 and report["cumulative"]["depth"] == 3

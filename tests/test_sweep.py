@@ -106,6 +106,13 @@ def test_two_process_sweep_compare_and_resume(tmp_path):
         assert r.data.params["world_size"] == r.data.tags["mtu.sweep.world_size"] == name[-1], name
     assert by_cell["neggrad_plus-n40-f0.2-w2"].data.params["request_sha256"] != \
         by_cell["neggrad_plus-n40-f0.1-w2"].data.params["request_sha256"]
+    # the parent's own charts: each method's mean over its cells, at step 0 (bars in MLflow's chart view)
+    from mlflow import MlflowClient
+    summary = MlflowClient(uri).get_run(parent).data.metrics
+    assert summary["mean/neggrad_plus/cells"] == 4 and summary["mean/train/cells"] == 1
+    unlearn_s = [r.data.metrics["time/unlearn_s"] for name, r in by_cell.items() if name.startswith("neggrad_plus")]
+    assert summary["mean/neggrad_plus/time_unlearn_s"] == pytest.approx(sum(unlearn_s) / 4)
+    assert {m.step for m in MlflowClient(uri).get_metric_history(parent, "mean/neggrad_plus/cells")} == {0}
 
     # 3. compare: the table, the PNGs, logged to the parent
     report = tmp_path / "report"

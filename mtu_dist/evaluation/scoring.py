@@ -218,14 +218,15 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
         # one request on the original: the same evaluation against the same references
         cum["unlearning"] = (block if cum["same_as_request"] else
                              cumulative_block(report, cum, mine, retrain=cum_ret or None))
-        metrics |= {f"cumulative/{k}": v for k, v in mlflow_metrics(cum["unlearning"]).items()}
+        if cum["depth"] > 1:  # as the run logged them (runner/commands.py): a first step's are its request's
+            metrics |= {f"cumulative/{k}": v for k, v in mlflow_metrics(cum["unlearning"]).items()}
     if retrain and not ret and not cum_ret:
         retrain_reference(retrain, pairs, n, request_sha=report["run"]["request_sha256"])  # raises, naming both
     atomic_write_json(_final(run) / "metrics.json", report)
     run_id = report["run"].get("mlflow_run_id")
     if run_id:
         tracker = Tracker(enabled=True, uri=tracking_uri, experiment="", run_name="", run_id=run_id)
-        tracker.log_metrics(metrics, 0)
+        tracker.log_scores(metrics)
         for step, values in curve_metrics(block):
             tracker.log_metrics(values, step)
         tracker.log_artifact(_final(run) / "metrics.json")

@@ -3,8 +3,9 @@
 It binds 127.0.0.1 unless `--host` says otherwise: the store holds every run's config and forget
 request, and MLflow's server has no authentication, so reaching it from other machines is a choice the
 user makes explicitly (`--host 0.0.0.0` on a trusted cluster network). The store and the port are
-checked before anything starts; the process then becomes the MLflow server (exec), so signals reach it
-directly.
+checked before anything starts, and a sqlite store that was moved is pointed at the artifact folder
+beside it (tracking.relocate_artifacts); the process then becomes the MLflow server (exec), so signals
+reach it directly.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mtu_dist.errors import UserError
-from mtu_dist.reporting.tracking import check_reachable
+from mtu_dist.reporting.tracking import check_reachable, relocate_artifacts, sqlite_path, store_lock
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -43,6 +44,10 @@ def serve(*, store: str, artifacts: str, host: str = DEFAULT_HOST, port: int = 5
         raise UserError(f"--store {store}: a server needs a database store (e.g. sqlite:///mlflow.db), "
                         "not another server")
     check_reachable(store)
+    if store.startswith("sqlite:///"):
+        with store_lock(sqlite_path(store)):
+            if relocate_artifacts(sqlite_path(store)):
+                print(f"mtu: {store}: the store was moved; its runs' artifacts now point at the folder beside it")
     check_port_free(host, port)
     argv = server_argv(store=store, artifacts=artifacts, host=host, port=port, workers=workers)
     print(f"mtu: MLflow server on http://{host}:{port} (store {store}, artifacts {argv[7]})", flush=True)

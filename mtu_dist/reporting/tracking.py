@@ -3,6 +3,14 @@
 URI: `tracking.uri` (or `--tracking-uri`) > `MLFLOW_TRACKING_URI` > `sqlite:///<cwd>/mlflow.db`.
 Metrics are buffered and sent with `log_batch` (one request per flush instead of one per point).
 `mlflow` is imported lazily: it costs ~2 s and most processes (workers, non-zero ranks) never need it.
+
+Curves are logged per step; a run's final scores at step 0 (`log_scores`), which MLflow's chart view
+draws as one bar per run.
+
+A sqlite store keeps its run artifacts in `mlartifacts/` beside `mlflow.db`. MLflow records them by
+absolute path (it resolves a relative one against the current directory, not the store), so a store
+that was moved or copied is pointed at its own folder again whenever it is opened here or served by
+`mtu server` (`relocate_artifacts`).
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ from pathlib import Path
 from mtu_dist.errors import UserError
 
 FLUSH_EVERY = 200  # buffered metric points
+ARTIFACTS = "mlartifacts"  # a sqlite store's artifact folder, beside mlflow.db
+SCORE_STEP = 0  # MLflow's chart view draws a metric whose latest point has step >= 1 as a line, else as bars
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")  # other stores MLflow accepts
 
 
@@ -32,7 +42,7 @@ def check_reachable(uri: str) -> None:
         except Exception as e:
             raise UserError(f"tracking URI {uri}: MLflow server unreachable ({e})") from None
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        db = sqlite_path(uri)
         folder = db.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UserError(f"tracking URI {uri}: folder {folder} does not exist or is not writable")
@@ -105,7 +115,7 @@ class Tracker:
         if exp is None:
             location = None
             if self.uri.startswith("sqlite:///"):
-                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+                location = artifact_root(sqlite_path(self.uri))
             exp_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
@@ -140,6 +150,11 @@ class Tracker:
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
 
+    def log_scores(self, metrics: dict[str, float]) -> None:
+        """A run's final scores: one value each, at SCORE_STEP, so MLflow compares them across runs as bars
+        (at the run's last training step they would be lines of a single dot)."""
+        self.log_metrics(metrics, SCORE_STEP)
+
     def flush(self) -> None:
         if self.enabled and self._buffer:
             for i in range(0, len(self._buffer), 1000):
@@ -149,6 +164,10 @@ class Tracker:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), folder)
+
+    def set_name(self, name: str) -> None:
+        if self.enabled:
+            self.client.update_run(self.run_id, name=name)
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
@@ -183,8 +202,46 @@ def mlflow_client(uri: str):
     from mlflow import MlflowClient
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
-    with store_lock(Path(uri[len("sqlite:///"):].split("?")[0])):
-        return MlflowClient(uri)  # builds (and caches, per process) the store: schema created or checked here
+    db = sqlite_path(uri)
+    with store_lock(db):
+        client = MlflowClient(uri)  # builds (and caches, per process) the store: schema created or checked here
+        relocate_artifacts(db)
+        return client
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):].split("?")[0])
+
+
+def artifact_root(db: Path) -> str:
+    """The artifact location of every experiment this package creates in the sqlite store `db`."""
+    return (db.parent / ARTIFACTS).resolve().as_uri()
+
+
+def relocate_artifacts(db: Path) -> int:
+    """Point a moved or copied sqlite store's experiments and runs at the artifact folder beside it; returns
+    how many experiment locations changed. Only this package's layout is touched (an experiment location
+    `file://.../mlartifacts`); MLflow has no API to change an experiment's location, so the rows are
+    updated in SQL. Call under `store_lock(db)`."""
+    import sqlite3
+    if not db.is_file() or db.stat().st_size == 0:
+        return 0
+    root = artifact_root(db)
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:  # one transaction: no reader sees experiments moved and their runs not
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
+                return 0
+            stale = [row[0] for row in con.execute(
+                "SELECT DISTINCT artifact_location FROM experiments WHERE artifact_location LIKE ? "
+                "AND artifact_location != ?", (f"file://%/{ARTIFACTS}", root))]
+            for old in stale:
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                            "WHERE substr(artifact_uri, 1, ?) = ?", (root, len(old) + 1, len(old) + 1, old + "/"))
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (root, old))
+    finally:
+        con.close()
+    return len(stale)
 
 
 @contextmanager

@@ -108,6 +108,8 @@ def _cumulative_report(s: Session, state: dict, results: dict, cumulative: dict,
 
 def _lineage_metrics(cum: dict) -> dict[str, float]:
     from mtu_dist.evaluation.scoring import mlflow_metrics
+    if cum["depth"] < 2:  # a first step's cumulative set is its request: the same scores again
+        return {}
     return {"lineage/depth": cum["depth"], "lineage/new_pairs": cum["new_pairs"],
             "lineage/skipped_pairs": cum["skipped_pairs"], "lineage/cumulative_pairs": cum["pairs"],
             "cumulative/cost_s": cum["cost_s"],

@@ -95,6 +95,7 @@ def run_sweep(grid_path: str, *, out: str | None, tracking_uri: str | None, dry_
             if why:
                 failed.append(f"{cell.name} ({why})")
         status = "FAILED" if failed else "FINISHED"
+        _log_summary(client, sw.uri, parent)
     finally:
         client.set_terminated(parent, status)
     print(f"compare: mtu compare --sweep {sw.folder}")
@@ -162,6 +163,38 @@ def _parent_run(sw: Sweep, grid_path: str, experiment: str):
     atomic_write_json(record_path, {"parent_run_id": parent.run_id, "tracking_uri": sw.uri,
                                     "experiment": experiment, "name": sw.grid.name})
     return client, parent.run_id
+
+
+SUMMARY = ("uis", "mia_auc", "gap_retrain", "cost_ratio", "time/unlearn_s", "time/train_s", "time/step_s",
+           "throughput/samples_per_s")  # the cell metrics the parent summarises per method
+
+
+def summary_metrics(runs) -> dict[str, float]:
+    """`mean/<method>/<metric>` over the cells (finished runs) of each method (`train` for the training cells):
+    the parent's own charts in MLflow, one bar each. `mtu compare` gives the per-cell tables and plots."""
+    groups: dict[str, list] = {}
+    for r in runs:
+        if "mtu.sweep.kind" in r.data.tags:
+            groups.setdefault(r.data.tags.get("mtu.sweep.method", r.data.tags["mtu.sweep.kind"]), []).append(r)
+    out = {}
+    for method, cells in groups.items():
+        out[f"mean/{method}/cells"] = float(len(cells))
+        for key in SUMMARY:
+            values = [r.data.metrics[key] for r in cells if key in r.data.metrics]
+            if values:
+                out[f"mean/{method}/{key.replace('/', '_')}"] = sum(values) / len(values)
+    return out
+
+
+def _log_summary(client, uri: str, parent: str) -> None:
+    """The latest run of each cell, summarised on the parent (a cell rerun after a spec change counts once)."""
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                              order_by=["attributes.start_time ASC"], max_results=50000)
+    latest = {r.data.tags["mtu.sweep.cell"]: r for r in runs
+              if r.info.status == "FINISHED" and "mtu.sweep.cell" in r.data.tags}
+    tracker = Tracker(enabled=True, uri=uri, experiment="", run_name="", run_id=parent)
+    tracker.log_scores(summary_metrics(latest.values()))
+    tracker.flush()
 
 
 def _log_grid(client, run_id: str, grid_path: str) -> None:
