@@ -56,7 +56,7 @@ from mtu_dist.tasks import TASKS
 GENERAL_KNOBS = ("unlearn.lr", "unlearn.alpha")  # anything else is method-specific
 FIXED_ONLY = ("unlearn.steps",)  # the budget is the same for every trial: the stop rule decides
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
-DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "tune_space.yaml"
+DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "configs" / "tune_space.yaml"
 
 
 @dataclass

@@ -15,7 +15,7 @@ import yaml
 
 from mtu_dist.errors import UserError
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
+LAUNCH_DIR = Path(__file__).resolve().parents[3] / "launch" / "accelerate"
 NAMED = {"cpu": "cpu_2proc.yaml", "gpu": "gpu_1node.yaml",
          "deepspeed_zero1": "deepspeed_zero1.yaml", "deepspeed_zero2": "deepspeed_zero2.yaml"}
 CLI = ["-m", "mtu_dist.cli"]
