@@ -74,7 +74,7 @@ def finish(s: Session, model: torch.nn.Module, *, elapsed: float, step: int, ext
         if ledger is not None:
             atomic_write_bytes(final / "ledger.json", ledger)
             s.tracker.log_artifact(final / "ledger.json")
-        s.tracker.log_metrics(metrics, step)
+        s.tracker.log_scores(metrics)  # one point at step 0: MLflow's chart view draws bars per run
         s.tracker.log_artifact(final / "metrics.json")
     s.tracker.finish()
     release_run_dir(s.run_dir)  # the next command of this process may write it (mtu demo, tune)

@@ -73,8 +73,8 @@ def fit(s: Session, resume: bool = False) -> tuple[torch.nn.Module, float, int]:
     bar.close()
     elapsed = time.perf_counter() - t0
     samples = _sum_over_ranks(valid, s.world, s.acc.device)
-    s.tracker.log_metrics({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9),
-                           "time/step_s": elapsed / max(step - start_step, 1)}, step)
+    s.tracker.log_scores({"time/train_s": elapsed, "throughput/samples_per_s": samples / max(elapsed, 1e-9),
+                          "time/step_s": elapsed / max(step - start_step, 1)})
     s.ledger = ledger.gather(s.world)
     return s.acc.unwrap_model(model), elapsed, step
 

@@ -155,7 +155,7 @@ def _wrap_up(s: Session, raw: torch.nn.Module, traj: Recorder | None, ledger: Le
         traj.record(raw, step)
     elapsed = time.perf_counter() - t0 - (traj.seconds if traj is not None else 0.0)
     s.trajectory = traj.result() if traj is not None else None
-    s.tracker.log_metrics({"time/unlearn_s": elapsed, "unlearn/steps_run": step}, step)
+    s.tracker.log_scores({"time/unlearn_s": elapsed, "unlearn/steps_run": step})
     s.tracker.set_tags({"mtu.stop_reason": stopped})
     s.ledger = ledger.gather(s.world)
     return elapsed
