@@ -1,4 +1,4 @@
-"""`MultiTaskModel`: a shared encoder and one light head per task (DESIGN section 3).
+"""`MultiTaskModel`: a shared encoder and one light head per task (docs/design.md §3).
 
 Normalisation is GroupNorm everywhere: per-sample statistics make a sample's output independent of
 its batch-mates, so 1-rank and N-rank runs compute identical per-sample losses, and per-sample

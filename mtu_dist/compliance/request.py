@@ -1,4 +1,4 @@
-"""Forget requests: which (instance, task) supervision pairs must be removed (DESIGN sections 1-2).
+"""Forget requests: which (instance, task) supervision pairs must be removed (docs/design.md §1-2).
 
 File format (YAML or JSON)::
 

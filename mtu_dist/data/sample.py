@@ -1,6 +1,6 @@
 """One sample on disk: the members of a shard entry, how they are encoded, decoded and checked.
 
-Members (DESIGN section 2): `image.png` uint8 RGB, `seg.png` uint8 (255 = ignore), `depth.npy`
+Members (docs/design.md §2): `image.png` uint8 RGB, `seg.png` uint8 (255 = ignore), `depth.npy`
 float32 HxW (0 = invalid), `normal.npy` float16/float32 3xHxW (all-zero = invalid), `meta.json`.
 A task the dataset lacks has no member. Members are decoded in memory; nothing is ever extracted.
 """

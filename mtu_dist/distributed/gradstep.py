@@ -1,4 +1,4 @@
-"""The distributed per-task gradient step (DESIGN section 5).
+"""The distributed per-task gradient step (docs/design.md §5).
 
 Parameter axis. All trainable parameters, flattened in order, form one axis of length P. Its
 *rows* are slices along each parameter's first dimension (a conv weight [out, in, k, k] has `out`

@@ -1,4 +1,4 @@
-"""`mtu eval`: metrics per split and task (DESIGN section 6), reduced across ranks.
+"""`mtu eval`: metrics per split and task (docs/design.md §6), reduced across ranks.
 
 Splits: `forget` (the request's target pairs), `forget_kept` (partial setting, or a mixed request with
 a partial entry: the kept tasks of the forgotten instances, which must not move), `retain` (a fixed

@@ -96,7 +96,7 @@ def curve_metrics(block: dict | None) -> list[tuple[int, dict[str, float]]]:
 
 
 def mlflow_metrics(block: dict | None) -> dict[str, float]:
-    """The block as MLflow metrics (DESIGN section 7 names); undefined scores are left out."""
+    """The block as MLflow metrics (docs/design.md §7 names); undefined scores are left out."""
     if not block:
         return {}
     out = {k: block.get(k) for k in ("mia_auc", "mia_auc_target", "mia_auc_gap", "gap_retrain", "delta_m", "cost_ratio",

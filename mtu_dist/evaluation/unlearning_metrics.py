@@ -1,4 +1,4 @@
-"""Unlearning metrics (DESIGN section 6) as pure functions of evaluation results.
+"""Unlearning metrics (docs/design.md §6) as pure functions of evaluation results.
 
 Inputs are what `evaluate` produces and run folders keep: `splits` = {split: {task: {metric: value}}}
 (metrics.json) and `losses` = {split: [(key, task, loss)]} (losses.json). Nothing here reads files,

@@ -1,5 +1,5 @@
 """`iamu`: interference-aware multi-task unlearning ("Interference-Aware Multi-Task Unlearning",
-arXiv 2605.19042; DESIGN section 4).
+arXiv 2605.19042; docs/design.md §4).
 
 1. Task subspaces (setup): for every shared weight (gradient viewed as [out, in]) and task u, the
    top eigenvectors, up to energy `energy`, of C^u = sum_b G_b^u^T G_b^u over retain batches — from

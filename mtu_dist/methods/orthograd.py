@@ -9,7 +9,7 @@ order the forget step changes no retain sample's loss. Each row of R comes from 
 forward and backward (GroupNorm: a sample's output does not depend on its batch), so the m rows cost
 about one batch backward, not m backward passes through the whole batch's graph; the other ranks'
 rows are exact zeros from a graph-free zero loss. Only the Gram matrix of [g_f; R] is needed:
-one small all-reduce in the sharded mode (DESIGN section 5). The update is the runner's common
+one small all-reduce in the sharded mode (docs/design.md §5). The update is the runner's common
 alpha * g_retain - (1 - alpha) * g_f (alpha = `unlearn.alpha`; the retain term does not compete with
 the forget term, which is orthogonal to every retain sample; `unlearn.alpha=0` is the pure projected
 ascent).

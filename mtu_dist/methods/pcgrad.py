@@ -8,7 +8,7 @@ plane of the ORIGINAL g_j). The update is sum_i g_i^PC.
 
 Every projected gradient stays a linear combination of the originals, g_i^PC = sum_k C[i, k] g_k, and
 the surgery only ever needs inner products, so it runs on the K x K Gram matrix alone: one small
-all-reduce in the sharded mode (DESIGN section 5), bit-for-bit the same recipe in either mode. The
+all-reduce in the sharded mode (docs/design.md §5), bit-for-bit the same recipe in either mode. The
 random orders come from a generator seeded by (seed, step): identical on every rank, never the
 global RNG. Surgery covers the shared parameters (the paper's setting: task-specific parameters get
 their own gradients); `heads: true` extends it to the heads' columns.

@@ -1,7 +1,7 @@
 """Base for methods that combine per-task gradient *signals* (iamu, pcgrad, orthograd, ...).
 
 `setup_layout` builds the row-aligned parameter partition once; `signals` turns K scalar losses into
-their reduced gradients with ONE collective over the [K, P] buffer (DESIGN section 5), in either
+their reduced gradients with ONE collective over the [K, P] buffer (docs/design.md §5), in either
 reduction mode, and returns the columns this rank works on as [blocks, K, S]. A subclass combines
 them into an update, hands it to `write_update` (the optimizer's gradient, with or without DeepSpeed),
 and the runner's optimizer steps. The model is not DDP-wrapped for these methods (no second all-reduce).

@@ -1,4 +1,4 @@
-"""`mtu tune`: choose each method's knobs on a *dev* forget request (DESIGN section 6, "tuning
+"""`mtu tune`: choose each method's knobs on a *dev* forget request (docs/design.md §6, "tuning
 without peeking").
 
 Every method gets the same number of trials (`trials` in the space file, `configs/tune_space.yaml`),
