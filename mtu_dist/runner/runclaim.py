@@ -72,6 +72,21 @@ def _end_if_running(client, run_id: str) -> None:
         pass
 
 
+def _forget_in_forked_child() -> None:
+    """A forked child (a data loader worker) shares the run's lock. Outliving a rank killed outright, it
+    would keep the folder "in use" and refuse the resume. Closing its descriptor, never unlocking (the lock
+    is shared with the parent), leaves the lock to the parent alone."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_forked_child)
+
+
 def release_run_dir(run_dir: Path) -> None:
     release(_HELD.pop(str(run_dir.resolve()), None))
 
