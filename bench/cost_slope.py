@@ -10,6 +10,7 @@ when a size already reaches it). The same per step of unlearning (`ratio / steps
 rule's varying step counts out, and the ratio a run of the full step budget would have. Reads only the
 run folders' final/metrics.json files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,17 @@ def load(sweep: Path) -> tuple[dict, dict]:
             retrain[(n, f)] = report["time_s"]
             continue
         steps = _steps(report.get("stop_reason", ""))
-        rows.append({"method": m["method"], "n": n, "fraction": f, "cost_s": report["time_s"], "steps": steps,
-                     "uis": ((report.get("unlearning") or {}).get("uis") or {}).get("mean"),
-                     "stop_reason": report.get("stop_reason")})
+        rows.append(
+            {
+                "method": m["method"],
+                "n": n,
+                "fraction": f,
+                "cost_s": report["time_s"],
+                "steps": steps,
+                "uis": ((report.get("unlearning") or {}).get("uis") or {}).get("mean"),
+                "stop_reason": report.get("stop_reason"),
+            }
+        )
     for r in rows:
         r["retrain_s"] = retrain.get((r["n"], r["fraction"]))
         r["ratio"] = r["cost_s"] / r["retrain_s"] if r["retrain_s"] else None
@@ -75,16 +84,23 @@ def summarize(rows: list[dict], budget: int) -> dict:
 
 
 def table(summary: dict, budget: int) -> str:
-    lines = ["| method | train size | steps | cost s | retrain s | ratio | ratio at the full budget | UIS |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | train size | steps | cost s | retrain s | ratio | ratio at the full budget | UIS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for method, s in summary.items():
         for r in s["rows"]:
             full = f"{r['ratio'] / r['steps'] * budget:.4f}" if r["steps"] else "-"
             uis = f"{r['uis']:.3f}" if r["uis"] is not None else "-"
-            lines.append(f"| {method} | {r['n']} | {r['steps'] or '-'} | {r['cost_s']:.1f} | {r['retrain_s']:.1f} "
-                         f"| {r['ratio']:.4f} | {full} | {uis} |")
-    lines += ["", "| method | slope of log ratio vs log size | size at 1/20 | same at the full budget: slope | size at 1/20 |",
-              "|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {method} | {r['n']} | {r['steps'] or '-'} | {r['cost_s']:.1f} | {r['retrain_s']:.1f} "
+                f"| {r['ratio']:.4f} | {full} | {uis} |"
+            )
+    lines += [
+        "",
+        "| method | slope of log ratio vs log size | size at 1/20 | same at the full budget: slope | size at 1/20 |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for method, s in summary.items():
         a, b = s["ratio_fit"], s["budget_ratio_fit"]
         lines.append(f"| {method} | {_f(a['slope'])} | {_n(a)} | {_f(b['slope'])} | {_n(b)} |")

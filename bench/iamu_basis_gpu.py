@@ -10,6 +10,7 @@ gradient passes of a real setup's size: 8 x (one forward + 3 backward) of the Gr
 
     python bench/iamu_basis_gpu.py        # CUDA only
 """
+
 import importlib.util
 import json
 import time
@@ -35,8 +36,9 @@ def layer_shapes(depth):
 
 
 def gradient(out, n, gen):
-    return (torch.randn(out, 32, device=DEV, generator=gen) @ torch.randn(32, n, device=DEV, generator=gen)
-            + 0.1 * torch.randn(out, n, device=DEV, generator=gen))
+    return torch.randn(out, 32, device=DEV, generator=gen) @ torch.randn(
+        32, n, device=DEV, generator=gen
+    ) + 0.1 * torch.randn(out, n, device=DEV, generator=gen)
 
 
 def basis_time(shapes, lowrank: bool):
@@ -79,7 +81,9 @@ def draw_time(shapes):
 
 
 def grad_passes(depth, batch=64):
-    net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=lambda c: torch.nn.GroupNorm(32, c)).to(DEV)
+    net = getattr(torchvision.models, f"resnet{depth}")(
+        weights=None, norm_layer=lambda c: torch.nn.GroupNorm(32, c)
+    ).to(DEV)
     params = list(net.parameters())
     x = torch.rand(batch, 3, 48, 64, device=DEV)
     for _ in range(2):  # the second run is timed
@@ -100,7 +104,10 @@ def main():
         shapes = layer_shapes(depth)
         basis_time(shapes[:3], True)  # warm-up (kernels, solver handles)
         base = draw_time(shapes)
-        r = {name: dict(zip(("basis_s", "mean_dim"), basis_time(shapes, low))) for name, low in (("default", True), ("exact", False))}
+        r = {
+            name: dict(zip(("basis_s", "mean_dim"), basis_time(shapes, low)))
+            for name, low in (("default", True), ("exact", False))
+        }
         for v in ("default", "exact"):
             r[v]["basis_s"] -= base
         r["grad_passes_s"], r["gradient_draws_s"] = grad_passes(depth), base

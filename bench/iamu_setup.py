@@ -31,6 +31,7 @@ Measured (one intra-op thread; variants interleaved, order alternated between re
     .venv/bin/python bench/iamu_setup.py --quick    # ViT-B shapes only, 1 repeat
 Results: bench/results/iamu_setup.json and Markdown tables on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import synthetic  # noqa: E402 (bench/ is on sys.path)
 import torch
+from timing import median, ordered
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-import synthetic  # noqa: E402 (bench/ is on sys.path)
-from mtu_dist.utils.fileio import atomic_write_json
 from mtu_dist.methods.iamu import Iamu
 from mtu_dist.model import OUT_CHANNELS, Head, MultiTaskModel
 from mtu_dist.runner.objective import global_counts, normalised_losses
-from timing import median, ordered
+from mtu_dist.utils.fileio import atomic_write_json
 
 SIZE = 32
 RETAIN_BATCH = 16
@@ -67,9 +68,14 @@ class ViTEncoder(nn.Module):
     def __init__(self, blocks: int = 2, dim: int = 768, patch: int = 8):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, patch, patch)
-        self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(dim, 12, 4 * dim, dropout=0.0, activation="gelu",
-                                                                 batch_first=True, norm_first=True)
-                                      for _ in range(blocks)])
+        self.blocks = nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(
+                    dim, 12, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                )
+                for _ in range(blocks)
+            ]
+        )
         self.out_channels = dim
 
     def forward(self, x):
@@ -81,9 +87,14 @@ class ViTEncoder(nn.Module):
 def resnet50_shapes() -> nn.Module:
     gn = lambda c: nn.GroupNorm(32, c)  # noqa: E731
     down = nn.Sequential(nn.Conv2d(1024, 2048, 1, bias=False), gn(2048))
-    enc = nn.Sequential(nn.Conv2d(3, 1024, 8, 8, bias=False), gn(1024), nn.ReLU(inplace=True),
-                        Bottleneck(1024, 256, norm_layer=gn), Bottleneck(1024, 512, downsample=down, norm_layer=gn),
-                        Bottleneck(2048, 512, norm_layer=gn))
+    enc = nn.Sequential(
+        nn.Conv2d(3, 1024, 8, 8, bias=False),
+        gn(1024),
+        nn.ReLU(inplace=True),
+        Bottleneck(1024, 256, norm_layer=gn),
+        Bottleneck(1024, 512, downsample=down, norm_layer=gn),
+        Bottleneck(2048, 512, norm_layer=gn),
+    )
     enc.out_channels = 2048
     return enc
 
@@ -91,17 +102,23 @@ def resnet50_shapes() -> nn.Module:
 def build(name: str) -> MultiTaskModel:
     torch.manual_seed(0)
     enc = resnet50_shapes() if name == "resnet50" else ViTEncoder()
-    heads = {t: Head(enc.out_channels, synthetic.NUM_CLASSES if t == "seg" else OUT_CHANNELS[t], 32)
-             for t in synthetic.TASK_NAMES}
+    heads = {
+        t: Head(enc.out_channels, synthetic.NUM_CLASSES if t == "seg" else OUT_CHANNELS[t], 32)
+        for t in synthetic.TASK_NAMES
+    }
     return MultiTaskModel(enc, heads).train()
 
 
 def batches(world: int = 1, rank: int = 0) -> tuple[list[dict], dict]:
     """The 8 subspace batches and a held-out one (global batch 16; rank r takes its contiguous share)."""
+
     def share(b):
         return {k: (v.tensor_split(world)[rank] if torch.is_tensor(v) else v) for k, v in b.items()}
-    return ([share(synthetic.make_batch(RETAIN_BATCH, 300 + i, SPEC)) for i in range(8)],
-            share(synthetic.make_batch(RETAIN_BATCH, 999, SPEC)))
+
+    return (
+        [share(synthetic.make_batch(RETAIN_BATCH, 300 + i, SPEC)) for i in range(8)],
+        share(synthetic.make_batch(RETAIN_BATCH, 999, SPEC)),
+    )
 
 
 def run_setup(model, options: dict, world=1, rank=0, reduction="replicated") -> tuple[float, Iamu, dict]:
@@ -146,10 +163,15 @@ def quality(exact: Iamu, others: dict[str, dict], model) -> dict:
         if i not in long_rows:
             return {}
         return {("tot", i, t): g.pow(2).sum(), **{(v, i, t): (g @ b[t][i]).pow(2).sum() for v, b in every.items()}}
+
     kept = exact._pass(ctx, sub, terms)
     held_g = exact._pass(ctx, [held], lambda i, t, g: {("g", i, t): g} if i in long_rows else {})
-    out = {"layers": len(long_rows), "exact_share_min": min(float(kept["exact", i, t] / kept["tot", i, t])
-                                                           for i in long_rows for t in synthetic.TASK_NAMES)}
+    out = {
+        "layers": len(long_rows),
+        "exact_share_min": min(
+            float(kept["exact", i, t] / kept["tot", i, t]) for i in long_rows for t in synthetic.TASK_NAMES
+        ),
+    }
     for v, b in others.items():
         ratio = [float(kept[v, i, t] / kept["exact", i, t]) for i in long_rows for t in synthetic.TASK_NAMES]
         err = []
@@ -159,16 +181,23 @@ def quality(exact: Iamu, others: dict[str, dict], model) -> dict:
                 ref = (g @ be) @ be.T
                 err.append(float(((g @ bl) @ bl.T - ref).norm() / ref.norm().clamp(min=1e-30)))
         dims = [b[t][i].shape[1] for i in long_rows for t in synthetic.TASK_NAMES]
-        out[v] = {"share_ratio_min": min(ratio), "share_ratio_median": median(ratio),
-                  "proj_err_median": median(err), "proj_err_max": max(err), "rank_median": median(dims)}
+        out[v] = {
+            "share_ratio_min": min(ratio),
+            "share_ratio_median": median(ratio),
+            "proj_err_median": median(err),
+            "proj_err_max": max(err),
+            "rank_median": median(dims),
+        }
     out["exact_rank_median"] = median([exact.bases[t][i].shape[1] for i in long_rows for t in synthetic.TASK_NAMES])
     return out
 
 
 # --------------------------------------------------------------------------- 2 ranks (torchrun)
 
+
 def worker(name: str, variants: list[str], repeats: int, out: Path) -> None:
     import torch.distributed as dist
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(name)
@@ -185,19 +214,38 @@ def worker(name: str, variants: list[str], repeats: int, out: Path) -> None:
             last[v] = method
     for v, method in last.items():
         from safetensors.torch import save_file
-        save_file({f"{t}/{i}": b.contiguous() for t, per_i in method.bases.items() for i, b in per_i.items()},
-                  out / f"{v}-rank{rank}.safetensors")
-    (out / f"rank{rank}.json").write_text(json.dumps(
-        {"times": times, "basis_bytes": {v: m.basis_bytes() for v, m in last.items()}}))
+
+        save_file(
+            {f"{t}/{i}": b.contiguous() for t, per_i in method.bases.items() for i, b in per_i.items()},
+            out / f"{v}-rank{rank}.safetensors",
+        )
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"times": times, "basis_bytes": {v: m.basis_bytes() for v, m in last.items()}})
+    )
     dist.barrier()
     dist.destroy_process_group()
 
 
 def two_ranks(name: str, variants: list[str], repeats: int, tmp: Path) -> dict:
     from safetensors.torch import load_file
+
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).resolve()), "--worker",
-           "--models", name, "--variants", *variants, "--repeats", str(repeats), "--worker-out", str(tmp)]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--models",
+        name,
+        "--variants",
+        *variants,
+        "--repeats",
+        str(repeats),
+        "--worker-out",
+        str(tmp),
+    ]
     p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -210,12 +258,16 @@ def two_ranks(name: str, variants: list[str], repeats: int, tmp: Path) -> dict:
                 t, i = key.split("/")
                 merged.setdefault(t, {})[int(i)] = b
         bases[v] = merged
-    return {"setup_s": {v: median(ranks[0]["times"][v]) for v in variants},
-            "basis_bytes_per_rank": {v: [r["basis_bytes"][v] for r in ranks] for v in variants},
-            "bases": bases, "command": "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/iamu_setup.py --worker ..."}
+    return {
+        "setup_s": {v: median(ranks[0]["times"][v]) for v in variants},
+        "basis_bytes_per_rank": {v: [r["basis_bytes"][v] for r in ranks] for v in variants},
+        "bases": bases,
+        "command": "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/iamu_setup.py --worker ...",
+    }
 
 
 # --------------------------------------------------------------------------- one model
+
 
 def measure(name: str, repeats: int, ranks: tuple[int, ...], epoch_steps: int) -> dict:
     model = build(name)
@@ -229,12 +281,24 @@ def measure(name: str, repeats: int, ranks: tuple[int, ...], epoch_steps: int) -
             t, last[v], logs[v] = run_setup(model, VARIANTS[v])
             times[v].append(t)
     epoch = epoch_equivalent(model, epoch_steps)
-    one = {v: {"setup_s": median(times[v]), "runs": times[v], "basis_bytes": last[v].basis_bytes(),
-               "setup_over_epoch": median(times[v]) / epoch["epoch_s"],
-               "logs": {k: float(x) for k, x in logs[v].items()}} for v in variants}
-    res = {"model": name, "params": sum(p.numel() for p in model.parameters()),
-           "shared_params": sum(p.numel() for p in model.shared_parameters()), "epoch": epoch, "1": one,
-           "quality_1": quality(last["exact"], {v: last[v].bases for v in variants if v != "exact"}, model)}
+    one = {
+        v: {
+            "setup_s": median(times[v]),
+            "runs": times[v],
+            "basis_bytes": last[v].basis_bytes(),
+            "setup_over_epoch": median(times[v]) / epoch["epoch_s"],
+            "logs": {k: float(x) for k, x in logs[v].items()},
+        }
+        for v in variants
+    }
+    res = {
+        "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "shared_params": sum(p.numel() for p in model.shared_parameters()),
+        "epoch": epoch,
+        "1": one,
+        "quality_1": quality(last["exact"], {v: last[v].bases for v in variants if v != "exact"}, model),
+    }
     if 2 in ranks:
         with tempfile.TemporaryDirectory() as tmp:
             two = two_ranks(name, variants, repeats, Path(tmp))
@@ -243,36 +307,61 @@ def measure(name: str, repeats: int, ranks: tuple[int, ...], epoch_steps: int) -
         for v in variants:
             per = two["basis_bytes_per_rank"][v]
             two.setdefault(v, {}).update(
-                setup_s=two["setup_s"][v], basis_bytes_per_rank=per, setup_over_epoch=two["setup_s"][v] / epoch["epoch_s"],
+                setup_s=two["setup_s"][v],
+                basis_bytes_per_rank=per,
+                setup_over_epoch=two["setup_s"][v] / epoch["epoch_s"],
                 max_rank_over_ideal=max(per) / (one[v]["basis_bytes"] / 2),
-                setup_speedup=one[v]["setup_s"] / two["setup_s"][v])
+                setup_speedup=one[v]["setup_s"] / two["setup_s"][v],
+            )
         res["2"] = two
     return res
 
 
 def report(results: list[dict]) -> str:
     mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-    L = ["| model | variant | ranks | setup s | setup / epoch | basis MiB per rank | max rank / (1-rank / 2) | "
-         "kept share low/exact (min, median) | held-out projection error (median, max) | rank (median) |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "| model | variant | ranks | setup s | setup / epoch | basis MiB per rank | max rank / (1-rank / 2) | "
+        "kept share low/exact (min, median) | held-out projection error (median, max) | rank (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for v in VARIANTS:
             o = r["1"][v]
             q = r["quality_1"].get(v)
-            qtxt = (f"{q['share_ratio_min']:.3f}, {q['share_ratio_median']:.3f} | {q['proj_err_median']:.3f}, "
-                    f"{q['proj_err_max']:.3f} | {q['rank_median']:.0f}") if q else \
-                f"1 (ref.; exact keeps >= {r['quality_1']['exact_share_min']:.3f}) | 0 | {r['quality_1']['exact_rank_median']:.0f}"
-            L.append(f"| {r['model']} | {v} | 1 | {o['setup_s']:.2f} | {o['setup_over_epoch']:.2f}x | "
-                     f"{mb(o['basis_bytes'])} | | {qtxt} |")
+            qtxt = (
+                (
+                    f"{q['share_ratio_min']:.3f}, {q['share_ratio_median']:.3f} | {q['proj_err_median']:.3f}, "
+                    f"{q['proj_err_max']:.3f} | {q['rank_median']:.0f}"
+                )
+                if q
+                else f"1 (ref.; exact keeps >= {r['quality_1']['exact_share_min']:.3f}) | 0 | "
+                f"{r['quality_1']['exact_rank_median']:.0f}"
+            )
+            L.append(
+                f"| {r['model']} | {v} | 1 | {o['setup_s']:.2f} | {o['setup_over_epoch']:.2f}x | "
+                f"{mb(o['basis_bytes'])} | | {qtxt} |"
+            )
             if "2" in r:
                 t = r["2"][v]
                 q2 = r["quality_2"].get(v)
-                q2txt = (f"{q2['share_ratio_min']:.3f}, {q2['share_ratio_median']:.3f} | {q2['proj_err_median']:.3f}, "
-                         f"{q2['proj_err_max']:.3f} | {q2['rank_median']:.0f}") if q2 else "| |"
-                L.append(f"| {r['model']} | {v} | 2 sharded | {t['setup_s']:.2f} | {t['setup_over_epoch']:.2f}x | "
-                         f"{' / '.join(mb(b) for b in t['basis_bytes_per_rank'])} | {t['max_rank_over_ideal']:.2f} | {q2txt} |")
+                q2txt = (
+                    (
+                        f"{q2['share_ratio_min']:.3f}, {q2['share_ratio_median']:.3f} | {q2['proj_err_median']:.3f}, "
+                        f"{q2['proj_err_max']:.3f} | {q2['rank_median']:.0f}"
+                    )
+                    if q2
+                    else "| |"
+                )
+                L.append(
+                    f"| {r['model']} | {v} | 2 sharded | {t['setup_s']:.2f} | {t['setup_over_epoch']:.2f}x | "
+                    f"{' / '.join(mb(b) for b in t['basis_bytes_per_rank'])} | "
+                    f"{t['max_rank_over_ideal']:.2f} | {q2txt} |"
+                )
         e = r["epoch"]
-        L.append(f"| {r['model']} | epoch-equivalent | 1 | {e['epoch_s']:.2f} ({e['steps']} x {e['step_s']:.3f} s) | 1x | | | | | |")
+        L.append(
+            f"| {r['model']} | epoch-equivalent | 1 | {e['epoch_s']:.2f} ({e['steps']} x {e['step_s']:.3f} s) "
+            "| 1x | | | | | |"
+        )
     return "\n".join(L)
 
 
@@ -295,9 +384,17 @@ def main(argv=None) -> int:
     results = []
     for m in models:  # written and printed after every model
         results.append(measure(m, repeats, tuple(a.ranks), epoch_steps=3 if a.quick else 5))
-        atomic_write_json(a.out, {"results": results, "threads": 1, "image": [SIZE, SIZE], "retain_batch": RETAIN_BATCH,
-                                  "epoch_samples": EPOCH_SAMPLES,
-                                  "command": " ".join(["bench/iamu_setup.py", *(argv or sys.argv[1:])])})
+        atomic_write_json(
+            a.out,
+            {
+                "results": results,
+                "threads": 1,
+                "image": [SIZE, SIZE],
+                "retain_batch": RETAIN_BATCH,
+                "epoch_samples": EPOCH_SAMPLES,
+                "command": " ".join(["bench/iamu_setup.py", *(argv or sys.argv[1:])]),
+            },
+        )
         print(report(results[-1:]), flush=True)
     return 0
 

@@ -6,6 +6,7 @@ the config default `auto`, which first times both engines. Set-up, epoch and aut
     .venv/bin/python bench/iamu_setup_vs_epoch.py            # full run
     .venv/bin/python bench/iamu_setup_vs_epoch.py --quick    # 24x32 images, 3 repeats
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,7 @@ from mtu_dist.methods.iamu import Iamu
 from mtu_dist.runner.objective import global_counts, normalised_losses
 from mtu_dist.utils.fileio import atomic_write_json
 
-RETAIN_SAMPLES = 384             # one epoch = RETAIN_SAMPLES / retain batch training steps
+RETAIN_SAMPLES = 384  # one epoch = RETAIN_SAMPLES / retain batch training steps
 
 
 def retain_batches(spec: Spec) -> list[dict]:
@@ -86,46 +87,67 @@ def bench_setup(repeats: int, spec: Spec) -> tuple[dict, Iamu, torch.nn.Module]:
     for attr in ("_pass", "_gradient_bases", "_bases"):  # unwrap for later use
         method.__dict__.pop(attr, None)
     s, e, sa = median(times["setup"]), median(times["epoch"]), median(times["setup_auto"])
-    out = {"subspace_batches": subspace_batches, "retain_batch": spec.retain_batch,
-           "epoch_samples": RETAIN_SAMPLES, "epoch_steps": len(retain),
-           "setup_s": stats(times["setup"]), "epoch_s": stats(times["epoch"]),
-           "setup_auto_engine_s": stats(times["setup_auto"]), "auto_engine_picks": picks,
-           "setup_breakdown_s": {k: median([p[k] for p in parts]) for k in parts[0]},
-           "basis_dim_mean": logs.get("basis_dim_mean"),
-           "setup_over_epoch": s / e,
-           "paired_ratio_median": median([a / b for a, b in zip(times["setup"], times["epoch"])]),
-           "setup_auto_over_epoch": sa / e, "setup_auto_over_setup": sa / s,
-           "epoch_step_s": e / len(retain)}
+    out = {
+        "subspace_batches": subspace_batches,
+        "retain_batch": spec.retain_batch,
+        "epoch_samples": RETAIN_SAMPLES,
+        "epoch_steps": len(retain),
+        "setup_s": stats(times["setup"]),
+        "epoch_s": stats(times["epoch"]),
+        "setup_auto_engine_s": stats(times["setup_auto"]),
+        "auto_engine_picks": picks,
+        "setup_breakdown_s": {k: median([p[k] for p in parts]) for k in parts[0]},
+        "basis_dim_mean": logs.get("basis_dim_mean"),
+        "setup_over_epoch": s / e,
+        "paired_ratio_median": median([a / b for a, b in zip(times["setup"], times["epoch"])]),
+        "setup_auto_over_epoch": sa / e,
+        "setup_auto_over_setup": sa / s,
+        "epoch_step_s": e / len(retain),
+    }
     return out, method, model
 
 
 def measure(spec: Spec | None = None, *, setup_repeats: int = 7, threads: int = 1, quick: bool = False) -> dict:
     """{"setup": ...} with the environment; what main() writes."""
     spec = spec or Spec()
-    return measure_with("iamu_setup_vs_epoch", spec, lambda section: {
-        "setup": section("setup", f"setup vs epoch, {setup_repeats} repeats",
-                         lambda: bench_setup(setup_repeats, spec)[0])},
-        threads=threads, quick=quick, config={"setup_repeats": setup_repeats})
+    return measure_with(
+        "iamu_setup_vs_epoch",
+        spec,
+        lambda section: {
+            "setup": section(
+                "setup", f"setup vs epoch, {setup_repeats} repeats", lambda: bench_setup(setup_repeats, spec)[0]
+            )
+        },
+        threads=threads,
+        quick=quick,
+        config={"setup_repeats": setup_repeats},
+    )
 
 
 def tables(res: dict) -> str:
     u = res["setup"]
     sa = u["setup_auto_engine_s"]
-    L = [f"### Subspace computation vs one training epoch ({u['epoch_samples']} samples, "
-         f"{u['epoch_steps']} steps of batch {u['retain_batch']})", "",
-         "| Measurement | s (median) | min - max |", "|---|---:|---:|",
-         f"| Iamu.setup ({u['subspace_batches']} batches of {u['retain_batch']}) | {u['setup_s']['median']:.2f} | "
-         f"{u['setup_s']['min']:.2f} - {u['setup_s']['max']:.2f} |"]
+    L = [
+        f"### Subspace computation vs one training epoch ({u['epoch_samples']} samples, "
+        f"{u['epoch_steps']} steps of batch {u['retain_batch']})",
+        "",
+        "| Measurement | s (median) | min - max |",
+        "|---|---:|---:|",
+        f"| Iamu.setup ({u['subspace_batches']} batches of {u['retain_batch']}) | {u['setup_s']['median']:.2f} | "
+        f"{u['setup_s']['min']:.2f} - {u['setup_s']['max']:.2f} |",
+    ]
     for k, v in u["setup_breakdown_s"].items():
         L.append(f"| setup: {k} | {v:.2f} | |")
-    L += [f"| one epoch (forward + backward + AdamW) | {u['epoch_s']['median']:.2f} | "
-          f"{u['epoch_s']['min']:.2f} - {u['epoch_s']['max']:.2f} |",
-          f"| Iamu.setup with signal_engine auto (config default; picked "
-          f"{', '.join(sorted(set(u['auto_engine_picks'])))}) | {sa['median']:.2f} | "
-          f"{sa['min']:.2f} - {sa['max']:.2f} |",
-          f"| setup / epoch | {u['setup_over_epoch']:.2f}x (paired {u['paired_ratio_median']:.2f}x) | |",
-          f"| setup (auto engine) / epoch | {u['setup_auto_over_epoch']:.2f}x | |",
-          f"| setup auto / setup sequential | {u['setup_auto_over_setup']:.2f}x | |"]
+    L += [
+        f"| one epoch (forward + backward + AdamW) | {u['epoch_s']['median']:.2f} | "
+        f"{u['epoch_s']['min']:.2f} - {u['epoch_s']['max']:.2f} |",
+        f"| Iamu.setup with signal_engine auto (config default; picked "
+        f"{', '.join(sorted(set(u['auto_engine_picks'])))}) | {sa['median']:.2f} | "
+        f"{sa['min']:.2f} - {sa['max']:.2f} |",
+        f"| setup / epoch | {u['setup_over_epoch']:.2f}x (paired {u['paired_ratio_median']:.2f}x) | |",
+        f"| setup (auto engine) / epoch | {u['setup_auto_over_epoch']:.2f}x | |",
+        f"| setup auto / setup sequential | {u['setup_auto_over_setup']:.2f}x | |",
+    ]
     return "\n".join(L)
 
 

@@ -14,6 +14,7 @@ measured as well (iamu_setup_vs_epoch.py), as bench/suite.py's `iamu` section do
     .venv/bin/python bench/iamu_step_overhead.py            # full run
     .venv/bin/python bench/iamu_step_overhead.py --quick    # 24x32 images, 3 repeats
 """
+
 from __future__ import annotations
 
 import cProfile
@@ -72,7 +73,6 @@ def floor_step(model, params, forget, retain, split: dict | None = None):
     return grads
 
 
-
 def replay(bd: Breakdown, labels, n_calls: int) -> dict[str, float]:
     """Median, over n_calls rounds, of the time of every recorded call of each label (summed per round):
     the same work, on the same tensors, as in one real step, without the step's noisy autograd around it."""
@@ -101,8 +101,9 @@ def profile_step(fn, top: int = 15) -> dict:
     rows = []
     for (file, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():
         rel = os.path.relpath(file, REPO) if file.startswith(str(REPO)) else file
-        rows.append({"where": f"{rel}:{line}" if line else rel, "function": func, "calls": nc,
-                     "tottime_s": tt, "cumtime_s": ct})
+        rows.append(
+            {"where": f"{rel}:{line}" if line else rel, "function": func, "calls": nc, "tottime_s": tt, "cumtime_s": ct}
+        )
     by_tot = sorted(rows, key=lambda r: -r["tottime_s"])[:top]
     package = sorted((r for r in rows if r["where"].startswith("mtu_dist/")), key=lambda r: -r["cumtime_s"])[:top]
     return {"wall_s": wall, "top_tottime": by_tot, "package_by_cumtime": package}
@@ -137,7 +138,7 @@ def bench_step(method: Iamu, model, repeats: int, spec: Spec, n_piece_calls: int
     times = {k: [] for k in fns}
     parts, floor_split = [], []
     for rep in range(-1, repeats):  # rep -1: warm-up (one neggrad_plus step), not recorded
-        for name in (ordered(fns, rep) if rep >= 0 else ["neggrad_plus"]):
+        for name in ordered(fns, rep) if rep >= 0 else ["neggrad_plus"]:
             split_now = {}
             bd.take()
             t, _ = timed(fns[name])
@@ -160,24 +161,34 @@ def bench_step(method: Iamu, model, repeats: int, spec: Spec, n_piece_calls: int
     sig = median([p["signals"] for p in parts])
     pack = median([p["pack"] for p in parts])
     in_step = {
-        "forward + losses (rest)": median([p["total"] - p["signals"] - p["project"]
-                                           - p["orthogonalize"] - p["unpack"] for p in parts]),
+        "forward + losses (rest)": median(
+            [p["total"] - p["signals"] - p["project"] - p["orthogonalize"] - p["unpack"] for p in parts]
+        ),
         "autograd.grad x K (signals - new_buffer - pack)": sig - pack - median([p["new_buffer"] for p in parts]),
-        "new_buffer": median([p["new_buffer"] for p in parts]), "pack": pack,
+        "new_buffer": median([p["new_buffer"] for p in parts]),
+        "pack": pack,
         "project": median([p["project"] for p in parts]),
-        "orthogonalize": median([p["orthogonalize"] for p in parts]), "unpack": median([p["unpack"] for p in parts]),
+        "orthogonalize": median([p["orthogonalize"] for p in parts]),
+        "unpack": median([p["unpack"] for p in parts]),
     }
     overhead = med["iamu"] / med["floor"] - 1
     pieces_sum = sum(pieces.values())
     out = {
-        "forget_batch": spec.forget_batch, "retain_batch": spec.retain_batch, "K": STEP_K, "engine": "sequential",
-        "reduction": "replicated", "world": 1,
-        "iamu_s": stats(times["iamu"]), "floor_s": stats(times["floor"]),
+        "forget_batch": spec.forget_batch,
+        "retain_batch": spec.retain_batch,
+        "K": STEP_K,
+        "engine": "sequential",
+        "reduction": "replicated",
+        "world": 1,
+        "iamu_s": stats(times["iamu"]),
+        "floor_s": stats(times["floor"]),
         "neggrad_plus_s": stats(times["neggrad_plus"]),
         "floor_split_s": {k: median([s[k] for s in floor_split]) for k in ("forward_losses", "grads")},
         "iamu_breakdown_s": in_step,
-        "overhead_pieces_s": pieces, "overhead_pieces_calls": n_piece_calls,
-        "overhead_measured": overhead, "overhead_paired_median": median(paired) - 1,
+        "overhead_pieces_s": pieces,
+        "overhead_pieces_calls": n_piece_calls,
+        "overhead_measured": overhead,
+        "overhead_paired_median": median(paired) - 1,
         "overhead_from_pieces": pieces_sum / med["floor"],
         "overhead_goal": OVERHEAD_GOAL,
         "iamu_over_neggrad_plus": med["iamu"] / med["neggrad_plus"],
@@ -191,7 +202,6 @@ def bench_step(method: Iamu, model, repeats: int, spec: Spec, n_piece_calls: int
     return out
 
 
-
 def ready_iamu(spec: Spec) -> tuple[Iamu, torch.nn.Module]:
     """An iamu set up as in iamu_setup_vs_epoch.py (same model, same retain batches), untimed."""
     model = make_model(spec)
@@ -201,8 +211,16 @@ def ready_iamu(spec: Spec) -> tuple[Iamu, torch.nn.Module]:
     return method, model
 
 
-def measure(spec: Spec | None = None, *, repeats: int = 7, setup_repeats: int = 0, piece_calls: int = 20,
-            threads: int = 1, profile: bool = False, quick: bool = False) -> dict:
+def measure(
+    spec: Spec | None = None,
+    *,
+    repeats: int = 7,
+    setup_repeats: int = 0,
+    piece_calls: int = 20,
+    threads: int = 1,
+    profile: bool = False,
+    quick: bool = False,
+) -> dict:
     """{"step": ...}, and {"setup": ...} when `setup_repeats` (the set-up measured, its iamu then
     stepped), with the environment; what main() writes."""
     spec = spec or Spec()
@@ -210,25 +228,44 @@ def measure(spec: Spec | None = None, *, repeats: int = 7, setup_repeats: int = 
     def body(section):
         out = {}
         if setup_repeats:
-            out["setup"], method, model = section("setup", f"setup vs epoch, {setup_repeats} repeats",
-                                                  lambda: iamu_setup_vs_epoch.bench_setup(setup_repeats, spec))
+            out["setup"], method, model = section(
+                "setup",
+                f"setup vs epoch, {setup_repeats} repeats",
+                lambda: iamu_setup_vs_epoch.bench_setup(setup_repeats, spec),
+            )
         else:
             method, model = ready_iamu(spec)
-        out["step"] = section("step", f"iamu step vs floor vs neggrad_plus, {repeats} repeats",
-                              lambda: bench_step(method, model, repeats, spec, piece_calls, profile))
+        out["step"] = section(
+            "step",
+            f"iamu step vs floor vs neggrad_plus, {repeats} repeats",
+            lambda: bench_step(method, model, repeats, spec, piece_calls, profile),
+        )
         return out
 
-    return measure_with("iamu_step_overhead", spec, body, threads=threads, quick=quick,
-                        config={"repeats": repeats, "setup_repeats": setup_repeats})
+    return measure_with(
+        "iamu_step_overhead",
+        spec,
+        body,
+        threads=threads,
+        quick=quick,
+        config={"repeats": repeats, "setup_repeats": setup_repeats},
+    )
 
 
 def tables(res: dict) -> str:
     s = res["step"]
-    L = [f"### iamu step vs its floor (forget {s['forget_batch']} + retain {s['retain_batch']}, K = {s['K']}, "
-         "sequential engine, world 1)", "",
-         "| Measurement | ms (median) | min - max |", "|---|---:|---:|"]
-    for key, label in (("iamu_s", "iamu step"), ("floor_s", "floor: forward + K autograd.grad"),
-                       ("neggrad_plus_s", "neggrad_plus step")):
+    L = [
+        f"### iamu step vs its floor (forget {s['forget_batch']} + retain {s['retain_batch']}, K = {s['K']}, "
+        "sequential engine, world 1)",
+        "",
+        "| Measurement | ms (median) | min - max |",
+        "|---|---:|---:|",
+    ]
+    for key, label in (
+        ("iamu_s", "iamu step"),
+        ("floor_s", "floor: forward + K autograd.grad"),
+        ("neggrad_plus_s", "neggrad_plus step"),
+    ):
         L.append(f"| {label} | {ms(s[key]['median'])} | {rng(s[key])} |")
     L += ["", "| Part of the iamu step | ms (median) |", "|---|---:|"]
     for k, v in s["iamu_breakdown_s"].items():
@@ -237,36 +274,58 @@ def tables(res: dict) -> str:
     L.append(f"| floor: autograd.grad x K | {ms(s['floor_split_s']['grads'])} |")
     for k, v in s["overhead_pieces_s"].items():
         L.append(f"| isolated ({s['overhead_pieces_calls']} calls): {k} | {ms(v)} |")
-    L += ["", "| Ratio | value | goal |", "|---|---:|---|",
-          f"| iamu / floor - 1 (medians) | {100 * s['overhead_measured']:+.1f}% | <= {100 * OVERHEAD_GOAL:.0f}% |",
-          f"| iamu / floor - 1 (paired per repeat) | {100 * s['overhead_paired_median']:+.1f}% | |",
-          f"| overhead from isolated pieces / floor | {100 * s['overhead_from_pieces']:.1f}% | "
-          f"<= {100 * OVERHEAD_GOAL:.0f}% |",
-          f"| iamu / neggrad_plus | {s['iamu_over_neggrad_plus']:.2f}x | about {STEP_K // 2}..{STEP_K}x |",
-          f"| floor / neggrad_plus | {s['floor_over_neggrad_plus']:.2f}x | |",
-          f"| overhead goal met (measured medians / isolated pieces) | "
-          f"{'yes' if s['overhead_goal_met'] else 'no'} / {'yes' if s['overhead_goal_met_pieces'] else 'no'} | |"]
+    L += [
+        "",
+        "| Ratio | value | goal |",
+        "|---|---:|---|",
+        f"| iamu / floor - 1 (medians) | {100 * s['overhead_measured']:+.1f}% | <= {100 * OVERHEAD_GOAL:.0f}% |",
+        f"| iamu / floor - 1 (paired per repeat) | {100 * s['overhead_paired_median']:+.1f}% | |",
+        f"| overhead from isolated pieces / floor | {100 * s['overhead_from_pieces']:.1f}% | "
+        f"<= {100 * OVERHEAD_GOAL:.0f}% |",
+        f"| iamu / neggrad_plus | {s['iamu_over_neggrad_plus']:.2f}x | about {STEP_K // 2}..{STEP_K}x |",
+        f"| floor / neggrad_plus | {s['floor_over_neggrad_plus']:.2f}x | |",
+        f"| overhead goal met (measured medians / isolated pieces) | "
+        f"{'yes' if s['overhead_goal_met'] else 'no'} / {'yes' if s['overhead_goal_met_pieces'] else 'no'} | |",
+    ]
     if "profile" in s:
-        L += ["", "cProfile of one iamu step (top by own time):", "",
-              "| where | function | calls | own s | cum s |", "|---|---|---:|---:|---:|"]
+        L += [
+            "",
+            "cProfile of one iamu step (top by own time):",
+            "",
+            "| where | function | calls | own s | cum s |",
+            "|---|---|---:|---:|---:|",
+        ]
         for row in s["profile"]["top_tottime"][:12]:
-            L.append(f"| {row['where']} | {row['function']} | {row['calls']} | {row['tottime_s']:.3f} "
-                     f"| {row['cumtime_s']:.3f} |")
+            L.append(
+                f"| {row['where']} | {row['function']} | {row['calls']} | {row['tottime_s']:.3f} "
+                f"| {row['cumtime_s']:.3f} |"
+            )
     return "\n".join(L)
 
 
 def main(argv=None) -> int:
     p = parser(__doc__, "iamu_step_overhead")
     p.add_argument("--repeats", type=int, help="repeats of the step measurements (default 7; quick 3)")
-    p.add_argument("--setup-repeats", type=int, default=0,
-                   help="also measure the set-up vs one epoch, this many repeats (default 0: set up once, untimed)")
+    p.add_argument(
+        "--setup-repeats",
+        type=int,
+        default=0,
+        help="also measure the set-up vs one epoch, this many repeats (default 0: set up once, untimed)",
+    )
     p.add_argument("--profile", action="store_true", help="profile one iamu step even when the goal is met")
     a = p.parse_args(argv)
     repeats = a.repeats or (3 if a.quick else 7)
     if repeats < 1 or a.setup_repeats < 0:
         p.error("repeats must be >= 1")
-    res = measure(quick_spec(a.quick), repeats=repeats, setup_repeats=a.setup_repeats,
-                  piece_calls=5 if a.quick else 20, threads=a.threads, profile=a.profile, quick=a.quick)
+    res = measure(
+        quick_spec(a.quick),
+        repeats=repeats,
+        setup_repeats=a.setup_repeats,
+        piece_calls=5 if a.quick else 20,
+        threads=a.threads,
+        profile=a.profile,
+        quick=a.quick,
+    )
     atomic_write_json(a.out, res)
     print(threads_line(res) + "\n\n" + tables(res))
     if "setup" in res:

@@ -10,6 +10,7 @@ modes interleaved; the sharded block is checked against the replicated one.
     .venv/bin/python bench/sharded_vs_replicated.py            # full run
     .venv/bin/python bench/sharded_vs_replicated.py --quick    # 24x32 images, 5 repeats
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,17 +61,27 @@ def analytic_comm(params, k: int, elem: int, nF: int, gram_dim: int) -> list[dic
         rs, ag = ring * full * elem, ring * n * s * elem
         shd_bytes = rs + ag + small
         rep_mem, shd_mem = full * elem, k * s * elem
-        rows.append({
-            "world": n, "P": lay.total, "S": s, "pad_elems": n * s - lay.total,
-            "replicated_bytes": rep_bytes, "sharded_bytes": shd_bytes,
-            "sharded_reduce_scatter_bytes": rs, "sharded_all_gather_bytes": ag, "sharded_small_bytes": small,
-            "bytes_ratio": shd_bytes / rep_bytes if rep_bytes else None,
-            "bytes_ratio_limit": (k + 1) / (2 * k),
-            "replicated_block_bytes": rep_mem, "sharded_block_bytes": shd_mem, "memory_ratio": shd_mem / rep_mem,
-            "one_over_n": 1 / n,
-            "pack_buffer_bytes_both_modes": full * elem,     # [N, K, S] before the collective, every rank
-            "gathered_update_bytes_both_modes": n * s * elem,
-        })
+        rows.append(
+            {
+                "world": n,
+                "P": lay.total,
+                "S": s,
+                "pad_elems": n * s - lay.total,
+                "replicated_bytes": rep_bytes,
+                "sharded_bytes": shd_bytes,
+                "sharded_reduce_scatter_bytes": rs,
+                "sharded_all_gather_bytes": ag,
+                "sharded_small_bytes": small,
+                "bytes_ratio": shd_bytes / rep_bytes if rep_bytes else None,
+                "bytes_ratio_limit": (k + 1) / (2 * k),
+                "replicated_block_bytes": rep_mem,
+                "sharded_block_bytes": shd_mem,
+                "memory_ratio": shd_mem / rep_mem,
+                "one_over_n": 1 / n,
+                "pack_buffer_bytes_both_modes": full * elem,  # [N, K, S] before the collective, every rank
+                "gathered_update_bytes_both_modes": n * s * elem,
+            }
+        )
     return rows
 
 
@@ -88,6 +99,7 @@ def measure_reduction(rank: int, world: int, repeats: int, spec: Spec) -> dict |
     """Time reduce_signals + gather_update on the model's K = 6 buffer, both modes interleaved.
     world > 1 needs an initialised process group; world 1 touches none (both calls return at once)."""
     import torch.distributed as dist
+
     params = [p for p in make_model(spec).parameters() if p.requires_grad]
     layout = ParamLayout(params, world)
     g = torch.Generator().manual_seed(1000 + rank)
@@ -120,26 +132,37 @@ def measure_reduction(rank: int, world: int, repeats: int, spec: Spec) -> dict |
                 res[mode][key].append(v)
             if lo0 is not None and lo1 is not None:
                 res[mode]["lo_bytes_per_rank"].append((lo1 - lo0) / world)
-            mem[mode] = {"block_shape": list(out.shape), "block_bytes": out.numel() * out.element_size(),
-                         "block_storage_bytes": out.untyped_storage().nbytes(),
-                         "pack_buffer_bytes": buf.numel() * buf.element_size(),
-                         "gathered_update_bytes": full.numel() * full.element_size()}
+            mem[mode] = {
+                "block_shape": list(out.shape),
+                "block_bytes": out.numel() * out.element_size(),
+                "block_storage_bytes": out.untyped_storage().nbytes(),
+                "pack_buffer_bytes": buf.numel() * buf.element_size(),
+                "gathered_update_bytes": full.numel() * full.element_size(),
+            }
     if rank != 0:
         return None
-    summary = {"world": world, "S": layout.shard, "K": STEP_K, "repeats": repeats,
-               "torch_threads": torch.get_num_threads(), "modes": {}}
+    summary = {
+        "world": world,
+        "S": layout.shard,
+        "K": STEP_K,
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+        "modes": {},
+    }
     for mode in MODES:
         r = res[mode]
         summary["modes"][mode] = {
             **{k: stats(r[k]) for k in ("reduce_s", "gather_s", "total_s")},
             "lo_bytes_per_rank": stats(r["lo_bytes_per_rank"]) if r["lo_bytes_per_rank"] else None,
-            **mem[mode]}
+            **mem[mode],
+        }
     return summary
 
 
 def worker(repeats: int, out_path: str, spec: Spec) -> int:
     """One rank of the measured reduction (launched by torchrun): gloo on CPU, NCCL with one GPU per rank."""
     import torch.distributed as dist
+
     warnings.simplefilter("ignore", FutureWarning)  # reduce_scatter_tensor / all_gather_into_tensor deprecation
     if spec.device.startswith("cuda"):
         local = int(os.environ["LOCAL_RANK"])
@@ -157,9 +180,22 @@ def worker(repeats: int, out_path: str, spec: Spec) -> int:
 
 def launch_workers(nproc: int, repeats: int, tmp: Path, spec: Spec) -> dict:
     out = tmp / f"reduce-{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(Path(__file__).resolve()), "--worker", "--repeats", str(repeats), "--worker-spec", spec.to_json(),
-           "--worker-out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--repeats",
+        str(repeats),
+        "--worker-spec",
+        spec.to_json(),
+        "--worker-out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -167,8 +203,11 @@ def launch_workers(nproc: int, repeats: int, tmp: Path, spec: Spec) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     res = json.loads(out.read_text())
     res["launch_wall_s"] = time.perf_counter() - t0
-    res["command"] = "OMP_NUM_THREADS=1 " + " ".join(os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c
-                                                       for c in cmd[:-1]) + " <tmp.json>"
+    res["command"] = (
+        "OMP_NUM_THREADS=1 "
+        + " ".join(os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c for c in cmd[:-1])
+        + " <tmp.json>"
+    )
     return res
 
 
@@ -185,59 +224,86 @@ def bench_reduction(dist_repeats: int, tmp: Path, spec: Spec, two_ranks: bool = 
     for n, m in measured.items():
         row = next(r for r in analytic if r["world"] == int(n))
         for mode in MODES:
-            m["modes"][mode]["analytic_ring_bytes"] = (row["replicated_bytes"] if mode == "replicated"
-                                                       else row["sharded_bytes"] - row["sharded_small_bytes"])
+            m["modes"][mode]["analytic_ring_bytes"] = (
+                row["replicated_bytes"] if mode == "replicated" else row["sharded_bytes"] - row["sharded_small_bytes"]
+            )
     return {"K": STEP_K, "elem_bytes": 4, "analytic": analytic, "measured": measured}
 
 
-def measure(spec: Spec | None = None, *, dist_repeats: int = 20, two_ranks: bool = True, threads: int = 1,
-            quick: bool = False) -> dict:
+def measure(
+    spec: Spec | None = None, *, dist_repeats: int = 20, two_ranks: bool = True, threads: int = 1, quick: bool = False
+) -> dict:
     """{"reduction": ...} with the environment; what main() writes. `two_ranks` False: 1 rank only."""
     spec = spec or Spec()
 
     def body(section):
         with tempfile.TemporaryDirectory(prefix="mtu-bench-") as tmp:
-            return {"reduction": section("reduction", f"1{' and 2' if two_ranks else ''} rank(s), "
-                                         f"{dist_repeats} repeats",
-                                         lambda: bench_reduction(dist_repeats, Path(tmp), spec, two_ranks))}
+            return {
+                "reduction": section(
+                    "reduction",
+                    f"1{' and 2' if two_ranks else ''} rank(s), {dist_repeats} repeats",
+                    lambda: bench_reduction(dist_repeats, Path(tmp), spec, two_ranks),
+                )
+            }
 
-    return measure_with("sharded_vs_replicated", spec, body, threads=threads, quick=quick,
-                        config={"dist_repeats": dist_repeats})
+    return measure_with(
+        "sharded_vs_replicated", spec, body, threads=threads, quick=quick, config={"dist_repeats": dist_repeats}
+    )
 
 
 def tables(res: dict) -> str:
     r = res["reduction"]
-    L = [f"### Replicated vs sharded (K = {r['K']}, float32; analytic, ring collectives)", "",
-         "| world N | S | replicated sent/rank | sharded sent/rank | sharded/replicated | reduced block replicated | "
-         "sharded | memory ratio | 1/N |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L = [
+        f"### Replicated vs sharded (K = {r['K']}, float32; analytic, ring collectives)",
+        "",
+        "| world N | S | replicated sent/rank | sharded sent/rank | sharded/replicated | reduced block replicated | "
+        "sharded | memory ratio | 1/N |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for a in r["analytic"]:
         br = "-" if a["bytes_ratio"] is None else f"{a['bytes_ratio']:.3f}"
-        L.append(f"| {a['world']} | {a['S']} | {fmt_b(a['replicated_bytes'])} | {fmt_b(a['sharded_bytes'])} | {br} | "
-                 f"{fmt_b(a['replicated_block_bytes'])} | {fmt_b(a['sharded_block_bytes'])} | "
-                 f"{a['memory_ratio']:.3f} | {a['one_over_n']:.3f} |")
-    L += ["", f"Sent bytes, sharded/replicated -> (K+1)/(2K) = {r['analytic'][-1]['bytes_ratio_limit']:.3f} "
-          "for every N "
-          "(reduce-scatter of K signals + all-gather of one update, vs all-reduce of K signals); "
-          "memory of the reduced signals is 1/N.",
-          "", "Measured (gloo; 2 ranks: torchrun --standalone, OMP_NUM_THREADS=1, time = slowest rank; "
-          "1 rank: in-process, no collective runs):", "",
-          "| ranks | mode | reduce_signals ms | gather_update ms | total ms | reduced block | block storage | "
-          "sent/rank measured (lo) | analytic ring |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        L.append(
+            f"| {a['world']} | {a['S']} | {fmt_b(a['replicated_bytes'])} | {fmt_b(a['sharded_bytes'])} | {br} | "
+            f"{fmt_b(a['replicated_block_bytes'])} | {fmt_b(a['sharded_block_bytes'])} | "
+            f"{a['memory_ratio']:.3f} | {a['one_over_n']:.3f} |"
+        )
+    L += [
+        "",
+        f"Sent bytes, sharded/replicated -> (K+1)/(2K) = {r['analytic'][-1]['bytes_ratio_limit']:.3f} "
+        "for every N "
+        "(reduce-scatter of K signals + all-gather of one update, vs all-reduce of K signals); "
+        "memory of the reduced signals is 1/N.",
+        "",
+        "Measured (gloo; 2 ranks: torchrun --standalone, OMP_NUM_THREADS=1, time = slowest rank; "
+        "1 rank: in-process, no collective runs):",
+        "",
+        "| ranks | mode | reduce_signals ms | gather_update ms | total ms | reduced block | block storage | "
+        "sent/rank measured (lo) | analytic ring |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n, m in r["measured"].items():
         for mode, d in m["modes"].items():
             lo = d["lo_bytes_per_rank"]
-            L.append(f"| {n} | {mode} | {ms(d['reduce_s']['median'])} | {ms(d['gather_s']['median'])} | "
-                     f"{ms(d['total_s']['median'])} | {fmt_b(d['block_bytes'])} | {fmt_b(d['block_storage_bytes'])} | "
-                     f"{fmt_b(lo['min']) if lo else '-'} | {fmt_b(d['analytic_ring_bytes'])} |")
+            L.append(
+                f"| {n} | {mode} | {ms(d['reduce_s']['median'])} | {ms(d['gather_s']['median'])} | "
+                f"{ms(d['total_s']['median'])} | {fmt_b(d['block_bytes'])} | {fmt_b(d['block_storage_bytes'])} | "
+                f"{fmt_b(lo['min']) if lo else '-'} | {fmt_b(d['analytic_ring_bytes'])} |"
+            )
     if "2" in r["measured"]:
         m2 = r["measured"]["2"]["modes"]
         sh, rp = m2["sharded"], m2["replicated"]
-        L += ["", "| Ratio (2 ranks, measured) | value |", "|---|---:|",
-              f"| time sharded / replicated | {sh['total_s']['median'] / rp['total_s']['median']:.2f} |",
-              f"| reduced block bytes sharded / replicated | {sh['block_bytes'] / rp['block_bytes']:.3f} |"]
+        L += [
+            "",
+            "| Ratio (2 ranks, measured) | value |",
+            "|---|---:|",
+            f"| time sharded / replicated | {sh['total_s']['median'] / rp['total_s']['median']:.2f} |",
+            f"| reduced block bytes sharded / replicated | {sh['block_bytes'] / rp['block_bytes']:.3f} |",
+        ]
         if m2["sharded"]["lo_bytes_per_rank"] and m2["replicated"]["lo_bytes_per_rank"]:
-            L.append(f"| bytes sent sharded / replicated (lo, min) | "
-                     f"{sh['lo_bytes_per_rank']['min'] / rp['lo_bytes_per_rank']['min']:.3f} |")
+            L.append(
+                f"| bytes sent sharded / replicated (lo, min) | "
+                f"{sh['lo_bytes_per_rank']['min'] / rp['lo_bytes_per_rank']['min']:.3f} |"
+            )
     return "\n".join(L)
 
 

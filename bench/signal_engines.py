@@ -10,6 +10,7 @@ Ratio sequential/batched = speed of batched. When batched is the slower one at K
     .venv/bin/python bench/signal_engines.py            # full run
     .venv/bin/python bench/signal_engines.py --quick    # 24x32 images, 3 repeats
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,6 +51,7 @@ def engine_losses(preds: dict, batch: dict, k: int) -> list[torch.Tensor]:
 def profile_engines(model, params, layout, batch, k: int, device: str, top: int = 10) -> dict:
     """torch.profiler of one call of each engine at K: the ops that make up the difference."""
     from torch.profiler import ProfilerActivity, profile
+
     preds = model(batch["image"])
     losses = engine_losses(preds, batch, k)
     out = {"K": k}
@@ -58,8 +60,10 @@ def profile_engines(model, params, layout, batch, k: int, device: str, top: int 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t, _ = timed(fn, losses, params, layout, buf)
         ev = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)
-        out[e] = {"wall_s": t, "ops": [{"op": a.key, "calls": a.count, "self_cpu_s": a.self_cpu_time_total / 1e6}
-                                       for a in ev[:top]]}
+        out[e] = {
+            "wall_s": t,
+            "ops": [{"op": a.key, "calls": a.count, "self_cpu_s": a.self_cpu_time_total / 1e6} for a in ev[:top]],
+        }
     return out
 
 
@@ -75,7 +79,7 @@ def bench_engines(ks, repeats: int, spec: Spec, want_profile: bool) -> dict:
         t_fwd, preds = timed(model, batch["image"])
         losses = {k: engine_losses(preds, batch, k) for k in ks}
         bufs = {}
-        for k, e in (ordered(variants, rep) if rep >= 0 else [(ks[0], e) for e in engines.ENGINES]):
+        for k, e in ordered(variants, rep) if rep >= 0 else [(ks[0], e) for e in engines.ENGINES]:
             buf = layout.new_buffer(k, torch.float32, spec.device)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -97,49 +101,81 @@ def bench_engines(ks, repeats: int, spec: Spec, want_profile: bool) -> dict:
     for k in ks:
         s, b = median(times[(k, "sequential")]), median(times[(k, "batched")])
         paired = [x / y for x, y in zip(times[(k, "sequential")], times[(k, "batched")])]
-        out["K"][str(k)] = {"sequential_s": stats(times[(k, "sequential")]),
-                            "batched_s": stats(times[(k, "batched")]),
-                            "sequential_over_batched": s / b, "paired_ratio_median": median(paired),
-                            "sequential_per_signal_s": s / k, "batched_per_signal_s": b / k,
-                            "max_abs_diff": diffs[k], "allclose_1e-5": True}
+        out["K"][str(k)] = {
+            "sequential_s": stats(times[(k, "sequential")]),
+            "batched_s": stats(times[(k, "batched")]),
+            "sequential_over_batched": s / b,
+            "paired_ratio_median": median(paired),
+            "sequential_per_signal_s": s / k,
+            "batched_per_signal_s": b / k,
+            "max_abs_diff": diffs[k],
+            "allclose_1e-5": True,
+        }
     # `signal_engine: auto` (the config default) measures both engines twice on the first signals it sees
-    out["auto_probe_cost_s"] = {str(k): 2 * (median(times[(k, "sequential")]) + median(times[(k, "batched")]))
-                                for k in ks}
+    out["auto_probe_cost_s"] = {
+        str(k): 2 * (median(times[(k, "sequential")]) + median(times[(k, "batched")])) for k in ks
+    }
     kp = max((k for k in ks if k <= STEP_K), default=ks[0])
     if want_profile or out["K"][str(kp)]["sequential_over_batched"] < 1:  # batched slower: show why
         out["profile"] = profile_engines(model, params, layout, batch, kp, spec.device)
     return out
 
 
-
-def measure(spec: Spec | None = None, *, repeats: int = 7, ks=(2, 4, 6, 8), threads: int = 1, profile: bool = False,
-            quick: bool = False) -> dict:
+def measure(
+    spec: Spec | None = None,
+    *,
+    repeats: int = 7,
+    ks=(2, 4, 6, 8),
+    threads: int = 1,
+    profile: bool = False,
+    quick: bool = False,
+) -> dict:
     """{"engines": ...} with the environment; what main() writes."""
     spec = spec or Spec()
-    return measure_with("signal_engines", spec, lambda section: {
-        "engines": section("engines", f"engines K={ks}, {repeats} repeats",
-                           lambda: bench_engines(ks, repeats, spec, profile))},
-        threads=threads, quick=quick, config={"repeats": repeats, "ks": list(ks)})
+    return measure_with(
+        "signal_engines",
+        spec,
+        lambda section: {
+            "engines": section(
+                "engines", f"engines K={ks}, {repeats} repeats", lambda: bench_engines(ks, repeats, spec, profile)
+            )
+        },
+        threads=threads,
+        quick=quick,
+        config={"repeats": repeats, "ks": list(ks)},
+    )
 
 
 def tables(res: dict) -> str:
     e = res["engines"]
-    L = [threads_line(res), "",
-         f"### Signal engines (one forward, batch {e['batch']}; time per call incl. packing)", "",
-         "| K | sequential ms | batched ms | sequential/batched | paired median | max abs diff |",
-         "|---:|---:|---:|---:|---:|---:|"]
+    L = [
+        threads_line(res),
+        "",
+        f"### Signal engines (one forward, batch {e['batch']}; time per call incl. packing)",
+        "",
+        "| K | sequential ms | batched ms | sequential/batched | paired median | max abs diff |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for k, d in e["K"].items():
-        L.append(f"| {k} | {ms(d['sequential_s']['median'])} ({rng(d['sequential_s'])}) | "
-                 f"{ms(d['batched_s']['median'])} ({rng(d['batched_s'])}) | {d['sequential_over_batched']:.2f}x | "
-                 f"{d['paired_ratio_median']:.2f}x | {d['max_abs_diff']:.1e} |")
-    L.append(f"\nForward (batch {e['batch']}): {ms(e['forward_s']['median'])} ms. "
-             "Engines agree (allclose 1e-5) at every K.")
+        L.append(
+            f"| {k} | {ms(d['sequential_s']['median'])} ({rng(d['sequential_s'])}) | "
+            f"{ms(d['batched_s']['median'])} ({rng(d['batched_s'])}) | {d['sequential_over_batched']:.2f}x | "
+            f"{d['paired_ratio_median']:.2f}x | {d['max_abs_diff']:.1e} |"
+        )
+    L.append(
+        f"\nForward (batch {e['batch']}): {ms(e['forward_s']['median'])} ms. Engines agree (allclose 1e-5) at every K."
+    )
     if e["warnings"]:
         L.append("Warnings raised by the engines: " + "; ".join(e["warnings"]))
     if "profile" in e:
         pr = e["profile"]
-        L += ["", f"torch.profiler, one call per engine at K = {pr['K']} (top ops by self CPU time):", "",
-              "| engine | op | calls | self CPU s |", "|---|---|---:|---:|"]
+        L += [
+            "",
+            f"torch.profiler, one call per engine at K = {pr['K']} (top ops by self CPU time):",
+            "",
+            "| engine | op | calls | self CPU s |",
+            "|---|---|---:|---:|",
+        ]
         for eng_name in engines.ENGINES:
             for row in pr[eng_name]["ops"][:6]:
                 L.append(f"| {eng_name} | {row['op']} | {row['calls']} | {row['self_cpu_s']:.3f} |")

@@ -11,6 +11,7 @@ machine, two intra-op threads stall whenever another process holds a core (every
 waits for the descheduled thread): one forward + backward at batch 24 took 1.7 s with 2 threads vs
 0.23 s with 1 while another job ran. A short check of both settings is recorded (`threads_check`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ from mtu_dist.model import build_model
 TASK_NAMES = ("seg", "depth", "normal")
 NUM_CLASSES = 13
 HEIGHT, WIDTH = 48, 64
-STEP_K = 2 * len(TASK_NAMES)     # iamu signals: 3 forget (targets) + 3 retain (tasks)
+STEP_K = 2 * len(TASK_NAMES)  # iamu signals: 3 forget (targets) + 3 retain (tasks)
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("mtu_dist/methods/iamu.py", "mtu_dist/distributed/gradstep.py", "mtu_dist/distributed/signals.py")
@@ -45,6 +46,7 @@ SOURCES = ("mtu_dist/methods/iamu.py", "mtu_dist/distributed/gradstep.py", "mtu_
 class Spec:
     """What is measured on: a run config's model section, image size, the unlearning batches (the
     default config's: forget 8, retain 16; the engines use one batch of both) and the device."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     height: int = HEIGHT
     width: int = WIDTH
@@ -88,8 +90,14 @@ def make_batch(n: int, seed: int, spec: Spec, forget: bool = False) -> dict:
     normal = F.normalize(torch.randn(n, 3, h, w, generator=g), dim=1)
     mask = torch.rand(n, len(TASK_NAMES), generator=g) < (0.6 if forget else 0.85)
     mask[0] = True  # every task supervised at least once
-    batch = {"image": torch.rand(n, 3, h, w, generator=g), "seg": seg, "depth": depth, "normal": normal,
-             "mask": mask, "valid": torch.ones(n, dtype=torch.bool)}
+    batch = {
+        "image": torch.rand(n, 3, h, w, generator=g),
+        "seg": seg,
+        "depth": depth,
+        "normal": normal,
+        "mask": mask,
+        "valid": torch.ones(n, dtype=torch.bool),
+    }
     return {**{k: v.to(spec.device) for k, v in batch.items()}, "key": [f"synth/{seed}/{i:04d}" for i in range(n)]}
 
 
@@ -105,12 +113,11 @@ def clear_grads(params):
         p.grad = None
 
 
-
 def make_ctx(model, engine="sequential", world=1, rank=0, reduction="replicated"):
     cfg = RunConfig().unlearn.model_copy(update={"signal_engine": engine, "reduction": reduction})
-    return StepContext(model=model, tasks=TASK_NAMES, world=world, alpha=0.5, step=1, rank=rank,
-                       targets=TASK_NAMES, config=cfg)
-
+    return StepContext(
+        model=model, tasks=TASK_NAMES, world=world, alpha=0.5, step=1, rank=rank, targets=TASK_NAMES, config=cfg
+    )
 
 
 class Breakdown:
@@ -119,7 +126,7 @@ class Breakdown:
 
     def __init__(self):
         self.acc: dict[str, float] = {}
-        self.recording = False            # also keep (fn, copies of args) of every call, for `replay`
+        self.recording = False  # also keep (fn, copies of args) of every call, for `replay`
         self.calls: dict[str, list] = {}
 
     def wrap(self, obj, name: str, label: str):
@@ -133,6 +140,7 @@ class Breakdown:
                 return fn(*a, **kw)
             finally:
                 self.acc[label] = self.acc.get(label, 0.0) + time.perf_counter() - t0
+
         setattr(obj, name, wrapper)
 
     def take(self) -> dict[str, float]:
@@ -149,6 +157,7 @@ def clone_args(v):
     if isinstance(v, dict):
         return {k: clone_args(x) for k, x in v.items()}
     return v
+
 
 def threads_check(threads: list[int], repeats: int, spec: Spec) -> dict:
     """One forward + backward at the engines' batch with each thread count, interleaved."""
@@ -167,11 +176,10 @@ def threads_check(threads: list[int], repeats: int, spec: Spec) -> dict:
     return {"batch": spec.engine_batch, **{f"{n}_threads_s": stats(times[n]) for n in threads}}
 
 
-
 def fmt_b(n):
     if n is None:
         return "-"
-    for unit, f in (("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, f in (("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= f:
             return f"{n / f:.2f} {unit}"
     return f"{n:.0f} B"
@@ -185,9 +193,9 @@ def rng(d):
     return f"{1e3 * d['min']:.0f} - {1e3 * d['max']:.0f}"
 
 
-
-def measure_with(benchmark: str, spec: Spec, body, *, threads: int = 1, quick: bool = False,
-                 config: dict | None = None) -> dict:
+def measure_with(
+    benchmark: str, spec: Spec, body, *, threads: int = 1, quick: bool = False, config: dict | None = None
+) -> dict:
     """Run `body(section)` (it calls `section(name, what, fn)` for each measured part and returns their
     results by key) with `threads` torch threads (0 = torch's default; restored on return), recording
     the environment and the load other processes put on the machine meanwhile."""
@@ -197,10 +205,16 @@ def measure_with(benchmark: str, spec: Spec, body, *, threads: int = 1, quick: b
     if threads > 0:
         torch.set_num_threads(threads)
     sources = {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:16] for f in SOURCES}
-    env = {"package_sources_sha256_16": sources, "torch_default_threads": default_threads,
-           "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "loadavg_start": list(os.getloadavg())}
+    env = {
+        "package_sources_sha256_16": sources,
+        "torch_default_threads": default_threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": list(os.getloadavg()),
+    }
     t_start, load = time.perf_counter(), {}
 
     def section(name, what, fn):
@@ -219,27 +233,46 @@ def measure_with(benchmark: str, spec: Spec, body, *, threads: int = 1, quick: b
     env["machine_load"] = load
     env["loadavg_end"] = list(os.getloadavg())
     env["wall_s"] = time.perf_counter() - t_start
-    return {"benchmark": benchmark, "quick": quick,
-            "config": {"tasks": list(TASK_NAMES), "num_classes": NUM_CLASSES, "resolution": [spec.height, spec.width],
-                       "model": spec.model.model_dump(), "dtype": "float32", "device": spec.device,
-                       "forget_batch": spec.forget_batch, "retain_batch": spec.retain_batch,
-                       "deterministic_algorithms": True, **(config or {})},
-            "env": env, "threads_check": check, **out}
+    return {
+        "benchmark": benchmark,
+        "quick": quick,
+        "config": {
+            "tasks": list(TASK_NAMES),
+            "num_classes": NUM_CLASSES,
+            "resolution": [spec.height, spec.width],
+            "model": spec.model.model_dump(),
+            "dtype": "float32",
+            "device": spec.device,
+            "forget_batch": spec.forget_batch,
+            "retain_batch": spec.retain_batch,
+            "deterministic_algorithms": True,
+            **(config or {}),
+        },
+        "env": env,
+        "threads_check": check,
+        **out,
+    }
 
 
 def threads_line(res: dict) -> str:
     tc = res["threads_check"]
-    return (f"Forward + backward at batch {tc['batch']}, threads check: "
-            + ", ".join(f"{k.split('_')[0]} thread(s) {ms(v['median'])} ms" for k, v in tc.items() if k.endswith("_s"))
-            + f"; measurements below use {res['env']['torch_threads']} thread(s).")
+    return (
+        f"Forward + backward at batch {tc['batch']}, threads check: "
+        + ", ".join(f"{k.split('_')[0]} thread(s) {ms(v['median'])} ms" for k, v in tc.items() if k.endswith("_s"))
+        + f"; measurements below use {res['env']['torch_threads']} thread(s)."
+    )
 
 
 def parser(doc: str, name: str) -> argparse.ArgumentParser:
     """The options every one of these benchmarks takes."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller run: 24x32 images, fewer repeats")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for the measurements (default 1; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the measurements (default 1; 0 = torch's default)",
+    )
     out = RESULTS / f"{name}.json"
     p.add_argument("--out", type=Path, default=out, help=f"results JSON (default {out})")
     return p
@@ -251,7 +284,10 @@ def quick_spec(quick: bool) -> Spec:
 
 def footer(res: dict, out: Path) -> str:
     from timing import describe_load
+
     env, c = res["env"], res["config"]
-    return (f"\n{'quick' if res['quick'] else 'full'} run at {c['resolution'][0]}x{c['resolution'][1]}, "
-            f"{env['wall_s']:.0f} s wall on {env['cpu_count']} cores; cores busy with other processes: "
-            f"{describe_load(env['machine_load'])}; results: {out}")
+    return (
+        f"\n{'quick' if res['quick'] else 'full'} run at {c['resolution'][0]}x{c['resolution'][1]}, "
+        f"{env['wall_s']:.0f} s wall on {env['cpu_count']} cores; cores busy with other processes: "
+        f"{describe_load(env['machine_load'])}; results: {out}"
+    )

@@ -1,6 +1,7 @@
 """Timing helpers shared by the bench scripts: medians, interleaved variant order, and how busy
 the rest of the machine was while a section ran (on a shared machine, scaling is only meaningful
 when that is near 0)."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,11 @@ class ForeignLoad:
     def __exit__(self, *exc):
         wall, m1 = time.perf_counter() - self.t0, machine_busy_seconds()
         own = cpu_seconds() - self.c0
-        self.result = {"wall_s": wall, "own_cores": own / wall,
-                       "other_cores": None if m1 is None else max(0.0, (m1 - self.m0 - own) / wall)}
+        self.result = {
+            "wall_s": wall,
+            "own_cores": own / wall,
+            "other_cores": None if m1 is None else max(0.0, (m1 - self.m0 - own) / wall),
+        }
         return False
 
 
@@ -58,6 +62,7 @@ def describe_load(load: dict) -> str:
 def synchronize() -> None:
     """Wait for queued CUDA work, so a wall-clock interval covers the kernels it launched (no-op on CPU)."""
     import torch
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -71,6 +76,7 @@ class PeakMemory:
     def __enter__(self):
         if self.cuda:
             import torch
+
             torch.cuda.reset_peak_memory_stats()
         return self
 
@@ -78,5 +84,6 @@ class PeakMemory:
         self.mib = None
         if self.cuda:
             import torch
-            self.mib = torch.cuda.max_memory_allocated() / 2 ** 20
+
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
         return False

@@ -5,6 +5,7 @@ overrides (values parsed as YAML scalars). The resolved config is saved next to 
 and logged to MLflow. Method-specific knobs live under `unlearn.options` and are validated by the
 method's own schema (see `mtu_dist/methods`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,6 +24,7 @@ class Strict(BaseModel):
     """Strict where coercion would hide a mistake (`epochs: true` is not 1 epoch, `epochs: 2.5` or `2.0`
     is not an integer, `lr: .inf` is no step size), lenient where YAML 1.1 itself is ambiguous: it
     reads `1e-3` as a string, which must stay a valid float. Method options are held to it too."""
+
     model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
@@ -33,7 +35,9 @@ class Strict(BaseModel):
             if not isinstance(value, bool) and value is not None:
                 raise PydanticCustomError("strict_bool", "expected true or false, got {value}", {"value": repr(value)})
         elif isinstance(value, bool) and kinds & {int, float}:
-            raise PydanticCustomError("strict_number", "expected a number, got the boolean {value}", {"value": repr(value)})
+            raise PydanticCustomError(
+                "strict_number", "expected a number, got the boolean {value}", {"value": repr(value)}
+            )
         elif isinstance(value, float) and int in kinds and float not in kinds:
             raise PydanticCustomError("strict_int", "expected an integer, got {value}", {"value": repr(value)})
         return value
@@ -50,9 +54,9 @@ def _scalar_kinds(annotation) -> set:
 
 
 class DataConfig(Section):
-    dataset: str = "synth-indoor"          # dataset name under root, or a dataset folder
+    dataset: str = "synth-indoor"  # dataset name under root, or a dataset folder
     root: str = "data_shards"
-    workers: int = Field(1, ge=0)           # loader worker processes per rank
+    workers: int = Field(1, ge=0)  # loader worker processes per rank
     shuffle_buffer: int = Field(64, ge=0)
 
 
@@ -61,13 +65,13 @@ class ModelConfig(Section):
     width: int = Field(32, ge=8)
     head_width: int = Field(32, ge=8)
     resnet_depth: int = 18
-    backbone_checkpoint: str | None = None   # local weights only; nothing is downloaded
+    backbone_checkpoint: str | None = None  # local weights only; nothing is downloaded
     dtype: Literal["float32", "float64"] = "float32"  # float64: exact equivalence checks
 
 
 class TrainConfig(Section):
     epochs: int = Field(12, ge=1)
-    global_batch: int = Field(16, ge=1)     # split evenly over ranks
+    global_batch: int = Field(16, ge=1)  # split evenly over ranks
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(5.0, gt=0)
@@ -77,35 +81,45 @@ class TrainConfig(Section):
 
 class UnlearnConfig(Section):
     method: str = "neggrad_plus"
-    steps: int = Field(40, ge=1)            # step budget
-    lr: float = Field(1e-2, gt=0)           # SGD step size (measured on the synthetic default: 1e-2 moves the forget pairs in tens of steps)
-    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd keeps the update in the projected directions; adam rescales per coordinate
+    steps: int = Field(40, ge=1)  # step budget
+    lr: float = Field(
+        1e-2, gt=0
+    )  # SGD step size (measured on the synthetic default: 1e-2 moves the forget pairs in tens of steps)
+    optimizer: Literal["sgd", "adam"] = (
+        "sgd"  # sgd keeps the update in the projected directions; adam rescales per coordinate
+    )
     momentum: float = Field(0.0, ge=0, lt=1)
-    forget_batch: int = Field(8, ge=1)      # global forget batch
-    retain_batch: int = Field(16, ge=1)     # global retain batch
-    alpha: float = Field(0.5, ge=0, le=1)   # weight of the retain term: alpha*retain - (1-alpha)*forget
-    stop_band: float | None = None          # a task is done when its forget-pair primary metric <= original val + band
-    stop_drop: float | None = Field(None, gt=0, lt=1)  # ... or has fallen by this fraction (equal-forgetting comparisons)
-    stop_at: dict[str, float] | None = None  # ... or is at or below this level per task (e.g. the retrain's, for equal forgetting)
+    forget_batch: int = Field(8, ge=1)  # global forget batch
+    retain_batch: int = Field(16, ge=1)  # global retain batch
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the retain term: alpha*retain - (1-alpha)*forget
+    stop_band: float | None = None  # a task is done when its forget-pair primary metric <= original val + band
+    stop_drop: float | None = Field(
+        None, gt=0, lt=1
+    )  # ... or has fallen by this fraction (equal-forgetting comparisons)
+    stop_at: dict[str, float] | None = (
+        None  # ... or is at or below this level per task (e.g. the retrain's, for equal forgetting)
+    )
     diverge_factor: float = Field(20.0, gt=1)  # loss or grad norm above factor x its first value = divergence
-    check_sync: bool = False                # every step: compare a parameter checksum across ranks (one tiny all_gather)
-    checkpoint_every: int = Field(10, ge=0) # steps between resume points (`mtu unlearn --resume`); 0 = none
+    check_sync: bool = False  # every step: compare a parameter checksum across ranks (one tiny all_gather)
+    checkpoint_every: int = Field(10, ge=0)  # steps between resume points (`mtu unlearn --resume`); 0 = none
     keep_checkpoints: int = Field(2, ge=1)
     signal_engine: Literal["auto", "sequential", "batched"] = "auto"  # per-task gradient signals (auto: measured)
-    reduction: Literal["replicated", "sharded"] = "replicated"          # the distributed gradient step's mode
-    trajectory_every: int = Field(0, ge=0)  # steps between trajectory points (forget and collateral on fixed subsets); 0 = none
+    reduction: Literal["replicated", "sharded"] = "replicated"  # the distributed gradient step's mode
+    trajectory_every: int = Field(
+        0, ge=0
+    )  # steps between trajectory points (forget and collateral on fixed subsets); 0 = none
     trajectory_sample: int = Field(64, ge=1)  # retain and val instances in the trajectory's fixed subsets
-    options: dict[str, Any] = {}            # method-specific knobs, validated by the method
+    options: dict[str, Any] = {}  # method-specific knobs, validated by the method
 
 
 class EvalConfig(Section):
     batch: int = Field(32, ge=1)
-    retain_sample: int = Field(64, ge=1)    # fixed retain sample (first N retain instances in manifest order)
+    retain_sample: int = Field(64, ge=1)  # fixed retain sample (first N retain instances in manifest order)
 
 
 class TrackingConfig(Section):
-    uri: str | None = None                  # default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str | None = None           # default: the dataset name
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str | None = None  # default: the dataset name
     enabled: bool = True
 
 
@@ -155,7 +169,9 @@ def _apply_override(tree: dict, item: str) -> tuple:
     return tuple(p.strip() for p in (*parents, leaf))
 
 
-def load_config(files: list[str] | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+def load_config(
+    files: list[str] | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> RunConfig:
     tree: dict = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's
     origins: dict[tuple, str] = {}  # field path -> where its value came from (the last writer wins, as in the merge)
     for f in files or []:
@@ -187,8 +203,9 @@ def validate(tree: dict, source: str = "config", origins: dict[tuple, str] | Non
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
             where = next((origins[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in (origins or {})), source)
             by_source.setdefault(where, []).append(f"field '{field}': {msg}")
-        raise UserError("; ".join(f"{where}: invalid config: " + "; ".join(problems)
-                                  for where, problems in by_source.items())) from None
+        raise UserError(
+            "; ".join(f"{where}: invalid config: " + "; ".join(problems) for where, problems in by_source.items())
+        ) from None
 
 
 def dump(cfg: RunConfig) -> str:

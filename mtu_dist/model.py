@@ -4,6 +4,7 @@ Normalisation is GroupNorm everywhere: per-sample statistics make a sample's out
 its batch-mates, so 1-rank and N-rank runs compute identical per-sample losses, and per-sample
 gradient engines (vmap, is_grads_batched) need no special handling of running statistics.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ class ConvEncoder(nn.Module):
         super().__init__()
         w = width
         self.out_channels = 2 * w
-        self.layers = nn.Sequential(_block(3, w), _block(w, w, 2), _block(w, 2 * w), _block(2 * w, 2 * w, 2),
-                                    _block(2 * w, 2 * w))
+        self.layers = nn.Sequential(
+            _block(3, w), _block(w, w, 2), _block(w, 2 * w), _block(2 * w, 2 * w, 2), _block(2 * w, 2 * w)
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -41,15 +43,21 @@ class ResNetEncoder(nn.Module):
     def __init__(self, depth: int = 18, checkpoint: str | None = None):
         super().__init__()
         import torchvision
+
         ctor = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}
         if depth not in ctor:
             raise UserError(f"model.resnet_depth must be one of {sorted(ctor)} (got {depth})")
         dilate = [False, True, True] if depth == 50 else None  # basic blocks do not support dilation
-        net = ctor[depth](weights=None, norm_layer=lambda c: nn.GroupNorm(32, c),
-                          **({"replace_stride_with_dilation": dilate} if dilate else {}))
+        net = ctor[depth](
+            weights=None,
+            norm_layer=lambda c: nn.GroupNorm(32, c),
+            **({"replace_stride_with_dilation": dilate} if dilate else {}),
+        )
         if checkpoint:
             net.load_state_dict(_load_local_weights(checkpoint), strict=False)
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
         self.out_channels = 2048 if depth == 50 else 512
 
     def forward(self, x):
@@ -63,6 +71,7 @@ def _load_local_weights(path: str) -> dict:
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             weights = load_file(p)
         else:
             weights = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
@@ -71,6 +80,7 @@ def _load_local_weights(path: str) -> dict:
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise UserError(f"{p}: backbone weights must be a state dict (parameter name -> tensor)")
     from mtu_dist.runner.checkpoint import refuse_non_finite
+
     refuse_non_finite(weights, p)
     return weights
 

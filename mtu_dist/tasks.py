@@ -36,8 +36,8 @@ Primary metrics follow the seed paper: mIoU for ``seg``, delta < 1.25 for
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ _NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)
 # --------------------------------------------------------------------------
 # valid-pixel masks
 # --------------------------------------------------------------------------
+
 
 def _seg_valid(target: Tensor) -> Tensor:
     """[B, H, W] bool: pixels carrying a class label."""
@@ -120,6 +121,7 @@ def _masked_mean(per_pixel: Tensor, valid: Tensor) -> Tensor:
 # per-sample losses
 # --------------------------------------------------------------------------
 
+
 def seg_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy ignoring ``IGNORE_INDEX``; [B] mean over labelled pixels.
 
@@ -153,6 +155,7 @@ def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 # meters
 # --------------------------------------------------------------------------
+
 
 def _sample_mask(sample_mask: Tensor | None, batch: int, device: torch.device) -> Tensor:
     """[B] bool; all True when no mask is given."""
@@ -257,9 +260,14 @@ class DepthMeter(Meter):
         err = (p - g).abs()
         pc = p.clamp_min(DEPTH_EPS)
         ratio = torch.maximum(pc / g, g / pc)
-        return torch.stack([
-            valid.sum().double(), err.sum(), (err / g).sum(), (ratio < 1.25).sum().double(),
-        ])
+        return torch.stack(
+            [
+                valid.sum().double(),
+                err.sum(),
+                (err / g).sum(),
+                (ratio < 1.25).sum().double(),
+            ]
+        )
 
     def compute(self) -> dict[str, float]:
         n, s_abs, s_rel, n_d1 = self._state.tolist()
@@ -306,7 +314,7 @@ class NormalMeter(Meter):
         names = ["mean_angle", "median_angle"] + [f"within_{t:g}" for t in _NORMAL_THRESHOLDS]
         if n == 0:
             return dict.fromkeys(names, math.nan)
-        values = [s_ang / n, self._median(self._state[2 + k:], n)]
+        values = [s_ang / n, self._median(self._state[2 + k :], n)]
         values += [100.0 * w / n for w in within]
         return dict(zip(names, values))
 
@@ -314,6 +322,7 @@ class NormalMeter(Meter):
 # --------------------------------------------------------------------------
 # task dictionary
 # --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Task:

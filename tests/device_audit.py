@@ -22,6 +22,7 @@ loaders in mtu_dist/data/ make host batches by design and are exempt from the fa
   linspace/as_tensor without an explicit `device=` (the pattern that lands on the CPU on a GPU machine);
 * `expect_on_accelerator(model)`: a parameter left on the host.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,24 +41,105 @@ PROJECT = (ROOT / "mtu_dist", ROOT / "bench")
 NO_FACTORY_RULE = (ROOT / "mtu_dist" / "data",)  # loaders: host batches by design
 SKIP_FRAMES = (str(Path(torch.__file__).parent), __file__)
 
-FACTORIES = {getattr(torch, n) for n in ("zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "eye",
-                                         "rand", "randn", "randint", "randperm", "linspace", "logspace",
-                                         "empty_strided", "scalar_tensor")}
-LIKE = {getattr(torch, n) for n in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                                    "randint_like")}
+FACTORIES = {
+    getattr(torch, n)
+    for n in (
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "arange",
+        "tensor",
+        "as_tensor",
+        "eye",
+        "rand",
+        "randn",
+        "randint",
+        "randperm",
+        "linspace",
+        "logspace",
+        "empty_strided",
+        "scalar_tensor",
+    )
+}
+LIKE = {
+    getattr(torch, n)
+    for n in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like")
+}
 NEW = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 # ops whose CUDA kernels accept a CPU scalar (0-dim tensor) beside device tensors (TensorIterator ops)
-ELEMENTWISE = {"add", "sub", "mul", "div", "true_divide", "truediv", "floor_divide", "floordiv", "remainder", "mod",
-               "fmod", "pow", "where", "clamp", "clip", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin",
-               "lerp", "addcdiv", "addcmul", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-               "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "and", "or", "xor", "masked_fill", "atan2",
-               "hypot", "copysign", "rsub"}
-INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
-                   "__iand__", "__ior__", "__ixor__"}
+ELEMENTWISE = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "true_divide",
+    "truediv",
+    "floor_divide",
+    "floordiv",
+    "remainder",
+    "mod",
+    "fmod",
+    "pow",
+    "where",
+    "clamp",
+    "clip",
+    "clamp_min",
+    "clamp_max",
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    "lerp",
+    "addcdiv",
+    "addcmul",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_xor",
+    "and",
+    "or",
+    "xor",
+    "masked_fill",
+    "atan2",
+    "hypot",
+    "copysign",
+    "rsub",
+}
+INPLACE_DUNDERS = {
+    "__iadd__",
+    "__isub__",
+    "__imul__",
+    "__itruediv__",
+    "__ifloordiv__",
+    "__imod__",
+    "__ipow__",
+    "__iand__",
+    "__ior__",
+    "__ixor__",
+}
 # read only the other tensor's metadata (shape): no device check on CUDA either
 QUERIES = {"_has_compatible_shallow_copy_type", "is_same_size", "is_set_to", "view_as", "expand_as", "reshape_as"}
-COLLECTIVES = ("all_reduce", "broadcast", "reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather",
-               "reduce_scatter", "all_to_all_single", "gather", "scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "reduce_scatter_tensor",
+    "all_gather_into_tensor",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+)
 
 
 def _name(func) -> str:
@@ -87,7 +169,7 @@ class DeviceAudit(TorchFunctionMode):
         self.project = tuple(str(p) for p in project)
         self.exempt = tuple(str(p) for p in exempt)
         self.tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # storage -> ACCEL | HOST
-        self.devices: dict[int, tuple[str | None, torch.device]] = {}   # id(device read off a tensor) -> its tag
+        self.devices: dict[int, tuple[str | None, torch.device]] = {}  # id(device read off a tensor) -> its tag
         self.found: Counter = Counter()
         self.collectives: Counter = Counter()
         self._saved = {}
@@ -128,7 +210,7 @@ class DeviceAudit(TorchFunctionMode):
         from project code. `direct`: only a direct call counts (not one made inside torch on its behalf,
         such as nn.Conv2d creating its weight), and not from the exempt folders."""
         f = sys._getframe(1)
-        while f is not None and f.f_code.co_filename.startswith(SKIP_FRAMES[1 if direct else 0:]):
+        while f is not None and f.f_code.co_filename.startswith(SKIP_FRAMES[1 if direct else 0 :]):
             f = f.f_back
         file = f.f_code.co_filename if f is not None else ""
         if not file.startswith(self.project) or (direct and file.startswith(self.exempt)):
@@ -238,8 +320,13 @@ class DeviceAudit(TorchFunctionMode):
         index = _tensors(args[1])
         if self_tag == HOST and any(self.tag(i) == ACCEL for i in index):
             self._report(f"{name}: a host tensor indexed by accelerator tensors")
-        if name == "__setitem__" and index and isinstance(args[2], torch.Tensor) and args[2].dim() > 0 \
-                and {self_tag, self.tag(args[2])} == {ACCEL, HOST}:
+        if (
+            name == "__setitem__"
+            and index
+            and isinstance(args[2], torch.Tensor)
+            and args[2].dim() > 0
+            and {self_tag, self.tag(args[2])} == {ACCEL, HOST}
+        ):
             self._report("__setitem__ with tensor indices and values on another device")
 
     def _tag_outputs(self, name, args, kwargs, out) -> None:
@@ -256,11 +343,14 @@ class DeviceAudit(TorchFunctionMode):
             tensors = _tensors((args, kwargs))
             off = [t for t in tensors if self.tag(t) != ACCEL]
             if off:
-                self._report(f"torch.distributed.{name} on {[self.tag(t) or 'untracked' for t in off][:3]} tensors "
-                             f"(NCCL takes GPU tensors only)")
+                self._report(
+                    f"torch.distributed.{name} on {[self.tag(t) or 'untracked' for t in off][:3]} tensors "
+                    f"(NCCL takes GPU tensors only)"
+                )
             elif tensors and self._where() is not None:
                 self.collectives[name] += 1
             return fn(*args, **kwargs)
+
         return checked
 
     def __enter__(self):
@@ -282,8 +372,12 @@ TINY = ROOT / "configs" / "tiny.yaml"
 BASE = ("tracking.enabled=false", "data.workers=0", "train.epochs=1")
 # a couple of steps through the whole loop: the stop rule's forget-pair evaluation and the sync check included
 UNLEARN = ("unlearn.steps=2", "unlearn.checkpoint_every=0", "unlearn.check_sync=true", "unlearn.stop_drop=0.5")
-SMALL = {"iamu": ("unlearn.options.subspace_batches=2",), "iamu_no_proj": ("unlearn.options.subspace_batches=2",),
-         "iamu_no_orth": ("unlearn.options.subspace_batches=2",), "salun": ("unlearn.options.saliency_batches=2",)}
+SMALL = {
+    "iamu": ("unlearn.options.subspace_batches=2",),
+    "iamu_no_proj": ("unlearn.options.subspace_batches=2",),
+    "iamu_no_orth": ("unlearn.options.subspace_batches=2",),
+    "salun": ("unlearn.options.saliency_batches=2",),
+}
 
 
 def _session(root, out, command: str, name: str, sets=(), request=None, run_dir=None):
@@ -291,19 +385,32 @@ def _session(root, out, command: str, name: str, sets=(), request=None, run_dir=
     from mtu_dist.config import load_config
     from mtu_dist.data.manifest import load_manifest
     from mtu_dist.runner.session import open_session
+
     cfg = load_config([str(TINY)], [f"data.root={root}", f"out={Path(out) / 'runs'}", *BASE, *sets])
     manifest = load_manifest(cfg.data.dataset, cfg.data.root)
-    return open_session(cfg, command, name, manifest=manifest, request=request and load_request(request, manifest),
-                        overwrite=True, run_dir=run_dir)
+    return open_session(
+        cfg,
+        command,
+        name,
+        manifest=manifest,
+        request=request and load_request(request, manifest),
+        overwrite=True,
+        run_dir=run_dir,
+    )
 
 
 def make_request(root, out) -> Path:
     """A partial request (seg and normal forgotten, depth kept): random targets of both kinds, kept tasks."""
+    from mtu_dist.compliance.request import make_request as make
+    from mtu_dist.compliance.request import write_request
     from mtu_dist.data.manifest import load_manifest
-    from mtu_dist.compliance.request import make_request as make, write_request
+
     path = Path(out) / "partial.yaml"
-    write_request(make(load_manifest("synth-indoor", root), fraction=0.2, setting="partial", tasks=["seg", "normal"],
-                       seed=0), path, overwrite=True)
+    write_request(
+        make(load_manifest("synth-indoor", root), fraction=0.2, setting="partial", tasks=["seg", "normal"], seed=0),
+        path,
+        overwrite=True,
+    )
     return path
 
 
@@ -311,6 +418,7 @@ def train_pass(root, out, sets=()) -> tuple[DeviceAudit, Path]:
     """`fit` under the audit; the audit and the checkpoint it wrote."""
     from mtu_dist.runner.checkpoint import latest_checkpoint
     from mtu_dist.runner.train import fit
+
     s = _session(root, out, "train", "original", sets)
     with DeviceAudit() as audit:
         model, _, _ = fit(s)
@@ -321,8 +429,15 @@ def train_pass(root, out, sets=()) -> tuple[DeviceAudit, Path]:
 def unlearn_pass(root, out, ckpt, request, method: str, sets=()) -> DeviceAudit:
     """Loading the original and `unlearn` (setup and the steps) with `method`, under the audit."""
     from mtu_dist.runner.unlearn import load_original, unlearn
-    s = _session(root, out, "unlearn", f"unlearn-{method}",
-                 [f"unlearn.method={method}", *UNLEARN, *SMALL.get(method, ()), *sets], request)
+
+    s = _session(
+        root,
+        out,
+        "unlearn",
+        f"unlearn-{method}",
+        [f"unlearn.method={method}", *UNLEARN, *SMALL.get(method, ()), *sets],
+        request,
+    )
     with DeviceAudit() as audit:
         model, _ = load_original(s, ckpt)
         model, _, _ = unlearn(s, model, None)
@@ -334,6 +449,7 @@ def eval_pass(root, out, ckpt, request) -> DeviceAudit:
     """What `mtu eval` does (load, evaluate every split) under the audit."""
     from mtu_dist.evaluation.evaluate import evaluate
     from mtu_dist.runner.unlearn import load_original
+
     s = _session(root, out, "eval", "eval", request=request, run_dir=Path(out) / "eval")
     with DeviceAudit() as audit:
         model, _ = load_original(s, ckpt)

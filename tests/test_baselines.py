@@ -1,6 +1,7 @@
 """The unlearning baselines: each one does what its paper says on a small case, every registered method
 runs end to end through `mtu unlearn`, and pcgrad/orthograd give the same parameters on 1 and 2 real
 gloo ranks in both reduction modes."""
+
 from __future__ import annotations
 
 import copy
@@ -13,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import ROOT, accelerate_launch, run_mtu
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, run_mtu
 from mtu_dist.config import RunConfig, UnlearnConfig
 from mtu_dist.methods import METHODS, build_method
 from mtu_dist.methods.base import StepContext
@@ -49,15 +50,31 @@ def _batch(keys, seed, mask=None, h=8, w=12):
     depth[..., :3] = 0
     normal = F.normalize(torch.randn(n, 3, h, w, generator=g), dim=1)
     normal[..., -2:, :] = 0
-    return {"image": torch.rand(n, 3, h, w, generator=g), "seg": seg, "depth": depth, "normal": normal,
-            "mask": torch.ones(n, len(TASKS3), dtype=torch.bool) if mask is None else mask,
-            "valid": torch.ones(n, dtype=torch.bool), "key": list(keys)}
+    return {
+        "image": torch.rand(n, 3, h, w, generator=g),
+        "seg": seg,
+        "depth": depth,
+        "normal": normal,
+        "mask": torch.ones(n, len(TASKS3), dtype=torch.bool) if mask is None else mask,
+        "valid": torch.ones(n, dtype=torch.bool),
+        "key": list(keys),
+    }
 
 
 def _ctx(model, step=1, steps=10, targets=("seg", "normal"), alpha=0.5, record=None, **unlearn):
     cfg = UnlearnConfig(steps=steps, signal_engine="sequential", **unlearn)
-    return StepContext(model=model, tasks=TASKS3, world=1, alpha=alpha, step=step, targets=targets, config=cfg,
-                       seed=3, num_classes=C, **({"record": record} if record else {}))
+    return StepContext(
+        model=model,
+        tasks=TASKS3,
+        world=1,
+        alpha=alpha,
+        step=step,
+        targets=targets,
+        config=cfg,
+        seed=3,
+        num_classes=C,
+        **({"record": record} if record else {}),
+    )
 
 
 def _flat_grads(model):
@@ -66,8 +83,9 @@ def _flat_grads(model):
 
 def _grad(loss, model):
     grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, model.parameters())])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, model.parameters())]
+    )
 
 
 def _shared_mask(model):
@@ -76,12 +94,18 @@ def _shared_mask(model):
 
 
 def test_random_label_targets_are_random_classes_and_other_retain_instances():
-    forget = _batch(["d/train/0", "d/train/1", "d/train/2"], seed=0,
-                    mask=torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.bool))
+    forget = _batch(
+        ["d/train/0", "d/train/1", "d/train/2"],
+        seed=0,
+        mask=torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.bool),
+    )
     forget["valid"][2] = False  # padding: no target
     # retain: instance 0's kept task (depth) only, as the retain stream gives it; 5 and 6 are full
-    retain = _batch(["d/train/0", "d/train/5", "d/train/6"], seed=1,
-                    mask=torch.tensor([[0, 1, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool))
+    retain = _batch(
+        ["d/train/0", "d/train/5", "d/train/6"],
+        seed=1,
+        mask=torch.tensor([[0, 1, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool),
+    )
     recorded = []
     ctx = _ctx(_model(), step=4, record=lambda b, role: recorded.append((b, role)))
     out = random_targets(ctx, forget, retain)
@@ -101,7 +125,7 @@ def test_random_label_targets_are_random_classes_and_other_retain_instances():
         assert out["mask"][b, j]
     assert not any(torch.equal(out["depth"][1], forget["depth"][i]) for i in range(3))
     # the lent pairs are recorded under role `target`: exactly the retain pairs used, no forget pair
-    (rec, role), = recorded
+    ((rec, role),) = recorded
     assert role == "target"
     used = {(rec["key"][i], TASKS3[j]) for i, j in rec["mask"].nonzero().tolist()}
     assert used <= {("d/train/0", "depth"), ("d/train/5", "depth"), ("d/train/5", "normal"), ("d/train/6", "normal")}
@@ -170,7 +194,9 @@ def test_scrub_alternates_max_and_min_steps_and_keeps_the_teacher():
 
     def forget_divergence():
         with torch.no_grad():
-            return sum(divergences(model(forget["image"]), method.teacher(forget["image"]), forget, TASKS3, 1, 4.0).values())
+            return sum(
+                divergences(model(forget["image"]), method.teacher(forget["image"]), forget, TASKS3, 1, 4.0).values()
+            )
 
     rises = []
     for step in range(1, 9):
@@ -206,7 +232,7 @@ def _pcgrad_direct(vecs: torch.Tensor, orders) -> torch.Tensor:
 def test_pcgrad_gram_form_equals_vector_surgery_and_removes_conflicts():
     gen = torch.Generator().manual_seed(0)
     for k in (2, 3, 5):
-        for trial in range(5):
+        for _trial in range(5):
             vecs = torch.randn(k, 40, generator=gen, dtype=torch.float64)
             vecs[1] = -0.7 * vecs[0] + 0.3 * vecs[1]  # at least one conflicting pair
             orders = pcgrad_orders(k, gen)
@@ -234,7 +260,9 @@ def test_pcgrad_step_writes_the_surgery_of_the_task_gradients():
     # reference: task gradients by autograd, Algorithm 1 on the shared coordinates, plain sum on the heads
     f = normalised_losses(model(forget["image"]), forget, TASKS3, global_counts(forget, 1))
     r = normalised_losses(model(retain["image"]), retain, TASKS3, global_counts(retain, 1))
-    vecs = torch.stack([-(1 - 0.3) * _grad(f[t], model) for t in ctx.targets] + [0.3 * _grad(r[u], model) for u in TASKS3])
+    vecs = torch.stack(
+        [-(1 - 0.3) * _grad(f[t], model) for t in ctx.targets] + [0.3 * _grad(r[u], model) for u in TASKS3]
+    )
     orders = pcgrad_orders(5, torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.step))
     shared = _shared_mask(model)
     expected = vecs.sum(0)
@@ -246,8 +274,11 @@ def test_pcgrad_step_writes_the_surgery_of_the_task_gradients():
 def test_orthograd_forget_direction_is_orthogonal_to_every_retain_sample():
     model = _model()
     forget = _batch(["d/train/0", "d/train/1"], seed=8, mask=torch.tensor([[1, 0, 1]] * 2, dtype=torch.bool))
-    retain = _batch([f"d/train/{i}" for i in range(5, 9)], seed=9,
-                    mask=torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
+    retain = _batch(
+        [f"d/train/{i}" for i in range(5, 9)],
+        seed=9,
+        mask=torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool),
+    )
     alpha = 0.4
     ctx = _ctx(model, alpha=alpha)
     method = build_method("orthograd", {})
@@ -257,10 +288,14 @@ def test_orthograd_forget_direction_is_orthogonal_to_every_retain_sample():
     # independently: each retain sample's own gradient (forwarded alone), the batch retain gradient
     per_sample = []
     for b in range(4):
-        one = {k: v[b:b + 1] for k, v in retain.items()}
+        one = {k: v[b : b + 1] for k, v in retain.items()}
         preds = model(one["image"])
-        per_sample.append(_grad(sum(TASKS[t].per_sample_loss(preds[t], one[t]).sum() * one["mask"][0, j]
-                                    for j, t in enumerate(TASKS3)), model))
+        per_sample.append(
+            _grad(
+                sum(TASKS[t].per_sample_loss(preds[t], one[t]).sum() * one["mask"][0, j] for j, t in enumerate(TASKS3)),
+                model,
+            )
+        )
     r = normalised_losses(model(retain["image"]), retain, TASKS3, global_counts(retain, 1))
     f = normalised_losses(model(forget["image"]), forget, TASKS3, global_counts(forget, 1))
     g_r, g_f = _grad(sum(r.values()), model), _grad(f["seg"] + f["normal"], model)
@@ -275,20 +310,53 @@ def test_orthograd_forget_direction_is_orthogonal_to_every_retain_sample():
 
 # ------------------------------------------------------------------ end to end, real processes
 # float64, same global batches (1 rank x 2 workers == 2 ranks x 1 worker), in-sync check every step
-EXACT_RUN = ["--set", "model.dtype=float64", "--set", "unlearn.steps=3", "--set", "unlearn.lr=0.05",
-             "--set", "unlearn.signal_engine=sequential", "--set", "unlearn.check_sync=true",
-             "--set", "tracking.enabled=false"]
+EXACT_RUN = [
+    "--set",
+    "model.dtype=float64",
+    "--set",
+    "unlearn.steps=3",
+    "--set",
+    "unlearn.lr=0.05",
+    "--set",
+    "unlearn.signal_engine=sequential",
+    "--set",
+    "unlearn.check_sync=true",
+    "--set",
+    "tracking.enabled=false",
+]
 SCRIPT = ROOT / "tests" / "scripts" / "unlearn_many.py"
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_root, tiny_original, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baselines")
-    common = ["--config", TINY, "--set", f"data.root={tiny_root}", "--set", f"out={tmp / 'runs'}",
-              "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    common = [
+        "--config",
+        TINY,
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+    ]
     req = tmp / "partial.yaml"
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "partial",
-            "--tasks", "seg", "normal", "--out", req, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "partial",
+        "--tasks",
+        "seg",
+        "normal",
+        "--out",
+        req,
+        check=True,
+    )
     unlearn = ["unlearn", *common, "--request", str(req), "--from", str(tiny_original), *EXACT_RUN]
     return tmp, unlearn, req, tiny_original
 
@@ -300,12 +368,21 @@ def _run_many(setup, runs: dict[str, list[str]], nproc: int) -> dict:
     spec, status = tmp / f"runs-{tag}.json", tmp / f"status-{tag}.json"
     spec.write_text(json.dumps([[*unlearn, "--name", name, *extra] for name, extra in runs.items()]))
     if nproc == 1:
-        proc = subprocess.run([sys.executable, SCRIPT, spec, status], cwd=tmp, capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [sys.executable, SCRIPT, spec, status],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert status.is_file(), proc.stderr[-4000:]
     else:
         accelerate_launch([SCRIPT, spec, status], nproc=nproc, cwd=tmp)
-    return {name: {**st, "final": tmp / "runs/synth-indoor" / name / "final"} for name, st in json.loads(status.read_text()).items()}
+    return {
+        name: {**st, "final": tmp / "runs/synth-indoor" / name / "final"}
+        for name, st in json.loads(status.read_text()).items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +421,11 @@ def _ledger(path) -> dict[str, set[str]]:
 
 @pytest.mark.slow
 def test_pcgrad_and_orthograd_agree_on_one_and_two_ranks_in_both_modes(setup, references):
-    pairs = {f"{m}-2-{mode}": (m, ["--method", m, "--set", "data.workers=1", "--set", f"unlearn.reduction={mode}"])
-             for m in ("pcgrad", "orthograd") for mode in ("replicated", "sharded")}
+    pairs = {
+        f"{m}-2-{mode}": (m, ["--method", m, "--set", "data.workers=1", "--set", f"unlearn.reduction={mode}"])
+        for m in ("pcgrad", "orthograd")
+        for mode in ("replicated", "sharded")
+    }
     runs = _run_many(setup, {name: extra for name, (_, extra) in pairs.items()}, nproc=2)
     original = load_file(setup[3] / "final/model.safetensors")
     for name, (method, _) in pairs.items():
@@ -354,4 +434,4 @@ def test_pcgrad_and_orthograd_agree_on_one_and_two_ranks_in_both_modes(setup, re
         got = load_file(runs[name]["final"] / "model.safetensors")
         assert max(float((ref[k] - original[k].double()).abs().max()) for k in ref) > 1e-4  # the runs moved
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], **EXACT, msg=lambda m: f"{name} {k}: {m}")
+            torch.testing.assert_close(got[k], ref[k], **EXACT, msg=lambda m, name=name, k=k: f"{name} {k}: {m}")

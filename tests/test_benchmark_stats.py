@@ -1,6 +1,7 @@
 """The benchmark's statistics (pure, fast): intervals with a known answer, paired differences, the
 equal-forgetting interpolation on a hand-made trajectory, the UIS floor, per-task feasibility,
 the memorisation figures, and tuned.yaml merged under a lock by concurrent writers."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from mtu_dist.reporting.report import Row, below_floor, memorisation, table, uis_line
 from mtu_dist.evaluation.scoring import Results, unlearning_block
 from mtu_dist.evaluation.statistics import at_level, interval, paired, progress
 from mtu_dist.evaluation.trajectory import curve, interference
+from mtu_dist.reporting.report import Row, below_floor, memorisation, table, uis_line
 from mtu_dist.studies.tune import _merge_tuned, criterion
 
 
@@ -49,27 +50,43 @@ def test_paired_difference_uses_the_same_seeds():
 
 
 def test_equal_forgetting_interpolation_on_a_hand_made_trajectory():
-    points = [{"step": 0, "progress": 0.0, "task_interference": 0.0, "instance_interference": 0.00},
-              {"step": 10, "progress": 0.5, "task_interference": 0.1, "instance_interference": 0.02},
-              {"step": 20, "progress": 1.5, "task_interference": 0.3, "instance_interference": 0.06},
-              {"step": 30, "progress": 0.8, "task_interference": 0.9, "instance_interference": 0.09}]
+    points = [
+        {"step": 0, "progress": 0.0, "task_interference": 0.0, "instance_interference": 0.00},
+        {"step": 10, "progress": 0.5, "task_interference": 0.1, "instance_interference": 0.02},
+        {"step": 20, "progress": 1.5, "task_interference": 0.3, "instance_interference": 0.06},
+        {"step": 30, "progress": 0.8, "task_interference": 0.9, "instance_interference": 0.09},
+    ]
     at = at_level(points, 1.0)  # halfway between steps 10 and 20: the FIRST crossing, not the last point
     assert at["step"] == pytest.approx(15) and at["progress"] == 1.0
     assert at["task_interference"] == pytest.approx(0.2) and at["instance_interference"] == pytest.approx(0.04)
     assert at_level(points, 2.0) is None  # never reached
     assert at_level(points, 0.0)["step"] == 0  # reached at the first point
     # progress: per task from the original's level (1 = the retrain's), the least of the targets
-    assert progress({"seg": 0.4, "depth": 0.9}, {"seg": 0.6, "depth": 1.0}, {"seg": 0.4, "depth": 0.5}) == pytest.approx(0.2)
+    assert progress(
+        {"seg": 0.4, "depth": 0.9}, {"seg": 0.6, "depth": 1.0}, {"seg": 0.4, "depth": 0.5}
+    ) == pytest.approx(0.2)
     # a task already at the retrain's level has nothing to forget: it is left out, not a None for all
-    assert progress({"seg": 0.5, "depth": 0.0}, {"seg": 0.6, "depth": 0.0}, {"seg": 0.4, "depth": 0.0}) == pytest.approx(0.5)
+    assert progress(
+        {"seg": 0.5, "depth": 0.0}, {"seg": 0.6, "depth": 0.0}, {"seg": 0.4, "depth": 0.0}
+    ) == pytest.approx(0.5)
     assert progress({"seg": 0.5}, {"seg": 0.6}, {}) is None
 
 
 def test_trajectory_interference_and_curve():
-    p0 = {"step": 0, "forget": {"seg": 0.8}, "forget_kept": {"depth": 0.9, "normal": 60.0},
-          "retain": {"seg": 0.8, "depth": 0.9, "normal": 60.0}, "val": {"seg": 0.4, "depth": 0.6, "normal": 50.0}}
-    p = {"step": 5, "forget": {"seg": 0.5}, "forget_kept": {"depth": 0.81, "normal": 60.0},
-         "retain": {"seg": 0.72, "depth": 0.9, "normal": 60.0}, "val": {"seg": 0.4, "depth": 0.6, "normal": 45.0}}
+    p0 = {
+        "step": 0,
+        "forget": {"seg": 0.8},
+        "forget_kept": {"depth": 0.9, "normal": 60.0},
+        "retain": {"seg": 0.8, "depth": 0.9, "normal": 60.0},
+        "val": {"seg": 0.4, "depth": 0.6, "normal": 50.0},
+    }
+    p = {
+        "step": 5,
+        "forget": {"seg": 0.5},
+        "forget_kept": {"depth": 0.81, "normal": 60.0},
+        "retain": {"seg": 0.72, "depth": 0.9, "normal": 60.0},
+        "val": {"seg": 0.4, "depth": 0.6, "normal": 45.0},
+    }
     got = interference(p0, p, ["seg"])
     # task-level: depth/normal on forget_kept (0.1, 0), retain (0, 0), val (0, 0.1); instance: seg retain 0.1, val 0
     assert got["task_interference"] == pytest.approx(0.2 / 6)
@@ -99,15 +116,24 @@ def test_uis_floor_flag():
     worse = unlearning_block(run(_splits(0.6, 0.3)), _losses(), original=original, retrain=retrain)
     assert worse["uis_excess"] == pytest.approx(0.375 - 0.1) and worse["below_floor"] is False
     # the report: the row below the floor is flagged and not ranked as the strongest baseline
-    rows = {"retrain": [Row("b", "full", s, "retrain", {"uis": 0.1, "uis_excess": 0.0}) for s in (0, 1)],
-            "finetune": [Row("b", "full", s, "finetune", {"uis": 0.05, "uis_excess": -0.05}) for s in (0, 1)],
-            "scrub": [Row("b", "full", s, "scrub", {"uis": 0.2 + s / 100, "uis_excess": 0.1}) for s in (0, 1)],
-            "iamu": [Row("b", "full", s, "iamu", {"uis": 0.12 + s / 50, "uis_excess": 0.02}) for s in (0, 1)]}
+    rows = {
+        "retrain": [Row("b", "full", s, "retrain", {"uis": 0.1, "uis_excess": 0.0}) for s in (0, 1)],
+        "finetune": [Row("b", "full", s, "finetune", {"uis": 0.05, "uis_excess": -0.05}) for s in (0, 1)],
+        "scrub": [Row("b", "full", s, "scrub", {"uis": 0.2 + s / 100, "uis_excess": 0.1}) for s in (0, 1)],
+        "iamu": [Row("b", "full", s, "iamu", {"uis": 0.12 + s / 50, "uis_excess": 0.02}) for s in (0, 1)],
+    }
     assert below_floor(rows) == {"finetune"}
     assert "| finetune (below floor) |" in table(rows) and "| scrub |" in table(rows)
-    line = uis_line("full, b", {m: np.mean([r.metrics["uis"] for r in rs]) for m, rs in rows.items()}, "full",
-                    below_floor(rows), {m: ({r.seed: r.metrics["uis"] for r in rows["iamu"]},
-                                            {r.seed: r.metrics["uis"] for r in rows[m]}) for m in ("finetune", "scrub")})
+    line = uis_line(
+        "full, b",
+        {m: np.mean([r.metrics["uis"] for r in rs]) for m, rs in rows.items()},
+        "full",
+        below_floor(rows),
+        {
+            m: ({r.seed: r.metrics["uis"] for r in rows["iamu"]}, {r.seed: r.metrics["uis"] for r in rows[m]})
+            for m in ("finetune", "scrub")
+        },
+    )
     assert "strongest baseline scrub" in line and "not ranked: finetune" in line
     assert "paired difference iamu - scrub -0.0750 [" in line and "excludes 0" in line
 
@@ -115,8 +141,11 @@ def test_uis_floor_flag():
 def test_feasibility_holds_per_task():
     """An untouched task is not hidden by a forgotten one: seg at its val level, depth 19% above."""
     original = {"val": {"seg": {"miou": 0.4}, "depth": {"delta1": 0.6}}, "retain": {"seg": {"miou": 0.8}}}
-    trial = {"forget": {"seg": {"miou": 0.4}, "depth": {"delta1": 0.714}}, "val": {"seg": {"miou": 0.4}},
-             "retain": {"seg": {"miou": 0.8}}}
+    trial = {
+        "forget": {"seg": {"miou": 0.4}, "depth": {"delta1": 0.714}},
+        "val": {"seg": {"miou": 0.4}},
+        "retain": {"seg": {"miou": 0.8}},
+    }
     c = criterion(original, trial, 0.1)
     assert c["forget_gap"] == pytest.approx(0.19) and not c["feasible"]  # the mean (0.095) would pass
     trial["forget"]["depth"]["delta1"] = 0.63
@@ -124,9 +153,22 @@ def test_feasibility_holds_per_task():
 
 
 def test_memorisation_figures_from_the_rows():
-    orig = [Row("b", "partial", s, "original", {"eval/forget/seg/miou": 0.6 + s / 10, "eval/val/seg/miou": 0.4,
-                                                "eval/forget_kept/depth/delta1": 0.9, "eval/val/depth/delta1": 0.6,
-                                                "mia_auc": 0.95}) for s in (0, 1)]
+    orig = [
+        Row(
+            "b",
+            "partial",
+            s,
+            "original",
+            {
+                "eval/forget/seg/miou": 0.6 + s / 10,
+                "eval/val/seg/miou": 0.4,
+                "eval/forget_kept/depth/delta1": 0.9,
+                "eval/val/depth/delta1": 0.6,
+                "mia_auc": 0.95,
+            },
+        )
+        for s in (0, 1)
+    ]
     ret = [Row("b", "partial", s, "retrain", {"mia_auc": 0.55}) for s in (0, 1)]
     memo = memorisation({"original": orig, "retrain": ret})
     assert memo["tasks"]["seg"]["excess"].mean == pytest.approx((0.6 / 0.4 + 0.7 / 0.4) / 2 - 1)
@@ -136,6 +178,7 @@ def test_memorisation_figures_from_the_rows():
 
 def _writer(path, method, n):
     from pathlib import Path
+
     for i in range(n):
         _merge_tuned(Path(path), "req", "orig", f"{method}{i}", {"set": [f"unlearn.lr={i}"]})
 
@@ -155,12 +198,26 @@ def test_tuned_yaml_merges_concurrent_writers(tmp_path):
 
 def test_kept_task_goal_line_pairs_the_retrains_move():
     from mtu_dist.reporting.report import goal_lines
+
     def row(m, s, depth_kept, depth_val):
-        return Row("b", "partial", s, m, {"eval/forget_kept/depth/delta1": depth_kept, "eval/val/depth/delta1": depth_val,
-                                          "eval/forget/seg/miou": 0.3, "uis": 0.1})
-    g = {"original": [row("original", s, 0.9, 0.6) for s in (0, 1)],
-         "retrain": [row("retrain", 0, 0.72, 0.6), row("retrain", 1, 0.81, 0.6)],   # moves 20%, 10%
-         "iamu": [row("iamu", 0, 0.9, 0.57), row("iamu", 1, 0.9, 0.54)]}            # moves 5%, 10%
+        return Row(
+            "b",
+            "partial",
+            s,
+            m,
+            {
+                "eval/forget_kept/depth/delta1": depth_kept,
+                "eval/val/depth/delta1": depth_val,
+                "eval/forget/seg/miou": 0.3,
+                "uis": 0.1,
+            },
+        )
+
+    g = {
+        "original": [row("original", s, 0.9, 0.6) for s in (0, 1)],
+        "retrain": [row("retrain", 0, 0.72, 0.6), row("retrain", 1, 0.81, 0.6)],  # moves 20%, 10%
+        "iamu": [row("iamu", 0, 0.9, 0.57), row("iamu", 1, 0.9, 0.54)],
+    }  # moves 5%, 10%
     text = goal_lines({("b", "partial"): g})
     assert "move at most 7.50%" in text  # the mean over seeds of the val move, the larger one
     assert "iamu - retrain -7.50% [" in text  # per seed: 5 - 20, 10 - 10

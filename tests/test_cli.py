@@ -1,5 +1,6 @@
 """The command line teaches: every option shows its help and default, every command has examples that parse,
 the method lists come from the registry, and what reaches the terminal follows -q / -v."""
+
 from __future__ import annotations
 
 import argparse
@@ -84,11 +85,12 @@ def test_every_command_has_examples_that_parse(name):
             assert callable(args.func)
             words = [w for w in argv if not w.startswith("-")]  # leaves the top-level flags (-q) out
             if name != "mtu":  # a command's examples run that command
-                assert words[:len(name.split())] == name.split(), line
+                assert words[: len(name.split())] == name.split(), line
 
 
 def test_method_choices_are_the_registry():
     from mtu_dist.methods import METHODS
+
     subs = dict(parsers())
     for name, option in (("mtu unlearn", "--method"), ("mtu tune", "--methods")):
         action = next(a for a in subs[name]._actions if option in a.option_strings)
@@ -97,8 +99,10 @@ def test_method_choices_are_the_registry():
 
 
 def test_top_level_help_does_not_import_torch():
-    code = ("import sys; from mtu_dist.cli import build_parser; build_parser().format_help(); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from mtu_dist.cli import build_parser; build_parser().format_help(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
 
 
@@ -115,13 +119,38 @@ def test_version():
 
 
 def _synth(out: Path, *flags, env=None):
-    return run_mtu(*flags, "data", "synth", "--datasets", "synth-indoor", "--out", out, "--train", 16, "--val", 8,
-                   "--height", 8, "--width", 8, "--shard-size", 4, "--workers", 2, env=env, check=True, timeout=120)
+    return run_mtu(
+        *flags,
+        "data",
+        "synth",
+        "--datasets",
+        "synth-indoor",
+        "--out",
+        out,
+        "--train",
+        16,
+        "--val",
+        8,
+        "--height",
+        8,
+        "--width",
+        8,
+        "--shard-size",
+        4,
+        "--workers",
+        2,
+        env=env,
+        check=True,
+        timeout=120,
+    )
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_quiet_leaves_out_the_progress_bars(tmp_path):
@@ -137,10 +166,18 @@ def test_quiet_leaves_out_the_progress_bars(tmp_path):
 
 
 def test_deepspeed_accelerator_line_hidden_unless_verbose():
-    record = logging.LogRecord("DeepSpeed", logging.WARNING, "/x/deepspeed/accelerator/real_accelerator.py", 213,
-                               "Setting accelerator to CPU.", None, None)
-    other = logging.LogRecord("DeepSpeed", logging.WARNING, "/x/deepspeed/runtime/engine.py", 1, "a real warning",
-                              None, None)
+    record = logging.LogRecord(
+        "DeepSpeed",
+        logging.WARNING,
+        "/x/deepspeed/accelerator/real_accelerator.py",
+        213,
+        "Setting accelerator to CPU.",
+        None,
+        None,
+    )
+    other = logging.LogRecord(
+        "DeepSpeed", logging.WARNING, "/x/deepspeed/runtime/engine.py", 1, "a real warning", None, None
+    )
     env = {k: v for k, v in os.environ.items() if k != logs.VERBOSE_ENV}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "environ", env)
@@ -151,12 +188,15 @@ def test_deepspeed_accelerator_line_hidden_unless_verbose():
 
 @pytest.mark.slow
 def test_deepspeed_accelerator_line_from_the_real_library():
-    code = ("from mtu_dist.utils.logs import configure; configure()\n"
-            "from deepspeed.accelerator import get_accelerator; get_accelerator()")
+    code = (
+        "from mtu_dist.utils.logs import configure; configure()\n"
+        "from deepspeed.accelerator import get_accelerator; get_accelerator()"
+    )
     for verbose, shown in (("", False), ("1", True)):
         env = {**os.environ, logs.VERBOSE_ENV: verbose, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                              check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True
+        )
         assert ("Setting accelerator" in proc.stdout + proc.stderr) == shown, proc.stdout + proc.stderr
 
 
@@ -166,8 +206,9 @@ def test_mlflow_database_lines_only_with_verbose(tmp_path):
     is reported: the cheapest command that opens one."""
     for flags, shown in (((), False), (("-v",), True)):
         db = tmp_path / f"mlflow{len(flags)}.db"
-        proc = run_mtu(*flags, "compare", "--experiment", "nope", "--tracking-uri", f"sqlite:///{db}",
-                       cwd=tmp_path, timeout=300)
+        proc = run_mtu(
+            *flags, "compare", "--experiment", "nope", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path, timeout=300
+        )
         assert proc.returncode == 2 and "no such experiment" in proc.stderr, proc.stderr
         for needle in ("INFO mlflow.store.db.utils", "INFO alembic.runtime.migration"):
             assert (needle in proc.stderr) == shown, proc.stderr

@@ -8,6 +8,7 @@ equal ledger. Train at 1 rank is covered in test_runner.py; here retrain (the sa
 unlearn at 2 ranks, and a 1-rank unlearn killed and resumed on its way to the leak audit.
 Leaks: a real one, through the real loop (`MTU_TEST_LEAK`), must fail the audit; clean runs pass it.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import ROOT, accelerate_launch, run_many, run_mtu
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -32,8 +32,20 @@ def kill_step(phase: str, world: int, first: int, last: int) -> int:
 
 
 def _common(tiny_root, tmp: Path) -> list:
-    return ["--config", TINY, "--set", f"data.root={tiny_root}", "--set", "data.dataset=synth-indoor",
-            "--set", f"out={tmp / 'runs'}", "--set", "tracking.enabled=false", "--set", "data.workers=1"]
+    return [
+        "--config",
+        TINY,
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        "data.dataset=synth-indoor",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "data.workers=1",
+    ]
 
 
 def _launch2(args: list, tmp: Path, env=None, check=True):
@@ -62,28 +74,88 @@ def two_rank_runs(tiny_root, tmp_path_factory):
     each), and both resumed in one launch (every rank runs both resumes, one after the other)."""
     tmp = tmp_path_factory.mktemp("compliance")
     request = tmp / "full.yaml"
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "full",
-            "--out", request, check=True)
-    retrain = ["retrain", *_common(tiny_root, tmp), "--request", request, "--set", "train.epochs=1",
-               "--set", "train.checkpoint_every=2"]
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "full",
+        "--out",
+        request,
+        check=True,
+    )
+    retrain = [
+        "retrain",
+        *_common(tiny_root, tmp),
+        "--request",
+        request,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.checkpoint_every=2",
+    ]
     origin = tmp / "runs" / "synth-indoor" / "straight"  # any trained checkpoint serves as the original here
     # the retrain never saw `full.yaml`'s pairs (a lineage from it starts with them forgotten): the
     # unlearning runs honour another request, disjoint from it
     request = tmp / "second.yaml"
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "full",
-            "--seed", 1, "--exclude", tmp / "full.yaml", "--out", request, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "full",
+        "--seed",
+        1,
+        "--exclude",
+        tmp / "full.yaml",
+        "--out",
+        request,
+        check=True,
+    )
     # iamu: its setup consumes retain batches (replayed on resume) and it runs its own collectives.
     # The signal engine is fixed: `auto` picks by timing, per rank.
-    unlearn = ["unlearn", *_common(tiny_root, tmp), "--request", request, "--from", origin, "--method", "iamu",
-               "--set", "unlearn.options.subspace_batches=2", "--set", "unlearn.signal_engine=sequential",
-               "--set", "unlearn.steps=8", "--set", "unlearn.checkpoint_every=3"]
-    run_many([[*retrain, "--name", "straight"], [*unlearn, "--name", "unlearn-straight"]], tmp, nproc=2,
-             tag="straight", timeout=HANG_S)
-    crashed = [_crash(retrain, "retrain-crashed", "retrain", kill_step("retrain", 2, 3, 5), tmp),  # 6 steps, resume
-               _crash(unlearn, "unlearn-crashed", "unlearn", kill_step("unlearn", 2, 4, 7), tmp)]  # points every 2 / 3
-    resumed = run_many([[*retrain, "--name", "retrain-crashed", "--resume"],
-                        [*unlearn, "--name", "unlearn-crashed", "--resume"]], tmp, nproc=2, tag="resume",
-                       timeout=HANG_S)["_proc"]
+    unlearn = [
+        "unlearn",
+        *_common(tiny_root, tmp),
+        "--request",
+        request,
+        "--from",
+        origin,
+        "--method",
+        "iamu",
+        "--set",
+        "unlearn.options.subspace_batches=2",
+        "--set",
+        "unlearn.signal_engine=sequential",
+        "--set",
+        "unlearn.steps=8",
+        "--set",
+        "unlearn.checkpoint_every=3",
+    ]
+    run_many(
+        [[*retrain, "--name", "straight"], [*unlearn, "--name", "unlearn-straight"]],
+        tmp,
+        nproc=2,
+        tag="straight",
+        timeout=HANG_S,
+    )
+    crashed = [
+        _crash(retrain, "retrain-crashed", "retrain", kill_step("retrain", 2, 3, 5), tmp),  # 6 steps, resume
+        _crash(unlearn, "unlearn-crashed", "unlearn", kill_step("unlearn", 2, 4, 7), tmp),
+    ]  # points every 2 / 3
+    resumed = run_many(
+        [[*retrain, "--name", "retrain-crashed", "--resume"], [*unlearn, "--name", "unlearn-crashed", "--resume"]],
+        tmp,
+        nproc=2,
+        tag="resume",
+        timeout=HANG_S,
+    )["_proc"]
     for run in crashed:
         assert f"resuming from {run / 'checkpoints'}" in resumed.stdout, resumed.stdout[-2000:]
     return tmp, request, origin
@@ -116,9 +188,24 @@ def test_audit_catches_a_deliberate_leak(two_rank_runs, tiny_root, tmp_path):
 
     _, request, origin = two_rank_runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["unlearn", *_common(tiny_root, tmp_path), "--set", "tracking.enabled=true", "--tracking-uri", uri,
-            "--request", request, "--from", origin, "--method", "finetune", "--name", "leaky",
-            "--set", "unlearn.checkpoint_every=2"]
+    args = [
+        "unlearn",
+        *_common(tiny_root, tmp_path),
+        "--set",
+        "tracking.enabled=true",
+        "--tracking-uri",
+        uri,
+        "--request",
+        request,
+        "--from",
+        origin,
+        "--method",
+        "finetune",
+        "--name",
+        "leaky",
+        "--set",
+        "unlearn.checkpoint_every=2",
+    ]
     step = kill_step("unlearn", 1, 3, 5)
     crashed = run_mtu(*args, cwd=tmp_path, env={"MTU_TEST_LEAK": "1", "MTU_FAULT": f"unlearn:{step}"}, timeout=HANG_S)
     assert crashed.returncode == 137, crashed.stderr[-2000:]

@@ -1,4 +1,5 @@
 """bench/cost_slope.py: ratios, the fitted slope and the size at 1/20 from a sweep's run folders."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import math
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -22,10 +22,14 @@ def _run(folder, name, time_s, reason=None):
 
 def test_slope_and_size_at_one_twentieth(tmp_path):
     for n in (100, 400, 1600):
-        _run(tmp_path, f"retrain-n{n}-f0.02-w1", time_s=n / 10)               # the retrain grows with n
-        _run(tmp_path, f"iamu-n{n}-f0.02-w1", time_s=5.0, reason="budget")     # a fixed budget does not
-        _run(tmp_path, f"pcgrad-n{n}-f0.02-w1", time_s=n / 100,                # stops at a step growing with n
-             reason=f"stop rule at step {n // 10}: every target task's forget-pair metric reached its threshold")
+        _run(tmp_path, f"retrain-n{n}-f0.02-w1", time_s=n / 10)  # the retrain grows with n
+        _run(tmp_path, f"iamu-n{n}-f0.02-w1", time_s=5.0, reason="budget")  # a fixed budget does not
+        _run(
+            tmp_path,
+            f"pcgrad-n{n}-f0.02-w1",
+            time_s=n / 100,  # stops at a step growing with n
+            reason=f"stop rule at step {n // 10}: every target task's forget-pair metric reached its threshold",
+        )
     _, rows = cost_slope.load(tmp_path)
     s = cost_slope.summarize(rows, budget=200)
     iamu = s["iamu"]["ratio_fit"]

@@ -1,4 +1,5 @@
 """Shards, manifests, converters, verification and the bad-input paths of the data layer."""
+
 from __future__ import annotations
 
 import io
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_mtu
 
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.tario import iter_entries
@@ -15,13 +17,27 @@ from mtu_dist.data.verify import verify_dataset
 from mtu_dist.data.write import write_tar
 from mtu_dist.utils.fileio import sha256_file
 
-from conftest import run_mtu
-
 
 def test_generator_bytes_deterministic(tmp_path, tiny_root):
     # Same seed -> byte-identical shards (tar metadata is fixed); another seed -> different bytes.
-    args = ["data", "synth", "--datasets", "synth-street", "--train", 40, "--val", 16, "--height", 16,
-            "--width", 24, "--shard-size", 8, "--workers", 1]
+    args = [
+        "data",
+        "synth",
+        "--datasets",
+        "synth-street",
+        "--train",
+        40,
+        "--val",
+        16,
+        "--height",
+        16,
+        "--width",
+        24,
+        "--shard-size",
+        8,
+        "--workers",
+        1,
+    ]
     run_mtu(*args, "--out", tmp_path / "a", check=True)
     run_mtu(*args, "--out", tmp_path / "b", "--seed", 1, check=True)
     ref = tiny_root / "synth-street"  # written with 2 workers: parallelism must not change bytes
@@ -53,14 +69,17 @@ def test_street_has_no_normals(tiny_root):
 
 # ---------------------------------------------------------------- converters on fixture folders
 
+
 def _fixture(src: Path, kind: str, n_train=5, n_val=3, bad=None):
     h, w, c = (288, 384, 13) if kind == "nyuv2" else (128, 256, 7)
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
-            arrays = {"image": rng.random((3, h, w), dtype=np.float32),
-                      "label": rng.integers(-1, c, (h, w)).astype(np.float32),
-                      "depth": rng.random((1, h, w), dtype=np.float32) * 5}
+            arrays = {
+                "image": rng.random((3, h, w), dtype=np.float32),
+                "label": rng.integers(-1, c, (h, w)).astype(np.float32),
+                "depth": rng.random((1, h, w), dtype=np.float32) * 5,
+            }
             if kind == "nyuv2":
                 nrm = rng.normal(size=(3, h, w)).astype(np.float32)
                 arrays["normal"] = nrm / np.linalg.norm(nrm, axis=0, keepdims=True)
@@ -82,6 +101,7 @@ def test_converter(tmp_path, kind):
     assert verify_dataset(m) == []
     # values survive: label -1 -> 255, image scaled to uint8, depth exact
     from mtu_dist.data.sample import decode_sample
+
     key, members = next(iter_entries(m.shard_path(m.split("train").shards[0])))
     s = decode_sample(members, m.tasks, m.resolution, m.num_classes, key)
     label = np.load(src / "train" / "label" / "0.npy")
@@ -109,6 +129,7 @@ def test_converter_bad_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------- bad shards, reported by file and key
+
 
 def _copy(tiny_root, tmp_path, name="synth-indoor") -> Path:
     dst = tmp_path / name
@@ -139,6 +160,7 @@ def _npy(a):
 def _set_depth(fn):
     def mutate(members):
         members["depth.npy"] = _npy(fn(np.load(io.BytesIO(members["depth.npy"]))))
+
     return mutate
 
 
@@ -158,11 +180,12 @@ def test_verify_reports_bad_sample(tiny_root, tmp_path, case):
     key = _mutate_sample(ds, "train-000001.tar", 3, mutate)
     p = run_mtu("data", "verify", ds)
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    line = next(l for l in p.stderr.splitlines() if key in l)
+    line = next(x for x in p.stderr.splitlines() if key in x)
     assert "train-000001.tar" in line and expected in line, p.stderr
     # the streaming loader refuses the same sample at load, naming it
     from mtu_dist.data.stream import BatchLoader
     from mtu_dist.errors import UserError
+
     loader = BatchLoader(load_manifest(ds), "train", rank=0, world=1, local_batch=8, shuffle=False)
     with pytest.raises(UserError, match=key):
         for _ in loader.epoch(0):
@@ -172,9 +195,9 @@ def test_verify_reports_bad_sample(tiny_root, tmp_path, case):
 def test_verify_corrupt_truncated_missing_and_hash(tiny_root, tmp_path):
     ds = _copy(tiny_root, tmp_path)
     data = (ds / "train-000002.tar").read_bytes()
-    (ds / "train-000002.tar").write_bytes(data[:len(data) // 2 + 100])          # truncated
+    (ds / "train-000002.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated
     (ds / "train-000003.tar").write_bytes(data[:1024] + b"\x17" * 700 + data[1724:])  # corrupt header
-    (ds / "train-000004.tar").unlink()                                          # missing
+    (ds / "train-000004.tar").unlink()  # missing
     p = run_mtu("data", "verify", ds)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     err = p.stderr
@@ -184,6 +207,7 @@ def test_verify_corrupt_truncated_missing_and_hash(tiny_root, tmp_path):
     # loader: missing shard refused up front, corrupt shard by hash before decoding
     from mtu_dist.data.stream import BatchLoader
     from mtu_dist.errors import UserError
+
     with pytest.raises(UserError, match="train-000004.tar.*missing"):
         BatchLoader(load_manifest(ds), "train", rank=0, world=1, local_batch=8)
 
@@ -197,6 +221,7 @@ def test_loader_rejects_hash_mismatch_in_worker(tiny_root, tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     from mtu_dist.data.stream import BatchLoader
     from mtu_dist.errors import UserError
+
     loader = BatchLoader(load_manifest(ds), "train", rank=0, world=1, local_batch=8, workers=2, shuffle=False)
     with pytest.raises(UserError, match="train-000001.tar: sha256 does not match"):
         for _ in loader.epoch(0):
@@ -214,8 +239,24 @@ def test_output_never_clobbered(tiny_root, tmp_path):
     p = run_mtu("data", "synth", "--out", blocker / "sub", "--train", 4)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "not writable" in p.stderr and "a_file" in p.stderr
     # --overwrite replaces atomically and the result verifies
-    run_mtu("data", "synth", "--datasets", "synth-indoor", "--out", tmp_path / "root", "--train", 4,
-            "--val", 2, "--height", 8, "--width", 8, "--overwrite", check=True)
+    run_mtu(
+        "data",
+        "synth",
+        "--datasets",
+        "synth-indoor",
+        "--out",
+        tmp_path / "root",
+        "--train",
+        4,
+        "--val",
+        2,
+        "--height",
+        8,
+        "--width",
+        8,
+        "--overwrite",
+        check=True,
+    )
     assert load_manifest(ds).split("train").num_samples == 4
     assert not [p for p in (tmp_path / "root").iterdir() if p.name.startswith(".")]
 

@@ -4,15 +4,15 @@ the engine's own backward) and iamu in sharded mode (its update fed to the engin
 each rank only the rows it owns). Training clips (train.grad_clip = 0.5), so DeepSpeed's clipping of
 the partitioned gradient is compared with torch's of the whole one.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, accelerate_launch, read_json, run_mtu
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "tests" / "scripts" / "unlearn_many.py"
@@ -24,22 +24,58 @@ RUNS = ("train", "neggrad_plus", "iamu")
 
 
 def _runs(tmp, tiny_root, tag: str) -> list[list[str]]:
-    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data.root={tiny_root}",
-              "--set", f"out={tmp / 'runs'}", "--set", "tracking.enabled=false", "--set", "data.workers=1"]
-    unlearn = ["unlearn", *common, "--request", str(tmp / "partial.yaml"),
-               "--from", str(tmp / "runs/synth-indoor/plain-train"), "--set", "unlearn.steps=4"]
+    common = [
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "data.workers=1",
+    ]
+    unlearn = [
+        "unlearn",
+        *common,
+        "--request",
+        str(tmp / "partial.yaml"),
+        "--from",
+        str(tmp / "runs/synth-indoor/plain-train"),
+        "--set",
+        "unlearn.steps=4",
+    ]
     # training clips (its norms are above 0.5); unlearning does not (at 5): a clip would hide a wrong scale
-    return [["train", *common, "--name", f"{tag}-train", "--set", "train.epochs=1", "--set", "train.grad_clip=0.5"],
-            [*unlearn, "--method", "neggrad_plus", "--name", f"{tag}-neggrad_plus", "--set", "unlearn.checkpoint_every=2"],
-            [*unlearn, "--method", "iamu", "--name", f"{tag}-iamu", "--set", "unlearn.reduction=sharded",
-             "--set", "unlearn.signal_engine=sequential", "--set", "unlearn.options.subspace_batches=2"]]
+    return [
+        ["train", *common, "--name", f"{tag}-train", "--set", "train.epochs=1", "--set", "train.grad_clip=0.5"],
+        [*unlearn, "--method", "neggrad_plus", "--name", f"{tag}-neggrad_plus", "--set", "unlearn.checkpoint_every=2"],
+        [
+            *unlearn,
+            "--method",
+            "iamu",
+            "--name",
+            f"{tag}-iamu",
+            "--set",
+            "unlearn.reduction=sharded",
+            "--set",
+            "unlearn.signal_engine=sequential",
+            "--set",
+            "unlearn.options.subspace_batches=2",
+        ],
+    ]
 
 
 def _launch(tmp, tiny_root, tag: str, config: str | None = None) -> None:
     spec = tmp / f"{tag}.json"
     spec.write_text(json.dumps(_runs(tmp, tiny_root, tag)))
-    accelerate_launch([SCRIPT, spec, tmp / f"{tag}-status.json"], nproc=2, cwd=tmp, config=config,
-                      env={"MTU_COLLECTIVE_TIMEOUT_MIN": "3"})
+    accelerate_launch(
+        [SCRIPT, spec, tmp / f"{tag}-status.json"],
+        nproc=2,
+        cwd=tmp,
+        config=config,
+        env={"MTU_COLLECTIVE_TIMEOUT_MIN": "3"},
+    )
     assert all(v["rc"] == 0 for v in read_json(tmp / f"{tag}-status.json").values())
 
 
@@ -47,8 +83,22 @@ def _launch(tmp, tiny_root, tag: str, config: str | None = None) -> None:
 def plain(tiny_root, tmp_path_factory):
     """The plain 2-rank path (DDP; iamu with its own collectives): the reference, and the original model."""
     tmp = tmp_path_factory.mktemp("deepspeed")
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "partial",
-            "--tasks", "seg", "normal", "--out", tmp / "partial.yaml", check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "partial",
+        "--tasks",
+        "seg",
+        "normal",
+        "--out",
+        tmp / "partial.yaml",
+        check=True,
+    )
     _launch(tmp, tiny_root, "plain")
     return tmp, tiny_root
 
@@ -69,7 +119,7 @@ def test_zero_stage_gives_the_plain_parameters(plain, stage):
         ref, got = _final(tmp, f"plain-{run}"), _final(tmp, f"{tag}-{run}")
         assert ref.keys() == got.keys()
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m: f"{run} {k}: {m}")
+            torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m, run=run, k=k: f"{run} {k}: {m}")
         if run != "train":  # the comparison means something: unlearning moved the parameters
             assert max((ref[k] - original[k]).abs().max() for k in ref) > 1e-3
     _check_resume_points(tmp, tag)
@@ -78,14 +128,17 @@ def test_zero_stage_gives_the_plain_parameters(plain, stage):
 def _check_resume_points(tmp, tag: str) -> None:
     """Training (AdamW: its state partitioned over the ranks) checkpoints no optimizer state and a resume
     refuses it; unlearning with SGD without momentum holds none, so its resume points are complete."""
-    from mtu_dist.runner.checkpoint import latest_checkpoint, load_checkpoint, read_state
     from mtu_dist.config import load_config
     from mtu_dist.errors import UserError
     from mtu_dist.model import build_model
+    from mtu_dist.runner.checkpoint import latest_checkpoint, load_checkpoint, read_state
+
     train = latest_checkpoint(tmp / "runs/synth-indoor" / f"{tag}-train" / "checkpoints")
     assert not (train / "optim.safetensors").exists()
     meta = read_state(train)
-    model = build_model(load_config([str(ROOT / "configs" / "tiny.yaml")]).model, tuple(meta["tasks"]), meta["num_classes"])
+    model = build_model(
+        load_config([str(ROOT / "configs" / "tiny.yaml")]).model, tuple(meta["tasks"]), meta["num_classes"]
+    )
     with pytest.raises(UserError, match="holds no optimizer state"):
         load_checkpoint(train, model, torch.optim.AdamW(model.parameters()))
     unlearn = latest_checkpoint(tmp / "runs/synth-indoor" / f"{tag}-neggrad_plus" / "checkpoints")

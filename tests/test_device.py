@@ -4,15 +4,16 @@ under tests/device_audit.py, which follows each tensor's logical device (the mod
 and fails on what a GPU would refuse: an op mixing the two, a collective on a host tensor, a tensor
 created in project code without `device=`, or parameters left on the host. At 2 real gloo ranks it also
 checks every tensor handed to torch.distributed (sharded reduction)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import ROOT, accelerate_launch
 from device_audit import ACCEL, HOST, DeviceAudit, eval_pass, make_request, train_pass, unlearn_pass
+
 from mtu_dist.methods import METHODS
 
 
@@ -44,16 +45,16 @@ def test_the_audit_flags_what_a_gpu_refuses():
     would refuse."""
     lin = torch.nn.Linear(3, 2)
     with DeviceAudit(project=(__file__,)) as audit:
-        lin.to(torch.device("cpu"))                            # a device object: the model's device
-        x = torch.ones(4, 3, device="cpu")                     # a host batch
-        lin(x.to(lin.weight.device))                           # moved first: fine
-        lin.weight.sum() * torch.tensor(2.0, device="cpu")     # a CPU scalar in an elementwise op: fine
-        lin.bias[torch.tensor([1], device="cpu")]              # host indices into a device tensor: fine
-        lin.weight.detach().cpu().tolist()                     # leaving the step: fine
-        lin(x)                                                 # 1: host batch meets the parameters
-        torch.cat([lin.bias, torch.zeros(2, device="cpu")])    # 2: cat across devices
-        torch.zeros(2) + lin.bias                              # 3: created without device= (and 4: mixed)
-        x[0, :2].add_(lin.bias)                                # 5: in place into a host tensor
+        lin.to(torch.device("cpu"))  # a device object: the model's device
+        x = torch.ones(4, 3, device="cpu")  # a host batch
+        lin(x.to(lin.weight.device))  # moved first: fine
+        lin.weight.sum() * torch.tensor(2.0, device="cpu")  # a CPU scalar in an elementwise op: fine
+        lin.bias[torch.tensor([1], device="cpu")]  # host indices into a device tensor: fine
+        lin.weight.detach().cpu().tolist()  # leaving the step: fine
+        lin(x)  # 1: host batch meets the parameters
+        torch.cat([lin.bias, torch.zeros(2, device="cpu")])  # 2: cat across devices
+        torch.zeros(2) + lin.bias  # 3: created without device= (and 4: mixed)
+        x[0, :2].add_(lin.bias)  # 5: in place into a host tensor
     assert audit.tag(lin.weight) == ACCEL and audit.tag(x) == HOST
     found = "\n".join(audit.violations)
     assert len(audit.violations) == 5, found
@@ -67,9 +68,22 @@ def test_two_ranks_hand_only_device_tensors_to_collectives(tiny_root, trained, t
     salun (saliency all-reduce, mask broadcast), neggrad_plus (DDP, the global counts), the sync check's
     all_gather and the evaluation's meter all-reduce, on real gloo ranks."""
     _, _, ckpt, request = trained
-    accelerate_launch([ROOT / "tests" / "scripts" / "device_pass.py", tiny_root, tmp_path, ckpt, request,
-                       "iamu,salun,neggrad_plus", "--set", "unlearn.reduction=sharded",
-                       "--set", "unlearn.signal_engine=auto"], nproc=2, cwd=tmp_path)
+    accelerate_launch(
+        [
+            ROOT / "tests" / "scripts" / "device_pass.py",
+            tiny_root,
+            tmp_path,
+            ckpt,
+            request,
+            "iamu,salun,neggrad_plus",
+            "--set",
+            "unlearn.reduction=sharded",
+            "--set",
+            "unlearn.signal_engine=auto",
+        ],
+        nproc=2,
+        cwd=tmp_path,
+    )
     for rank in range(2):
         audits = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert {k: a["violations"] for k, a in audits.items() if a["violations"]} == {}

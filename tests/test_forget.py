@@ -1,14 +1,14 @@
 """Forget requests: generation, round trip, and every validation error naming its entry."""
+
 from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import run_mtu
 
+from mtu_dist.compliance.request import load_request, make_request, parse_request
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.errors import UserError
-from mtu_dist.compliance.request import load_request, make_request, parse_request
-
-from conftest import run_mtu
 
 K = "synth-indoor/train/{:06d}"
 
@@ -25,26 +25,44 @@ def _req(**kw):
 
 
 BAD = {
-    "unknown id": (_req(entries=[{"id": "synth-indoor/train/999999", "tasks": ["seg"]}]), "entries[0] (id 'synth-indoor/train/999999'): unknown id"),
+    "unknown id": (
+        _req(entries=[{"id": "synth-indoor/train/999999", "tasks": ["seg"]}]),
+        "entries[0] (id 'synth-indoor/train/999999'): unknown id",
+    ),
     "unknown task": (_req(entries=[{"id": K.format(1), "tasks": ["edges"]}]), "unknown task(s) ['edges']"),
-    "duplicate": (_req(entries=[{"id": K.format(1), "tasks": ["seg"]}, {"id": K.format(1), "tasks": ["depth"]}]), "entries[1] (id 'synth-indoor/train/000001'): duplicate entry"),
+    "duplicate": (
+        _req(entries=[{"id": K.format(1), "tasks": ["seg"]}, {"id": K.format(1), "tasks": ["depth"]}]),
+        "entries[1] (id 'synth-indoor/train/000001'): duplicate entry",
+    ),
     "empty": (_req(entries=[]), "'entries' is empty"),
     "full with subset": (_req(setting="full"), "setting 'full' removes every task"),
-    "partial with all": (_req(entries=[{"id": K.format(1), "tasks": ["seg", "depth", "normal"]}]), "strict task subset"),
+    "partial with all": (
+        _req(entries=[{"id": K.format(1), "tasks": ["seg", "depth", "normal"]}]),
+        "strict task subset",
+    ),
     "other dataset": (_req(dataset="synth-street"), "request is for dataset 'synth-street'"),
     "bad setting": (_req(setting="some"), "field 'setting'"),
     "unknown field": (_req(forget_all=True), "unknown field(s) ['forget_all']"),
-    "entry without tasks": (_req(entries=[{"id": K.format(2)}]), "entries[0] (id 'synth-indoor/train/000002'): field 'tasks'"),
-    "mixed entry without tasks": (_req(setting="mixed", entries=[{"id": K.format(2)}]),
-                                  "entries[0] (id 'synth-indoor/train/000002'): field 'tasks' must be a non-empty list "
-                                  "(every entry of a mixed request names its tasks)"),
+    "entry without tasks": (
+        _req(entries=[{"id": K.format(2)}]),
+        "entries[0] (id 'synth-indoor/train/000002'): field 'tasks'",
+    ),
+    "mixed entry without tasks": (
+        _req(setting="mixed", entries=[{"id": K.format(2)}]),
+        "entries[0] (id 'synth-indoor/train/000002'): field 'tasks' must be a non-empty list "
+        "(every entry of a mixed request names its tasks)",
+    ),
     "bad lineage root": (_req(lineage_root="abc"), "field 'lineage_root' must be the sha256 (64 hex digits)"),
     # a retrain on a val request would forget nothing and still finish: only training instances can be forgotten
-    "val split": (_req(split="val", entries=[{"id": "synth-indoor/val/000001", "tasks": ["seg"]}]),
-                  "field 'split' must be 'train', the split models are trained on (got 'val')"),
+    "val split": (
+        _req(split="val", entries=[{"id": "synth-indoor/val/000001", "tasks": ["seg"]}]),
+        "field 'split' must be 'train', the split models are trained on (got 'val')",
+    ),
     "split as a list": (_req(split=["train"]), "field 'split' must be 'train'"),
-    "id as a list": (_req(entries=[{"id": [K.format(1)], "tasks": ["seg"]}]),
-                     "entries[0]: field 'id' must be an instance key string"),
+    "id as a list": (
+        _req(entries=[{"id": [K.format(1)], "tasks": ["seg"]}]),
+        "entries[0]: field 'id' must be an instance key string",
+    ),
 }
 
 
@@ -63,8 +81,24 @@ def test_request_errors_name_the_entry(manifest, tmp_path, case):
 
 def test_make_round_trip_and_hash(manifest, tmp_path):
     out = tmp_path / "req.yaml"
-    run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.1, "--setting", "partial",
-            "--tasks", "normal", "seg", "--seed", 3, "--out", out, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        manifest.root,
+        "--fraction",
+        0.1,
+        "--setting",
+        "partial",
+        "--tasks",
+        "normal",
+        "seg",
+        "--seed",
+        3,
+        "--out",
+        out,
+        check=True,
+    )
     req = load_request(out, manifest)
     assert req.setting == "partial" and len(req.entries) == 4
     assert all(ts == ("seg", "normal") for ts in req.entries.values())  # manifest task order
@@ -77,6 +111,7 @@ def test_make_round_trip_and_hash(manifest, tmp_path):
     other = make_request(manifest, fraction=0.1, setting="partial", tasks=["seg", "normal"], seed=4)
     assert [e["id"] for e in other["entries"]] != list(req.entries)
     from mtu_dist.utils.fileio import sha256_file
+
     assert req.sha256 == sha256_file(out)
     # never clobber without --overwrite
     p = run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.2, "--setting", "full", "--out", out)
@@ -86,10 +121,25 @@ def test_make_round_trip_and_hash(manifest, tmp_path):
 
 def test_dev_request_is_disjoint(manifest, tmp_path):
     out = tmp_path / "eval.json"
-    run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.25, "--setting", "full", "--out", out, check=True)
+    run_mtu(
+        "forget", "make", "--dataset", manifest.root, "--fraction", 0.25, "--setting", "full", "--out", out, check=True
+    )
     dev = tmp_path / "dev.json"
-    run_mtu("forget", "make", "--dataset", manifest.root, "--fraction", 0.25, "--setting", "full",
-            "--exclude", out, "--out", dev, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        manifest.root,
+        "--fraction",
+        0.25,
+        "--setting",
+        "full",
+        "--exclude",
+        out,
+        "--out",
+        dev,
+        check=True,
+    )
     a, b = load_request(out, manifest), load_request(dev, manifest)
     assert a.setting == "full" and all(ts == manifest.tasks for ts in a.entries.values())
     assert len(a.entries) == len(b.entries) == 10 and not set(a.entries) & set(b.entries)
@@ -107,7 +157,14 @@ def test_make_errors(manifest):
 def test_merge_subtract_and_mixed_round_trip(manifest):
     """A lineage's set algebra on pairs: merged per instance in manifest order, repeats split off, and the
     merged set written as a canonical `mixed` request that parses back to the same pairs."""
-    from mtu_dist.compliance.request import merge_entries, pairs_sha256, request_from_entries, setting_of, subtract_entries
+    from mtu_dist.compliance.request import (
+        merge_entries,
+        pairs_sha256,
+        request_from_entries,
+        setting_of,
+        subtract_entries,
+    )
+
     full = {K.format(5): ("seg", "depth", "normal"), K.format(3): ("seg", "depth", "normal")}
     partial = {K.format(3): ("seg",), K.format(9): ("normal",), K.format(1): ("depth",)}
     merged = merge_entries(manifest, full, partial)
@@ -124,4 +181,5 @@ def test_merge_subtract_and_mixed_round_trip(manifest):
     # the pair set's identity ignores file layout; the eval key changes with extra retain exclusions
     assert pairs_sha256(dict(reversed(list(merged.items())))) == req.pairs_sha256
     from dataclasses import replace
+
     assert req.eval_key == req.sha256 and replace(req, retain_exclude=(K.format(20),)).eval_key != req.sha256

@@ -1,4 +1,5 @@
 """The distributed gradient step's pieces, without processes: layout, engines, projection, Gram."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,9 +45,11 @@ def test_batched_and_sequential_engines_agree():
     preds = model(x)
     seg = torch.randint(0, 5, (4, 16, 24))
     depth = torch.rand(4, 1, 16, 24, dtype=torch.float64) + 0.1
-    losses = [TASKS["seg"].per_sample_loss(preds["seg"], seg)[:2].sum(),
-              TASKS["depth"].per_sample_loss(preds["depth"], depth)[2:].sum(),
-              TASKS["seg"].per_sample_loss(preds["seg"], seg).sum()]
+    losses = [
+        TASKS["seg"].per_sample_loss(preds["seg"], seg)[:2].sum(),
+        TASKS["depth"].per_sample_loss(preds["depth"], depth)[2:].sum(),
+        TASKS["seg"].per_sample_loss(preds["seg"], seg).sum(),
+    ]
     layout = ParamLayout(params, 2)
     a, b = layout.new_buffer(3, torch.float64, "cpu"), layout.new_buffer(3, torch.float64, "cpu")
     engines.sequential(losses, params, layout, a)
@@ -58,7 +61,7 @@ def test_batched_and_sequential_engines_agree():
 def test_projection_is_exact():
     torch.manual_seed(1)
     basis = _orth(torch.randn(20, 6, dtype=torch.float64))
-    grads = torch.randn(5, 7, 20, dtype=torch.float64)          # 5 signals, 7 rows, in = 20
+    grads = torch.randn(5, 7, 20, dtype=torch.float64)  # 5 signals, 7 rows, in = 20
     off = project_rows(grads, basis, "off")
     # protected component after projection <= 1e-6 of the norm
     assert (off @ basis).norm() <= 1e-6 * off.norm()
@@ -83,8 +86,8 @@ def test_gram_orthogonalization_matches_direct_reference(rank_deficient):
     torch.manual_seed(3)
     span = torch.randn(4, 50, dtype=torch.float64)
     if rank_deficient:
-        span[2] = span[0] + 2 * span[1]   # dependent row
-        span[3] = 0                        # empty retain gradient
+        span[2] = span[0] + 2 * span[1]  # dependent row
+        span[3] = 0  # empty retain gradient
     g = torch.randn(50, dtype=torch.float64)
     vecs = torch.cat([g[None], span])
     c = orthogonalize(vecs @ vecs.T)
@@ -99,6 +102,7 @@ def test_gram_orthogonalization_matches_direct_reference(rank_deficient):
 def _eigh_raises(real_eigh):
     def eigh(*args, **kwargs):
         raise torch.linalg.LinAlgError("did not converge")
+
     return eigh
 
 
@@ -106,6 +110,7 @@ def _eigh_returns_nan(real_eigh):
     def eigh(x, *args, **kwargs):
         vals, vecs = real_eigh(x, *args, **kwargs)
         return vals, torch.full_like(vecs, float("nan"))
+
     return eigh
 
 

@@ -1,18 +1,23 @@
 """iamu's distributed step under real gloo ranks: 1 vs 2 ranks, replicated vs sharded (float64)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_many, run_mtu
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64 throughout
 # name -> (ranks, reduction, signal engine); 1 rank reads with 2 workers, 2 ranks with 1 each: same global batches
-RUNS = {"r1": (1, "replicated", "sequential"), "s1": (1, "sharded", "sequential"), "bat": (1, "replicated", "batched"),
-        "r2": (2, "replicated", "sequential"), "s2": (2, "sharded", "sequential")}
+RUNS = {
+    "r1": (1, "replicated", "sequential"),
+    "s1": (1, "sharded", "sequential"),
+    "bat": (1, "replicated", "batched"),
+    "r2": (2, "replicated", "sequential"),
+    "s2": (2, "sharded", "sequential"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,24 +25,80 @@ def runs(tiny_root, tiny_original, tmp_path_factory):
     """Every configuration of RUNS, 5 traced steps each: the 1-rank runs in one process, the 2-rank runs in
     one 2-rank launch (start-up paid once per world size)."""
     tmp = tmp_path_factory.mktemp("iamu")
-    common = ["--config", TINY, "--set", f"data.root={tiny_root}", "--set", f"out={tmp / 'runs'}",
-              "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    common = [
+        "--config",
+        TINY,
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+    ]
     req = tmp / "partial.yaml"
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "partial",
-            "--tasks", "seg", "normal", "--out", req, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "partial",
+        "--tasks",
+        "seg",
+        "normal",
+        "--out",
+        req,
+        check=True,
+    )
 
     def args(name, nproc, reduction, engine):
-        return ["unlearn", *common, "--method", "iamu", "--request", req, "--from", tiny_original, "--name", name,
-                "--set", "model.dtype=float64", "--set", "unlearn.steps=5", "--set", f"unlearn.reduction={reduction}",
-                "--set", f"unlearn.signal_engine={engine}", "--set", "unlearn.check_sync=true",
-                "--set", "unlearn.lr=0.05", "--set", "unlearn.options.subspace_batches=2",
-                "--set", f"unlearn.options.trace_dir={tmp / 'trace' / name}",
-                "--set", f"data.workers={2 if nproc == 1 else 1}"]
+        return [
+            "unlearn",
+            *common,
+            "--method",
+            "iamu",
+            "--request",
+            req,
+            "--from",
+            tiny_original,
+            "--name",
+            name,
+            "--set",
+            "model.dtype=float64",
+            "--set",
+            "unlearn.steps=5",
+            "--set",
+            f"unlearn.reduction={reduction}",
+            "--set",
+            f"unlearn.signal_engine={engine}",
+            "--set",
+            "unlearn.check_sync=true",
+            "--set",
+            "unlearn.lr=0.05",
+            "--set",
+            "unlearn.options.subspace_batches=2",
+            "--set",
+            f"unlearn.options.trace_dir={tmp / 'trace' / name}",
+            "--set",
+            f"data.workers={2 if nproc == 1 else 1}",
+        ]
+
     for nproc in (1, 2):
-        run_many([args(name, *spec) for name, spec in RUNS.items() if spec[0] == nproc], tmp, nproc=nproc,
-                 tag=f"iamu-{nproc}")
-    return {name: ([load_file(tmp / "trace" / name / f"step-{i:04d}.safetensors") for i in range(1, 6)],
-                   load_file(tmp / "runs/synth-indoor" / name / "final" / "model.safetensors")) for name in RUNS}
+        run_many(
+            [args(name, *spec) for name, spec in RUNS.items() if spec[0] == nproc],
+            tmp,
+            nproc=nproc,
+            tag=f"iamu-{nproc}",
+        )
+    return {
+        name: (
+            [load_file(tmp / "trace" / name / f"step-{i:04d}.safetensors") for i in range(1, 6)],
+            load_file(tmp / "runs/synth-indoor" / name / "final" / "model.safetensors"),
+        )
+        for name in RUNS
+    }
 
 
 def _same(a, b):
@@ -45,7 +106,7 @@ def _same(a, b):
     assert len(sa) == len(sb) == 5
     for i, (x, y) in enumerate(zip(sa, sb)):
         for key in ("signals", "gram", "update"):
-            torch.testing.assert_close(x[key], y[key], **TOL, msg=lambda m: f"step {i + 1} {key}: {m}")
+            torch.testing.assert_close(x[key], y[key], **TOL, msg=lambda m, i=i, key=key: f"step {i + 1} {key}: {m}")
     for k in fa:
         torch.testing.assert_close(fa[k], fb[k], **TOL)
 

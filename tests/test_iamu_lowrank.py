@@ -1,5 +1,6 @@
 """iamu's bounded-rank task bases (mtu_dist/methods/lowrank.py): error vs exact, the exact path for short
 rows, 1 vs 2 real gloo ranks, and sharded basis memory."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, accelerate_launch
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch
 from mtu_dist.methods.iamu import energy_basis
 from mtu_dist.methods.lowrank import gaussian_sketch, lowrank_basis
 
@@ -85,12 +86,22 @@ def launched(tmp_path_factory):
     """The script on 2 gloo ranks (both reduction modes), and the same bases on 1 rank in this process."""
     d = tmp_path_factory.mktemp("bases")
     accelerate_launch([SCRIPT, d, json.dumps(LOWRANK)], nproc=2, timeout=300)
-    two = {(red, r): (load_file(d / f"{red}-rank{r}.safetensors"), json.loads((d / f"{red}-rank{r}.json").read_text()))
-           for red in ("replicated", "sharded") for r in range(2)}
+    two = {
+        (red, r): (load_file(d / f"{red}-rank{r}.safetensors"), json.loads((d / f"{red}-rank{r}.json").read_text()))
+        for red in ("replicated", "sharded")
+        for r in range(2)
+    }
     one, _ = bases_script.setup_bases(1, 0, "replicated", LOWRANK)
     ref = {f"{t}/{i}": b for t, per_i in one.bases.items() for i, b in per_i.items()}
-    return {1: {("replicated", 0): (ref, {"basis_bytes": one.basis_bytes(), "sketched": [
-        i for i in one.projected_idx if one.sketched(i)]})}, 2: two}
+    return {
+        1: {
+            ("replicated", 0): (
+                ref,
+                {"basis_bytes": one.basis_bytes(), "sketched": [i for i in one.projected_idx if one.sketched(i)]},
+            )
+        },
+        2: two,
+    }
 
 
 @pytest.mark.slow
@@ -103,7 +114,13 @@ def test_one_and_two_ranks_give_the_same_bases(launched):
         assert bases
         for key, b in bases.items():
             assert b.shape == ref[key].shape, (red, r, key)
-            torch.testing.assert_close(b @ b.T, ref[key] @ ref[key].T, rtol=0, atol=1e-9, msg=lambda m: f"{red} {r} {key}: {m}")
+            torch.testing.assert_close(
+                b @ b.T,
+                ref[key] @ ref[key].T,
+                rtol=0,
+                atol=1e-9,
+                msg=lambda m, red=red, r=r, key=key: f"{red} {r} {key}: {m}",
+            )
 
 
 @pytest.mark.slow

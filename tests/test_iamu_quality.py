@@ -6,16 +6,16 @@ either direction, of the primary metrics on the retain split and, partial settin
 of the forgotten instances (the UIS view: they must not move). Fixed seeds and sizes; run with `-s`
 to print the numbers.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 
 import pytest
+from conftest import read_json, run_many, run_mtu
 
 from mtu_dist.tasks import TASKS
-
-from conftest import read_json, run_many, run_mtu
 
 pytestmark = pytest.mark.slow
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the trained model (and so every number below) depends on the reduction order
@@ -24,8 +24,10 @@ LR, STEPS = "0.001", "200"  # small steps: at 0.003+ single overshooting steps d
 
 def _change(orig: dict, new: dict, split: str, signed: bool) -> float:
     """Mean relative change of the primary metrics over the split's tasks (signed: drop > 0)."""
-    rel = [(orig[split][t][TASKS[t].primary] - new[split][t][TASKS[t].primary]) / orig[split][t][TASKS[t].primary]
-           for t in orig[split]]
+    rel = [
+        (orig[split][t][TASKS[t].primary] - new[split][t][TASKS[t].primary]) / orig[split][t][TASKS[t].primary]
+        for t in orig[split]
+    ]
     return sum(r if signed else abs(r) for r in rel) / len(rel)
 
 
@@ -36,20 +38,82 @@ def results(tmp_path_factory):
     process (start-up paid once); each unlearning run evaluates the original on its request first (cached
     beside it, metrics-<sha12>.json), which is the reference the changes are measured against."""
     tmp = tmp_path_factory.mktemp("quality")
-    run_mtu("data", "synth", "--datasets", "synth-indoor", "--out", tmp / "shards", "--train", 96, "--val", 64,
-            "--height", 32, "--width", 40, "--shard-size", 24, "--workers", 2, env=ONE_THREAD, check=True)
-    common = ["--set", f"data.root={tmp / 'shards'}", "--set", f"out={tmp / 'runs'}", "--set", "tracking.enabled=false",
-              "--set", "model.width=16", "--set", "model.head_width=16"]
+    run_mtu(
+        "data",
+        "synth",
+        "--datasets",
+        "synth-indoor",
+        "--out",
+        tmp / "shards",
+        "--train",
+        96,
+        "--val",
+        64,
+        "--height",
+        32,
+        "--width",
+        40,
+        "--shard-size",
+        24,
+        "--workers",
+        2,
+        env=ONE_THREAD,
+        check=True,
+    )
+    common = [
+        "--set",
+        f"data.root={tmp / 'shards'}",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "model.width=16",
+        "--set",
+        "model.head_width=16",
+    ]
     requests = {"partial": ["seg"], "full": []}
     runs = [["train", *common, "--set", "train.epochs=60", "--name", "original"]]
     for setting, tasks in requests.items():
         req = tmp / f"{setting}.yaml"
-        run_mtu("forget", "make", "--dataset", tmp / "shards/synth-indoor", "--fraction", 0.1, "--setting", setting,
-                *(["--tasks", *tasks] if tasks else []), "--out", req, env=ONE_THREAD, check=True)
-        runs += [["unlearn", *common, "--method", method, "--request", req, "--from", tmp / "runs/synth-indoor/original",
-                  "--name", f"{method}-{setting}", "--set", f"unlearn.lr={LR}", "--set", f"unlearn.steps={STEPS}",
-                  "--set", "unlearn.stop_drop=0.1", "--set", "unlearn.signal_engine=sequential"]
-                 for method in ("neggrad_plus", "iamu")]
+        run_mtu(
+            "forget",
+            "make",
+            "--dataset",
+            tmp / "shards/synth-indoor",
+            "--fraction",
+            0.1,
+            "--setting",
+            setting,
+            *(["--tasks", *tasks] if tasks else []),
+            "--out",
+            req,
+            env=ONE_THREAD,
+            check=True,
+        )
+        runs += [
+            [
+                "unlearn",
+                *common,
+                "--method",
+                method,
+                "--request",
+                req,
+                "--from",
+                tmp / "runs/synth-indoor/original",
+                "--name",
+                f"{method}-{setting}",
+                "--set",
+                f"unlearn.lr={LR}",
+                "--set",
+                f"unlearn.steps={STEPS}",
+                "--set",
+                "unlearn.stop_drop=0.1",
+                "--set",
+                "unlearn.signal_engine=sequential",
+            ]
+            for method in ("neggrad_plus", "iamu")
+        ]
     run_many(runs, tmp, env=ONE_THREAD, tag="quality")
     return {setting: _compare(tmp, setting) for setting in requests}
 
@@ -60,10 +124,15 @@ def _compare(tmp, setting: str):
     out = {}
     for method in ("neggrad_plus", "iamu"):
         rep = read_json(tmp / "runs/synth-indoor" / f"{method}-{setting}" / "final/metrics.json")
-        assert rep["stop_reason"].startswith("stop rule"), f"{method} never reached the forget drop: {rep['stop_reason']}"
+        assert rep["stop_reason"].startswith("stop rule"), (
+            f"{method} never reached the forget drop: {rep['stop_reason']}"
+        )
         new = rep["splits"]
-        out[method] = {"forget": _change(orig, new, "forget", True), "retain": _change(orig, new, "retain", False),
-                       **({"kept": _change(orig, new, "forget_kept", False)} if "forget_kept" in new else {})}
+        out[method] = {
+            "forget": _change(orig, new, "forget", True),
+            "retain": _change(orig, new, "retain", False),
+            **({"kept": _change(orig, new, "forget_kept", False)} if "forget_kept" in new else {}),
+        }
     print(f"\n{setting}: " + json.dumps({m: {k: round(100 * v, 2) for k, v in d.items()} for m, d in out.items()}))
     return out["neggrad_plus"], out["iamu"]
 

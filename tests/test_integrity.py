@@ -5,6 +5,7 @@ tracking stores, file modes, and the audit's `target` role.
 The command-line side of the same cases (one clear line, non-zero exit, nothing touched) is in
 tests/test_runner_errors.py.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_mtu
 
-from mtu_dist.runner.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from mtu_dist.compliance.request import make_request, write_request
 from mtu_dist.config import load_config
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import BatchLoader, load_instances
@@ -27,15 +29,14 @@ from mtu_dist.data.tario import iter_entries
 from mtu_dist.data.verify import verify_dataset
 from mtu_dist.data.write import write_tar
 from mtu_dist.errors import UserError
+from mtu_dist.runner.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from mtu_dist.utils.fileio import atomic_write_text, sha256_file
-from mtu_dist.compliance.request import make_request, write_request
-
-from conftest import run_mtu
 
 K = "synth-indoor/train/{:06d}"
 
 
 # ---------------------------------------------------------------- shard keys against the manifest
+
 
 def rewrite_shard(ds: Path, shard: str, edit) -> None:
     """Rewrite one shard's (key, members) list with `edit` and keep manifest.json's sha256 consistent,
@@ -103,6 +104,7 @@ def test_load_instances_checks_the_shard_sha256(tiny_root, tmp_path):
 
 # ---------------------------------------------------------------- manifests checked against themselves
 
+
 def _twice(raw):  # the same shard listed twice, keys and counts made consistent
     tr = raw["splits"]["train"]
     tr["shards"].append(dict(tr["shards"][0]))
@@ -126,6 +128,7 @@ def _set(path, value):
         for p in path[:-1]:
             node = node[p]
         node[path[-1]] = value
+
     return edit
 
 
@@ -133,14 +136,20 @@ BAD_MANIFESTS = {
     "shard listed twice": (_twice, "shard file train-000000.tar is listed twice"),
     "key listed twice": (_key_twice, f"key {K.format(0)} is listed twice"),
     "shard in two splits": (_shared, "is not of the form synth-indoor/val/"),
-    "shard outside the folder": (lambda r: r["splits"]["train"]["shards"][0].update(file="../x.tar"),
-                                 "'../x.tar' must be a file name in the dataset folder"),
-    "count as a boolean": (lambda r: r["splits"]["val"]["shards"][0].update(num_samples=True),
-                           "'splits.val.shards[].num_samples' must be int"),
+    "shard outside the folder": (
+        lambda r: r["splits"]["train"]["shards"][0].update(file="../x.tar"),
+        "'../x.tar' must be a file name in the dataset folder",
+    ),
+    "count as a boolean": (
+        lambda r: r["splits"]["val"]["shards"][0].update(num_samples=True),
+        "'splits.val.shards[].num_samples' must be int",
+    ),
     "sha256 not hex": (lambda r: r["splits"]["train"]["shards"][0].update(sha256="abc"), "64 lowercase hex"),
     "key with a dot": (lambda r: r["splits"]["train"]["keys"].__setitem__(0, "synth-indoor/train/0.5"), "no dots"),
-    "key of another dataset": (lambda r: r["splits"]["train"]["keys"].__setitem__(0, "synth-street/train/000000"),
-                               "not of the form synth-indoor/train/"),
+    "key of another dataset": (
+        lambda r: r["splits"]["train"]["keys"].__setitem__(0, "synth-street/train/000000"),
+        "not of the form synth-indoor/train/",
+    ),
     "num_samples disagrees": (_set(("splits", "train", "num_samples"), 41), "num_samples is 41 but 40 keys"),
     "resolution as booleans": (_set(("resolution",), [True, 24]), "two positive integers"),
     "255 classes": (_set(("num_classes",), 255), "'num_classes' must be in [1, 254]"),
@@ -160,8 +169,9 @@ def test_bad_manifests_are_refused_naming_the_field(tiny_root, tmp_path, case):
         load_manifest(tmp_path)
     assert str(tmp_path / "manifest.json") in str(err.value) and message in str(err.value)
     if case == "shard in two splits":  # with val keys left alone, the shared shard itself is named
-        raw["splits"]["val"]["keys"] = json.loads((tiny_root / "synth-indoor" / "manifest.json").read_text())[
-            "splits"]["val"]["keys"]
+        raw["splits"]["val"]["keys"] = json.loads((tiny_root / "synth-indoor" / "manifest.json").read_text())["splits"][
+            "val"
+        ]["keys"]
         (tmp_path / "manifest.json").write_text(json.dumps(raw))
         with pytest.raises(UserError, match="train-000000.tar is listed in split 'train' and in 'val'"):
             load_manifest(tmp_path)
@@ -174,8 +184,10 @@ def test_a_manifest_listing_a_shard_twice_fails_verify_and_forget_make_writes_no
     _twice(raw)
     (ds / "manifest.json").write_text(json.dumps(raw))
     out = tmp_path / "req.yaml"
-    for args in (["data", "verify", ds], ["forget", "make", "--dataset", ds, "--fraction", 0.5, "--setting",
-                                          "full", "--out", out]):
+    for args in (
+        ["data", "verify", ds],
+        ["forget", "make", "--dataset", ds, "--fraction", 0.5, "--setting", "full", "--out", out],
+    ):
         p = run_mtu(*args)
         lines = [line for line in p.stderr.splitlines() if line.startswith("mtu: error:")]
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(lines) == 1, p.stderr
@@ -196,6 +208,7 @@ def test_a_request_that_would_not_load_is_never_written(tiny_root, tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints: checksums and finiteness
+
 
 def _tiny_model():
     torch.manual_seed(0)
@@ -251,7 +264,9 @@ def test_state_json_of_another_shape_is_refused(tmp_path, state):
 
 def test_backbone_weights_must_be_finite(tmp_path):
     from safetensors.torch import save_file
+
     from mtu_dist.model import _load_local_weights
+
     save_file({"conv1.weight": torch.tensor([1.0, float("nan")])}, tmp_path / "b.safetensors")
     with pytest.raises(UserError, match="b.safetensors: tensor 'conv1.weight' holds NaN or inf"):
         _load_local_weights(str(tmp_path / "b.safetensors"))
@@ -299,16 +314,21 @@ def test_config_stays_lenient_where_yaml_is_ambiguous_and_names_the_file(tmp_pat
 
 # ---------------------------------------------------------------- tracking stores, file modes
 
+
 def test_a_sqlite_tracking_uri_must_name_an_mlflow_store(tmp_path):
     from mtu_dist.reporting.tracking import check_reachable
+
     (tmp_path / "notes.txt").write_text("not a database\n")
     con = sqlite3.connect(tmp_path / "other.db")
     con.execute("CREATE TABLE customers (name TEXT)")
     con.commit()
     con.close()
     (tmp_path / "folder.db").mkdir()
-    for name, words in (("notes.txt", "is not an SQLite database"), ("other.db", "of another program (tables: customers)"),
-                        ("folder.db", "is not a file")):
+    for name, words in (
+        ("notes.txt", "is not an SQLite database"),
+        ("other.db", "of another program (tables: customers)"),
+        ("folder.db", "is not a file"),
+    ):
         with pytest.raises(UserError) as err:
             check_reachable(f"sqlite:///{tmp_path / name}")
         assert str(err.value).startswith(f"tracking URI sqlite:///{tmp_path / name}: ") and words in str(err.value)
@@ -329,9 +349,11 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
 
 # ---------------------------------------------------------------- the audit's roles
 
+
 def test_the_audit_flags_a_forget_pair_borrowed_as_a_target():
     from mtu_dist.compliance.audit import audit
     from mtu_dist.compliance.ledger import ledger_document, pair_hash
+
     f, r = K.format(3), K.format(5)
     forget = {pair_hash(f, "depth"): f"{f}|depth"}
     clean = {f"retain|{r}|depth": 2, f"forget|{f}|depth": 3, f"target|{r}|depth": 1}
@@ -346,7 +368,9 @@ def test_the_audit_flags_a_forget_pair_borrowed_as_a_target():
 
 def test_a_non_finite_final_model_is_never_saved(tmp_path):
     from types import SimpleNamespace
+
     from mtu_dist.runner.commands import _refuse_non_finite_final
+
     model, session = _tiny_model(), SimpleNamespace(run_dir=tmp_path / "run", command="unlearn")
     _refuse_non_finite_final(session, model)  # finite: nothing to say
     with torch.no_grad():
@@ -355,14 +379,18 @@ def test_a_non_finite_final_model_is_never_saved(tmp_path):
         _refuse_non_finite_final(session, model)
 
 
-@pytest.mark.parametrize("method, options, words", [
-    ("iamu", {"energy": True}, "unlearn.options.energy: expected a number, got the boolean True"),
-    ("iamu", {"subspace_batches": 2.0}, "unlearn.options.subspace_batches: expected an integer, got 2.0"),
-    ("pcgrad", {"heads": 1}, "unlearn.options.heads: expected true or false, got 1"),
-    ("scrub", {"temperature": float("inf")}, "unlearn.options.temperature: Input should be a finite number"),
-])
+@pytest.mark.parametrize(
+    "method, options, words",
+    [
+        ("iamu", {"energy": True}, "unlearn.options.energy: expected a number, got the boolean True"),
+        ("iamu", {"subspace_batches": 2.0}, "unlearn.options.subspace_batches: expected an integer, got 2.0"),
+        ("pcgrad", {"heads": 1}, "unlearn.options.heads: expected true or false, got 1"),
+        ("scrub", {"temperature": float("inf")}, "unlearn.options.temperature: Input should be a finite number"),
+    ],
+)
 def test_method_options_follow_the_same_type_rules(method, options, words):
     from mtu_dist.methods import build_method
+
     with pytest.raises(UserError, match=f"method '{method}': invalid options: {words}"):
         build_method(method, options)
     assert build_method("iamu", {"energy": "0.9"}).opts.energy == 0.9  # YAML 1.1's string stays a number
@@ -392,15 +420,19 @@ def test_a_member_stored_twice_for_one_sample_is_refused(tiny_root, tmp_path):
             pass
 
 
-@pytest.mark.parametrize("roles, words", [
-    ([], "field 'roles' must be an object"),
-    ({"retain": {"keys": {}}}, "role 'retain' must hold the objects 'keys' and 'sha256'"),
-    ({"retain": {"keys": {"a|b|c": 1}, "sha256": {}}}, "'a|b|c': 1 is not an 'instance|task' key"),
-    ({"retain": {"keys": {"a|seg": True}, "sha256": {}}}, "'a|seg': True is not an 'instance|task' key"),
-])
+@pytest.mark.parametrize(
+    "roles, words",
+    [
+        ([], "field 'roles' must be an object"),
+        ({"retain": {"keys": {}}}, "role 'retain' must hold the objects 'keys' and 'sha256'"),
+        ({"retain": {"keys": {"a|b|c": 1}, "sha256": {}}}, "'a|b|c': 1 is not an 'instance|task' key"),
+        ({"retain": {"keys": {"a|seg": True}, "sha256": {}}}, "'a|seg': True is not an 'instance|task' key"),
+    ],
+)
 def test_a_ledger_of_another_shape_is_refused_by_the_audit(tmp_path, roles, words):
     from mtu_dist.compliance.audit import _checked_ledger
     from mtu_dist.compliance.ledger import FORMAT
+
     (tmp_path / "ledger.json").write_text(json.dumps({"format": FORMAT, "request_sha256": "r", "roles": roles}))
     state = {"ledger_sha256": sha256_file(tmp_path / "ledger.json"), "request_sha256": "r"}  # checksums consistent
     with pytest.raises(UserError) as err:
@@ -410,6 +442,7 @@ def test_a_ledger_of_another_shape_is_refused_by_the_audit(tmp_path, roles, word
 
 def test_resume_refuses_another_version_of_the_data():
     from mtu_dist.runner.checkpoint import check_resumable
+
     meta = {"_folder": "ckpt", "dataset": "d", "data_sha256": "a" * 64, "config": {}}
     info = {"dataset": "d", "data_sha256": "b" * 64}
     with pytest.raises(UserError, match="ckpt: written with data_sha256 = 'aaaa"):

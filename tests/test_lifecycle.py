@@ -10,6 +10,7 @@
 - two commands started together on a new store both work (the schema is created once, under a lock), and
   a run whose MLflow run cannot be created leaves no run folder behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,27 +24,49 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, accelerate_launch
 
 TINY = ROOT / "configs" / "tiny.yaml"
 # another live process holding a lock file: flock, as mtu's own holders do, so the OS releases it on exit
-HOLD = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-        "os.write(fd, f'pid {os.getpid()} on elsewhere'.encode()); print('held', flush=True); time.sleep(600)")
+HOLD = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+    "os.write(fd, f'pid {os.getpid()} on elsewhere'.encode()); print('held', flush=True); time.sleep(600)"
+)
 
 
 def train_args(root: Path, out: Path, db: Path, name: str, *extra) -> list[str]:
-    return ["train", "--config", str(TINY), "--set", f"data.root={root}", "--set", "data.dataset=synth-indoor",
-            "--set", f"out={out}", "--tracking-uri", f"sqlite:///{db}", "--name", name, *extra]
+    return [
+        "train",
+        "--config",
+        str(TINY),
+        "--set",
+        f"data.root={root}",
+        "--set",
+        "data.dataset=synth-indoor",
+        "--set",
+        f"out={out}",
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 def start(args: list, cwd: Path, env=None) -> subprocess.Popen:
     """`mtu ARGS` in its own process group (as a shell job is), so a test can signal the group like Ctrl-C.
 
     The signals are given back as a terminal's foreground job has them (`as_foreground_job`)."""
-    return subprocess.Popen([str(BIN / "mtu"), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=as_foreground_job, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen(
+        [str(BIN / "mtu"), *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=as_foreground_job,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def as_foreground_job() -> None:
@@ -86,11 +109,15 @@ def one_line_end(proc: subprocess.Popen, rc: int, line: str) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ---------------- item 6: every run ends ----------------
+
 
 @pytest.mark.slow
 def test_a_run_stopped_by_ctrl_c_ends_killed_in_mlflow(tiny_root, tmp_path):
@@ -109,9 +136,14 @@ def test_a_killed_rank_ends_rank0s_run(tiny_root, tmp_path):
     """Rank 1 dies hard in training (MTU_FAULT: os._exit, like kill -9); the launcher stops rank 0, whose
     MLflow run must not stay RUNNING."""
     db = tmp_path / "mlflow.db"
-    proc = accelerate_launch(["-m", "mtu_dist.cli", *train_args(tiny_root, tmp_path / "runs", db, "ranked",
-                                                                "--set", "data.workers=1")],
-                             nproc=2, cwd=tmp_path, env={"MTU_FAULT": "train:2:1"}, check=False, timeout=300)
+    proc = accelerate_launch(
+        ["-m", "mtu_dist.cli", *train_args(tiny_root, tmp_path / "runs", db, "ranked", "--set", "data.workers=1")],
+        nproc=2,
+        cwd=tmp_path,
+        env={"MTU_FAULT": "train:2:1"},
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert runs(db).get("ranked") in ("FAILED", "KILLED"), (runs(db), proc.stderr[-3000:])
 
@@ -119,8 +151,9 @@ def test_a_killed_rank_ends_rank0s_run(tiny_root, tmp_path):
 @pytest.mark.slow
 def test_the_demo_parent_run_ends_with_its_child(tiny_root, tmp_path):
     db = tmp_path / "mlflow.db"
-    proc = start(["demo", "--root", tiny_root, "--out", tmp_path / "runs", "--tracking-uri", f"sqlite:///{db}"],
-                 tmp_path)
+    proc = start(
+        ["demo", "--root", tiny_root, "--out", tmp_path / "runs", "--tracking-uri", f"sqlite:///{db}"], tmp_path
+    )
     wait_for(lambda: runs(db).get("original") == "RUNNING", proc, "the demo's first child run")
     os.kill(proc.pid, signal.SIGTERM)
     one_line_end(proc, 143, "mtu: terminated")
@@ -129,14 +162,35 @@ def test_the_demo_parent_run_ends_with_its_child(tiny_root, tmp_path):
 
 # ---------------- item 7: interrupts and staging folders ----------------
 
-SYNTH = ["data", "synth", "--datasets", "synth-indoor", "--train", 4000, "--val", 0, "--height", 16, "--width", 24,
-         "--shard-size", 8, "--workers", 2]
+SYNTH = [
+    "data",
+    "synth",
+    "--datasets",
+    "synth-indoor",
+    "--train",
+    4000,
+    "--val",
+    0,
+    "--height",
+    16,
+    "--width",
+    24,
+    "--shard-size",
+    8,
+    "--workers",
+    2,
+]
 
 
-@pytest.mark.parametrize("sig,group,rc,line", [(signal.SIGTERM, False, 143, "mtu: terminated"),
-                                                (signal.SIGTERM, True, 143, "mtu: terminated"),
-                                                (signal.SIGINT, True, 130, "mtu: interrupted")],
-                         ids=["sigterm", "sigterm-group", "ctrl-c"])
+@pytest.mark.parametrize(
+    "sig,group,rc,line",
+    [
+        (signal.SIGTERM, False, 143, "mtu: terminated"),
+        (signal.SIGTERM, True, 143, "mtu: terminated"),
+        (signal.SIGINT, True, 130, "mtu: interrupted"),
+    ],
+    ids=["sigterm", "sigterm-group", "ctrl-c"],
+)
 def test_interrupted_synth_ends_in_one_line_and_removes_staging(tmp_path, sig, group, rc, line):
     out = tmp_path / "shards"
     proc = start([*SYNTH, "--out", out], tmp_path)
@@ -157,8 +211,9 @@ def test_staging_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_k
     assert len(stale) == 1
     live = out / ".synth-street.staging-1"  # a writer alive elsewhere holds its staging folder's lock
     live.mkdir()
-    holder = subprocess.Popen([str(BIN / "python"), "-c", HOLD, str(live / ".owner.lock")], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [str(BIN / "python"), "-c", HOLD, str(live / ".owner.lock")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         small = [*SYNTH[:4], "--train", 16, "--val", 0, "--height", 16, "--width", 24, "--workers", 1, "--out", out]
@@ -173,14 +228,20 @@ def test_staging_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_k
 
 # ---------------- item 8: one run per run folder ----------------
 
+
 @pytest.mark.slow
 def test_two_runs_into_one_folder_cannot_both_win(tiny_root, tmp_path):
     db, out = tmp_path / "mlflow.db", tmp_path / "runs"
     first = start(train_args(tiny_root, out, db, "race", "--set", "train.epochs=6"), tmp_path)
     run = out / "synth-indoor" / "race"
     wait_for(lambda: runs(db).get("race") == "RUNNING", first, "the first run")
-    second = subprocess.run([str(BIN / "mtu"), *train_args(tiny_root, out, db, "race", "--overwrite")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [str(BIN / "mtu"), *train_args(tiny_root, out, db, "race", "--overwrite")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     first_out, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
@@ -202,9 +263,13 @@ def test_a_held_run_folder_fails_every_rank_cleanly(tiny_root, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(run)
-        proc = accelerate_launch(["-m", "mtu_dist.cli", *train_args(tiny_root, tmp_path / "runs", tmp_path / "m.db",
-                                                                    "held", "--overwrite")],
-                                 nproc=2, cwd=tmp_path, check=False, timeout=180)
+        proc = accelerate_launch(
+            ["-m", "mtu_dist.cli", *train_args(tiny_root, tmp_path / "runs", tmp_path / "m.db", "held", "--overwrite")],
+            nproc=2,
+            cwd=tmp_path,
+            check=False,
+            timeout=180,
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -218,6 +283,7 @@ def test_a_held_run_folder_fails_every_rank_cleanly(tiny_root, tmp_path):
 
 
 # ---------------- item 10: a new store, two commands at once ----------------
+
 
 @pytest.mark.slow
 def test_two_trains_at_once_on_a_new_store_and_a_run_killed_outright(tiny_root, tmp_path):
@@ -240,12 +306,21 @@ def test_two_trains_at_once_on_a_new_store_and_a_run_killed_outright(tiny_root, 
     for d in (torn, *between):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
-    resumed = subprocess.run([str(BIN / "mtu"), *hard, "--resume"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(
+        [str(BIN / "mtu"), *hard, "--resume"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with sqlite3.connect(db) as con:
         assert sorted(con.execute("SELECT name, status FROM runs")) == [
-            ("a", "FINISHED"), ("hard", "FINISHED"), ("hard", "KILLED")]
+            ("a", "FINISHED"),
+            ("hard", "FINISHED"),
+            ("hard", "KILLED"),
+        ]
     assert not torn.exists() and all(d.is_dir() for d in between)
 
 
@@ -284,19 +359,27 @@ def test_a_run_whose_mlflow_run_cannot_be_created_leaves_no_folder(tiny_root, tm
 
 # ---------------- a driver's children (sweep cells) ----------------
 
-CHILD = ("import signal, sys, time; from pathlib import Path; out = Path(sys.argv[1]); "
-         "signal.signal(signal.SIGTERM, lambda *_: (out.write_text('ended cleanly'), sys.exit(143))); "
-         "out.write_text('ready'); time.sleep(120)")
-DRIVER = ("import sys; from mtu_dist.utils.lifecycle import raise_on_termination, run_child; raise_on_termination(); "
-          "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]], grace_s=30))")
+CHILD = (
+    "import signal, sys, time; from pathlib import Path; out = Path(sys.argv[1]); "
+    "signal.signal(signal.SIGTERM, lambda *_: (out.write_text('ended cleanly'), sys.exit(143))); "
+    "out.write_text('ready'); time.sleep(120)"
+)
+DRIVER = (
+    "import sys; from mtu_dist.utils.lifecycle import raise_on_termination, run_child; raise_on_termination(); "
+    "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]], grace_s=30))"
+)
 
 
 def test_a_terminated_driver_lets_its_child_end_cleanly(tmp_path):
     """`mtu sweep` runs each cell as a child: terminated, it passes SIGTERM on and waits for the cell to end
     its runs (subprocess.run would SIGKILL it, leaving them RUNNING and a launcher's ranks orphaned)."""
     marker = tmp_path / "child"
-    driver = subprocess.Popen([str(BIN / "python"), "-c", DRIVER, CHILD, str(marker)], stderr=subprocess.PIPE,
-                              text=True, preexec_fn=as_foreground_job)
+    driver = subprocess.Popen(
+        [str(BIN / "python"), "-c", DRIVER, CHILD, str(marker)],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_foreground_job,
+    )
     wait_for(lambda: marker.is_file() and marker.read_text() == "ready", driver, "the child")
     driver.send_signal(signal.SIGTERM)
     driver.communicate(timeout=60)

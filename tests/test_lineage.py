@@ -7,6 +7,7 @@ request made only of repeats, one for another dataset and one for another lineag
 and step 2 again with a deliberate leak of an r1 pair into its retain stream (the audit must catch it).
 Every expected set is merged by hand here, not with the package's own merge.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, read_json, run_many, run_mtu
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,20 @@ TASKS = ("seg", "depth", "normal")
 
 
 def _common(tiny_root, tmp: Path, uri: str) -> list:
-    return ["--config", TINY, "--set", f"data.root={tiny_root}", "--set", "data.dataset=synth-indoor",
-            "--set", f"out={tmp / 'runs'}", "--set", "data.workers=1", "--tracking-uri", uri]
+    return [
+        "--config",
+        TINY,
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        "data.dataset=synth-indoor",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--set",
+        "data.workers=1",
+        "--tracking-uri",
+        uri,
+    ]
 
 
 def _pairs(request: Path) -> set[tuple[str, str]]:
@@ -34,8 +46,12 @@ def _pairs(request: Path) -> set[tuple[str, str]]:
 
 
 def _write(path: Path, setting: str, entries: dict, **extra) -> Path:
-    raw = {"setting": setting, "dataset": extra.pop("dataset", "synth-indoor"), **extra,
-           "entries": [{"id": i, "tasks": ts} for i, ts in entries.items()]}
+    raw = {
+        "setting": setting,
+        "dataset": extra.pop("dataset", "synth-indoor"),
+        **extra,
+        "entries": [{"id": i, "tasks": ts} for i, ts in entries.items()],
+    }
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -59,15 +75,28 @@ def chain(tiny_root, tiny_original, tmp_path_factory):
     merged12 = {**{k: list(TASKS) for k in keys[2:6]}, keys[10]: ["seg"], keys[11]: ["seg"]}
     cum12 = _write(tmp / "cum12.yaml", "mixed", merged12)  # hand-merged r1 + r2
     repeat = _write(tmp / "repeat.yaml", "partial", {keys[2]: ["depth"], keys[4]: ["seg", "normal"]})
-    street = _write(tmp / "street.yaml", "full", {"synth-street/train/000001": ["seg", "depth"]},
-                    dataset="synth-street")
+    street = _write(
+        tmp / "street.yaml", "full", {"synth-street/train/000001": ["seg", "depth"]}, dataset="synth-street"
+    )
     other_root = _write(tmp / "other.yaml", "partial", {keys[20]: ["seg"]}, lineage_root="0" * 64)
     runs = tmp / "runs" / "synth-indoor"
     plan = [
         ["unlearn", *common, "--method", "neggrad_plus", "--request", r1, "--from", tiny_original, "--name", "s1"],
         ["retrain", *common, "--request", cum12, "--name", "rt12"],
-        ["unlearn", *common, "--method", "scrub", "--request", r2, "--from", runs / "s1", "--name", "s2",
-         "--retrain", runs / "rt12"],
+        [
+            "unlearn",
+            *common,
+            "--method",
+            "scrub",
+            "--request",
+            r2,
+            "--from",
+            runs / "s1",
+            "--name",
+            "s2",
+            "--retrain",
+            runs / "rt12",
+        ],
         ["unlearn", *common, "--method", "finetune", "--request", repeat, "--from", runs / "s2", "--name", "repeat"],
         ["unlearn", *common, "--method", "finetune", "--request", street, "--from", runs / "s2", "--name", "street"],
         ["unlearn", *common, "--method", "finetune", "--request", other_root, "--from", runs / "s2", "--name", "other"],
@@ -76,27 +105,77 @@ def chain(tiny_root, tiny_original, tmp_path_factory):
     for name in ("s1", "rt12", "s2"):
         assert status[name]["rc"] == 0, status[name].get("error", status["_proc"].stderr[-3000:])
     r3 = tmp / "r3.yaml"
-    run_mtu("forget", "make", "--dataset", "synth-indoor", "--root", tiny_root, "--fraction", 0.1, "--setting", "full",
-            "--seed", 3, "--from", runs / "s2", "--out", r3, check=True)
-    run_many([["unlearn", *common, "--method", "neggrad_plus", "--request", r3, "--from", runs / "s2", "--name", "s3"]],
-             tmp, nproc=2, tag="s3")
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        "synth-indoor",
+        "--root",
+        tiny_root,
+        "--fraction",
+        0.1,
+        "--setting",
+        "full",
+        "--seed",
+        3,
+        "--from",
+        runs / "s2",
+        "--out",
+        r3,
+        check=True,
+    )
+    run_many(
+        [["unlearn", *common, "--method", "neggrad_plus", "--request", r3, "--from", runs / "s2", "--name", "s3"]],
+        tmp,
+        nproc=2,
+        tag="s3",
+    )
     leak_pair = f"{keys[2]}|seg"  # forgotten by r1; leaked into step 2's retain stream
-    leak = run_mtu("unlearn", *common, "--method", "scrub", "--request", r2, "--from", runs / "s1", "--name", "leaky",
-                   cwd=tmp, env={"MTU_TEST_LEAK": leak_pair}, check=True)
-    return {"tmp": tmp, "uri": uri, "runs": runs, "r1": r1, "r2": r2, "r3": r3, "cum12": cum12, "status": status,
-            "proc": status["_proc"], "leak": leak, "leak_pair": leak_pair, "keys": keys, "original": tiny_original}
+    leak = run_mtu(
+        "unlearn",
+        *common,
+        "--method",
+        "scrub",
+        "--request",
+        r2,
+        "--from",
+        runs / "s1",
+        "--name",
+        "leaky",
+        cwd=tmp,
+        env={"MTU_TEST_LEAK": leak_pair},
+        check=True,
+    )
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "runs": runs,
+        "r1": r1,
+        "r2": r2,
+        "r3": r3,
+        "cum12": cum12,
+        "status": status,
+        "proc": status["_proc"],
+        "leak": leak,
+        "leak_pair": leak_pair,
+        "keys": keys,
+        "original": tiny_original,
+    }
 
 
 def test_lineage_round_trip(chain):
     """`mtu lineage` traces s3 back to the original through every request, and its cumulative set (and the
     request file it writes) is r1 + r2 + r3 merged by hand."""
     from mtu_dist.utils.fileio import sha256_file
+
     runs, tmp = chain["runs"], chain["tmp"]
     out = tmp / "cumulative.json"
     proc = run_mtu("lineage", runs / "s3", "--json", "--write-request", out, cwd=tmp, check=True)
     doc = json.loads(proc.stdout)
-    models = {name: read_json(runs / name / "final" / "state.json")["sha256"]["model.safetensors"]
-              for name in ("s1", "s2", "s3")}
+    models = {
+        name: read_json(runs / name / "final" / "state.json")["sha256"]["model.safetensors"]
+        for name in ("s1", "s2", "s3")
+    }
     original = read_json(chain["original"] / "final" / "state.json")["sha256"]["model.safetensors"]
     assert doc["root"]["model_sha256"] == original and doc["root"]["command"] == "train"
     assert [s["parent_sha256"] for s in doc["steps"]] == [original, models["s1"], models["s2"]]
@@ -106,8 +185,11 @@ def test_lineage_round_trip(chain):
     got = {(i, t) for i, ts in doc["cumulative"]["entries"].items() for t in ts}
     assert got == expected and doc["cumulative"]["pairs"] == len(expected)
     assert _pairs(out) == expected
-    assert sha256_file(out) == doc["cumulative"]["sha256"] == read_json(runs / "s3" / "final" / "metrics.json")[
-        "cumulative"]["request_sha256"]
+    assert (
+        sha256_file(out)
+        == doc["cumulative"]["sha256"]
+        == read_json(runs / "s3" / "final" / "metrics.json")["cumulative"]["request_sha256"]
+    )
     # `forget make --from` named the lineage and drew no instance it had forgotten already
     r3 = yaml.safe_load(chain["r3"].read_text())
     assert r3["lineage_root"] == original
@@ -126,9 +208,12 @@ def test_written_cumulative_request_loads(chain, tiny_root):
 
 def test_repeated_pairs_are_reported_and_skipped(chain, tiny_root):
     from mlflow import MlflowClient
+
     runs, keys = chain["runs"], chain["keys"]
     repeated = f"{keys[3]}|seg"
-    assert f"1 pair(s) were already forgotten earlier in this lineage and are skipped: {repeated}" in chain["proc"].stdout
+    assert (
+        f"1 pair(s) were already forgotten earlier in this lineage and are skipped: {repeated}" in chain["proc"].stdout
+    )
     step = read_json(runs / "s2" / "final" / "state.json")["lineage"]["steps"][-1]
     assert step["skipped"] == [repeated] and step["new"] == {keys[10]: ["seg"], keys[11]: ["seg"]}
     # not ascended again: step 2's forget stream held the new pairs only
@@ -138,8 +223,18 @@ def test_repeated_pairs_are_reported_and_skipped(chain, tiny_root):
     assert metrics["lineage/skipped_pairs"] == 1 and metrics["lineage/new_pairs"] == 2
     assert metrics["lineage/depth"] == 2 and metrics["lineage/cumulative_pairs"] == 14
     # `forget check --from` says the same before anything runs
-    p = run_mtu("forget", "check", chain["r2"], "--dataset", "synth-indoor", "--root", tiny_root, "--from", runs / "s1",
-                check=True)
+    p = run_mtu(
+        "forget",
+        "check",
+        chain["r2"],
+        "--dataset",
+        "synth-indoor",
+        "--root",
+        tiny_root,
+        "--from",
+        runs / "s1",
+        check=True,
+    )
     assert f"(step 2): 2 new pair(s), 1 already forgotten (would be skipped): {repeated}" in p.stdout
     # a request made only of repeats is refused before any work
     assert chain["status"]["repeat"]["rc"] == 2 and not (runs / "repeat").exists()
@@ -162,7 +257,7 @@ def test_later_steps_never_see_earlier_pairs(chain):
     runs = chain["runs"]
     requests = [_pairs(chain[r]) for r in ("r1", "r2", "r3")]
     earlier: set = set()
-    for n, (name, request) in enumerate(zip(("s1", "s2", "s3"), requests), 1):
+    for _n, (name, request) in enumerate(zip(("s1", "s2", "s3"), requests), 1):
         cumulative = earlier | request
         for role in ("retain", "target"):
             assert not _ledger_pairs(runs / name, role) & cumulative, (name, role)
@@ -190,14 +285,27 @@ def test_cumulative_metrics_equal_hand_merged(chain):
     """Step 2's cumulative block = its evaluation on the hand-merged r1 + r2 (`mtu eval`), scored by hand
     against the original's evaluation on it and the retrain on its retain signal."""
     from mtu_dist.evaluation.unlearning_metrics import gap_to_retrain, uis
+
     runs, tmp, cum12 = chain["runs"], chain["tmp"], chain["cum12"]
     report = read_json(runs / "s2" / "final" / "metrics.json")
     cum = report["cumulative"]
     assert cum["depth"] == 2 and cum["pairs"] == len(_pairs(cum12)) and not cum["same_as_request"]
     for ckpt in (runs / "s2", chain["original"]):  # the same eval config (tiny.yaml: eval.retain_sample 16)
-        run_mtu("eval", "--config", TINY, "--ckpt", ckpt, "--request", cum12, "--tracking-uri", chain["uri"], cwd=tmp,
-                check=True)
+        run_mtu(
+            "eval",
+            "--config",
+            TINY,
+            "--ckpt",
+            ckpt,
+            "--request",
+            cum12,
+            "--tracking-uri",
+            chain["uri"],
+            cwd=tmp,
+            check=True,
+        )
     from mtu_dist.utils.fileio import sha256_file
+
     sha12 = sha256_file(cum12)[:12]
     mine = read_json(runs / "s2" / "final" / f"metrics-{sha12}.json")["splits"]
     original = read_json(chain["original"] / "final" / f"metrics-{sha12}.json")["splits"]
@@ -207,14 +315,16 @@ def test_cumulative_metrics_equal_hand_merged(chain):
             for k, v in mets.items():
                 assert cum["splits"][sp][t][k] == pytest.approx(v, rel=TOL, abs=TOL), (sp, t, k)
     block = cum["unlearning"]
-    assert block["uis"]["mean"] == pytest.approx(uis(original, mine, "partial", ["seg", "depth", "normal"])["mean"],
-                                                 rel=TOL)
+    assert block["uis"]["mean"] == pytest.approx(
+        uis(original, mine, "partial", ["seg", "depth", "normal"])["mean"], rel=TOL
+    )
     retrain = read_json(runs / "rt12" / "final" / "metrics.json")["splits"]
     assert block["gap_retrain"] == pytest.approx(gap_to_retrain(mine, retrain)["mean"], rel=TOL)
     steps = read_json(runs / "s2" / "final" / "state.json")["lineage"]["steps"]
     assert cum["cost_s"] == pytest.approx(sum(s["cost_s"] for s in steps), rel=TOL)
-    assert block["cost_ratio"] == pytest.approx(cum["cost_s"] / read_json(runs / "rt12" / "final" / "metrics.json")[
-        "time_s"], rel=TOL)
+    assert block["cost_ratio"] == pytest.approx(
+        cum["cost_s"] / read_json(runs / "rt12" / "final" / "metrics.json")["time_s"], rel=TOL
+    )
     # per request: r2 as filed (its repeated pair included), against step 1's model
     assert report["unlearning"]["references"]["original"] == str(runs / "s1" / "final")
     assert set(report["splits"]["forget"]) == {"seg"} and report["unlearning"]["gap_retrain"] is None
@@ -222,6 +332,7 @@ def test_cumulative_metrics_equal_hand_merged(chain):
 
 def test_chain_is_nested_in_mlflow(chain):
     from mlflow import MlflowClient
+
     client, runs = MlflowClient(chain["uri"]), chain["runs"]
     ids = {n: read_json(runs / n / "final" / "metrics.json")["run"]["mlflow_run_id"] for n in ("s1", "s2", "s3")}
     tags = {n: client.get_run(i).data.tags for n, i in ids.items()}
@@ -249,21 +360,30 @@ def test_quick_benchmark_writes_tables_and_plot(tmp_path):
     import math
     import subprocess
     import sys
+
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, ROOT / "bench" / "lineage.py", "--quick", "--out", out], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                             "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, ROOT / "bench" / "lineage.py", "--quick", "--out", out],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_json(out / "lineage.json")["rows"]
     assert sorted((r["method"], r["k"]) for r in rows) == sorted(
-        (m, k) for m in ("retrain", "neggrad_plus", "iamu") for k in (1, 2))
+        (m, k) for m in ("retrain", "neggrad_plus", "iamu") for k in (1, 2)
+    )
     per_request = 2 * 3  # 5% of 40 instances, full setting (3 tasks), disjoint draws
     retrain_s = {r["k"]: r["cost_s"] for r in rows if r["method"] == "retrain"}
     for r in rows:
         assert math.isfinite(r["uis"]) and math.isfinite(r["mia_auc"]), r
         if r["method"] != "retrain":
             assert r["pairs"] == per_request * r["k"]
-            assert r["cost_over_retrains"] == pytest.approx(r["cost_s"] / sum(retrain_s[k] for k in range(1, r["k"] + 1)))
+            assert r["cost_over_retrains"] == pytest.approx(
+                r["cost_s"] / sum(retrain_s[k] for k in range(1, r["k"] + 1))
+            )
     chain = [r["cost_s"] for r in sorted(rows, key=lambda r: r["k"]) if r["method"] == "iamu"]
     assert chain[1] > chain[0]  # the chain's cost accumulates
     assert (out / "uis_vs_requests.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,6 @@
 """Tracking against a real MLflow server over HTTP: params, per-step metrics, eval metrics, artifacts.
 The server is the project's own (`mtu server`), started with its defaults: it must listen on 127.0.0.1 only."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import BIN, ROOT, _free_port, read_json, run_mtu
 
 from mtu_dist.config import load_config
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import BatchLoader
-
-from conftest import BIN, ROOT, _free_port, read_json, run_mtu
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +47,13 @@ def listening_addresses(port: int) -> set[str]:
             local, state = row.split()[1], row.split()[3]
             addr, hexport = local.split(":")
             if state == "0A" and int(hexport, 16) == port:
-                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]) if len(addr) == 8 else
-                          "::" if int(addr, 16) == 0 else f"v6:{addr}")
+                found.add(
+                    socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1])
+                    if len(addr) == 8
+                    else "::"
+                    if int(addr, 16) == 0
+                    else f"v6:{addr}"
+                )
     return found
 
 
@@ -60,9 +65,23 @@ def mlflow_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(BIN / "mtu"), "server", "--store", f"sqlite:///{tmp_path / 'srv.db'}",
-                                 "--artifacts", str(tmp_path / "art"), "--port", str(port)],
-                                cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mtu"),
+                "server",
+                "--store",
+                f"sqlite:///{tmp_path / 'srv.db'}",
+                "--artifacts",
+                str(tmp_path / "art"),
+                "--port",
+                str(port),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_healthy(proc, uri, log)
         assert listening_addresses(port) == {"127.0.0.1"}, "the server must bind 127.0.0.1 by default"
@@ -83,8 +102,22 @@ def test_train_logs_to_mlflow_server(tiny_root, tmp_path, mlflow_server):
     from mlflow import MlflowClient
 
     uri, out = mlflow_server, tmp_path / "runs"
-    run_mtu("train", "--config", TINY, "--set", f"data.root={tiny_root}", "--set", "data.dataset=synth-indoor",
-            "--set", f"out={out}", "--tracking-uri", uri, cwd=tmp_path, check=True, timeout=300)
+    run_mtu(
+        "train",
+        "--config",
+        TINY,
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        "data.dataset=synth-indoor",
+        "--set",
+        f"out={out}",
+        "--tracking-uri",
+        uri,
+        cwd=tmp_path,
+        check=True,
+        timeout=300,
+    )
     final = out / "synth-indoor" / "original" / "final"
     report = read_json(final / "metrics.json")
 
@@ -108,9 +141,16 @@ def test_train_logs_to_mlflow_server(tiny_root, tmp_path, mlflow_server):
 
     cfg = load_config([str(TINY)], [f"data.root={tiny_root}", "data.dataset=synth-indoor"])
     assert float(params["train.lr"]) == cfg.train.lr
-    loader = BatchLoader(load_manifest(tiny_root / "synth-indoor"), "train", rank=0, world=1,
-                         local_batch=cfg.train.global_batch, workers=cfg.data.workers,
-                         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed)
+    loader = BatchLoader(
+        load_manifest(tiny_root / "synth-indoor"),
+        "train",
+        rank=0,
+        world=1,
+        local_batch=cfg.train.global_batch,
+        workers=cfg.data.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.seed,
+    )
     expected_steps = sum(loader.steps_per_epoch(e) for e in range(cfg.train.epochs))
     assert expected_steps > cfg.train.epochs  # several steps per epoch, so one point per epoch would show
 

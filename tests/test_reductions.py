@@ -6,6 +6,7 @@ process, and the `torch.distributed` calls the helpers make are answered by a ba
 exchange with the real collectives' semantics (sum, scatter of the summed buffer, gather in rank order).
 Each helper's N-rank result is compared with the one-rank result on all the data.
 """
+
 from __future__ import annotations
 
 import threading
@@ -16,12 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mtu_dist.compliance.ledger import Ledger
 from mtu_dist.config import RunConfig
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import blank_sample, load_instances
 from mtu_dist.distributed.gradstep import ParamLayout, allreduce_small, gather_blocks, gather_update, reduce_signals
 from mtu_dist.evaluation.evaluate import instance_batches, run_split
-from mtu_dist.compliance.ledger import Ledger
 from mtu_dist.model import build_model
 from mtu_dist.runner.objective import global_counts, reduce_for_logging
 
@@ -91,8 +92,10 @@ def _model():
 def test_gradient_signals_reduce_to_the_sum_over_ranks(world, mode):
     layout = ParamLayout(list(_model().parameters()), world.n)
     k = 3
-    bufs = [torch.randn(world.n, k, layout.shard, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
-            for r in range(world.n)]
+    bufs = [
+        torch.randn(world.n, k, layout.shard, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+        for r in range(world.n)
+    ]
     total = torch.stack(bufs).sum(0)
 
     def rank_fn(r):
@@ -124,8 +127,18 @@ def test_logged_values_counts_and_ledgers_are_summed_over_ranks(world):
     for counts, logged, ledger in world.run(rank_fn):
         assert counts == [2.0, 1.0, 3.0]
         assert logged == {"loss": 2.0, "forget": 2.0}
-        assert ledger == dict(Counter({"retain|a|seg": 1, "retain|a|normal": 1, "retain|b|seg": 1, "retain|b|depth": 1,
-                                       "retain|b|normal": 1, "retain|c|normal": 1}))
+        assert ledger == dict(
+            Counter(
+                {
+                    "retain|a|seg": 1,
+                    "retain|a|normal": 1,
+                    "retain|b|seg": 1,
+                    "retain|b|depth": 1,
+                    "retain|b|normal": 1,
+                    "retain|c|normal": 1,
+                }
+            )
+        )
 
 
 def test_evaluation_over_two_ranks_equals_one_rank(world, tiny_root):
@@ -136,8 +149,9 @@ def test_evaluation_over_two_ranks_equals_one_rank(world, tiny_root):
     model, blank = _model().eval(), blank_sample(m)
     model.float()
     one, one_losses = run_split(model, instance_batches(samples, 0, 1, 4, blank), m.tasks, m.num_classes, 1)
-    results = world.run(lambda r: run_split(model, instance_batches(samples, r, world.n, 2, blank),
-                                            m.tasks, m.num_classes, world.n))
+    results = world.run(
+        lambda r: run_split(model, instance_batches(samples, r, world.n, 2, blank), m.tasks, m.num_classes, world.n)
+    )
     for metrics, losses in results:
         assert metrics.keys() == one.keys() == set(m.tasks)
         for t in m.tasks:

@@ -1,4 +1,5 @@
 """The runner end to end on tiny data: 1 vs 2 ranks, resume, partial retrain, baselines, guard."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,23 +8,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, accelerate_launch, run_many, run_mtu
 from safetensors.torch import load_file
 
 from mtu_dist.compliance.ledger import flat_counts
-
-from conftest import ROOT, accelerate_launch, run_many, run_mtu
 
 pytestmark = pytest.mark.slow
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _common(tiny_root, tmp, dataset="synth-indoor"):
-    return ["--config", TINY, "--set", f"data.root={tiny_root}", "--set", f"data.dataset={dataset}",
-            "--set", f"out={tmp / 'runs'}", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    return [
+        "--config",
+        TINY,
+        "--set",
+        f"data.root={tiny_root}",
+        "--set",
+        f"data.dataset={dataset}",
+        "--set",
+        f"out={tmp / 'runs'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+    ]
 
 
 def _history(db: Path, run_name: str, key: str) -> list[float]:
     from mlflow import MlflowClient
+
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("synth-indoor")
     run = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'")[0]
@@ -37,12 +48,22 @@ def _ledger(final: Path) -> dict[str, int]:
 
 def test_two_ranks_match_one_rank(tiny_root, tmp_path):
     # 1 rank x 2 workers (global batch 8) vs 2 gloo ranks x 1 worker (4 each): same global batches.
-    run_mtu("train", *_common(tiny_root, tmp_path), "--set", "data.workers=2", "--name", "one", cwd=tmp_path,
-            env={"OMP_NUM_THREADS": "1"}, check=True)
+    run_mtu(
+        "train",
+        *_common(tiny_root, tmp_path),
+        "--set",
+        "data.workers=2",
+        "--name",
+        "one",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        check=True,
+    )
     two = ["-m", "mtu_dist.cli", "train", *_common(tiny_root, tmp_path), "--set", "data.workers=1", "--name", "two"]
     out = accelerate_launch(two, nproc=2, cwd=tmp_path)
     db = tmp_path / "mlflow.db"
     from mlflow import MlflowClient
+
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("synth-indoor")
     two_run = client.search_runs([exp.experiment_id], "attributes.run_name = 'two'")[0]
@@ -76,12 +97,26 @@ def test_resume_after_kill_is_bit_identical(tiny_original, tiny_root, tmp_path):
 
 def test_partial_retrain_never_sees_forget_pairs(tiny_root, tmp_path):
     req = tmp_path / "partial.yaml"
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "partial",
-            "--tasks", "seg", "--out", req, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "partial",
+        "--tasks",
+        "seg",
+        "--out",
+        req,
+        check=True,
+    )
     run_mtu("retrain", *_common(tiny_root, tmp_path), "--request", req, "--name", "rt", cwd=tmp_path, check=True)
     final = tmp_path / "runs/synth-indoor/rt/final"
     ledger = _ledger(final)
     import yaml
+
     forgotten = {e["id"] for e in yaml.safe_load(req.read_text())["entries"]}
     assert len(forgotten) == 8
     counted = {"forget": 0, "kept": 0}
@@ -106,12 +141,36 @@ def unlearned(tiny_original, tiny_root, tmp_path_factory):
     original, in one process (start-up paid once)."""
     tmp = tmp_path_factory.mktemp("unlearn")
     req = tmp / "full.yaml"
-    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", "--fraction", 0.2, "--setting", "full",
-            "--out", req, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "full",
+        "--out",
+        req,
+        check=True,
+    )
     unlearn = ["unlearn", *_common(tiny_root, tmp), "--request", req, "--from", tiny_original]
     runs = [[*unlearn, "--method", m, "--name", m, "--set", "unlearn.lr=0.01"] for m in sorted(EXPECTED_ROLES)]
-    runs.append([*unlearn, "--method", "grad_ascent", "--name", "diverging", "--set", "unlearn.lr=1.0",
-                 "--set", "unlearn.diverge_factor=1.5", "--set", "unlearn.steps=30"])
+    runs.append(
+        [
+            *unlearn,
+            "--method",
+            "grad_ascent",
+            "--name",
+            "diverging",
+            "--set",
+            "unlearn.lr=1.0",
+            "--set",
+            "unlearn.diverge_factor=1.5",
+            "--set",
+            "unlearn.steps=30",
+        ]
+    )
     proc = run_many(runs, tmp)["_proc"]
     return tmp, req, proc.stdout + proc.stderr
 
@@ -121,6 +180,7 @@ def test_baselines_run_and_respect_masks(unlearned, tiny_original, method):
     tmp, req, _ = unlearned
     final = tmp / "runs/synth-indoor" / method / "final"
     import yaml
+
     forgotten = {e["id"] for e in yaml.safe_load(req.read_text())["entries"]}
     ledger = _ledger(final)
     assert {k.split("|")[0] for k in ledger} == EXPECTED_ROLES[method]

@@ -6,6 +6,7 @@ Each case returns (argv, words the error must contain, folders that must not cha
 no small filesystem can be mounted here), `hold` (a socket kept open during the run), `absent` (paths
 that must not exist afterwards). Runs are as root, so an unwritable output location is a path through a
 regular file (permission bits would not stop root)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from mtu_dist.data.manifest import load_manifest
-from mtu_dist.compliance.request import make_request, write_request
-
 from conftest import BIN, ROOT, _free_port
 from test_data import _copy, _mutate_sample, _set_depth
+
+from mtu_dist.compliance.request import make_request, write_request
+from mtu_dist.data.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -35,27 +35,64 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 @dataclass
 class Ctx:
-    base: Path        # module folder: shards root, run outputs, tracking db, requests
-    tmp: Path         # this case's own folder (cwd of the command)
+    base: Path  # module folder: shards root, run outputs, tracking db, requests
+    tmp: Path  # this case's own folder (cwd of the command)
     data_root: Path
     out: Path
-    run: Path         # the trained original's run folder
+    run: Path  # the trained original's run folder
     uri: str
-    request: Path     # a request on synth-indoor
+    request: Path  # a request on synth-indoor
     street_request: Path
 
     def train(self, *extra):
-        return ["train", "--config", TINY, "--set", f"data.root={self.data_root}", "--set", "data.dataset=synth-indoor",
-                "--set", f"out={self.out}", "--tracking-uri", self.uri, *extra]
+        return [
+            "train",
+            "--config",
+            TINY,
+            "--set",
+            f"data.root={self.data_root}",
+            "--set",
+            "data.dataset=synth-indoor",
+            "--set",
+            f"out={self.out}",
+            "--tracking-uri",
+            self.uri,
+            *extra,
+        ]
 
     def unlearn(self, origin, *extra, request=None, method="finetune"):
-        return ["unlearn", "--config", TINY, "--set", f"data.root={self.data_root}", "--set", f"out={self.out}",
-                "--request", request or self.request, "--from", origin, "--method", method,
-                "--tracking-uri", self.uri, *extra]
+        return [
+            "unlearn",
+            "--config",
+            TINY,
+            "--set",
+            f"data.root={self.data_root}",
+            "--set",
+            f"out={self.out}",
+            "--request",
+            request or self.request,
+            "--from",
+            origin,
+            "--method",
+            method,
+            "--tracking-uri",
+            self.uri,
+            *extra,
+        ]
 
     def eval(self, ckpt, *extra):
-        return ["eval", "--ckpt", ckpt, "--request", self.request, "--set", f"data.root={self.data_root}",
-                "--tracking-uri", self.uri, *extra]
+        return [
+            "eval",
+            "--ckpt",
+            ckpt,
+            "--request",
+            self.request,
+            "--set",
+            f"data.root={self.data_root}",
+            "--tracking-uri",
+            self.uri,
+            *extra,
+        ]
 
     def copy_final(self, name: str) -> Path:
         dst = self.tmp / name
@@ -66,8 +103,11 @@ class Ctx:
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file's sha256, except a run folder's `.lock`: it names whichever run last claimed the folder
     (a refused --resume claims it before it reads the checkpoint it refuses), it is no result."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +123,15 @@ def ctx_base(tiny_root, tiny_original, tmp_path_factory):
         write_request(make_request(m, fraction=0.1, setting="full", tasks=None, seed=0, exclude=None), requests[ds])
     run = out / "synth-indoor" / "original"
     assert (run / "final" / "model.safetensors").is_file() and (run / "final" / "metrics.json").is_file()
-    return dict(base=base, data_root=tiny_root, out=out, run=run, uri=uri,
-                request=requests["synth-indoor"], street_request=requests["synth-street"])
+    return dict(
+        base=base,
+        data_root=tiny_root,
+        out=out,
+        run=run,
+        uri=uri,
+        request=requests["synth-indoor"],
+        street_request=requests["synth-street"],
+    )
 
 
 def _flip_bytes(path: Path) -> None:
@@ -124,8 +171,7 @@ def state_not_json_eval(c: Ctx):
 
 
 def request_other_dataset(c: Ctx):
-    return (c.unlearn(c.run, request=c.street_request),
-            [str(c.street_request), "synth-street", "synth-indoor"], [])
+    return (c.unlearn(c.run, request=c.street_request), [str(c.street_request), "synth-street", "synth-indoor"], [])
 
 
 def request_missing(c: Ctx):
@@ -138,8 +184,7 @@ def unknown_method(c: Ctx):
 
 
 def unknown_method_option(c: Ctx):
-    return (c.unlearn(c.run, "--set", "unlearn.options.bogus=1"),
-            ["method 'finetune'", "unlearn.options.bogus"], [])
+    return (c.unlearn(c.run, "--set", "unlearn.options.bogus=1"), ["method 'finetune'", "unlearn.options.bogus"], [])
 
 
 def config_typo(c: Ctx):
@@ -176,28 +221,38 @@ def train_into_existing_run(c: Ctx):
 
 
 def batch_not_divisible_by_workers(c: Ctx):
-    return (c.train("--name", "odd-batch", "--set", "train.global_batch=7", "--set", "data.workers=2"),
-            ["train.global_batch", "7", "data.workers"], [])
+    return (
+        c.train("--name", "odd-batch", "--set", "train.global_batch=7", "--set", "data.workers=2"),
+        ["train.global_batch", "7", "data.workers"],
+        [],
+    )
 
 
 def shard_tampered(c: Ctx):
     ds = _copy(c.data_root, c.tmp)
     _flip_bytes(ds / "train-000001.tar")
-    return (c.train("--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}", "--set", "tracking.enabled=false"),
-            ["synth-indoor/train-000001.tar", "sha256 does not match manifest.json"], [])
+    return (
+        c.train("--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}", "--set", "tracking.enabled=false"),
+        ["synth-indoor/train-000001.tar", "sha256 does not match manifest.json"],
+        [],
+    )
 
 
 def shard_nan_depth(c: Ctx):
     ds = _copy(c.data_root, c.tmp)
     key = _mutate_sample(ds, "train-000002.tar", 1, _set_depth(lambda d: np.where(d > 0, np.nan, d).astype(np.float32)))
-    return (c.train("--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}", "--set", "tracking.enabled=false"),
-            [key, "depth.npy", "NaN or inf"], [])
+    return (
+        c.train("--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}", "--set", "tracking.enabled=false"),
+        [key, "depth.npy", "NaN or inf"],
+        [],
+    )
 
 
 def request_python_tag(c: Ctx):
     req, pwned = c.tmp / "evil.yaml", c.tmp / "PWNED"
-    req.write_text(f'setting: full\ndataset: synth-indoor\n'
-                   f'entries: !!python/object/apply:os.system ["touch {pwned}"]\n')
+    req.write_text(
+        f'setting: full\ndataset: synth-indoor\nentries: !!python/object/apply:os.system ["touch {pwned}"]\n'
+    )
     return c.unlearn(c.run, request=req), [str(req), "not valid YAML"], [], {"absent": [pwned]}
 
 
@@ -239,8 +294,12 @@ def tracking_bad_scheme(c: Ctx):
 
 
 def world_size_without_launcher(c: Ctx):
-    return (c.train("--name", "never"), ["WORLD_SIZE=2", "MASTER_ADDR", "accelerate launch"], [],
-            {"env": {"WORLD_SIZE": "2"}})
+    return (
+        c.train("--name", "never"),
+        ["WORLD_SIZE=2", "MASTER_ADDR", "accelerate launch"],
+        [],
+        {"env": {"WORLD_SIZE": "2"}},
+    )
 
 
 def output_not_writable(c: Ctx):
@@ -251,11 +310,23 @@ def output_not_writable(c: Ctx):
 
 def disk_full_at_checkpoint(c: Ctx):
     out = c.tmp / "runs"
-    args = c.train("--set", f"out={out}", "--set", "tracking.enabled=false", "--set", "data.workers=0",
-                   "--set", "train.checkpoint_every=1")
+    args = c.train(
+        "--set",
+        f"out={out}",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "data.workers=0",
+        "--set",
+        "train.checkpoint_every=1",
+    )
     ckpt = out / "synth-indoor/original/checkpoints/step-0000001"
-    return (args, [str(ckpt), "could not write checkpoint", "File too large"],
-            [], {"fsize_kib": 16, "absent": [out / "synth-indoor/original/final"]})
+    return (
+        args,
+        [str(ckpt), "could not write checkpoint", "File too large"],
+        [],
+        {"fsize_kib": 16, "absent": [out / "synth-indoor/original/final"]},
+    )
 
 
 def server_port_in_use(c: Ctx):
@@ -263,8 +334,12 @@ def server_port_in_use(c: Ctx):
     held = socket.socket()
     held.bind(("127.0.0.1", port))
     held.listen()
-    return (["server", "--port", port, "--store", f"sqlite:///{c.tmp / 'srv.db'}"],
-            [f"port {port} on 127.0.0.1", "cannot listen"], [], {"hold": held})
+    return (
+        ["server", "--port", port, "--store", f"sqlite:///{c.tmp / 'srv.db'}"],
+        [f"port {port} on 127.0.0.1", "cannot listen"],
+        [],
+        {"hold": held},
+    )
 
 
 def audit_not_a_run(c: Ctx):
@@ -287,6 +362,7 @@ def _non_finite(folder: Path, value: float) -> str:
     """Put `value` into the first floating tensor of folder/model.safetensors and update state.json's
     checksum, so only the values are wrong. Returns the tensor's name."""
     from safetensors.torch import load_file, save_file
+
     tensors = load_file(folder / "model.safetensors")
     name = next(k for k, t in tensors.items() if t.is_floating_point())
     tensors[name].view(-1)[0] = value
@@ -300,8 +376,12 @@ def _non_finite(folder: Path, value: float) -> str:
 def nan_checkpoint_iamu(c: Ctx):
     ckpt = c.copy_final("nan")
     name = _non_finite(ckpt, float("nan"))
-    return (c.unlearn(ckpt, method="iamu"), [str(ckpt / "model.safetensors"), f"tensor '{name}'", "NaN or inf"],
-            [ckpt], {"absent": [c.out / "synth-indoor" / f"unlearn-iamu-full-{_sha8(c.request)}"]})
+    return (
+        c.unlearn(ckpt, method="iamu"),
+        [str(ckpt / "model.safetensors"), f"tensor '{name}'", "NaN or inf"],
+        [ckpt],
+        {"absent": [c.out / "synth-indoor" / f"unlearn-iamu-full-{_sha8(c.request)}"]},
+    )
 
 
 def inf_checkpoint_eval(c: Ctx):
@@ -320,6 +400,7 @@ def nan_checkpoint_resume(c: Ctx):
 def renamed_member_retrain(c: Ctx):
     """A forgotten instance renamed inside its shard (sha256 updated): a retrain must not train on the copy."""
     from test_integrity import rewrite_shard
+
     ds = _copy(c.data_root, c.tmp)
     victim = yaml.safe_load(c.request.read_text())["entries"][0]["id"]
     m = load_manifest(ds)
@@ -327,10 +408,24 @@ def renamed_member_retrain(c: Ctx):
     shard, pos = m.split("train").shards[index // 8].file, index % 8
     copy = "synth-indoor/train/777777"
     rewrite_shard(ds, shard, lambda e: [(copy if n == pos else k, v) for n, (k, v) in enumerate(e)])
-    return (["retrain", "--config", TINY, "--set", f"data.root={c.tmp}", "--set", f"out={c.tmp / 'runs'}",
-             "--set", "tracking.enabled=false", "--request", c.request],
-            [f"{shard}: {copy}", "not the key manifest.json lists"], [],
-            {"absent": [c.tmp / "runs" / "synth-indoor" / f"retrain-full-{_sha8(c.request)}" / "final"]})
+    return (
+        [
+            "retrain",
+            "--config",
+            TINY,
+            "--set",
+            f"data.root={c.tmp}",
+            "--set",
+            f"out={c.tmp / 'runs'}",
+            "--set",
+            "tracking.enabled=false",
+            "--request",
+            c.request,
+        ],
+        [f"{shard}: {copy}", "not the key manifest.json lists"],
+        [],
+        {"absent": [c.tmp / "runs" / "synth-indoor" / f"retrain-full-{_sha8(c.request)}" / "final"]},
+    )
 
 
 def unlearn_on_other_data(c: Ctx):
@@ -338,8 +433,12 @@ def unlearn_on_other_data(c: Ctx):
     ds = _copy(c.data_root, c.tmp / "data")
     _mutate_sample(ds, "train-000002.tar", 1, _set_depth(lambda d: (d * 1.5).astype(np.float32)))
     args = c.unlearn(c.run, "--set", f"data.root={c.tmp / 'data'}")
-    return (args, [str(c.run / "final"), "another version of synth-indoor", str(ds / "manifest.json")], [],
-            {"absent": [c.out / "synth-indoor" / f"unlearn-finetune-full-{_sha8(c.request)}"]})
+    return (
+        args,
+        [str(c.run / "final"), "another version of synth-indoor", str(ds / "manifest.json")],
+        [],
+        {"absent": [c.out / "synth-indoor" / f"unlearn-finetune-full-{_sha8(c.request)}"]},
+    )
 
 
 def config_bool_for_a_number(c: Ctx):
@@ -404,8 +503,15 @@ CASES = {
 
 def _run(args, cwd, env=None, fsize_kib=None):
     limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_kib * 1024,) * 2)) if fsize_kib else None
-    return subprocess.run([str(BIN / "mtu"), *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=90, preexec_fn=limit)
+    return subprocess.run(
+        [str(BIN / "mtu"), *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        preexec_fn=limit,
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -440,6 +546,7 @@ def test_bad_input_fails_cleanly(ctx_base, tmp_path, case):
 def running_runs(db: Path) -> list[str]:
     """Names of the store's runs still RUNNING (read from its sqlite file: no MLflow start-up)."""
     import sqlite3
+
     if not db.is_file():
         return []
     with sqlite3.connect(db) as con:

@@ -6,6 +6,7 @@ YAML tags that would build Python objects are refused, a pickle posing as a chec
 unopened, and a shard whose members are named `../../evil`, `/abs/...` or are symlinks is read in
 memory with nothing written anywhere.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,10 +17,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from mtu_dist.errors import UserError
-
-from conftest import ROOT
 
 PACKAGE = ROOT / "mtu_dist"
 NEVER_IMPORTED = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
@@ -39,7 +39,10 @@ def violations(source: str, where: str = "<src>") -> list[str]:
             found.append(f"{line}: binds all interfaces")
         elif isinstance(node, ast.Call):
             f, kw = node.func, {k.arg: k.value for k in node.keywords}
-            true = lambda k: isinstance(kw.get(k), ast.Constant) and kw[k].value is True  # noqa: E731
+
+            def true(k, kw=kw):
+                return isinstance(kw.get(k), ast.Constant) and kw[k].value is True
+
             if isinstance(f, ast.Name) and f.id in ("eval", "exec", "compile", "__import__"):
                 found.append(f"{line}: {f.id}()")
             elif isinstance(f, ast.Attribute):
@@ -90,8 +93,9 @@ PYTHON_TAG = '!!python/object/apply:os.system ["touch {pwned}"]'
 
 
 def test_yaml_python_tags_are_refused(tmp_path):
-    from mtu_dist.config import load_config
     from mtu_dist.compliance.request import load_request
+    from mtu_dist.config import load_config
+
     pwned = tmp_path / "PWNED"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"train: {PYTHON_TAG.format(pwned=pwned)}\n")
@@ -112,13 +116,15 @@ class _Payload:
 
     def __reduce__(self):
         import os
+
         return os.system, (f"touch {self.target}",)
 
 
 def test_a_pickle_posing_as_a_checkpoint_is_never_unpickled(tmp_path):
+    from mtu_dist.model import _load_local_weights
     from mtu_dist.runner.checkpoint import load_checkpoint
     from mtu_dist.utils.fileio import sha256_file
-    from mtu_dist.model import _load_local_weights
+
     pwned = tmp_path / "PWNED"
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -137,6 +143,7 @@ def _evil_shard(src: Path, dst: Path, outside: Path) -> list[str]:
     """A copy of `src` whose members are named ../../evil*, an absolute path, and a symlink to /etc/passwd."""
     from mtu_dist.data.tario import iter_entries
     from mtu_dist.data.write import write_tar
+
     entries = list(iter_entries(src))
     keys = ["../../evil", str(outside / "evil")]
     write_tar(dst, [(k, members) for k, (_, members) in zip(keys, entries)] + entries[2:])
@@ -153,6 +160,7 @@ def test_shard_members_are_read_in_memory_never_written_where_they_point(tiny_ro
     from mtu_dist.data.tario import iter_entries
     from mtu_dist.data.verify import verify_dataset
     from mtu_dist.utils.fileio import sha256_file
+
     ds = tmp_path / "deep" / "er" / "synth-indoor"
     shutil.copytree(tiny_root / "synth-indoor", ds)
     outside = tmp_path / "outside"
@@ -180,6 +188,7 @@ def test_shard_members_are_read_in_memory_never_written_where_they_point(tiny_ro
 def test_server_defaults_to_localhost():
     from mtu_dist.cli import build_parser
     from mtu_dist.reporting.server import server_argv
+
     args = build_parser().parse_args(["server"])
     assert args.host == "127.0.0.1"
     argv = server_argv(store=args.store, artifacts=args.artifacts, host=args.host, port=args.port, workers=1)

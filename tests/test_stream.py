@@ -1,15 +1,15 @@
 """Streaming loader: exactly-once epochs across ranks and workers, masks, padding, determinism."""
+
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
+from conftest import accelerate_launch, read_json, run_mtu
 
+from mtu_dist.compliance.request import load_request
 from mtu_dist.data.manifest import load_manifest
 from mtu_dist.data.stream import BatchLoader, retain_mask
-from mtu_dist.compliance.request import load_request
-
-from conftest import accelerate_launch, read_json, run_mtu
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,10 @@ def indoor(tiny_root):
 
 def _keys_per_step(m, world, workers, local_batch, epoch=0):
     """Global batches (as key lists, padding included as '') for a topology, ranks side by side."""
-    loaders = [BatchLoader(m, "train", rank=r, world=world, local_batch=local_batch, workers=workers, seed=5)
-               for r in range(world)]
+    loaders = [
+        BatchLoader(m, "train", rank=r, world=world, local_batch=local_batch, workers=workers, seed=5)
+        for r in range(world)
+    ]
     per_rank = [[b["key"] for b in ld.epoch(epoch)] for ld in loaders]
     assert len({len(p) for p in per_rank}) == 1, "ranks must run the same number of steps"
     return [sum((p[s] for p in per_rank), []) for s in range(len(per_rank[0]))]
@@ -45,8 +47,13 @@ def test_epochs_shuffle_deterministically(indoor):
 
 
 # which tasks each forgotten instance loses: the first, the middle and the last task, two at once, all of them
-MASKS = {"seg": ("seg",), "depth": ("depth",), "normal": ("normal",), "seg+normal": ("seg", "normal"),
-         "full": ("seg", "depth", "normal")}
+MASKS = {
+    "seg": ("seg",),
+    "depth": ("depth",),
+    "normal": ("normal",),
+    "seg+normal": ("seg", "normal"),
+    "full": ("seg", "depth", "normal"),
+}
 BLANK = {"seg": lambda x: (x == 255).all(), "depth": lambda x: (x == 0).all(), "normal": lambda x: (x == 0).all()}
 
 
@@ -56,8 +63,9 @@ def test_retain_mask_blanks_forget_labels(indoor, forgotten):
     entries = {k: tasks for k in indoor.split("train").keys[::4]}
     # a mixed request: every other forgotten instance loses only the middle task
     entries |= {k: ("depth",) for k in indoor.split("train").keys[2::8]}
-    ld = BatchLoader(indoor, "train", rank=0, world=1, local_batch=8, shuffle=False,
-                     mask_fn=retain_mask(indoor, entries))
+    ld = BatchLoader(
+        indoor, "train", rank=0, world=1, local_batch=8, shuffle=False, mask_fn=retain_mask(indoor, entries)
+    )
     checked = 0
     for batch in ld.epoch(0):
         for b, key in enumerate(batch["key"]):
@@ -74,11 +82,26 @@ def test_retain_mask_blanks_forget_labels(indoor, forgotten):
 @pytest.mark.slow
 def test_two_process_launch_sees_each_pair_once(indoor, tmp_path):
     req_path = tmp_path / "r.yaml"
-    run_mtu("forget", "make", "--dataset", indoor.root, "--fraction", 0.2, "--setting", "partial",
-            "--tasks", "seg", "normal", "--out", req_path, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        indoor.root,
+        "--fraction",
+        0.2,
+        "--setting",
+        "partial",
+        "--tasks",
+        "seg",
+        "normal",
+        "--out",
+        req_path,
+        check=True,
+    )
     req = load_request(req_path, indoor)
-    accelerate_launch([__file__.replace("test_stream.py", "scripts/stream_epoch.py"), indoor.root, req_path,
-                       tmp_path, 2, 4], nproc=2)
+    accelerate_launch(
+        [__file__.replace("test_stream.py", "scripts/stream_epoch.py"), indoor.root, req_path, tmp_path, 2, 4], nproc=2
+    )
     ranks = [read_json(tmp_path / f"rank{r}.json") for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2] and {r["rank"] for r in ranks} == {0, 1}
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0

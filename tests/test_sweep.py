@@ -1,6 +1,7 @@
 """`mtu sweep` and `mtu compare` end to end on configs/sweep_tiny.yaml (1 and 2 gloo ranks x 2 forget
 fractions): one MLflow parent with its child runs in a real sqlite store, a killed cell resumed, the
 table and PNGs logged back to the parent, and a re-run that skips every finished cell."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, run_mtu
 
 from mtu_dist.errors import UserError
 from mtu_dist.studies.sweep import launchers
 from mtu_dist.studies.sweep.driver import Sweep, _args
 from mtu_dist.studies.sweep.grid import load_grid, plan
-
-from conftest import ROOT, run_mtu
 
 GRID = ROOT / "configs" / "sweep_tiny.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,16 +27,22 @@ def _grid(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"axes": {"world_size": [1], "train_size": [40], "forget_fraction": [0.1]}}, "axes.method"),
-    ({"axes": {"world_size": [0], "train_size": [40], "forget_fraction": [0.1], "method": ["neggrad_plus"]}}, "axes.world_size"),
-    ({"axes": {"train_size": [40], "forget_fraction": [1.5], "method": ["neggrad_plus"]}}, "axes.forget_fraction"),
-    ({"axes": {"train_size": [40], "forget_fraction": [0.1], "method": ["no_such_method"]}}, "axes.method"),
-    ({"axes": {"train_size": [40, 40], "forget_fraction": [0.1], "method": ["neggrad_plus"]}}, "axes.train_size"),
-    ({"launchr": "cpu"}, "launchr"),
-    ({"synth": {"height": 4}}, "synth.height"),
-    ({"original_world_size": 4}, "original_world_size"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"axes": {"world_size": [1], "train_size": [40], "forget_fraction": [0.1]}}, "axes.method"),
+        (
+            {"axes": {"world_size": [0], "train_size": [40], "forget_fraction": [0.1], "method": ["neggrad_plus"]}},
+            "axes.world_size",
+        ),
+        ({"axes": {"train_size": [40], "forget_fraction": [1.5], "method": ["neggrad_plus"]}}, "axes.forget_fraction"),
+        ({"axes": {"train_size": [40], "forget_fraction": [0.1], "method": ["no_such_method"]}}, "axes.method"),
+        ({"axes": {"train_size": [40, 40], "forget_fraction": [0.1], "method": ["neggrad_plus"]}}, "axes.train_size"),
+        ({"launchr": "cpu"}, "launchr"),
+        ({"synth": {"height": 4}}, "synth.height"),
+        ({"original_world_size": 4}, "original_world_size"),
+    ],
+)
 def test_bad_grid_names_the_field(tmp_path, change, field):
     with pytest.raises(UserError, match=f"field '{field}'"):
         load_grid(_grid(tmp_path, **change))
@@ -51,8 +57,13 @@ def test_bad_grid_is_one_clean_line(tmp_path):
 def test_plan_and_launch_commands():
     grid, base = load_grid(GRID)
     cells = plan(grid)
-    assert [c.name for c in cells] == ["train-n40-w1", "neggrad_plus-n40-f0.1-w1", "neggrad_plus-n40-f0.1-w2",
-                                       "neggrad_plus-n40-f0.2-w1", "neggrad_plus-n40-f0.2-w2"]
+    assert [c.name for c in cells] == [
+        "train-n40-w1",
+        "neggrad_plus-n40-f0.1-w1",
+        "neggrad_plus-n40-f0.1-w2",
+        "neggrad_plus-n40-f0.2-w1",
+        "neggrad_plus-n40-f0.2-w2",
+    ]
     grid.throughput = True
     assert [c.name for c in plan(grid) if c.kind == "train"] == ["train-n40-w1", "train-n40-w2"]
     grid.retrain = True  # a retrain reference per forget fraction, and every unlearning cell scored against it
@@ -66,7 +77,12 @@ def test_plan_and_launch_commands():
     argv, env = launchers.command("cpu", base, 1, ["train"])
     assert argv[1:] == ["-m", "mtu_dist.cli", "train"] and env == {"ACCELERATE_USE_CPU": "true"}
     argv, _ = launchers.command("cpu", base, 2, ["train"])
-    assert argv[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu_2proc.yaml")]
+    assert argv[1:5] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu_2proc.yaml"),
+    ]
     assert argv[argv.index("--num_processes") + 1] == "2" and argv[-3:] == ["-m", "mtu_dist.cli", "train"]
     argv, env = launchers.command("deepspeed_zero2", base, 1, ["train"])  # DeepSpeed needs its launcher even for 1 rank
     assert argv[argv.index("--config_file") + 1].endswith("deepspeed_zero2.yaml") and env == {}
@@ -76,6 +92,7 @@ def test_plan_and_launch_commands():
 
 def _children(uri: str, parent: str) -> list:
     from mlflow import MlflowClient
+
     client = MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
     return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -104,10 +121,13 @@ def test_two_process_sweep_compare_and_resume(tmp_path):
     assert set(by_cell) == {"train-n40-w1", *(f"neggrad_plus-n40-f{f}-w{w}" for f in (0.1, 0.2) for w in (1, 2))}
     for name, r in by_cell.items():  # the 2-rank cells really ran on 2 ranks
         assert r.data.params["world_size"] == r.data.tags["mtu.sweep.world_size"] == name[-1], name
-    assert by_cell["neggrad_plus-n40-f0.2-w2"].data.params["request_sha256"] != \
-        by_cell["neggrad_plus-n40-f0.1-w2"].data.params["request_sha256"]
+    assert (
+        by_cell["neggrad_plus-n40-f0.2-w2"].data.params["request_sha256"]
+        != by_cell["neggrad_plus-n40-f0.1-w2"].data.params["request_sha256"]
+    )
     # the parent's own charts: each method's mean over its cells, at step 0 (bars in MLflow's chart view)
     from mlflow import MlflowClient
+
     summary = MlflowClient(uri).get_run(parent).data.metrics
     assert summary["mean/neggrad_plus/cells"] == 4 and summary["mean/train/cells"] == 1
     unlearn_s = [r.data.metrics["time/unlearn_s"] for name, r in by_cell.items() if name.startswith("neggrad_plus")]
@@ -128,10 +148,12 @@ def test_two_process_sweep_compare_and_resume(tmp_path):
         data = (report / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, name
     from mlflow import MlflowClient
+
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
     assert {f"report/{n}" for n in ["table.md", "cells.csv", *pngs]} <= logged
 
     from mtu_dist.reporting.compare import find_parent
+
     client = MlflowClient(uri)
     assert find_parent(client, parent=None, experiment="synth-indoor", uri=uri).info.run_id == parent
     with pytest.raises(UserError, match="--parent nope: no such run"):

@@ -38,8 +38,21 @@ def test_specs():
     assert isinstance(indoor, SynthSpec)
     assert indoor.tasks == ("seg", "depth", "normal")
     assert indoor.num_classes == 13
-    assert indoor.class_names == ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
-                                  "painting", "sofa", "table", "tv", "wall", "window")
+    assert indoor.class_names == (
+        "bed",
+        "books",
+        "ceiling",
+        "chair",
+        "floor",
+        "furniture",
+        "objects",
+        "painting",
+        "sofa",
+        "table",
+        "tv",
+        "wall",
+        "window",
+    )
     assert street.tasks == ("seg", "depth")
     assert street.class_names == ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
     assert street.num_classes == 7
@@ -203,7 +216,7 @@ def test_depth_and_normals_geometrically_consistent():
         same = np.ones((h - 2, w - 2), dtype=bool)
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
-                same &= ids[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] == ids[1:-1, 1:-1]
+                same &= ids[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] == ids[1:-1, 1:-1]
         mask = same & planar[1:-1, 1:-1]
         assert mask.mean() > 0.3
         n_depth = _depth_normals(o["depth"], o["intrinsics"])[mask]

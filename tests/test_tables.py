@@ -6,6 +6,7 @@ A whole `mtu demo` takes minutes even on the tiny data (24 unlearning runs of 40
 presentation is tested in pieces: its functions on hand-made metrics.json reports, against a real
 sqlite MLflow store.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,13 +26,19 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _table() -> Table:
-    cols = [Column("val", "seg mIoU", "0–1", "max"), Column("", "UIS", "", "min"),
-            Column("forget", "seg mIoU", "0–1", "ref"), Column("", "note")]
-    rows = [Row(["original"], [0.90, 0.000, 0.500, 1.0], role=BEFORE),   # best everywhere, but not a contender
-            Row(["retrain"], [0.80, 0.010, 0.300, 1.0], role=REFERENCE),
-            Row(["a"], [0.70, 0.050, 0.350, 1.0]),
-            Row(["b"], [0.75, 0.020, 0.200, 1.0]),
-            Row(["c"], [0.75, 0.030, 0.290, None])]
+    cols = [
+        Column("val", "seg mIoU", "0–1", "max"),
+        Column("", "UIS", "", "min"),
+        Column("forget", "seg mIoU", "0–1", "ref"),
+        Column("", "note"),
+    ]
+    rows = [
+        Row(["original"], [0.90, 0.000, 0.500, 1.0], role=BEFORE),  # best everywhere, but not a contender
+        Row(["retrain"], [0.80, 0.010, 0.300, 1.0], role=REFERENCE),
+        Row(["a"], [0.70, 0.050, 0.350, 1.0]),
+        Row(["b"], [0.75, 0.020, 0.200, 1.0]),
+        Row(["c"], [0.75, 0.030, 0.290, None]),
+    ]
     return Table(["method"], cols, rows)
 
 
@@ -81,6 +88,7 @@ def test_labels_and_directions_come_from_tasks(monkeypatch):
 def _report(forget, retain, val, uis=None, mia=None, gap=None, time_s=None, partial=False):
     def split(seg):
         return {"seg": {"miou": seg}, "depth": {"delta1": 0.6}, "normal": {"within_30": 55.0}}
+
     splits = {"forget": split(forget), "retain": split(retain), "val": split(val)}
     if partial:
         kept = splits["forget"]
@@ -93,10 +101,12 @@ def _report(forget, retain, val, uis=None, mia=None, gap=None, time_s=None, part
 
 
 def _reports(partial=False):
-    return {"original": {"splits": _report(0.20, 0.22, 0.18, partial=partial)["splits"], "time_s": 120.5},
-            "retrain": _report(0.19, 0.216, 0.19, 0.021, 0.553, None, 101.1, partial),
-            "finetune": _report(0.195, 0.218, 0.185, 0.020, 0.552, 0.710, 10.5, partial),
-            "iamu": _report(0.193, 0.220, 0.183, 0.014, 0.507, 0.603, 14.5, partial)}
+    return {
+        "original": {"splits": _report(0.20, 0.22, 0.18, partial=partial)["splits"], "time_s": 120.5},
+        "retrain": _report(0.19, 0.216, 0.19, 0.021, 0.553, None, 101.1, partial),
+        "finetune": _report(0.195, 0.218, 0.185, 0.020, 0.552, 0.710, 10.5, partial),
+        "iamu": _report(0.193, 0.220, 0.183, 0.014, 0.507, 0.603, 14.5, partial),
+    }
 
 
 def test_markdown_and_csv_hold_the_same_numbers():
@@ -115,6 +125,7 @@ def test_markdown_and_csv_hold_the_same_numbers():
 
 def _parent(uri: str):
     from mtu_dist.reporting.tracking import Tracker
+
     return Tracker(enabled=True, uri=uri, experiment="synth-indoor", run_name="demo", tags={"mtu.command": "demo"})
 
 
@@ -122,10 +133,13 @@ def _parent(uri: str):
 def demo_parent(tmp_path):
     """A demo parent run with both settings presented, saved and logged as `mtu demo` does."""
     from mtu_dist.studies import demo
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = _parent(uri)
-    results = {s: demo.present(parent, s, tmp_path / f"{s}.yaml", _reports(s == "partial"), tmp_path / "runs", order=i)
-               for i, s in enumerate(("full", "partial"))}
+    results = {
+        s: demo.present(parent, s, tmp_path / f"{s}.yaml", _reports(s == "partial"), tmp_path / "runs", order=i)
+        for i, s in enumerate(("full", "partial"))
+    }
     demo.figures(parent, results, tmp_path / "runs")
     parent.finish()
     return uri, parent.run_id, tmp_path
@@ -133,6 +147,7 @@ def demo_parent(tmp_path):
 
 def test_demo_saves_and_logs_its_tables_and_summary_metrics(capsys, demo_parent):
     from mlflow import MlflowClient
+
     uri, run_id, tmp = demo_parent
     printed = capsys.readouterr().out
     assert "retrain (reference)" in printed and "0.014*" in printed  # iamu's UIS, the lowest
@@ -166,8 +181,10 @@ def test_mtu_report_and_compare_accept_a_demo_parent(demo_parent):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert "a demo has no scaling axes" in cmp.stdout and "| iamu |" in cmp.stdout
     from mlflow import MlflowClient
+
     assert {"report/table.md", "report/uis.png", "report/interference.png"} <= {
-        a.path for a in MlflowClient(uri).list_artifacts(run_id, "report")}
+        a.path for a in MlflowClient(uri).list_artifacts(run_id, "report")
+    }
 
 
 def test_report_of_a_demo_that_logged_no_table_is_one_line(tmp_path):
@@ -183,14 +200,19 @@ def test_report_of_a_demo_that_logged_no_table_is_one_line(tmp_path):
 # sweep tables and plots
 # --------------------------------------------------------------------------
 
+
 def _cells():
     from mtu_dist.reporting.compare import CellRow
+
     def cell(kind, w, f=None, method=None, step=None, sps=None, cost=None, uis=None):
         name = f"train-n40-w{w}" if kind == "train" else f"{method}-n40-f{f:g}-w{w}"
         return CellRow(kind, name, w, 40, f, method, step, sps, cost, name, {"uis": uis} if uis is not None else {})
-    return [cell("train", 1, step=0.2, sps=100.0), cell("train", 2, step=0.22, sps=180.0),
-            *(cell("unlearn", w, f, "iamu", step=0.1 * w + f, cost=5 + f, uis=0.1 + f)
-              for w in (1, 2) for f in (0.1, 0.2))]
+
+    return [
+        cell("train", 1, step=0.2, sps=100.0),
+        cell("train", 2, step=0.22, sps=180.0),
+        *(cell("unlearn", w, f, "iamu", step=0.1 * w + f, cost=5 + f, uis=0.1 + f) for w in (1, 2) for f in (0.1, 0.2)),
+    ]
 
 
 @pytest.fixture
@@ -217,6 +239,7 @@ def test_cost_plot_names_a_retrain_only_when_the_sweep_has_one(figs):
     figures, _ = plots.draw_all(_cells())
     assert "retrain" not in figures["cost_vs_forget.png"].axes[0].get_title()
     from mtu_dist.reporting.compare import CellRow
+
     ref = CellRow("retrain", "retrain-n40-f0.1-w1", 1, 40, 0.1, "retrain", 0.3, None, 60.0, "r", {"uis": 0.05})
     figures, _ = plots.draw_all([*_cells(), ref])
     assert "retrain: its training time" in figures["cost_vs_forget.png"].axes[0].get_title()
@@ -225,6 +248,7 @@ def test_cost_plot_names_a_retrain_only_when_the_sweep_has_one(figs):
 def test_sweep_tables_mark_the_best_and_the_retrain_reference():
     from mtu_dist.reporting.compare import CellRow
     from mtu_dist.reporting.compare import tables as sweep_tables
+
     ref = CellRow("retrain", "retrain-n40-f0.1-w1", 1, 40, 0.1, "retrain", 0.01, None, 1.0, "r", {"uis": 0.001})
     text = sweep_tables([*_cells(), ref])
     assert "| train-n40-w2 | 40 | 2 | 0.22 | **180.0** | **1.80** | 90% |" in text
@@ -235,6 +259,7 @@ def test_sweep_tables_mark_the_best_and_the_retrain_reference():
 
 def test_demo_generates_only_the_dataset_it_runs():
     from mtu_dist.studies import demo
+
     assert demo.DATASETS == [demo.DEMO_DATASET]
 
 
@@ -242,6 +267,7 @@ def test_demo_records_read_back_in_order(demo_parent):
     from mlflow import MlflowClient
 
     from mtu_dist.reporting.report import demo_records
+
     uri, run_id, _ = demo_parent
     client = MlflowClient(uri)
     records = demo_records(client, client.get_run(run_id))
@@ -253,9 +279,20 @@ def test_demo_records_read_back_in_order(demo_parent):
 def test_demo_end_to_end_on_tiny_data(tiny_root, tmp_path):
     """The whole demo on the tiny shards (about 2 minutes on 2 idle cores: 24 unlearning runs of 40 steps)."""
     from mlflow import MlflowClient
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_mtu("demo", "--root", tiny_root, "--out", tmp_path / "runs", "--tracking-uri", uri, cwd=tmp_path,
-                   env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    proc = run_mtu(
+        "demo",
+        "--root",
+        tiny_root,
+        "--out",
+        tmp_path / "runs",
+        "--tracking-uri",
+        uri,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id = re.search(r"mtu report --parent (\w+) --tracking-uri (\S+)", proc.stdout).group(1)
     assert f"mlflow ui --backend-store-uri {uri}" in proc.stdout
@@ -265,8 +302,12 @@ def test_demo_end_to_end_on_tiny_data(tiny_root, tmp_path):
     assert proc.stdout.count("retrain (reference)") == 2
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(run_id, "demo")}
-    assert {"demo/synth-indoor-full.md", "demo/synth-indoor-partial.csv", "demo/uis.png",
-            "demo/interference.png"} <= logged
+    assert {
+        "demo/synth-indoor-full.md",
+        "demo/synth-indoor-partial.csv",
+        "demo/uis.png",
+        "demo/interference.png",
+    } <= logged
     metrics = client.get_run(run_id).data.metrics
     assert {"full/iamu/uis", "partial/iamu/mia_auc", "partial/retrain/uis"} <= set(metrics)
     rep = run_mtu("report", "--parent", run_id, "--tracking-uri", uri, "--out", tmp_path / "rep", cwd=tmp_path)

@@ -43,6 +43,7 @@ def _assert_metrics_close(a: dict, b: dict, tol: float = 1e-9) -> None:
 # registry
 # --------------------------------------------------------------------------
 
+
 def test_registry_consistent():
     assert set(TASKS) == {"seg", "depth", "normal"}
     assert TASKS["seg"].primary == "miou"
@@ -73,6 +74,7 @@ def test_valid_pixels():
 # --------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------
+
 
 def test_seg_loss_hand_computed():
     # sample 0 pixels (class0 logit, class1 logit) -> target:
@@ -152,6 +154,7 @@ def test_losses_do_not_modify_inputs():
 # --------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------
+
 
 def _seg_case():
     # 2-class, 2x3 map, one ignore pixel:
@@ -246,6 +249,7 @@ def test_empty_meters_report_nan():
 # sample mask, state round trip, reduce_meters
 # --------------------------------------------------------------------------
 
+
 def _random_batch(name: str, b: int = 4, c: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if name == "seg":
@@ -333,6 +337,7 @@ def test_reduce_meters_one_collective_across_ranks():
 # batched per-sample gradients
 # --------------------------------------------------------------------------
 
+
 def test_losses_compose_with_is_grads_batched():
     torch.manual_seed(0)
     b, c, k = 3, 2, 3
@@ -348,15 +353,14 @@ def test_losses_compose_with_is_grads_batched():
     normal_t[0] = 0  # sample without valid normals
 
     out = model(x)
-    preds = {"seg": out[:, :c], "depth": out[:, c:c + 1], "normal": F.normalize(out[:, c + 1:], dim=1)}
+    preds = {"seg": out[:, :c], "depth": out[:, c : c + 1], "normal": F.normalize(out[:, c + 1 :], dim=1)}
     targets = {"seg": seg_t, "depth": depth_t, "normal": normal_t}
     losses = torch.cat([TASKS[n].per_sample_loss(preds[n], targets[n]) for n in TASKS])  # [3 * B]
 
     weights = torch.rand(k, losses.numel(), dtype=torch.float64)
     weights[0, :b] = 0  # e.g. a supervision mask switching off one task
 
-    batched = torch.autograd.grad(losses, params, grad_outputs=weights,
-                                  is_grads_batched=True, retain_graph=True)
+    batched = torch.autograd.grad(losses, params, grad_outputs=weights, is_grads_batched=True, retain_graph=True)
     for i in range(k):
         seq = torch.autograd.grad((losses * weights[i]).sum(), params, retain_graph=True)
         for gb, gs in zip(batched, seq):

@@ -1,5 +1,6 @@
 """MLflow as a comparison tool: final scores in the form MLflow charts as bars, and a sqlite store that
 keeps its artifacts when its folder is moved (read through the MLflow client and through `mtu server`)."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, _free_port, read_json, run_mtu
 from test_mlflow_server import _wait_healthy
 
@@ -21,7 +21,9 @@ def test_scores_are_one_point_at_step_zero(tmp_path):
     """MLflow's chart view draws a metric whose latest point has step >= 1 as a line, any other as bars
     (one per run): scores are one point at step 0, curves keep their steps."""
     from mlflow import MlflowClient
+
     from mtu_dist.reporting.tracking import SCORE_STEP, Tracker
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t = Tracker(enabled=True, uri=uri, experiment="e", run_name="r")
     for step in (1, 2, 3):
@@ -51,9 +53,23 @@ def _serve(store: Path, cwd: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(BIN / "mtu"), "server", "--store", f"sqlite:///{store / 'mlflow.db'}",
-                                 "--artifacts", str(store / "mlartifacts"), "--port", str(port)],
-                                cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mtu"),
+                "server",
+                "--store",
+                f"sqlite:///{store / 'mlflow.db'}",
+                "--artifacts",
+                str(store / "mlartifacts"),
+                "--port",
+                str(port),
+            ],
+            cwd=cwd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _wait_healthy(proc, f"http://127.0.0.1:{port}", log)
     return proc, f"http://127.0.0.1:{port}", log
 
@@ -64,6 +80,7 @@ def test_moved_store_keeps_its_artifacts(tiny_root, tmp_path):
     every run's artifacts, and from then on a plain MLflow client (any current directory) reads them too.
     Scores of the eval run are step-0 points (bars); the training curve keeps its steps."""
     from mlflow import MlflowClient
+
     store = tmp_path / "store"
     store.mkdir()
     uri, report = _run_dir(tmp_path, store, tiny_root)
@@ -91,12 +108,25 @@ def test_moved_store_keeps_its_artifacts(tiny_root, tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     # a plain client on the moved store, from a folder that is neither the old nor the new one
-    script = ("import sys, json; from mlflow import MlflowClient; c = MlflowClient(sys.argv[1]); r = c.get_run(sys.argv[2]); "
-              "print(json.dumps([r.info.artifact_uri, sorted(a.path for a in c.list_artifacts(sys.argv[2])), "
-              "open(c.download_artifacts(sys.argv[2], 'metrics.json', sys.argv[3])).read()]))")
-    out = subprocess.run([str(BIN / "python"), "-c", script, f"sqlite:///{moved / 'mlflow.db'}",
-                          runs["train"].info.run_id, str(tmp_path / "dl-plain")], cwd=tmp_path / "elsewhere",
-                         capture_output=True, text=True, check=True)
+    script = (
+        "import sys, json; from mlflow import MlflowClient; c = MlflowClient(sys.argv[1]); r = c.get_run(sys.argv[2]); "
+        "print(json.dumps([r.info.artifact_uri, sorted(a.path for a in c.list_artifacts(sys.argv[2])), "
+        "open(c.download_artifacts(sys.argv[2], 'metrics.json', sys.argv[3])).read()]))"
+    )
+    out = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-c",
+            script,
+            f"sqlite:///{moved / 'mlflow.db'}",
+            runs["train"].info.run_id,
+            str(tmp_path / "dl-plain"),
+        ],
+        cwd=tmp_path / "elsewhere",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     artifact_uri, paths, text = json.loads(out.stdout)
     assert artifact_uri.startswith((moved / "mlartifacts").as_uri()) and {"config.yaml", "metrics.json"} <= set(paths)
     assert json.loads(text) == report

@@ -1,5 +1,6 @@
 """Unlearning metrics: UIS, gap, Delta_m by hand; the MIA on synthetic losses and on a really overfit
 model; `mtu unlearn --retrain` and `mtu score` writing the `unlearning` block to metrics.json and MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,20 @@ import math
 
 import numpy as np
 import pytest
+from conftest import run_many, run_mtu
 
 from mtu_dist.evaluation.scoring import request_tasks
+from mtu_dist.evaluation.unlearning_metrics import (
+    PRIMARY_PERCENT,
+    attack_auc,
+    cost_ratio,
+    delta_m,
+    gap_to_retrain,
+    mia_auc,
+    split_val,
+    uis,
+)
 from mtu_dist.tasks import TASKS
-from mtu_dist.evaluation.unlearning_metrics import (PRIMARY_PERCENT, attack_auc, cost_ratio, delta_m, gap_to_retrain, mia_auc,
-                                         split_val, uis)
-
-from conftest import run_many, run_mtu
 
 
 def _m(seg=None, depth=None, normal=None) -> dict:
@@ -31,6 +39,7 @@ def _m(seg=None, depth=None, normal=None) -> dict:
 # --------------------------------------------------------------------------
 # metric-based scores, by hand
 # --------------------------------------------------------------------------
+
 
 def test_uis_full_setting_by_hand():
     original = {"val": _m(0.5, 0.8), "forget": _m(0.9, 0.95)}
@@ -72,10 +81,14 @@ def test_gap_to_retrain_in_percentage_points_by_hand():
 
 
 def test_delta_m_by_hand_signs_follow_metric_direction():
-    original = {"val": {"seg": {"miou": 0.5, "pixel_acc": 0.8}, "depth": {"abs_err": 0.2, "rel_err": 0.1, "delta1": 0.9}},
-                "retain": {"seg": {"miou": 0.6, "pixel_acc": 0.9}}}
-    unlearned = {"val": {"seg": {"miou": 0.45, "pixel_acc": 0.8}, "depth": {"abs_err": 0.3, "rel_err": 0.1, "delta1": 0.9}},
-                 "retain": {"seg": {"miou": 0.66, "pixel_acc": 0.9}}}
+    original = {
+        "val": {"seg": {"miou": 0.5, "pixel_acc": 0.8}, "depth": {"abs_err": 0.2, "rel_err": 0.1, "delta1": 0.9}},
+        "retain": {"seg": {"miou": 0.6, "pixel_acc": 0.9}},
+    }
+    unlearned = {
+        "val": {"seg": {"miou": 0.45, "pixel_acc": 0.8}, "depth": {"abs_err": 0.3, "rel_err": 0.1, "delta1": 0.9}},
+        "retain": {"seg": {"miou": 0.66, "pixel_acc": 0.9}},
+    }
     got = delta_m(original, unlearned)
     # val: seg mean(-10%, 0) = -5%; depth mean(-50% (error up), 0, 0) = -16.67%; over tasks -10.83%
     assert got["val"] == pytest.approx((-5.0 - 50.0 / 3) / 2, abs=1e-9)
@@ -97,6 +110,7 @@ def test_request_tasks_read_off_the_splits():
 # MIA on synthetic losses
 # --------------------------------------------------------------------------
 
+
 def _records(prefix: str, n: int, rng, scale: float, tasks=("seg", "depth")) -> list:
     return [(f"{prefix}{i:04d}", t, float(rng.exponential(scale))) for i in range(n) for t in tasks]
 
@@ -113,8 +127,11 @@ def test_attack_auc_separated_vs_identical_distributions():
 
 def test_mia_auc_members_low_loss_and_record_order_irrelevant():
     rng = np.random.default_rng(2)
-    losses = {"retain": _records("train/r", 200, rng, 0.1), "forget": _records("train/f", 200, rng, 0.1),
-              "val": _records("val/", 400, rng, 1.0)}
+    losses = {
+        "retain": _records("train/r", 200, rng, 0.1),
+        "forget": _records("train/f", 200, rng, 0.1),
+        "val": _records("val/", 400, rng, 1.0),
+    }
     got = mia_auc(losses, ["seg", "depth", "normal"])  # normal: no instance has it -> the column is dropped
     assert got["mia_auc"] > 0.9 and got["mia_auc_target"] is None
     assert got["mia_counts"] == {"member": 200, "nonmember": 200, "forget": 200, "heldout": 200}
@@ -127,9 +144,12 @@ def test_mia_auc_members_low_loss_and_record_order_irrelevant():
 def test_mia_auc_partial_target_columns_and_missing_tasks():
     rng = np.random.default_rng(3)
     # forgotten instances: seg (the target) unseen-like, depth (kept) member-like, given in forget_kept
-    losses = {"retain": _records("train/r", 200, rng, 0.1), "val": _records("val/", 400, rng, 1.0),
-              "forget": _records("train/f", 200, rng, 1.0, tasks=("seg",)),
-              "forget_kept": _records("train/f", 200, rng, 0.1, tasks=("depth",))}
+    losses = {
+        "retain": _records("train/r", 200, rng, 0.1),
+        "val": _records("val/", 400, rng, 1.0),
+        "forget": _records("train/f", 200, rng, 1.0, tasks=("seg",)),
+        "forget_kept": _records("train/f", 200, rng, 0.1, tasks=("depth",)),
+    }
     got = mia_auc(losses, ["seg", "depth"], target_tasks=["seg"])
     assert abs(got["mia_auc_target"] - 0.5) < 0.1  # the target losses alone: forgotten
     assert got["mia_auc"] > got["mia_auc_target"] + 0.1  # the kept task still gives the instances away
@@ -161,19 +181,55 @@ def overfit(tmp_path_factory):
     """16 training instances fitted for 120 epochs (train loss far below val loss), 320 val instances,
     a full request of 8; the original evaluated on it (metrics-/losses-<sha12>.json beside it)."""
     tmp = tmp_path_factory.mktemp("overfit")
-    run_mtu("data", "synth", "--datasets", "synth-indoor", "--out", tmp / "shards", "--train", 16, "--val", 320,
-            "--height", 16, "--width", 24, "--shard-size", 8, "--workers", 2, check=True)
+    run_mtu(
+        "data",
+        "synth",
+        "--datasets",
+        "synth-indoor",
+        "--out",
+        tmp / "shards",
+        "--train",
+        16,
+        "--val",
+        320,
+        "--height",
+        16,
+        "--width",
+        24,
+        "--shard-size",
+        8,
+        "--workers",
+        2,
+        check=True,
+    )
     (tmp / "overfit.yaml").write_text(OVERFIT)
     common = ["--config", tmp / "overfit.yaml", "--set", f"data.root={tmp / 'shards'}"]
     run_mtu("train", *common, "--set", f"out={tmp / 'runs'}", cwd=tmp, check=True, env={"OMP_NUM_THREADS": "1"})
     req = tmp / "full.yaml"
-    run_mtu("forget", "make", "--dataset", tmp / "shards" / "synth-indoor", "--fraction", 0.5, "--setting", "full",
-            "--out", req, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tmp / "shards" / "synth-indoor",
+        "--fraction",
+        0.5,
+        "--setting",
+        "full",
+        "--out",
+        req,
+        check=True,
+    )
     orig = tmp / "runs" / "synth-indoor" / "original"
     run_mtu("eval", "--ckpt", orig, "--request", req, *common, cwd=tmp, check=True)
     sha = __import__("hashlib").sha256(req.read_bytes()).hexdigest()[:12]
-    return {"tmp": tmp, "common": common, "req": req, "orig": orig,
-            "losses": json.loads((orig / "final" / f"losses-{sha}.json").read_text()), "sha": sha}
+    return {
+        "tmp": tmp,
+        "common": common,
+        "req": req,
+        "orig": orig,
+        "losses": json.loads((orig / "final" / f"losses-{sha}.json").read_text()),
+        "sha": sha,
+    }
 
 
 @pytest.mark.slow
@@ -187,6 +243,7 @@ def test_mia_on_overfit_model_members_vs_val_and_val_halves(overfit):
     # two halves of the held-out val (80 vs 80), scored by the same attack: no membership signal.
     # Under the null the AUC's sd is sqrt((80 + 80 + 1) / (12 * 80 * 80)) = 0.046; 0.15 is ~3.3 sd.
     from mtu_dist.evaluation.unlearning_metrics import loss_features
+
     keys, x = loss_features(losses["val"], tasks)
     attack, heldout = split_val(keys)
     row = {k: i for i, k in enumerate(keys)}
@@ -205,20 +262,70 @@ def unlearned(overfit, tmp_path_factory):
     tmp, common, req, orig, sha = (overfit[k] for k in ("tmp", "common", "req", "orig", "sha"))
     part = tmp_path_factory.mktemp("partial")
     partial = part / "partial.yaml"
-    run_mtu("forget", "make", "--dataset", tmp / "shards" / "synth-indoor", "--fraction", 0.5, "--setting", "partial",
-            "--tasks", "seg", "--out", partial, check=True)
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tmp / "shards" / "synth-indoor",
+        "--fraction",
+        0.5,
+        "--setting",
+        "partial",
+        "--tasks",
+        "seg",
+        "--out",
+        partial,
+        check=True,
+    )
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracked = [*common, "--set", f"out={tmp / 'runs'}", "--set", "tracking.enabled=true", "--tracking-uri", uri]
     retrain = tmp / "runs" / "synth-indoor" / "retrain-full"
     cache = orig / "final" / f"metrics-{sha}.json"
     before = cache.stat().st_mtime_ns
-    proc = run_many([["retrain", *tracked, "--request", req, "--name", "retrain-full", "--set", "train.epochs=10"],
-                     ["unlearn", *tracked, "--method", "grad_ascent", "--request", req, "--from", orig,
-                      "--retrain", retrain, "--name", "ga"],
-                     ["unlearn", *common, "--set", f"out={part / 'runs'}", "--method", "neggrad_plus",
-                      "--request", partial, "--from", orig, "--name", "ng"]], tmp, tag="unlearned")["_proc"]
-    return {"uri": uri, "retrain": retrain, "cache": cache, "before": before, "stdout": proc.stdout,
-            "partial": partial, "part": part}
+    proc = run_many(
+        [
+            ["retrain", *tracked, "--request", req, "--name", "retrain-full", "--set", "train.epochs=10"],
+            [
+                "unlearn",
+                *tracked,
+                "--method",
+                "grad_ascent",
+                "--request",
+                req,
+                "--from",
+                orig,
+                "--retrain",
+                retrain,
+                "--name",
+                "ga",
+            ],
+            [
+                "unlearn",
+                *common,
+                "--set",
+                f"out={part / 'runs'}",
+                "--method",
+                "neggrad_plus",
+                "--request",
+                partial,
+                "--from",
+                orig,
+                "--name",
+                "ng",
+            ],
+        ],
+        tmp,
+        tag="unlearned",
+    )["_proc"]
+    return {
+        "uri": uri,
+        "retrain": retrain,
+        "cache": cache,
+        "before": before,
+        "stdout": proc.stdout,
+        "partial": partial,
+        "part": part,
+    }
 
 
 @pytest.mark.slow
@@ -238,15 +345,20 @@ def test_unlearn_with_retrain_writes_scores_to_metrics_and_mlflow(overfit, unlea
     assert block["cost_ratio"] == pytest.approx(report["time_s"] / retrain_report["time_s"])
 
     from mlflow import MlflowClient
+
     client = MlflowClient(uri)
     logged = client.get_run(report["run"]["mlflow_run_id"]).data.metrics
     for name in ("uis", "uis/seg", "uis/depth", "uis/normal", "mia_auc", "gap_retrain", "delta_m", "cost_ratio"):
         assert name in logged, name
-    assert logged["uis"] == pytest.approx(block["uis"]["mean"]) and logged["gap_retrain"] == pytest.approx(block["gap_retrain"])
+    assert logged["uis"] == pytest.approx(block["uis"]["mean"]) and logged["gap_retrain"] == pytest.approx(
+        block["gap_retrain"]
+    )
 
     # `mtu score` recomputes the same block from the files alone (original taken from the run's --from)
     (tmp / "runs" / "synth-indoor" / "ga" / "final" / "model.safetensors").unlink()  # proof: no model is run
-    run_mtu("score", tmp / "runs" / "synth-indoor" / "ga", "--retrain", retrain, "--tracking-uri", uri, cwd=tmp, check=True)
+    run_mtu(
+        "score", tmp / "runs" / "synth-indoor" / "ga", "--retrain", retrain, "--tracking-uri", uri, cwd=tmp, check=True
+    )
     rescored = json.loads((tmp / "runs" / "synth-indoor" / "ga" / "final" / "metrics.json").read_text())["unlearning"]
     assert rescored == block
 

@@ -16,6 +16,7 @@ The project's own dependencies the target lacks are pinned by constraints.txt, s
 same mlflow, webdataset, pydantic, ...; their own dependencies are resolved to fit the target. Stdlib
 only; it needs pip >= 24 (older pips check Requires-Python against the running interpreter, not the target).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FREEZE = ROOT / "launch" / "offline" / "gpu-image-freeze.txt"
 # manylinux tags pip must match exactly; the newer ones cover wheels built on recent toolchains
-DEFAULT_PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64",
-                     "manylinux_2_27_x86_64", "manylinux_2_28_x86_64", "manylinux_2_31_x86_64",
-                     "manylinux_2_34_x86_64", "manylinux_2_35_x86_64", "manylinux_2_39_x86_64", "linux_x86_64"]
+DEFAULT_PLATFORMS = [
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux_2_35_x86_64",
+    "manylinux_2_39_x86_64",
+    "linux_x86_64",
+]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
 
 
@@ -75,8 +85,10 @@ def to_fetch(report: dict, installed: dict[str, str]) -> list[tuple[str, str]]:
     for item in report["install"]:
         name, version = normalize(item["metadata"]["name"]), item["metadata"]["version"]
         if name in installed and PROTECTED.match(name):
-            raise GatherError(f"the dependencies ask for {name}=={version} but the target's image has "
-                              f"{installed[name]}: the project's ranges must admit the image's torch stack")
+            raise GatherError(
+                f"the dependencies ask for {name}=={version} but the target's image has "
+                f"{installed[name]}: the project's ranges must admit the image's torch stack"
+            )
         fetch.append((name, version))
     return sorted(fetch)
 
@@ -84,8 +96,9 @@ def to_fetch(report: dict, installed: dict[str, str]) -> list[tuple[str, str]]:
 def direct_dependencies() -> set[str]:
     """Names the project itself requires (every extra included), from pyproject.toml."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = list(project["dependencies"]) + [r for extra in project.get("optional-dependencies", {}).values()
-                                             for r in extra]
+    reqs = list(project["dependencies"]) + [
+        r for extra in project.get("optional-dependencies", {}).values() for r in extra
+    ]
     return {normalize(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in reqs}
 
 
@@ -103,6 +116,7 @@ def stub_environment(root: Path, target: dict[str, str]) -> Path:
     holds one metadata-only dist-info per target package. pip resolves against it as if on the target,
     so what the target has (torch first of all) is taken as installed and never resolved again."""
     import venv
+
     venv.create(root / "venv", with_pip=False)
     stubs = root / "stubs"
     for name, version in target.items():
@@ -140,30 +154,62 @@ def gather(args) -> list[tuple[str, str]]:
         cons = Path(tmp) / "constraints.txt"
         cons.write_text(lock_constraints(target, lock, direct_dependencies()))
         report = Path(tmp) / "report.json"
-        pip("--python", str(Path(tmp) / "venv" / "bin" / "python"), "install", "--dry-run", "--quiet",
-            "--report", str(report), "-c", str(cons), *platform_args(args),
-            f"mtu_dist{extras} @ {project_wheel.as_uri()}", env={**os.environ, "PYTHONPATH": str(stubs)})
+        pip(
+            "--python",
+            str(Path(tmp) / "venv" / "bin" / "python"),
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            "-c",
+            str(cons),
+            *platform_args(args),
+            f"mtu_dist{extras} @ {project_wheel.as_uri()}",
+            env={**os.environ, "PYTHONPATH": str(stubs)},
+        )
         need = [(n, v) for n, v in to_fetch(json.loads(report.read_text()), target) if n != "mtu-dist"]
     if need:
         pip("download", "--no-deps", "--quiet", "-d", str(out), *platform_args(args), *[f"{n}=={v}" for n, v in need])
-    (out / "gathered.json").write_text(json.dumps({
-        "python_version": args.python_version, "platforms": args.platform or DEFAULT_PLATFORMS,
-        "target_freeze": str(args.target_freeze), "extras": args.extras, "project_wheel": project_wheel.name,
-        "packages": [f"{n}=={v}" for n, v in need]}, indent=1) + "\n")
+    (out / "gathered.json").write_text(
+        json.dumps(
+            {
+                "python_version": args.python_version,
+                "platforms": args.platform or DEFAULT_PLATFORMS,
+                "target_freeze": str(args.target_freeze),
+                "extras": args.extras,
+                "project_wheel": project_wheel.name,
+                "packages": [f"{n}=={v}" for n, v in need],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return need
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--target-freeze", default=str(DEFAULT_FREEZE), help="`pip freeze` output of the target image")
     ap.add_argument("--python-version", default="3.12", help="the target's Python (major.minor)")
-    ap.add_argument("--platform", action="append", help="a wheel platform tag of the target (repeatable; "
-                    "default: the manylinux x86-64 tags)")
-    ap.add_argument("--extras", default="", help="project extras to include, e.g. 'deepspeed' (source-only "
-                    "packages cannot be fetched for another platform: build their wheels with `pip wheel`)")
-    ap.add_argument("--lock", default=str(ROOT / "constraints.txt"),
-                    help="exact pins for packages the target lacks ('' for the newest that fit)")
+    ap.add_argument(
+        "--platform",
+        action="append",
+        help="a wheel platform tag of the target (repeatable; default: the manylinux x86-64 tags)",
+    )
+    ap.add_argument(
+        "--extras",
+        default="",
+        help="project extras to include, e.g. 'deepspeed' (source-only "
+        "packages cannot be fetched for another platform: build their wheels with `pip wheel`)",
+    )
+    ap.add_argument(
+        "--lock",
+        default=str(ROOT / "constraints.txt"),
+        help="exact pins for packages the target lacks ('' for the newest that fit)",
+    )
     ap.add_argument("--out", default="wheels", help="folder to fill (created; carry it to the target)")
     args = ap.parse_args(argv)
     try:
@@ -172,8 +218,10 @@ def main(argv=None) -> int:
         print(f"gather_wheels: {e}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in Path(args.out).glob("*.whl")) / 2**20
-    print(f"gather_wheels: {len(need)} package(s) the target lacks + the project wheel in {args.out} "
-          f"({size:.1f} MiB); on the target: launch/offline/install.sh {args.out}")
+    print(
+        f"gather_wheels: {len(need)} package(s) the target lacks + the project wheel in {args.out} "
+        f"({size:.1f} MiB); on the target: launch/offline/install.sh {args.out}"
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ The summary is printed, written atomically to `RUN/final/audit.json` and logged 
 run (artifact `audit.json`, tag `mtu.audit`, metric `audit/leaks`). A failed check exits non-zero with
 a message naming the pairs; audit.json is written either way.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from mtu_dist.runner.checkpoint import read_state
-from mtu_dist.errors import UserError
-from mtu_dist.utils.fileio import atomic_write_json, sha256_bytes, sha256_file
 from mtu_dist.compliance.ledger import FORMAT, pair_hash
+from mtu_dist.errors import UserError
 from mtu_dist.reporting.tracking import check_reachable, resolve_uri
+from mtu_dist.runner.checkpoint import read_state
+from mtu_dist.utils.fileio import atomic_write_json, sha256_bytes, sha256_file
 
 SHOWN = 5  # pairs named in an error message
 
@@ -44,8 +45,11 @@ def audit_command(runs: list[str], *, request: str | None = None, tracking_uri: 
     results = [audit_run(run, request=request, tracking_uri=tracking_uri) for run in runs]
     failed = [r for r in results if not r["passed"]]
     if failed:
-        raise UserError("; ".join(f"{r['run']}: audit FAILED: {_failures(r)} (details in {r['run']}/final/audit.json)"
-                                  for r in failed))
+        raise UserError(
+            "; ".join(
+                f"{r['run']}: audit FAILED: {_failures(r)} (details in {r['run']}/final/audit.json)" for r in failed
+            )
+        )
     return results
 
 
@@ -69,16 +73,24 @@ def audit_run(run: str, *, request: str | None = None, tracking_uri: str | None 
     return result
 
 
-def _audit_step(final: Path, state: dict, ledger: dict, forget: dict[str, str],
-                earlier: dict[str, str] | None = None) -> dict:
+def _audit_step(
+    final: Path, state: dict, ledger: dict, forget: dict[str, str], earlier: dict[str, str] | None = None
+) -> dict:
     result = audit(ledger, forget, command=state.get("command"), earlier=earlier)
-    return {"run": str(final.parent), "command": state.get("command"), "method": state.get("method"),
-            "request_sha256": state["request_sha256"], "ledger_sha256": state["ledger_sha256"], **result}
+    return {
+        "run": str(final.parent),
+        "command": state.get("command"),
+        "method": state.get("method"),
+        "request_sha256": state["request_sha256"],
+        "ledger_sha256": state["ledger_sha256"],
+        **result,
+    }
 
 
 def _audit_chain(final: Path, state: dict, request: str | None) -> dict:
     """Every step of the lineage, oldest first, against what was forgotten up to it."""
     from mtu_dist.compliance.lineage import read_lineage
+
     _, rec = read_lineage(str(final))
     previous = {pair_hash(i, t): f"{i}|{t}" for i, ts in rec["root"].get("forgotten", {}).items() for t in ts}
     models = [s["parent_sha256"] for s in rec["steps"][1:]] + [state["sha256"]["model.safetensors"]]
@@ -87,18 +99,24 @@ def _audit_chain(final: Path, state: dict, request: str | None) -> dict:
         tip = n == len(rec["steps"])
         folder = final if tip else Path(step["run"] or "") / "final"
         if not (folder / "state.json").is_file():
-            raise UserError(f"{folder}: step {n} of the lineage of {final.parent} is missing; the chain cannot be "
-                            "audited without every step's run folder")
+            raise UserError(
+                f"{folder}: step {n} of the lineage of {final.parent} is missing; the chain cannot be "
+                "audited without every step's run folder"
+            )
         st = state if tip else read_state(folder)
         if st["sha256"]["model.safetensors"] != model or st.get("request_sha256") != step["request_sha256"]:
-            raise UserError(f"{folder}: holds another model or request than step {n} of the lineage of "
-                            f"{final.parent} records (re-run since?)")
+            raise UserError(
+                f"{folder}: holds another model or request than step {n} of the lineage of "
+                f"{final.parent} records (re-run since?)"
+            )
         ledger = _checked_ledger(folder, st)
         mine = _forget_pairs(request if tip else None, st)
         new = {h: k for h, k in mine.items() if h not in previous}
         if sorted(new.values()) != sorted(f"{i}|{t}" for i, ts in step["new"].items() for t in ts):
-            raise UserError(f"{folder}: step {n}'s request minus the earlier steps' pairs is not what the lineage "
-                            "records as its new pairs")
+            raise UserError(
+                f"{folder}: step {n}'s request minus the earlier steps' pairs is not what the lineage "
+                "records as its new pairs"
+            )
         cumulative = {**previous, **mine}
         steps.append({"step": n, **_audit_step(folder, st, ledger, cumulative, earlier=previous)})
         previous = cumulative
@@ -129,10 +147,15 @@ def audit(ledger: dict, forget: dict[str, str], *, command: str | None, earlier:
     consumed = set(forget_role["sha256"]) & (set(forget) - set(earlier or {}))
     stray = sorted(k for k in forget_role["keys"] if pair_hash(*k.split("|")) not in forget)
     leak_count = sum(len(v) for v in leaks.values())
-    return {"roles": {role: {"pairs": r["pairs"], "uses": r["uses"]} for role, r in roles.items()},
-            "forget_pairs": len(forget) - len(earlier or {}), "forget_pairs_consumed": len(consumed),
-            "leaks": leaks, "leak_count": leak_count, "stray_forget_pairs": stray,
-            "passed": leak_count == 0 and not stray}
+    return {
+        "roles": {role: {"pairs": r["pairs"], "uses": r["uses"]} for role, r in roles.items()},
+        "forget_pairs": len(forget) - len(earlier or {}),
+        "forget_pairs_consumed": len(consumed),
+        "leaks": leaks,
+        "leak_count": leak_count,
+        "stray_forget_pairs": stray,
+        "passed": leak_count == 0 and not stray,
+    }
 
 
 def summary(result: dict, path: Path, logged: bool) -> str:
@@ -140,27 +163,37 @@ def summary(result: dict, path: Path, logged: bool) -> str:
     if len(result.get("chain", [])) > 1:
         lines.append(f"lineage of {result['run']}: {len(result['chain'])} steps, oldest first")
         for st in result["chain"][:-1]:
-            lines.append(f"  step {st['step']} {st['run']} ({st['method']}): {st['forget_pairs']} new forget pairs, "
-                         f"leaks {st['leak_count']}, {'passed' if st['passed'] else 'FAILED'}")
+            lines.append(
+                f"  step {st['step']} {st['run']} ({st['method']}): {st['forget_pairs']} new forget pairs, "
+                f"leaks {st['leak_count']}, {'passed' if st['passed'] else 'FAILED'}"
+            )
         lines.append(f"  step {len(result['chain'])} (this run):")
-    lines += [f"audit {result['run']}: {result['command']}"
-             + (f" ({result['method']})" if result.get("method") else "")
-             + f", request sha256 {result['request_sha256'][:12]}, {result['forget_pairs']} forget pairs"]
+    lines += [
+        f"audit {result['run']}: {result['command']}"
+        + (f" ({result['method']})" if result.get("method") else "")
+        + f", request sha256 {result['request_sha256'][:12]}, {result['forget_pairs']} forget pairs"
+    ]
     for role, r in sorted(result["roles"].items()):
         lines.append(f"  {role:<7} {r['pairs']:>7} pairs {r['uses']:>9} uses")
     lines.append(f"  forget pairs consumed by the forget role: {result['forget_pairs_consumed']}")
-    lines.append(f"  leaks: {result['leak_count']}" + (f"  stray forget pairs: {len(result['stray_forget_pairs'])}"
-                                                         if result["stray_forget_pairs"] else ""))
+    lines.append(
+        f"  leaks: {result['leak_count']}"
+        + (f"  stray forget pairs: {len(result['stray_forget_pairs'])}" if result["stray_forget_pairs"] else "")
+    )
     if "chain" in result:
         lines.append(f"  whole lineage: {result['chain_leak_count']} leak(s) over {len(result['chain'])} step(s)")
-    lines.append(f"  {'passed' if result['passed'] else 'FAILED'}; wrote {path}"
-                 + ("; logged to MLflow" if logged else " (run not tracked in MLflow)"))
+    lines.append(
+        f"  {'passed' if result['passed'] else 'FAILED'}; wrote {path}"
+        + ("; logged to MLflow" if logged else " (run not tracked in MLflow)")
+    )
     return "\n".join(lines)
 
 
 def _failures(result: dict) -> str:
     if "chain" in result:
-        return "; ".join(f"step {st['step']} ({st['run']}): {_failures(st)}" for st in result["chain"] if not st["passed"])
+        return "; ".join(
+            f"step {st['step']} ({st['run']}): {_failures(st)}" for st in result["chain"] if not st["passed"]
+        )
     parts = []
     for role, pairs in result["leaks"].items():
         names = ", ".join(p["pair"] for p in pairs[:SHOWN]) + (", ..." if len(pairs) > SHOWN else "")
@@ -199,8 +232,10 @@ def _checked_ledger(final: Path, state: dict) -> dict:
     if doc.get("format") != FORMAT:
         raise UserError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
     if doc.get("request_sha256") != state.get("request_sha256"):
-        raise UserError(f"{path}: request sha256 {doc.get('request_sha256')} differs from state.json's "
-                        f"{state.get('request_sha256')}")
+        raise UserError(
+            f"{path}: request sha256 {doc.get('request_sha256')} differs from state.json's "
+            f"{state.get('request_sha256')}"
+        )
     _check_shape(doc, path)
     for role, r in doc["roles"].items():
         if {pair_hash(*k.split("|")): n for k, n in r["keys"].items()} != r["sha256"]:
@@ -230,11 +265,14 @@ def _forget_pairs(request: str | None, state: dict) -> dict[str, str]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"{path}: cannot read the run's forget request ({e.strerror or e}); "
-                        "pass --request if it moved") from None
+        raise UserError(
+            f"{path}: cannot read the run's forget request ({e.strerror or e}); pass --request if it moved"
+        ) from None
     if sha256_bytes(data) != state["request_sha256"]:
-        raise UserError(f"{path}: sha256 {sha256_bytes(data)[:12]}... is not the run's request "
-                        f"{state['request_sha256'][:12]}... (the file changed since the run)")
+        raise UserError(
+            f"{path}: sha256 {sha256_bytes(data)[:12]}... is not the run's request "
+            f"{state['request_sha256'][:12]}... (the file changed since the run)"
+        )
     raw = yaml.safe_load(data)  # the run validated these very bytes; only the pairs are needed here
     pairs = {}
     for e in raw["entries"]:
@@ -250,11 +288,14 @@ def _mlflow_run(run_id: str | None, tracking_uri: str | None):
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
     from mlflow.exceptions import MlflowException
+
     from mtu_dist.reporting.tracking import mlflow_client
+
     client = mlflow_client(uri)
     try:
         client.get_run(run_id)
     except MlflowException:
-        raise UserError(f"tracking URI {uri}: no MLflow run {run_id}; pass the --tracking-uri the run was "
-                        "logged to") from None
+        raise UserError(
+            f"tracking URI {uri}: no MLflow run {run_id}; pass the --tracking-uri the run was logged to"
+        ) from None
     return client, run_id

@@ -11,6 +11,7 @@ holding the same ids is logged with the run anyway).
 
 The test hooks that kill a rank or leak a pair on purpose are in runner/faults.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ class Ledger:
                 if on:
                     self.pairs[f"{role}|{key}|{t}"] += 1
 
-    def recording(self, batches, tasks: tuple[str, ...], role: str) -> "RecordedStream":
+    def recording(self, batches, tasks: tuple[str, ...], role: str) -> RecordedStream:
         return RecordedStream(batches, self, tasks, role)
 
     def restore(self, counts: dict[str, int], is_main: bool) -> None:
@@ -96,8 +97,12 @@ def ledger_document(counts: dict[str, int], request_sha256: str | None) -> dict:
         r["uses"] += counts[key]
         r["sha256"][pair_hash(instance, task)] = counts[key]
         r["keys"][f"{instance}|{task}"] = counts[key]
-    return {"format": FORMAT, "key_hash": "sha256 of the UTF-8 string '<instance>|<task>'",
-            "request_sha256": request_sha256, "roles": roles}
+    return {
+        "format": FORMAT,
+        "key_hash": "sha256 of the UTF-8 string '<instance>|<task>'",
+        "request_sha256": request_sha256,
+        "roles": roles,
+    }
 
 
 def ledger_bytes(counts: dict[str, int], request_sha256: str | None) -> bytes:

@@ -18,6 +18,7 @@ the file's bytes, logged with every run that uses it; `pairs_sha256` identifies 
 (instance, task) pairs whatever the file looks like (a retrain and an unlearning chain that remove
 the same pairs are comparable).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ from mtu_dist.data.manifest import Manifest
 from mtu_dist.errors import UserError
 from mtu_dist.utils.fileio import atomic_write_text, sha256_bytes
 
-SETTINGS = ("full", "partial")     # what `mtu forget make` draws
+SETTINGS = ("full", "partial")  # what `mtu forget make` draws
 FILE_SETTINGS = SETTINGS + ("mixed",)
 
 
@@ -91,14 +92,17 @@ def parse_request(raw, manifest: Manifest, sha256: str, path: Path | None = None
         fail("expected a mapping with keys setting, dataset, entries")
     unknown_keys = set(raw) - {"setting", "dataset", "split", "entries", "generated", "lineage_root"}
     if unknown_keys:
-        fail(f"unknown field(s) {sorted(unknown_keys)} (expected setting, dataset, split, entries, generated, "
-             "lineage_root)")
+        fail(
+            f"unknown field(s) {sorted(unknown_keys)} (expected setting, dataset, split, entries, generated, "
+            "lineage_root)"
+        )
     setting = raw.get("setting")
     if setting not in FILE_SETTINGS:
         fail(f"field 'setting' must be one of {FILE_SETTINGS} (got {setting!r})")
     root = raw.get("lineage_root")
-    if root is not None and not (isinstance(root, str) and len(root) == 64
-                                 and all(c in "0123456789abcdef" for c in root)):
+    if root is not None and not (
+        isinstance(root, str) and len(root) == 64 and all(c in "0123456789abcdef" for c in root)
+    ):
         fail(f"field 'lineage_root' must be the sha256 (64 hex digits) of the lineage's original model (got {root!r})")
     if raw.get("dataset") != manifest.dataset:
         fail(f"request is for dataset {raw.get('dataset')!r}, but the data is {manifest.dataset!r}")
@@ -136,8 +140,10 @@ def _parse_entry(e, n, setting, manifest: Manifest, known_ids, fail):
     tasks = e.get("tasks", list(manifest.tasks) if setting == "full" else None)
     if not isinstance(tasks, list) or not tasks:
         if setting == "mixed":
-            fail(f"entries[{n}] (id {iid!r}): field 'tasks' must be a non-empty list (every entry of a mixed "
-                 "request names its tasks)")
+            fail(
+                f"entries[{n}] (id {iid!r}): field 'tasks' must be a non-empty list (every entry of a mixed "
+                "request names its tasks)"
+            )
         fail(f"entries[{n}] (id {iid!r}): field 'tasks' must be a non-empty list")
     bad = [t for t in tasks if t not in manifest.tasks]
     if bad:
@@ -145,17 +151,30 @@ def _parse_entry(e, n, setting, manifest: Manifest, known_ids, fail):
     if len(set(tasks)) != len(tasks):
         fail(f"entries[{n}] (id {iid!r}): a task is listed twice")
     if setting == "full" and set(tasks) != set(manifest.tasks):
-        fail(f"entries[{n}] (id {iid!r}): setting 'full' removes every task, but tasks={tasks}; "
-             "use setting 'partial' for a task subset")
+        fail(
+            f"entries[{n}] (id {iid!r}): setting 'full' removes every task, but tasks={tasks}; "
+            "use setting 'partial' for a task subset"
+        )
     if setting == "partial" and set(tasks) == set(manifest.tasks):
-        fail(f"entries[{n}] (id {iid!r}): setting 'partial' needs a strict task subset "
-             f"(got all of {list(manifest.tasks)}); use setting 'full'")
+        fail(
+            f"entries[{n}] (id {iid!r}): setting 'partial' needs a strict task subset "
+            f"(got all of {list(manifest.tasks)}); use setting 'full'"
+        )
     return iid, tuple(t for t in manifest.tasks if t in tasks)
 
 
-def make_request(manifest: Manifest, *, fraction: float, setting: str, tasks: list[str] | None,
-                 seed: int, split: str = "train", exclude: ForgetRequest | None = None,
-                 exclude_ids=(), lineage_root: str | None = None) -> dict:
+def make_request(
+    manifest: Manifest,
+    *,
+    fraction: float,
+    setting: str,
+    tasks: list[str] | None,
+    seed: int,
+    split: str = "train",
+    exclude: ForgetRequest | None = None,
+    exclude_ids=(),
+    lineage_root: str | None = None,
+) -> dict:
     """Draw `fraction` of the split's instances (never those in `exclude`, e.g. to build a dev request
     disjoint from the evaluation request, nor those in `exclude_ids`, e.g. what a lineage forgot)."""
     if setting not in SETTINGS:
@@ -182,8 +201,12 @@ def make_request(manifest: Manifest, *, fraction: float, setting: str, tasks: li
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(pool), size=n, replace=False).tolist())
     ordered_tasks = [t for t in manifest.tasks if t in tasks]
-    raw = {"setting": setting, "dataset": manifest.dataset, "split": split,
-           "generated": {"fraction": fraction, "seed": seed, "tasks": ordered_tasks}}
+    raw = {
+        "setting": setting,
+        "dataset": manifest.dataset,
+        "split": split,
+        "generated": {"fraction": fraction, "seed": seed, "tasks": ordered_tasks},
+    }
     if lineage_root:
         raw["lineage_root"] = lineage_root
     return {**raw, "entries": [{"id": pool[i], "tasks": ordered_tasks} for i in chosen]}
@@ -192,6 +215,7 @@ def make_request(manifest: Manifest, *, fraction: float, setting: str, tasks: li
 # --------------------------------------------------------------------------
 # sets of pairs: what a lineage merges
 # --------------------------------------------------------------------------
+
 
 def pairs_sha256(entries: dict[str, tuple[str, ...]]) -> str:
     """sha256 of the sorted `instance|task` lines: the identity of a set of pairs."""
@@ -226,8 +250,9 @@ def setting_of(entries: dict, tasks) -> str:
     return "mixed" if len(whole) > 1 else ("full" if whole == {True} else "partial")
 
 
-def request_bytes(entries: dict, *, dataset: str, tasks, split: str = "train",
-                  lineage_root: str | None = None) -> tuple[dict, bytes]:
+def request_bytes(
+    entries: dict, *, dataset: str, tasks, split: str = "train", lineage_root: str | None = None
+) -> tuple[dict, bytes]:
     """The canonical request file over these pairs (JSON, which YAML readers take too) and its bytes."""
     raw = {"setting": setting_of(entries, tasks), "dataset": dataset, "split": split}
     if lineage_root:
@@ -236,16 +261,19 @@ def request_bytes(entries: dict, *, dataset: str, tasks, split: str = "train",
     return raw, (json.dumps(raw, indent=1) + "\n").encode()
 
 
-def request_from_entries(entries: dict, manifest: Manifest, *, split: str = "train",
-                         lineage_root: str | None = None) -> tuple[ForgetRequest, bytes]:
+def request_from_entries(
+    entries: dict, manifest: Manifest, *, split: str = "train", lineage_root: str | None = None
+) -> tuple[ForgetRequest, bytes]:
     """A request over these pairs and its canonical file bytes (the request's sha256 is theirs)."""
-    raw, data = request_bytes(entries, dataset=manifest.dataset, tasks=manifest.tasks, split=split,
-                              lineage_root=lineage_root)
+    raw, data = request_bytes(
+        entries, dataset=manifest.dataset, tasks=manifest.tasks, split=split, lineage_root=lineage_root
+    )
     return parse_request(raw, manifest, sha256_bytes(data)), data
 
 
-def write_request(raw: dict, path: str | Path, overwrite: bool = False,
-                  manifest: Manifest | None = None) -> ForgetRequest | None:
+def write_request(
+    raw: dict, path: str | Path, overwrite: bool = False, manifest: Manifest | None = None
+) -> ForgetRequest | None:
     """Write a request file; with `manifest`, the exact bytes are parsed and validated first, so a request
     that would not load is never written (and nothing is left behind)."""
     path = Path(path)

@@ -7,6 +7,7 @@ ignore (-> 255); images in [0, 1] (or [0, 255]) -> uint8; depth 0 = invalid; nor
 re-normalised to unit length where non-zero. Every file is checked (shape, NaN/inf) and named in
 the error if it is wrong.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,11 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
-from mtu_dist.errors import UserError
 from mtu_dist.data.write import DatasetLayout, write_dataset
+from mtu_dist.errors import UserError
 
-NYU_CLASSES = ["bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "painting",
-               "sofa", "table", "tv", "wall", "window"]
+NYU_CLASSES = [
+    "bed",
+    "books",
+    "ceiling",
+    "chair",
+    "floor",
+    "furniture",
+    "objects",
+    "painting",
+    "sofa",
+    "table",
+    "tv",
+    "wall",
+    "window",
+]
 CITY_CLASSES = ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
 SOURCES = {
     "nyuv2": DatasetLayout("nyuv2", ("seg", "depth", "normal"), 13, NYU_CLASSES, (288, 384)),
@@ -38,8 +52,10 @@ def _index_files(src: Path, split: str, modalities: list[str]) -> list[int]:
         if not found:
             raise UserError(f"{folder}: no N.npy files")
         if numbers is not None and found != numbers:
-            raise UserError(f"{folder}: file numbers differ from {src / split / modalities[0]} "
-                            f"({len(found)} vs {len(numbers)} files)")
+            raise UserError(
+                f"{folder}: file numbers differ from {src / split / modalities[0]} "
+                f"({len(found)} vs {len(numbers)} files)"
+            )
         numbers = found
     return numbers
 
@@ -64,8 +80,10 @@ def _convert_sample(src: str, layout: DatasetLayout, numbers: dict[str, list[int
     base = Path(src) / split
     img = _load(base / "image" / f"{n}.npy", (3, h, w)).astype(np.float32)
     scale = 255.0 if img.max() <= 1.5 else 1.0
-    out = {"image": np.clip(img.transpose(1, 2, 0) * scale + 0.5, 0, 255).astype(np.uint8),
-           "source": f"{layout.dataset}/{split}/image/{n}.npy"}
+    out = {
+        "image": np.clip(img.transpose(1, 2, 0) * scale + 0.5, 0, 255).astype(np.uint8),
+        "source": f"{layout.dataset}/{split}/image/{n}.npy",
+    }
     label = _load(base / "label" / f"{n}.npy", (h, w))
     bad = (label != -1) & ((label < 0) | (label >= layout.num_classes))
     if bad.any():
@@ -77,13 +95,21 @@ def _convert_sample(src: str, layout: DatasetLayout, numbers: dict[str, list[int
     out["depth"] = depth
     if "normal" in layout.tasks:
         nrm = _load(base / "normal" / f"{n}.npy", (3, h, w)).astype(np.float32)
-        length = np.sqrt((nrm ** 2).sum(0, keepdims=True))
+        length = np.sqrt((nrm**2).sum(0, keepdims=True))
         out["normal"] = np.where(length > 1e-6, nrm / np.maximum(length, 1e-6), 0).astype(np.float32)
     return out
 
 
-def convert(kind: str, src: str | Path, out_root: str | Path, *, shard_size: int | None, workers: int,
-            overwrite: bool, progress=print):
+def convert(
+    kind: str,
+    src: str | Path,
+    out_root: str | Path,
+    *,
+    shard_size: int | None,
+    workers: int,
+    overwrite: bool,
+    progress=print,
+):
     if kind not in SOURCES:
         raise UserError(f"unknown source '{kind}' (expected one of {sorted(SOURCES)})")
     src, layout = Path(src), SOURCES[kind]
@@ -95,6 +121,14 @@ def convert(kind: str, src: str | Path, out_root: str | Path, *, shard_size: int
         raise UserError(f"{src}/train: folder missing")
     numbers = {s: _index_files(src, s, modalities) for s in splits}
     fn = functools.partial(_convert_sample, str(src), layout, numbers)
-    return write_dataset(out_root, layout, {s: len(numbers[s]) for s in splits}, fn,
-                         shard_size=shard_size, workers=workers, overwrite=overwrite,
-                         source={"converted_from": str(src.resolve()), "kind": kind}, progress=progress)
+    return write_dataset(
+        out_root,
+        layout,
+        {s: len(numbers[s]) for s in splits},
+        fn,
+        shard_size=shard_size,
+        workers=workers,
+        overwrite=overwrite,
+        source={"converted_from": str(src.resolve()), "kind": kind},
+        progress=progress,
+    )

@@ -5,10 +5,11 @@ A member renamed inside a shard (its sha256 updated in the manifest) would other
 unlisted instance, and the retain mask — keyed by instance id — would let a renamed copy of a forgotten
 instance supervise a retrain. Every reader checks keys while it reads.
 """
+
 from __future__ import annotations
 
-from mtu_dist.errors import UserError
 from mtu_dist.data.manifest import Manifest, shard_keys
+from mtu_dist.errors import UserError
 
 
 class KeyCheck:
@@ -20,11 +21,15 @@ class KeyCheck:
     def check(self, shard: str, key: str) -> None:
         want, n = self.expected[shard], self.seen.get(shard, 0)
         if n >= len(want):
-            raise UserError(f"{shard}: {key}: not listed in manifest.json (the shard holds more than the "
-                            f"{len(want)} samples listed for it)")
+            raise UserError(
+                f"{shard}: {key}: not listed in manifest.json (the shard holds more than the "
+                f"{len(want)} samples listed for it)"
+            )
         if key != want[n]:
-            raise UserError(f"{shard}: {key}: not the key manifest.json lists at position {n} of this shard "
-                            f"({want[n]}): a renamed, unlisted or reordered member")
+            raise UserError(
+                f"{shard}: {key}: not the key manifest.json lists at position {n} of this shard "
+                f"({want[n]}): a renamed, unlisted or reordered member"
+            )
         self.seen[shard] = n + 1
 
     def finish(self, shard: str) -> None:

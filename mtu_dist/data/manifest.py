@@ -8,6 +8,7 @@
 Keys are `<dataset>/<split>/<index>`; the keys list is in shard order, so an instance's shard and
 offset follow from the shard counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,17 @@ class Manifest:
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "dataset": self.dataset, "tasks": list(self.tasks),
-            "num_classes": self.num_classes, "class_names": self.class_names,
-            "resolution": list(self.resolution), "source": self.source,
-            "splits": {name: {"num_samples": s.num_samples, "keys": s.keys,
-                              "shards": [vars(sh) for sh in s.shards]}
-                       for name, s in self.splits.items()},
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "tasks": list(self.tasks),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "resolution": list(self.resolution),
+            "source": self.source,
+            "splits": {
+                name: {"num_samples": s.num_samples, "keys": s.keys, "shards": [vars(sh) for sh in s.shards]}
+                for name, s in self.splits.items()
+            },
         }
 
     def save(self, folder: Path) -> None:
@@ -87,8 +93,7 @@ def load_manifest(path: str | Path, root: str | Path = "data_shards") -> Manifes
     folder = resolve_dataset_dir(path, root)
     mpath = folder / "manifest.json"
     if not mpath.is_file():
-        raise UserError(f"{mpath}: manifest not found (generate shards with `mtu data synth` "
-                        "or `mtu data convert`)")
+        raise UserError(f"{mpath}: manifest not found (generate shards with `mtu data synth` or `mtu data convert`)")
     try:
         raw = json.loads(mpath.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -135,8 +140,16 @@ def _parse(raw, mpath: Path) -> Manifest:
         raise UserError(f"{mpath}: field 'resolution' must be [height, width], two positive integers (got {res})")
     splits = {name: _parse_split(need, mpath, dataset, name, s) for name, s in need(raw, "splits", dict, "").items()}
     _check_disjoint(mpath, splits)
-    return Manifest(dataset=dataset, tasks=tasks, num_classes=num_classes, class_names=list(class_names),
-                    resolution=(res[0], res[1]), splits=splits, source=raw.get("source", {}), root=mpath.parent)
+    return Manifest(
+        dataset=dataset,
+        tasks=tasks,
+        num_classes=num_classes,
+        class_names=list(class_names),
+        resolution=(res[0], res[1]),
+        splits=splits,
+        source=raw.get("source", {}),
+        root=mpath.parent,
+    )
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -146,20 +159,29 @@ def _parse_split(need, mpath: Path, dataset: str, name: str, s) -> SplitInfo:
     """One split, every field checked against the others: a shard or key listed twice would be read twice
     (and a renamed copy of an instance could pass for another), so each must appear once."""
     where = f"splits.{name}."
-    shards = [ShardInfo(file=need(sh, "file", str, where + "shards[]."),
-                        num_samples=need(sh, "num_samples", int, where + "shards[]."),
-                        sha256=need(sh, "sha256", str, where + "shards[]."))
-              for sh in need(s, "shards", list, where)]
+    shards = [
+        ShardInfo(
+            file=need(sh, "file", str, where + "shards[]."),
+            num_samples=need(sh, "num_samples", int, where + "shards[]."),
+            sha256=need(sh, "sha256", str, where + "shards[]."),
+        )
+        for sh in need(s, "shards", list, where)
+    ]
     for sh in shards:
         if "/" in sh.file or "\\" in sh.file or sh.file in ("", ".", ".."):
-            raise UserError(f"{mpath}: split '{name}': shard file {sh.file!r} must be a file name in the dataset folder")
+            raise UserError(
+                f"{mpath}: split '{name}': shard file {sh.file!r} must be a file name in the dataset folder"
+            )
         if sh.num_samples < 0 or not _SHA256.fullmatch(sh.sha256):
-            raise UserError(f"{mpath}: split '{name}': shard {sh.file}: num_samples must be >= 0 and sha256 "
-                            "64 lowercase hex digits")
+            raise UserError(
+                f"{mpath}: split '{name}': shard {sh.file}: num_samples must be >= 0 and sha256 64 lowercase hex digits"
+            )
     keys = need(s, "keys", list, where)
     if sum(sh.num_samples for sh in shards) != len(keys):
-        raise UserError(f"{mpath}: split '{name}': shard counts sum to "
-                        f"{sum(sh.num_samples for sh in shards)} but {len(keys)} keys are listed")
+        raise UserError(
+            f"{mpath}: split '{name}': shard counts sum to "
+            f"{sum(sh.num_samples for sh in shards)} but {len(keys)} keys are listed"
+        )
     if "num_samples" in s and s["num_samples"] != len(keys):
         raise UserError(f"{mpath}: split '{name}': num_samples is {s['num_samples']!r} but {len(keys)} keys are listed")
     prefix = f"{dataset}/{name}/"
@@ -193,6 +215,6 @@ def shard_keys(split: SplitInfo) -> list[list[str]]:
     """The ordered keys each shard must hold, shard by shard (the keys list is in shard order)."""
     out, offset = [], 0
     for sh in split.shards:
-        out.append(split.keys[offset:offset + sh.num_samples])
+        out.append(split.keys[offset : offset + sh.num_samples])
         offset += sh.num_samples
     return out

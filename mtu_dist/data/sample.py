@@ -4,6 +4,7 @@ Members (docs/design.md §2): `image.png` uint8 RGB, `seg.png` uint8 (255 = igno
 float32 HxW (0 = invalid), `normal.npy` float16/float32 3xHxW (all-zero = invalid), `meta.json`.
 A task the dataset lacks has no member. Members are decoded in memory; nothing is ever extracted.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,9 @@ def _decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_sample(members: dict[str, bytes], tasks: tuple[str, ...], resolution: tuple[int, int],
-                  num_classes: int, where: str) -> dict:
+def decode_sample(
+    members: dict[str, bytes], tasks: tuple[str, ...], resolution: tuple[int, int], num_classes: int, where: str
+) -> dict:
     """Member bytes -> checked numpy arrays. Raises UserError naming `where` (file: key) on any problem.
 
     Checked: every expected member present, shapes, dtypes, value ranges, and no NaN/inf, so that

@@ -29,6 +29,7 @@ forget supervision never reaches a retain step even if a loss forgot to apply th
 Integrity. A worker reads each shard into memory, checks its sha256 against the manifest and only
 then expands it; every sample is decoded and range-checked (NaN/inf refused) on load.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,21 +37,21 @@ import math
 import random
 import re
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtu_dist.errors import UserError
-from mtu_dist.utils.fileio import sha256_bytes
-from mtu_dist.runner.faults import deliberate_leak
 from mtu_dist.data.keycheck import KeyCheck
 from mtu_dist.data.manifest import Manifest
 from mtu_dist.data.sample import SEG_IGNORE, decode_sample
+from mtu_dist.errors import UserError
+from mtu_dist.runner.faults import deliberate_leak
+from mtu_dist.utils.fileio import sha256_bytes
 
 MaskFn = Callable[[str], np.ndarray]  # instance key -> bool[T] supervision mask
 
@@ -60,8 +61,9 @@ def full_mask(manifest: Manifest) -> MaskFn:
     return lambda key: ones
 
 
-def retain_mask(manifest: Manifest, forget_entries: dict[str, tuple[str, ...]],
-                newest: dict[str, tuple[str, ...]] | None = None) -> MaskFn:
+def retain_mask(
+    manifest: Manifest, forget_entries: dict[str, tuple[str, ...]], newest: dict[str, tuple[str, ...]] | None = None
+) -> MaskFn:
     """Supervision mask of the retain signal: everything except the forget pairs (a lineage step: every
     pair forgotten so far; `newest`, its own request's, only matters to the test hook)."""
     forget_entries = deliberate_leak(forget_entries, newest)  # a no-op unless the MTU_TEST_LEAK test hook is set
@@ -82,8 +84,12 @@ def kept_mask(manifest: Manifest, entries: dict[str, tuple[str, ...]]) -> MaskFn
 
 def to_tensors(s: dict, tasks: tuple[str, ...], mask: np.ndarray, key: str, valid: bool = True) -> dict:
     """Checked numpy sample -> tensors, blanking labels of masked-out tasks."""
-    out = {"image": torch.from_numpy(np.ascontiguousarray(s["image"].transpose(2, 0, 1))).float().div_(255),
-           "mask": torch.from_numpy(mask.copy()), "valid": torch.tensor(valid), "key": key}
+    out = {
+        "image": torch.from_numpy(np.ascontiguousarray(s["image"].transpose(2, 0, 1))).float().div_(255),
+        "mask": torch.from_numpy(mask.copy()),
+        "valid": torch.tensor(valid),
+        "key": key,
+    }
     for j, t in enumerate(tasks):
         keep = bool(mask[j])
         if t == "seg":
@@ -100,8 +106,12 @@ def to_tensors(s: dict, tasks: tuple[str, ...], mask: np.ndarray, key: str, vali
 
 def blank_sample(manifest: Manifest) -> dict:
     h, w = manifest.resolution
-    s = {"image": np.zeros((h, w, 3), np.uint8), "seg": np.full((h, w), SEG_IGNORE, np.uint8),
-         "depth": np.zeros((h, w), np.float32), "normal": np.zeros((3, h, w), np.float32)}
+    s = {
+        "image": np.zeros((h, w, 3), np.uint8),
+        "seg": np.full((h, w), SEG_IGNORE, np.uint8),
+        "depth": np.zeros((h, w), np.float32),
+        "normal": np.zeros((3, h, w), np.float32),
+    }
     return to_tensors(s, manifest.tasks, np.zeros(len(manifest.tasks), bool), key="", valid=False)
 
 
@@ -131,6 +141,7 @@ def _cat(tensors: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
 @dataclass
 class SlotPlan:
     """What every reader slot reads in one epoch; identical on every rank (computed from the manifest)."""
+
     shard_order: list[int]  # indices into split.shards, shuffled per epoch
     num_slots: int
     chunk: int
@@ -138,14 +149,14 @@ class SlotPlan:
     by_sample: bool = False  # every slot reads every shard and keeps positions slot::num_slots
 
     def shards_of(self, slot: int) -> list[int]:
-        return self.shard_order[slot::self.num_slots]
+        return self.shard_order[slot :: self.num_slots]
 
 
-def plan_epoch(manifest: Manifest, split: str, *, world: int, workers: int, local_batch: int,
-               seed: int, epoch: int, shuffle: bool) -> SlotPlan:
+def plan_epoch(
+    manifest: Manifest, split: str, *, world: int, workers: int, local_batch: int, seed: int, epoch: int, shuffle: bool
+) -> SlotPlan:
     if local_batch % max(workers, 1):
-        raise UserError(f"local batch size {local_batch} must be divisible by the number of loader "
-                        f"workers ({workers})")
+        raise UserError(f"local batch size {local_batch} must be divisible by the number of loader workers ({workers})")
     shards = manifest.split(split).shards
     order = list(range(len(shards)))
     if shuffle:
@@ -163,8 +174,19 @@ def plan_epoch(manifest: Manifest, split: str, *, world: int, workers: int, loca
 class ShardStream(IterableDataset):
     """One epoch of one rank's share of a split, as chunks (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest, split: str, plan: SlotPlan, *, rank: int, world: int,
-                 mask_fn: MaskFn, shuffle_buffer: int, seed: int, epoch: int):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        plan: SlotPlan,
+        *,
+        rank: int,
+        world: int,
+        mask_fn: MaskFn,
+        shuffle_buffer: int,
+        seed: int,
+        epoch: int,
+    ):
         self.manifest, self.split, self.plan = manifest, split, plan
         self.rank, self.world, self.mask_fn = rank, world, mask_fn
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
@@ -207,9 +229,13 @@ class ShardStream(IterableDataset):
         except UserError:
             raise
         except Exception as e:  # tar/format errors from the expander carry the url in args
-            url = next((a for a in e.args if isinstance(a, str) and a.endswith(".tar")), getattr(self, "_reading", "shard"))
+            url = next(
+                (a for a in e.args if isinstance(a, str) and a.endswith(".tar")), getattr(self, "_reading", "shard")
+            )
             detail = (str(e).splitlines() or [""])[0][:200]
-            raise UserError(f"{url}: corrupt or truncated tar ({type(e).__name__}{': ' + detail if detail else ''})") from None
+            raise UserError(
+                f"{url}: corrupt or truncated tar ({type(e).__name__}{': ' + detail if detail else ''})"
+            ) from None
 
     def _shuffled(self, samples: Iterator[dict]) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -243,11 +269,25 @@ _WRAPPED = re.compile(r"UserError: (.*)\s*$", re.S)
 class BatchLoader:
     """Iterate local batches of one split for one rank, epoch by epoch (see module docstring)."""
 
-    def __init__(self, manifest: Manifest, split: str, *, rank: int, world: int, local_batch: int,
-                 workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 64, seed: int = 0,
-                 mask_fn: MaskFn | None = None, pin_memory: bool = False):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        *,
+        rank: int,
+        world: int,
+        local_batch: int,
+        workers: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+        mask_fn: MaskFn | None = None,
+        pin_memory: bool = False,
+    ):
         self.manifest, self.split, self.rank, self.world = manifest, split, rank, world
-        self.pin_memory = pin_memory  # for a CUDA consumer (mtu_dist.runner.device.pins_memory): batches move asynchronously
+        self.pin_memory = (
+            pin_memory  # for a CUDA consumer (mtu_dist.runner.device.pins_memory): batches move asynchronously
+        )
         self.local_batch, self.workers, self.shuffle = local_batch, workers, shuffle
         self.shuffle_buffer, self.seed = (shuffle_buffer if shuffle else 0), seed
         self.mask_fn = mask_fn or full_mask(manifest)
@@ -258,18 +298,41 @@ class BatchLoader:
             print(f"mtu: note: {split_note(manifest, split, world, workers)}", file=sys.stderr)
 
     def plan(self, epoch: int) -> SlotPlan:
-        return plan_epoch(self.manifest, self.split, world=self.world, workers=self.workers,
-                          local_batch=self.local_batch, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        return plan_epoch(
+            self.manifest,
+            self.split,
+            world=self.world,
+            workers=self.workers,
+            local_batch=self.local_batch,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+        )
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         return self.plan(epoch).chunks_per_epoch
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         plan = self.plan(epoch)
-        ds = ShardStream(self.manifest, self.split, plan, rank=self.rank, world=self.world,
-                         mask_fn=self.mask_fn, shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=epoch)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+        ds = ShardStream(
+            self.manifest,
+            self.split,
+            plan,
+            rank=self.rank,
+            world=self.world,
+            mask_fn=self.mask_fn,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            epoch=epoch,
+        )
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            prefetch_factor=4 if self.workers else None,
+        )
         parts, nw = [], max(self.workers, 1)
         try:
             for chunk in loader:
@@ -289,14 +352,19 @@ def split_note(manifest: Manifest, split: str, world: int, workers: int) -> str:
     shards, slots = manifest.split(split).shards, world * max(workers, 1)
     n, sizes = sum(sh.num_samples for sh in shards), sorted(sh.num_samples for sh in shards)
     have = f"{len(shards)} shard(s) of {sizes[0]}" + (f"-{sizes[-1]}" if sizes[-1] != sizes[0] else "") + " samples"
-    fix = (f"re-shard with at most {n // slots} samples per shard (`mtu data synth`/`mtu data convert` with "
-           f"--shard-size {n // slots}, or without --shard-size for the default layout)" if n >= slots
-           else "the split has fewer samples than slots")
+    fix = (
+        f"re-shard with at most {n // slots} samples per shard (`mtu data synth`/`mtu data convert` with "
+        f"--shard-size {n // slots}, or without --shard-size for the default layout)"
+        if n >= slots
+        else "the split has fewer samples than slots"
+    )
     if workers > 1 and world <= len(shards):
         fix += " or use fewer loader workers (data.workers)"
-    return (f"{world} rank(s) x {max(workers, 1)} loader worker(s) = {slots} reader slots over "
-            f"{manifest.dataset}/{split}'s {have}: split by sample (every slot reads every shard and keeps one "
-            f"sample in {slots}: exactly once per epoch, {slots}x the reads); to give each slot its own shards, {fix}")
+    return (
+        f"{world} rank(s) x {max(workers, 1)} loader worker(s) = {slots} reader slots over "
+        f"{manifest.dataset}/{split}'s {have}: split by sample (every slot reads every shard and keeps one "
+        f"sample in {slots}: exactly once per epoch, {slots}x the reads); to give each slot its own shards, {fix}"
+    )
 
 
 def read_verified(path, sha256: str) -> bytes:
@@ -306,8 +374,9 @@ def read_verified(path, sha256: str) -> bytes:
     except OSError as e:
         raise UserError(f"{path}: cannot read shard ({e.strerror or e})") from None
     if sha256_bytes(data) != sha256:
-        raise UserError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; "
-                        "run `mtu data verify`)")
+        raise UserError(
+            f"{path}: sha256 does not match manifest.json (corrupt or replaced shard; run `mtu data verify`)"
+        )
     return data
 
 
@@ -318,7 +387,7 @@ def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: Mask
     wanted, keys, offset = set(ids), manifest.split(split).keys, 0
     found, check = {}, KeyCheck(manifest, split)
     for shard in manifest.split(split).shards:
-        span = set(keys[offset:offset + shard.num_samples])
+        span = set(keys[offset : offset + shard.num_samples])
         offset += shard.num_samples
         if not span & wanted:
             continue
@@ -329,8 +398,9 @@ def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: Mask
         for key, members in iter_entries(path, data):
             check.check(str(path), key)
             if key in wanted:
-                s = decode_sample(members, manifest.tasks, manifest.resolution, manifest.num_classes,
-                                  where=f"{path}: {key}")
+                s = decode_sample(
+                    members, manifest.tasks, manifest.resolution, manifest.num_classes, where=f"{path}: {key}"
+                )
                 found[key] = to_tensors(s, manifest.tasks, mask_fn(key), key)
         check.finish(str(path))
     missing = wanted - set(found)
@@ -339,8 +409,9 @@ def load_instances(manifest: Manifest, split: str, ids: list[str], mask_fn: Mask
     return [found[i] for i in ids]
 
 
-def forget_batches(samples: list[dict], *, global_batch: int, rank: int, world: int, seed: int,
-                   blank: dict) -> Iterator[dict]:
+def forget_batches(
+    samples: list[dict], *, global_batch: int, rank: int, world: int, seed: int, blank: dict
+) -> Iterator[dict]:
     """Endless local forget batches: each step draws the next `global_batch` instances of a seeded
     per-pass permutation (identical on every rank) and rank r takes the r-th equal slice; the global
     batch is padded with invalid samples to a multiple of the world size."""
@@ -351,7 +422,7 @@ def forget_batches(samples: list[dict], *, global_batch: int, rank: int, world: 
         order = list(range(len(samples)))
         random.Random(f"{seed}-forget-{pass_no}").shuffle(order)
         for start in range(0, len(order) - gb + 1, gb):
-            picked = [samples[i] for i in order[start:start + gb]]
+            picked = [samples[i] for i in order[start : start + gb]]
             picked += [blank] * (per_rank * world - len(picked))
-            yield collate(picked[rank * per_rank:(rank + 1) * per_rank])
+            yield collate(picked[rank * per_rank : (rank + 1) * per_rank])
         pass_no += 1

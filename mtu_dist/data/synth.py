@@ -92,8 +92,19 @@ class SynthSpec:
 
 
 INDOOR_CLASSES = (
-    "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
-    "painting", "sofa", "table", "tv", "wall", "window",
+    "bed",
+    "books",
+    "ceiling",
+    "chair",
+    "floor",
+    "furniture",
+    "objects",
+    "painting",
+    "sofa",
+    "table",
+    "tv",
+    "wall",
+    "window",
 )
 STREET_CLASSES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
 
@@ -133,13 +144,29 @@ class _Scene:
         self.sky: tuple | None = None  # horizon rgb, zenith rgb
         self.fog = _INF
 
-    def add_inst(self, cls, c1, c2=None, tex=_T_FLAT, scale=1.0, origin=(0.0, 0.0, 0.0),
-                 yaw=0.0, duty=0.5, emissive=False) -> int:
+    def add_inst(
+        self, cls, c1, c2=None, tex=_T_FLAT, scale=1.0, origin=(0.0, 0.0, 0.0), yaw=0.0, duty=0.5, emissive=False
+    ) -> int:
         # colours are clipped to [0, 1] once, when the instance tables are built
         pa, pb, po, ps = self.rng.random(4).tolist()
         c2 = np.asarray(c1) * 0.6 if c2 is None else c2
-        self.inst.append((cls, c1, c2, tex, float(scale), pa, pb, float(duty), int(po < 0.5),
-                          tuple(float(o) for o in origin), float(yaw), bool(emissive), int(ps * 65536)))
+        self.inst.append(
+            (
+                cls,
+                c1,
+                c2,
+                tex,
+                float(scale),
+                pa,
+                pb,
+                float(duty),
+                int(po < 0.5),
+                tuple(float(o) for o in origin),
+                float(yaw),
+                bool(emissive),
+                int(ps * 65536),
+            )
+        )
         return len(self.inst) - 1
 
     def add_box(self, center, half, yaw, inst):
@@ -219,21 +246,30 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
     C = _IC
     rx, rz, ry = rng.uniform(3.2, 6.5), rng.uniform(3.5, 7.5), rng.uniform(2.4, 3.2)
     cam = np.array([rng.uniform(0.3, 0.7) * rx, rng.uniform(1.1, 1.8), rng.uniform(0.25, 1.0)])
-    sc.camera = (cam, rng.uniform(-0.6, 0.6), math.radians(rng.uniform(-25, 0)),
-                 math.radians(rng.uniform(-3, 3)))
+    sc.camera = (cam, rng.uniform(-0.6, 0.6), math.radians(rng.uniform(-25, 0)), math.radians(rng.uniform(-3, 3)))
     el, az = math.radians(rng.uniform(35, 80)), rng.uniform(0, 2 * math.pi)
     sc.light = np.array([math.cos(el) * math.cos(az), math.sin(el), math.cos(el) * math.sin(az)])
     sc.ambient, sc.diffuse = rng.uniform(0.35, 0.55), rng.uniform(0.45, 0.75)
 
     # room surfaces
     wall_c = _gray(rng, 0.55, 0.92, 0.08)
-    wall = sc.add_inst(C["wall"], wall_c, wall_c * rng.uniform(0.85, 0.95),
-                       tex=[_T_FLAT, _T_STRIPE, _T_NOISE][int(rng.integers(3))], scale=rng.uniform(0.3, 1.5),
-                       duty=0.5)
+    wall = sc.add_inst(
+        C["wall"],
+        wall_c,
+        wall_c * rng.uniform(0.85, 0.95),
+        tex=[_T_FLAT, _T_STRIPE, _T_NOISE][int(rng.integers(3))],
+        scale=rng.uniform(0.3, 1.5),
+        duty=0.5,
+    )
     fl_c = _wood(rng) if rng.random() < 0.6 else _gray(rng, 0.3, 0.8)
-    floor = sc.add_inst(C["floor"], fl_c, fl_c * rng.uniform(0.6, 0.85),
-                        tex=[_T_STRIPE, _T_CHECK, _T_NOISE][int(rng.integers(3))], scale=rng.uniform(0.15, 0.6),
-                        duty=0.85)
+    floor = sc.add_inst(
+        C["floor"],
+        fl_c,
+        fl_c * rng.uniform(0.6, 0.85),
+        tex=[_T_STRIPE, _T_CHECK, _T_NOISE][int(rng.integers(3))],
+        scale=rng.uniform(0.15, 0.6),
+        duty=0.85,
+    )
     ceil = sc.add_inst(C["ceiling"], _gray(rng, 0.75, 0.97, 0.03), tex=_T_FLAT)
     sc.room = ((rx, ry, rz), wall, floor, ceil)
 
@@ -264,9 +300,15 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
         if pose:
             x, z, a = pose
             base = (x, 0.0, z)
-            cover = sc.add_inst(C["bed"], _rand_color(rng, (0.1, 0.6), (0.6, 0.95)), None,
-                                tex=[_T_FLAT, _T_STRIPE, _T_CHECK][int(rng.integers(3))],
-                                scale=rng.uniform(0.1, 0.4), origin=base, yaw=a)
+            cover = sc.add_inst(
+                C["bed"],
+                _rand_color(rng, (0.1, 0.6), (0.6, 0.95)),
+                None,
+                tex=[_T_FLAT, _T_STRIPE, _T_CHECK][int(rng.integers(3))],
+                scale=rng.uniform(0.1, 0.4),
+                origin=base,
+                yaw=a,
+            )
             head = sc.add_inst(C["bed"], _wood(rng), tex=_T_FLAT, origin=base, yaw=a)
             sc.add_part(base, a, (0, hb / 2, 0), (hx, hb / 2, hz), cover)
             hh = rng.uniform(0.45, 0.6)
@@ -280,8 +322,15 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
         if pose:
             x, z, a = pose
             base = (x, 0.0, z)
-            si = sc.add_inst(C["sofa"], _rand_color(rng, (0.2, 0.7), (0.3, 0.8)), None,
-                             tex=[_T_FLAT, _T_NOISE][int(rng.integers(2))], scale=0.15, origin=base, yaw=a)
+            si = sc.add_inst(
+                C["sofa"],
+                _rand_color(rng, (0.2, 0.7), (0.3, 0.8)),
+                None,
+                tex=[_T_FLAT, _T_NOISE][int(rng.integers(2))],
+                scale=0.15,
+                origin=base,
+                yaw=a,
+            )
             sc.add_part(base, a, (0, 0.21, 0.05), (hx - 0.15, 0.21, hz - 0.05), si)
             sc.add_part(base, a, (0, 0.42, -hz + 0.1), (hx, 0.42, 0.1), si)
             for sx in (-1, 1):
@@ -294,8 +343,16 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
         if pose:
             x, z, a = pose
             col = _wood(rng) if rng.random() < 0.6 else _gray(rng, 0.1, 0.95, 0.02)
-            fi = sc.add_inst(C["furniture"], col, None, tex=[_T_FLAT, _T_GRID, _T_STRIPE][int(rng.integers(3))],
-                             scale=rng.uniform(0.25, 0.6), duty=0.9, origin=(x, 0, z), yaw=a)
+            fi = sc.add_inst(
+                C["furniture"],
+                col,
+                None,
+                tex=[_T_FLAT, _T_GRID, _T_STRIPE][int(rng.integers(3))],
+                scale=rng.uniform(0.25, 0.6),
+                duty=0.9,
+                origin=(x, 0, z),
+                yaw=a,
+            )
             sc.add_part((x, 0.0, z), a, (0, h / 2, 0), (hx, h / 2, hz), fi)
             if h < 1.4:
                 hosts.append((x, z, h, hx, hz, a))
@@ -309,13 +366,26 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
             x, z, a = pose
             base = (x, 0.0, z)
             top_c = _wood(rng) if rng.random() < 0.7 else _gray(rng, 0.1, 0.95, 0.02)
-            ti = sc.add_inst(C["table"], top_c, None, tex=[_T_FLAT, _T_STRIPE][int(rng.integers(2))],
-                             scale=0.1, duty=0.8, origin=base, yaw=a)
+            ti = sc.add_inst(
+                C["table"],
+                top_c,
+                None,
+                tex=[_T_FLAT, _T_STRIPE][int(rng.integers(2))],
+                scale=0.1,
+                duty=0.8,
+                origin=base,
+                yaw=a,
+            )
             sc.add_part(base, a, (0, h - 0.02, 0), (hx, 0.02, hz), ti)
             for sx in (-1, 1):
                 for sz in (-1, 1):
-                    sc.add_part(base, a, (sx * (hx - 0.05), (h - 0.04) / 2, sz * (hz - 0.05)),
-                                (0.025, (h - 0.04) / 2, 0.025), ti)
+                    sc.add_part(
+                        base,
+                        a,
+                        (sx * (hx - 0.05), (h - 0.04) / 2, sz * (hz - 0.05)),
+                        (0.025, (h - 0.04) / 2, 0.025),
+                        ti,
+                    )
             hosts.append((x, z, h, hx, hz, a))
             table = (x, z, hx, hz, a)
 
@@ -354,8 +424,15 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
         if pose:
             x, z, a = pose
             yc = rng.uniform(1.0, 1.5)
-            tvi = sc.add_inst(C["tv"], _gray(rng, 0.03, 0.12, 0.02), _gray(rng, 0.1, 0.2, 0.05), tex=_T_NOISE,
-                              scale=0.3, origin=(x, 0, z), yaw=a)
+            tvi = sc.add_inst(
+                C["tv"],
+                _gray(rng, 0.03, 0.12, 0.02),
+                _gray(rng, 0.1, 0.2, 0.05),
+                tex=_T_NOISE,
+                scale=0.3,
+                origin=(x, 0, z),
+                yaw=a,
+            )
             sc.add_part((x, 0.0, z), a, (0, yc, 0), (hw, hw * 0.58, 0.03), tvi)
 
     # books: rows on hosts, or a stack on the floor
@@ -383,16 +460,26 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
             for _k in range(int(rng.integers(2, 6))):
                 th = rng.uniform(0.015, 0.04)
                 bi = sc.add_inst(C["books"], _rand_color(rng), tex=_T_FLAT)
-                sc.add_part((x, 0.0, z), a + rng.uniform(-0.2, 0.2), (0, y + th, 0),
-                            (rng.uniform(0.1, 0.15), th, rng.uniform(0.07, 0.11)), bi)
+                sc.add_part(
+                    (x, 0.0, z),
+                    a + rng.uniform(-0.2, 0.2),
+                    (0, y + th, 0),
+                    (rng.uniform(0.1, 0.15), th, rng.uniform(0.07, 0.11)),
+                    bi,
+                )
                 y += 2 * th
 
     # objects: spheres and vertical cylinders on hosts or the floor
     for _ in range(int(rng.integers(2, 6))):
         kind = rng.random()
         col = _rand_color(rng)
-        oi = sc.add_inst(C["objects"], col, col * 0.5, tex=[_T_FLAT, _T_STRIPE, _T_NOISE][int(rng.integers(3))],
-                         scale=rng.uniform(0.03, 0.1))
+        oi = sc.add_inst(
+            C["objects"],
+            col,
+            col * 0.5,
+            tex=[_T_FLAT, _T_STRIPE, _T_NOISE][int(rng.integers(3))],
+            scale=rng.uniform(0.03, 0.1),
+        )
         if hosts and rng.random() < 0.6:
             x, z, top, hx, hz, a = hosts[int(rng.integers(len(hosts)))]
             lx, lz = rng.uniform(-hx + 0.08, hx - 0.08), rng.uniform(-hz + 0.06, hz - 0.06) if hz > 0.07 else 0.0
@@ -440,13 +527,24 @@ def _build_indoor(rng: np.random.Generator) -> _Scene:
 
     for _ in range(int(rng.integers(0, 3))):
         sky = _jitter(rng, np.array([0.72, 0.84, 0.97]), 0.08)
-        wi = sc.add_inst(C["window"], _gray(rng, 0.8, 0.98, 0.02), sky, tex=_T_GRID,
-                         scale=rng.uniform(0.35, 0.7), duty=0.92, emissive=True)
+        wi = sc.add_inst(
+            C["window"],
+            _gray(rng, 0.8, 0.98, 0.02),
+            sky,
+            tex=_T_GRID,
+            scale=rng.uniform(0.35, 0.7),
+            duty=0.92,
+            emissive=True,
+        )
         add_decal(wi, rng.uniform(0.4, 0.9), rng.uniform(0.45, 0.75), 1.2, 1.7)
     for _ in range(int(rng.integers(0, 4))):
-        pi = sc.add_inst(C["painting"], _rand_color(rng, (0.5, 1.0), (0.4, 1.0)),
-                         _rand_color(rng, (0.5, 1.0), (0.3, 1.0)),
-                         tex=[_T_NOISE, _T_STRIPE, _T_CHECK][int(rng.integers(3))], scale=rng.uniform(0.05, 0.2))
+        pi = sc.add_inst(
+            C["painting"],
+            _rand_color(rng, (0.5, 1.0), (0.4, 1.0)),
+            _rand_color(rng, (0.5, 1.0), (0.3, 1.0)),
+            tex=[_T_NOISE, _T_STRIPE, _T_CHECK][int(rng.integers(3))],
+            scale=rng.uniform(0.05, 0.2),
+        )
         add_decal(pi, rng.uniform(0.15, 0.5), rng.uniform(0.15, 0.4), 1.3, 1.8)
     return sc
 
@@ -475,8 +573,14 @@ def _build_street(rng: np.random.Generator) -> _Scene:
     sc.sky = (np.clip(horizon, 0.0, 1.0), np.clip(zenith, 0.0, 1.0))
     sc.fog = rng.uniform(150, 600)
 
-    road = sc.add_inst(C["flat"], _gray(rng, 0.22, 0.42, 0.02), _gray(rng, 0.85, 0.97, 0.02), tex=_T_ROAD,
-                       scale=rng.uniform(0.5, 2.0), origin=(rng.uniform(-0.3, 0.3), 0, 0))
+    road = sc.add_inst(
+        C["flat"],
+        _gray(rng, 0.22, 0.42, 0.02),
+        _gray(rng, 0.85, 0.97, 0.02),
+        tex=_T_ROAD,
+        scale=rng.uniform(0.5, 2.0),
+        origin=(rng.uniform(-0.3, 0.3), 0, 0),
+    )
     sc.ground = road
     walk_c = _gray(rng, 0.45, 0.7, 0.04)
     for side in (-1, 1):
@@ -490,25 +594,47 @@ def _build_street(rng: np.random.Generator) -> _Scene:
             length = rng.uniform(8, 25)
             if rng.random() < 0.15:
                 if rng.random() < 0.5:  # hedge in the gap
-                    hi = sc.add_inst(C["nature"], _jitter(rng, np.array([0.2, 0.45, 0.15]), 0.2), None,
-                                     tex=_T_NOISE, scale=0.3)
+                    hi = sc.add_inst(
+                        C["nature"], _jitter(rng, np.array([0.2, 0.45, 0.15]), 0.2), None, tex=_T_NOISE, scale=0.3
+                    )
                     x0 = wr + ws + 0.3
                     sc.add_box((side * (x0 + 0.6), 0.6, z + length / 2), (0.6, 0.6, length / 2 - 0.5), 0.0, hi)
                 z += length + rng.uniform(0, 3)
                 continue
             h, d, setback = rng.uniform(5, 30), rng.uniform(8, 16), rng.uniform(0, 3)
             x0 = wr + ws + setback
-            col = _jitter(rng, [np.array([0.75, 0.7, 0.62]), np.array([0.6, 0.32, 0.25]),
-                                np.array([0.6, 0.6, 0.62]), np.array([0.85, 0.82, 0.75])][int(rng.integers(4))], 0.15)
+            col = _jitter(
+                rng,
+                [
+                    np.array([0.75, 0.7, 0.62]),
+                    np.array([0.6, 0.32, 0.25]),
+                    np.array([0.6, 0.6, 0.62]),
+                    np.array([0.85, 0.82, 0.75]),
+                ][int(rng.integers(4))],
+                0.15,
+            )
             cx = side * (x0 + d / 2)
-            bi = sc.add_inst(C["construction"], col, _jitter(rng, np.array([0.2, 0.25, 0.32]), 0.3), tex=_T_GRID,
-                             scale=rng.uniform(1.5, 3.5), duty=rng.uniform(0.35, 0.6), origin=(cx, 0.0, z))
+            bi = sc.add_inst(
+                C["construction"],
+                col,
+                _jitter(rng, np.array([0.2, 0.25, 0.32]), 0.3),
+                tex=_T_GRID,
+                scale=rng.uniform(1.5, 3.5),
+                duty=rng.uniform(0.35, 0.6),
+                origin=(cx, 0.0, z),
+            )
             sc.add_box((cx, h / 2, z + length / 2), (d / 2, h / 2, length / 2), 0.0, bi)
             z += length + rng.uniform(0, 1.5)
     if rng.random() < 0.3:  # street closed off by a far building
         zf = rng.uniform(60, 150)
-        bi = sc.add_inst(C["construction"], _jitter(rng, np.array([0.7, 0.66, 0.6]), 0.2),
-                         _jitter(rng, np.array([0.2, 0.25, 0.32]), 0.3), tex=_T_GRID, scale=3.0, duty=0.5)
+        bi = sc.add_inst(
+            C["construction"],
+            _jitter(rng, np.array([0.7, 0.66, 0.6]), 0.2),
+            _jitter(rng, np.array([0.2, 0.25, 0.32]), 0.3),
+            tex=_T_GRID,
+            scale=3.0,
+            duty=0.5,
+        )
         sc.add_box((0.0, 12.0, zf + 6), (wr + ws + 20, 12.0, 6.0), 0.0, bi)
 
     # cars
@@ -549,20 +675,37 @@ def _build_street(rng: np.random.Generator) -> _Scene:
             h = rng.uniform(3.5, 7.0)
             sc.add_cyl(x, z, curb, curb + h, rng.uniform(0.05, 0.1), pi_)
             if rng.random() < 0.6:
-                si = sc.add_inst(C["object"], [np.array([0.8, 0.1, 0.1]), np.array([0.1, 0.25, 0.75]),
-                                               np.array([0.9, 0.8, 0.1]), np.array([0.9, 0.9, 0.9])][
-                    int(rng.integers(4))], tex=_T_FLAT)
+                si = sc.add_inst(
+                    C["object"],
+                    [
+                        np.array([0.8, 0.1, 0.1]),
+                        np.array([0.1, 0.25, 0.75]),
+                        np.array([0.9, 0.8, 0.1]),
+                        np.array([0.9, 0.9, 0.9]),
+                    ][int(rng.integers(4))],
+                    tex=_T_FLAT,
+                )
                 sc.add_box((x, curb + h - rng.uniform(0.5, 1.5), z - 0.12), (0.3, 0.3, 0.02), 0.0, si)
             z += rng.uniform(12, 30)
         if rng.random() < 0.75:
             z = rng.uniform(3, 15)
             while z < 90:
                 x = side * (wr + ws * rng.uniform(0.45, 0.7))
-                trunk = sc.add_inst(C["nature"], _jitter(rng, np.array([0.35, 0.25, 0.15]), 0.2), tex=_T_NOISE,
-                                    scale=0.1, origin=(x, 0, z))
-                crown = sc.add_inst(C["nature"], _jitter(rng, np.array([0.22, 0.45, 0.15]), 0.25),
-                                    _jitter(rng, np.array([0.12, 0.3, 0.08]), 0.25), tex=_T_NOISE,
-                                    scale=rng.uniform(0.2, 0.5), origin=(x, 0, z))
+                trunk = sc.add_inst(
+                    C["nature"],
+                    _jitter(rng, np.array([0.35, 0.25, 0.15]), 0.2),
+                    tex=_T_NOISE,
+                    scale=0.1,
+                    origin=(x, 0, z),
+                )
+                crown = sc.add_inst(
+                    C["nature"],
+                    _jitter(rng, np.array([0.22, 0.45, 0.15]), 0.25),
+                    _jitter(rng, np.array([0.12, 0.3, 0.08]), 0.25),
+                    tex=_T_NOISE,
+                    scale=rng.uniform(0.2, 0.5),
+                    origin=(x, 0, z),
+                )
                 ht, rc = rng.uniform(2.0, 3.5), rng.uniform(1.2, 2.3)
                 sc.add_cyl(x, z, curb, curb + ht, rng.uniform(0.12, 0.25), trunk)
                 sc.add_sphere((x, curb + ht + 0.5 * rc, z), rc, crown)
@@ -578,10 +721,17 @@ def _build_street(rng: np.random.Generator) -> _Scene:
             side = 1 if rng.random() < 0.5 else -1
             x, z, y0 = side * (wr + rng.uniform(0.3, ws - 0.3)), rng.uniform(3, 45), curb
         h, r = rng.uniform(1.3, 1.55), rng.uniform(0.17, 0.25)
-        body = sc.add_inst(C["human"], _rand_color(rng, (0.1, 0.8), (0.15, 0.85)), None,
-                           tex=[_T_FLAT, _T_STRIPE][int(rng.integers(2))], scale=0.1, origin=(x, y0, z))
-        head = sc.add_inst(C["human"], _jitter(rng, np.array([0.85, 0.65, 0.5]) * rng.uniform(0.4, 1.0), 0.05),
-                           tex=_T_FLAT)
+        body = sc.add_inst(
+            C["human"],
+            _rand_color(rng, (0.1, 0.8), (0.15, 0.85)),
+            None,
+            tex=[_T_FLAT, _T_STRIPE][int(rng.integers(2))],
+            scale=0.1,
+            origin=(x, y0, z),
+        )
+        head = sc.add_inst(
+            C["human"], _jitter(rng, np.array([0.85, 0.65, 0.5]) * rng.uniform(0.4, 1.0), 0.05), tex=_T_FLAT
+        )
         sc.add_cyl(x, z, y0, y0 + h, r, body)
         sc.add_sphere((x, y0 + h + 0.12, z), 0.11, head)
     return sc
@@ -655,9 +805,11 @@ class _Raster:
     def room(self, size, base):
         ox, oy, oz = self.o
         ts, faces = [], []
-        for k, (o, d, inv, hi) in enumerate(((ox, self.dx, self.idx, size[0]),
-                                            (oy, self.dy, self.idy, size[1]),
-                                            (oz, self.dz, self.idz, size[2]))):
+        for o, d, inv, hi in (
+            (ox, self.dx, self.idx, size[0]),
+            (oy, self.dy, self.idy, size[1]),
+            (oz, self.dz, self.idz, size[2]),
+        ):
             pos = ~np.signbit(d)  # +0.0 -> max plane, -0.0 -> min plane; both give t = inf
             ts.append(np.where(pos, hi - o, -o) * inv)
             faces.append(pos)
@@ -806,12 +958,21 @@ def _cast(sc: _Scene, rot, intr, height, width):
         nb = len(bx)
         ca, sa = np.cos(bx[:, 6]), np.sin(bx[:, 6])
         loc = _BOX_CORNERS[None] * bx[:, None, 3:6]
-        corners = np.stack([ca[:, None] * loc[..., 0] + sa[:, None] * loc[..., 2],
-                            loc[..., 1],
-                            -sa[:, None] * loc[..., 0] + ca[:, None] * loc[..., 2]], -1) + bx[:, None, 0:3]
+        corners = (
+            np.stack(
+                [
+                    ca[:, None] * loc[..., 0] + sa[:, None] * loc[..., 2],
+                    loc[..., 1],
+                    -sa[:, None] * loc[..., 0] + ca[:, None] * loc[..., 2],
+                ],
+                -1,
+            )
+            + bx[:, None, 0:3]
+        )
         zero, one = np.zeros(nb), np.ones(nb)
-        cols = np.stack([np.stack([ca, zero, -sa], -1), np.stack([zero, one, zero], -1),
-                         np.stack([sa, zero, ca], -1)], 1)  # [P, 3 axes, 3] local axes in world
+        cols = np.stack(
+            [np.stack([ca, zero, -sa], -1), np.stack([zero, one, zero], -1), np.stack([sa, zero, ca], -1)], 1
+        )  # [P, 3 axes, 3] local axes in world
         face_n = np.stack([-cols, cols], 2).reshape(nb * 6, 3)
         first = add_group(np.zeros(nb * 6, dtype=np.int64), np.repeat([b[7] for b in sc.boxes], 6), face_n)
         wins, zmins = _screen_windows(corners, cam, rot, intr, height, width)
@@ -826,8 +987,13 @@ def _cast(sc: _Scene, rot, intr, height, width):
         corners = lo[:, None] + (_BOX_CORNERS[None] + 1) / 2 * (hi - lo)[:, None]
         cn = np.tile(np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]), (nc, 1))
         cc = np.repeat(np.stack([cy_[:, 0], np.zeros(nc), cy_[:, 1]], 1), 3, axis=0)
-        first = add_group(np.tile([_S_CYL, _S_PLANE, _S_PLANE], nc), np.repeat([c[5] for c in sc.cyls], 3),
-                          cn, cc, np.repeat(cy_[:, 4], 3))
+        first = add_group(
+            np.tile([_S_CYL, _S_PLANE, _S_PLANE], nc),
+            np.repeat([c[5] for c in sc.cyls], 3),
+            cn,
+            cc,
+            np.repeat(cy_[:, 4], 3),
+        )
         wins, zmins = _screen_windows(corners, cam, rot, intr, height, width)
         for k, (cyl, win, zm) in enumerate(zip(sc.cyls, wins, zmins)):
             draws.append((zm, win, ras.cylinder, (*cyl[:5], first + 3 * k)))
@@ -835,8 +1001,9 @@ def _cast(sc: _Scene, rot, intr, height, width):
     if sc.spheres:
         sp = np.array([s[:4] for s in sc.spheres])
         corners = sp[:, None, :3] + _BOX_CORNERS[None] * sp[:, None, 3:4]
-        first = add_group(np.full(len(sp), _S_SPHERE), [s[4] for s in sc.spheres], np.zeros((len(sp), 3)),
-                          sp[:, :3], sp[:, 3])
+        first = add_group(
+            np.full(len(sp), _S_SPHERE), [s[4] for s in sc.spheres], np.zeros((len(sp), 3)), sp[:, :3], sp[:, 3]
+        )
         wins, zmins = _screen_windows(corners, cam, rot, intr, height, width)
         for k, (s, win, zm) in enumerate(zip(sc.spheres, wins, zmins)):
             draws.append((zm, win, ras.sphere, (*s[:4], first + k)))
@@ -961,8 +1128,9 @@ def _inst_tables(sc: _Scene):
 # ----------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------
-def render_sample(dataset: str, seed: int, split: str, index: int, height: int, width: int,
-                  return_ids: bool = False) -> dict:
+def render_sample(
+    dataset: str, seed: int, split: str, index: int, height: int, width: int, return_ids: bool = False
+) -> dict:
     """Render one sample of ``dataset`` (see module docstring for conventions).
 
     Returns a dict with ``image`` (uint8 [H, W, 3]), ``seg`` (uint8 [H, W], 255 =

@@ -1,11 +1,12 @@
 """`mtu data synth`: write the embedded synthetic benchmarks (see `synth.py` for the scenes)."""
+
 from __future__ import annotations
 
 import functools
 
-from mtu_dist.errors import UserError
 from mtu_dist.data.synth import SPECS, render_sample
 from mtu_dist.data.write import DatasetLayout, write_dataset
+from mtu_dist.errors import UserError
 
 
 def _synth_sample(dataset: str, seed: int, height: int, width: int, split: str, index: int) -> dict:
@@ -15,8 +16,21 @@ def _synth_sample(dataset: str, seed: int, height: int, width: int, split: str, 
     return s
 
 
-def synth(datasets: list[str], out_root, *, train: int, val: int, test: int, height: int, width: int,
-          seed: int, shard_size: int | None, workers: int, overwrite: bool, progress=print):
+def synth(
+    datasets: list[str],
+    out_root,
+    *,
+    train: int,
+    val: int,
+    test: int,
+    height: int,
+    width: int,
+    seed: int,
+    shard_size: int | None,
+    workers: int,
+    overwrite: bool,
+    progress=print,
+):
     unknown = [d for d in datasets if d not in SPECS]
     if unknown:
         raise UserError(f"unknown synthetic dataset(s) {unknown} (expected {sorted(SPECS)})")
@@ -29,10 +43,19 @@ def synth(datasets: list[str], out_root, *, train: int, val: int, test: int, hei
         spec = SPECS[name]
         layout = DatasetLayout(name, spec.tasks, spec.num_classes, list(spec.class_names), (height, width))
         fn = functools.partial(_synth_sample, name, seed, height, width)
-        manifests.append(write_dataset(
-            out_root, layout, {"train": train, "val": val, "test": test}, fn, shard_size=shard_size,
-            workers=workers, overwrite=overwrite, progress=progress,
-            source={"generator": "mtu_dist.data.synth", "seed": seed}))
+        manifests.append(
+            write_dataset(
+                out_root,
+                layout,
+                {"train": train, "val": val, "test": test},
+                fn,
+                shard_size=shard_size,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+                source={"generator": "mtu_dist.data.synth", "seed": seed},
+            )
+        )
     return manifests
 
 
@@ -43,12 +66,16 @@ def synth_once(root, dataset: str, spec: dict):
     import json
     from pathlib import Path
 
-    from mtu_dist.utils.fileio import atomic_write_json
     from mtu_dist.data.manifest import load_manifest
+    from mtu_dist.utils.fileio import atomic_write_json
+
     root = Path(root)
     spec_file = root / f"{dataset}.synth.json"
-    if not ((root / dataset / "manifest.json").is_file() and spec_file.is_file()
-            and json.loads(spec_file.read_text()) == spec):
+    if not (
+        (root / dataset / "manifest.json").is_file()
+        and spec_file.is_file()
+        and json.loads(spec_file.read_text()) == spec
+    ):
         print(f"data: synthesizing {dataset} {spec}")
         synth([dataset], root, test=0, seed=0, workers=2, overwrite=True, progress=lambda *_: None, **spec)
         atomic_write_json(spec_file, spec)

@@ -1,10 +1,11 @@
 """Read shard entries in memory with the standard tarfile module (never extracted to disk)."""
+
 from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mtu_dist.errors import UserError
 
@@ -23,7 +24,7 @@ def iter_entries(path: Path, data: bytes | None = None) -> Iterator[tuple[str, d
     """Yield (key, {member: bytes}) in archive order (from `data`, the file's bytes already read and
     checked, when given). Raises UserError on a corrupt/truncated tar."""
     try:
-        with (tarfile.open(path, "r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
+        with tarfile.open(path, "r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             key, members = None, {}
             for info in tar:
                 if not info.isfile():

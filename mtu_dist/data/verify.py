@@ -1,18 +1,19 @@
 """`mtu data verify`: check every shard against the manifest and report each problem by file and key."""
+
 from __future__ import annotations
 
-from mtu_dist.errors import UserError
-from mtu_dist.utils.fileio import sha256_file
 from mtu_dist.data.manifest import Manifest
 from mtu_dist.data.sample import decode_sample
 from mtu_dist.data.tario import iter_entries
+from mtu_dist.errors import UserError
+from mtu_dist.utils.fileio import sha256_file
 
 
 def verify_dataset(manifest: Manifest, check_samples: bool = True) -> list[str]:
     """Return a list of problems (empty = all good): missing shards, sha256 and count mismatches,
     keys out of order, members missing, wrong shapes/dtypes, out-of-range or non-finite values."""
     problems = []
-    for split_name, split in manifest.splits.items():
+    for split in manifest.splits.values():
         expected_keys = iter(split.keys)
         for shard in split.shards:
             problems += _verify_shard(manifest, shard, expected_keys, check_samples)
@@ -38,8 +39,9 @@ def _verify_shard(manifest: Manifest, shard, expected_keys, check_samples: bool)
                 problems.append(f"{path}: {key}: unexpected key (manifest lists {wanted[i]} here)")
             if check_samples:
                 try:
-                    decode_sample(members, manifest.tasks, manifest.resolution, manifest.num_classes,
-                                  where=f"{path}: {key}")
+                    decode_sample(
+                        members, manifest.tasks, manifest.resolution, manifest.num_classes, where=f"{path}: {key}"
+                    )
                 except UserError as e:
                     problems.append(str(e))
     except UserError as e:
@@ -50,8 +52,10 @@ def _verify_shard(manifest: Manifest, shard, expected_keys, check_samples: bool)
 
 
 def summarize(manifest: Manifest) -> str:
-    lines = [f"{manifest.dataset}: tasks {', '.join(manifest.tasks)}; {manifest.num_classes} classes; "
-             f"{manifest.resolution[0]}x{manifest.resolution[1]}"]
+    lines = [
+        f"{manifest.dataset}: tasks {', '.join(manifest.tasks)}; {manifest.num_classes} classes; "
+        f"{manifest.resolution[0]}x{manifest.resolution[1]}"
+    ]
     for name, split in manifest.splits.items():
         lines.append(f"  {name:<6} {split.num_samples:>7} samples in {len(split.shards)} shards")
     return "\n".join(lines)

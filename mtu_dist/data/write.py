@@ -5,6 +5,7 @@ matter how many samples are requested. Everything goes to a staging folder that 
 dataset folder only once every shard and the manifest are complete: an interrupted or failed run
 never leaves a half-written dataset in place of a good one.
 """
+
 from __future__ import annotations
 
 import io
@@ -15,17 +16,17 @@ import os
 import shutil
 import tarfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from mtu_dist.data.manifest import Manifest, ShardInfo, SplitInfo
+from mtu_dist.data.sample import encode_sample
 from mtu_dist.errors import UserError
 from mtu_dist.utils.fileio import ensure_writable_dir, replace_dir, sha256_file
 from mtu_dist.utils.lifecycle import quiet_worker
 from mtu_dist.utils.locks import OWNER, make_staging, release, remove_stale
 from mtu_dist.utils.logs import progress_bar
-from mtu_dist.data.manifest import Manifest, ShardInfo, SplitInfo
-from mtu_dist.data.sample import encode_sample
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class DatasetLayout:
     resolution: tuple[int, int]
 
 
-FIT_SLOTS = 16     # reader slots the default layout serves evenly: 8 ranks x 2 loader workers (and 1, 2, 4)
-MAX_SHARD = 1000   # samples per default shard at most: large data gets more shards, not bigger ones
+FIT_SLOTS = 16  # reader slots the default layout serves evenly: 8 ranks x 2 loader workers (and 1, 2, 4)
+MAX_SHARD = 1000  # samples per default shard at most: large data gets more shards, not bigger ones
 
 
 def shard_bounds(n: int, shard_size: int | None) -> list[tuple[int, int]]:
@@ -71,17 +72,25 @@ def _write_shard(job) -> tuple[str, int, str, list[str]]:
     for index in range(start, stop):
         key = instance_key(layout.dataset, split, index)
         sample = sample_fn(split, index)
-        meta = {"key": key, "split": split, "source": sample.get("source", layout.dataset),
-                **sample.get("meta", {})}
+        meta = {"key": key, "split": split, "source": sample.get("source", layout.dataset), **sample.get("meta", {})}
         entries.append((key, encode_sample(sample, layout.tasks, meta)))
     name = f"{split}-{shard_idx:06d}.tar"
     write_tar(Path(folder) / name, entries)
     return name, stop - start, sha256_file(Path(folder) / name), [k for k, _ in entries]
 
 
-def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict[str, int],
-                  sample_fn: Callable[[str, int], dict], *, shard_size: int | None, workers: int,
-                  overwrite: bool, source: dict, progress: Callable[[str], None] = print) -> Manifest:
+def write_dataset(
+    out_root: str | Path,
+    layout: DatasetLayout,
+    split_sizes: dict[str, int],
+    sample_fn: Callable[[str, int], dict],
+    *,
+    shard_size: int | None,
+    workers: int,
+    overwrite: bool,
+    source: dict,
+    progress: Callable[[str], None] = print,
+) -> Manifest:
     """Render `split_sizes[split]` samples per split with `sample_fn(split, index)` into shards
     (`shard_size` None: the default layout of `shard_bounds`).
 
@@ -90,8 +99,10 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
     root = ensure_writable_dir(out_root)
     final = root / layout.dataset
     if final.exists() and not overwrite:
-        raise UserError(f"{final}: already exists; pass --overwrite to replace it "
-                        "(the old data is kept until the new data is complete)")
+        raise UserError(
+            f"{final}: already exists; pass --overwrite to replace it "
+            "(the old data is kept until the new data is complete)"
+        )
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
     remove_stale(root, ".*.staging-*")  # left by writers killed outright (SIGKILL, power loss)
@@ -103,17 +114,26 @@ def write_dataset(out_root: str | Path, layout: DatasetLayout, split_sizes: dict
         for split, n in split_sizes.items():
             if n <= 0:
                 continue
-            jobs = [(layout, sample_fn, str(staging), split, i, start, stop)
-                    for i, (start, stop) in enumerate(shard_bounds(n, shard_size))]
+            jobs = [
+                (layout, sample_fn, str(staging), split, i, start, stop)
+                for i, (start, stop) in enumerate(shard_bounds(n, shard_size))
+            ]
             with progress_bar(total=len(jobs), desc=f"{layout.dataset}/{split}", unit="shard") as bar:
                 results = _run(jobs, workers, owner, done=bar.update)
             splits[split] = SplitInfo(
                 keys=[k for r in results for k in r[3]],
-                shards=[ShardInfo(file=r[0], num_samples=r[1], sha256=r[2]) for r in results])
+                shards=[ShardInfo(file=r[0], num_samples=r[1], sha256=r[2]) for r in results],
+            )
             progress(f"{layout.dataset}/{split}: {n} samples in {len(jobs)} shards")
-        manifest = Manifest(dataset=layout.dataset, tasks=layout.tasks, num_classes=layout.num_classes,
-                            class_names=layout.class_names, resolution=layout.resolution,
-                            splits=splits, source=source)
+        manifest = Manifest(
+            dataset=layout.dataset,
+            tasks=layout.tasks,
+            num_classes=layout.num_classes,
+            class_names=layout.class_names,
+            resolution=layout.resolution,
+            splits=splits,
+            source=source,
+        )
         manifest.save(staging)
         (staging / OWNER).unlink()
         replace_dir(staging, final)
@@ -143,8 +163,11 @@ def _run(jobs, workers: int, owner: int, done: Callable[[], object] = lambda: No
     try:
         for w in range(n):
             reader, writer = ctx.Pipe(duplex=False)
-            procs.append(ctx.Process(target=_worker, args=(list(enumerate(jobs))[w::n], writer, owner,
-                                                           [*pending, reader]), daemon=True))
+            procs.append(
+                ctx.Process(
+                    target=_worker, args=(list(enumerate(jobs))[w::n], writer, owner, [*pending, reader]), daemon=True
+                )
+            )
             procs[-1].start()
             writer.close()
             pending.append(reader)

@@ -15,6 +15,7 @@ which is exactly what a flat `reduce_scatter_tensor` hands to rank r. Per step:
 Inner products for the orthogonalization are summed over owned columns and completed with one
 small all_reduce of a Gram matrix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch.distributed as dist
 @dataclass
 class Piece:
     """Rows [row0, row1) of parameter `index`, stored at [dst, dst + n) of `rank`'s columns."""
+
     index: int
     row0: int
     row1: int
@@ -73,23 +75,23 @@ class ParamLayout:
         """Write signal k's per-parameter gradients into the rank-major buffer."""
         for pc in self.pieces:
             g = grads[pc.index]
-            dst = buf[pc.rank, k, pc.dst:pc.dst + pc.n]
+            dst = buf[pc.rank, k, pc.dst : pc.dst + pc.n]
             if g is None:
                 dst.zero_()
             else:
-                dst.copy_(g.reshape(g.shape[0] if g.dim() else 1, -1)[pc.row0:pc.row1].reshape(-1))
+                dst.copy_(g.reshape(g.shape[0] if g.dim() else 1, -1)[pc.row0 : pc.row1].reshape(-1))
 
     def pack_batched(self, buf: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
         """Same, for [K, *shape] gradients from a batched engine."""
         for pc in self.pieces:
             g = grads[pc.index]
-            dst = buf[pc.rank, :, pc.dst:pc.dst + pc.n]
+            dst = buf[pc.rank, :, pc.dst : pc.dst + pc.n]
             if g is None:
                 dst.zero_()
             else:
                 kk = g.shape[0]
                 rows = g.shape[1] if g.dim() > 1 else 1
-                dst.copy_(g.reshape(kk, rows, -1)[:, pc.row0:pc.row1].reshape(kk, -1))
+                dst.copy_(g.reshape(kk, rows, -1)[:, pc.row0 : pc.row1].reshape(kk, -1))
 
     def to_natural(self, buf: torch.Tensor) -> torch.Tensor:
         """[N, K, S] rank-major -> [K, P] in natural parameter order (for traces and tests)."""
@@ -99,7 +101,7 @@ class ParamLayout:
         out = buf.new_zeros(buf.shape[1], self.total)
         for pc in self.pieces:
             start = offsets[pc.index] + pc.row0 * pc.row_size
-            out[:, start:start + pc.n] = buf[pc.rank, :, pc.dst:pc.dst + pc.n]
+            out[:, start : start + pc.n] = buf[pc.rank, :, pc.dst : pc.dst + pc.n]
         return out
 
     def unpack(self, rows: torch.Tensor, blocks, out: list[torch.Tensor]) -> None:
@@ -108,8 +110,9 @@ class ParamLayout:
         for b, flat in zip(blocks, rows):
             for pc in self.pieces_of(b):
                 t = out[pc.index]
-                t.view(t.shape[0] if t.dim() else 1, -1)[pc.row0:pc.row1] = \
-                    flat[pc.dst:pc.dst + pc.n].view(pc.row1 - pc.row0, -1).to(t.dtype)
+                t.view(t.shape[0] if t.dim() else 1, -1)[pc.row0 : pc.row1] = (
+                    flat[pc.dst : pc.dst + pc.n].view(pc.row1 - pc.row0, -1).to(t.dtype)
+                )
 
     def unpack_into_grads(self, flat_by_rank: torch.Tensor) -> None:
         """`flat_by_rank` [N, S] (an update gathered from every rank) -> each parameter's .grad."""
@@ -119,7 +122,9 @@ class ParamLayout:
         for pc in self.pieces:
             p = self.params[pc.index]
             view = p.grad.view(p.shape[0] if p.dim() else 1, -1)
-            view[pc.row0:pc.row1] = flat_by_rank[pc.rank, pc.dst:pc.dst + pc.n].view(pc.row1 - pc.row0, -1).to(p.dtype)
+            view[pc.row0 : pc.row1] = (
+                flat_by_rank[pc.rank, pc.dst : pc.dst + pc.n].view(pc.row1 - pc.row0, -1).to(p.dtype)
+            )
 
 
 def reduce_signals(buf: torch.Tensor, mode: str, rank: int, world: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Process-group set-up through Accelerate, with the world size checked (never guessed)."""
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,16 @@ def make_accelerator(**kwargs):
     # Accelerator(cpu=True) silently drops the DeepSpeed plugin: DeepSpeed picks its CPU accelerator itself
     acc = Accelerator(cpu=cpu and not deepspeed, kwargs_handlers=handlers, **kwargs)
     if acc.num_processes != expected:
-        raise UserError(f"launcher asked for WORLD_SIZE={expected} but {acc.num_processes} process(es) joined; "
-                        "on CPU launch with --config_file launch/accelerate/cpu_2proc.yaml")
+        raise UserError(
+            f"launcher asked for WORLD_SIZE={expected} but {acc.num_processes} process(es) joined; "
+            "on CPU launch with --config_file launch/accelerate/cpu_2proc.yaml"
+        )
     stage = zero_stage(acc)
     if stage is not None and stage > 2:
-        raise UserError(f"DeepSpeed zero_stage = {stage} in the accelerate config: stages 0, 1 and 2 are supported "
-                        "(stage 3 partitions the parameters; the per-task projection works on whole parameter rows)")
+        raise UserError(
+            f"DeepSpeed zero_stage = {stage} in the accelerate config: stages 0, 1 and 2 are supported "
+            "(stage 3 partitions the parameters; the per-task projection works on whole parameter rows)"
+        )
     return acc
 
 
@@ -54,11 +59,14 @@ def _require_deepspeed() -> None:
     """DeepSpeed and the transformers that Accelerate's DeepSpeed plugin imports are an extra: say what to
     install instead of failing deep inside Accelerate with a PackageNotFoundError."""
     from importlib.util import find_spec
+
     missing = [name for name in ("deepspeed", "transformers") if find_spec(name) is None]
     if missing:
-        raise UserError(f"the accelerate config asks for DeepSpeed but {' and '.join(missing)} "
-                        f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -c constraints.txt "
-                        "-e '.[deepspeed]' (or pip install 'mtu_dist[deepspeed]')")
+        raise UserError(
+            f"the accelerate config asks for DeepSpeed but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -c constraints.txt "
+            "-e '.[deepspeed]' (or pip install 'mtu_dist[deepspeed]')"
+        )
 
 
 def _plain_cpu_collectives() -> None:
@@ -67,6 +75,7 @@ def _plain_cpu_collectives() -> None:
     by skipping it and its collectives stay on gloo, like every other path. `__compatible_ops__` is
     DeepSpeed's (editable) table of the ops it may build."""
     import deepspeed.ops
+
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
@@ -82,8 +91,10 @@ def launcher_world_size() -> int:
         return 1
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise UserError(f"environment WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks with "
-                        "a launcher (accelerate launch --config_file launch/accelerate/cpu_2proc.yaml ...)")
+        raise UserError(
+            f"environment WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks with "
+            "a launcher (accelerate launch --config_file launch/accelerate/cpu_2proc.yaml ...)"
+        )
     rank = os.environ["RANK"]
     if not rank.isdigit() or int(rank) >= world:
         raise UserError(f"environment RANK={rank!r}: expected 0..{world - 1} for WORLD_SIZE={world}")
@@ -97,6 +108,8 @@ def _check_single_launch() -> None:
     more than one process was asked for. Together, without WORLD_SIZE, they mean N were asked for and 1 came."""
     asked_many = os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")
     if "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ and asked_many:
-        raise UserError("accelerate launch was asked for several processes but started ONE (--cpu or "
-                        "distributed_type MULTI_CPU does that; MASTER_ADDR is set, WORLD_SIZE is not): on CPU use "
-                        "accelerate launch --config_file launch/accelerate/cpu_2proc.yaml --num_processes N ...")
+        raise UserError(
+            "accelerate launch was asked for several processes but started ONE (--cpu or "
+            "distributed_type MULTI_CPU does that; MASTER_ADDR is set, WORLD_SIZE is not): on CPU use "
+            "accelerate launch --config_file launch/accelerate/cpu_2proc.yaml --num_processes N ..."
+        )

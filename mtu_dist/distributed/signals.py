@@ -5,6 +5,7 @@ Two engines with identical results: `sequential` (one autograd.grad per signal o
 the floor is about one backward pass per signal) and `batched` (one vmapped backward,
 `is_grads_batched=True`). `auto` times both once on the first step's losses and keeps the faster.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,8 +24,9 @@ def sequential(losses: list[torch.Tensor], params, layout: ParamLayout, buf: tor
 def batched(losses: list[torch.Tensor], params, layout: ParamLayout, buf: torch.Tensor) -> None:
     stacked = torch.stack(losses)
     eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
-    grads = torch.autograd.grad(stacked, params, grad_outputs=eye, is_grads_batched=True,
-                                retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(
+        stacked, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+    )
     layout.pack_batched(buf, list(grads))
 
 

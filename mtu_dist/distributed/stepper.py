@@ -25,6 +25,7 @@ the same on every rank — always in the plain path and at stage 0; at stages 1 
 holds no state (SGD without momentum, unlearning's default), since ZeRO partitions any state over the
 ranks. Otherwise checkpoints carry no optimizer state, and `--resume` refuses them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,6 +79,7 @@ class ZeroStepper:
     def parameters_loaded(self) -> None:
         """ZeRO-1/2 optimizers step a float32 master copy of their partition: refresh it from the module."""
         from deepspeed.utils import safe_set_full_fp32_param
+
         for p in self.params:
             safe_set_full_fp32_param(p, p.detach())
 
@@ -94,9 +96,13 @@ def prepare(acc, model, opt, *, wrap: bool, micro_batch: int, clip: float):
             prepared = acc.prepare(opt)
         return model, PlainStepper(model.parameters(), prepared, clip)
     ds = acc.state.deepspeed_plugin.deepspeed_config
-    ds.update(train_micro_batch_size_per_gpu=micro_batch, train_batch_size=micro_batch * acc.num_processes,
-              gradient_accumulation_steps=1, zero_allow_untested_optimizer=True,
-              gradient_clipping=0.0 if stage == 0 else clip)  # stage 0: torch clips .grad (ZeroStepper.step)
+    ds.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        train_batch_size=micro_batch * acc.num_processes,
+        gradient_accumulation_steps=1,
+        zero_allow_untested_optimizer=True,
+        gradient_clipping=0.0 if stage == 0 else clip,
+    )  # stage 0: torch clips .grad (ZeroStepper.step)
     # ZeRO allocates its reduce buckets afresh at every backward (default 5e8 elements, 2 GB in float32:
     # a quarter of a second per step on CPU); a bucket larger than the model holds nothing more. Rounded up
     # to a multiple of 1024: ZeRO wants it aligned to its communication alignment (2 or 4 elements).

@@ -6,6 +6,7 @@ sample: the first `eval.retain_sample` train instances not in the request, nor i
 in manifest order) and `val`. Alongside the metrics, the
 per-instance, per-task losses are kept (the features of the membership-inference attack).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def instance_batches(samples: list[dict], rank: int, world: int, local_batch: in
     n = batch_count(len(samples), world, local_batch)
     mine = mine + [blank] * (n * local_batch - len(mine))
     for i in range(n):
-        yield collate(mine[i * local_batch:(i + 1) * local_batch])
+        yield collate(mine[i * local_batch : (i + 1) * local_batch])
 
 
 def batch_count(n_samples: int, world: int, local_batch: int) -> int:
@@ -74,20 +75,33 @@ def evaluate(model, s, request=None) -> dict:
     forgotten = request.entries if request else {}
     # a lineage step also keeps what earlier requests forgot out of the retain sample
     out_of_retain = set(forgotten) | set(request.retain_exclude if request else ())
-    retain_ids = [k for k in m.split("train").keys if k not in out_of_retain][:cfg.eval.retain_sample]
+    retain_ids = [k for k in m.split("train").keys if k not in out_of_retain][: cfg.eval.retain_sample]
     sets = {"retain": (retain_ids, full_mask(m))}
     if request:
         sets["forget"] = (list(forgotten), forget_mask(m, forgotten))
-        if request.setting == "partial" or (request.setting == "mixed"
-                                            and any(len(ts) < len(tasks) for ts in forgotten.values())):
+        if request.setting == "partial" or (
+            request.setting == "mixed" and any(len(ts) < len(tasks) for ts in forgotten.values())
+        ):
             sets["forget_kept"] = (list(forgotten), kept_mask(m, forgotten))
     for name, (ids, mask_fn) in sets.items():
         samples = load_instances(m, "train", ids, mask_fn)
-        batches = progress_bar(instance_batches(samples, s.rank, s.world, local, blank), desc=f"eval {name}",
-                               total=batch_count(len(samples), s.world, local), main=s.rank == 0)
+        batches = progress_bar(
+            instance_batches(samples, s.rank, s.world, local, blank),
+            desc=f"eval {name}",
+            total=batch_count(len(samples), s.world, local),
+            main=s.rank == 0,
+        )
         splits[name], losses[name] = run_split(model, batches, tasks, m.num_classes, s.world)
-    val = BatchLoader(m, "val", rank=s.rank, world=s.world, local_batch=local, shuffle=False, workers=0,
-                      pin_memory=pins_memory(model_device(model)))
+    val = BatchLoader(
+        m,
+        "val",
+        rank=s.rank,
+        world=s.world,
+        local_batch=local,
+        shuffle=False,
+        workers=0,
+        pin_memory=pins_memory(model_device(model)),
+    )
     batches = progress_bar(val.epoch(0), desc="eval val", total=val.steps_per_epoch(0), main=s.rank == 0)
     splits["val"], losses["val"] = run_split(model, batches, tasks, m.num_classes, s.world)
     model.train()
@@ -100,5 +114,10 @@ def primary(metrics: dict, task: str) -> float:
 
 def flat_metrics(splits: dict) -> dict[str, float]:
     """`eval/<split>/<task>/<metric>` as MLflow metric names."""
-    return {f"eval/{sp}/{t}/{k}": v for sp, tasks in splits.items() for t, mets in tasks.items()
-            for k, v in mets.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return {
+        f"eval/{sp}/{t}/{k}": v
+        for sp, tasks in splits.items()
+        for t, mets in tasks.items()
+        for k, v in mets.items()
+        if isinstance(v, (int, float)) and math.isfinite(v)
+    }

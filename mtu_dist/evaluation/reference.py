@@ -9,13 +9,14 @@ evaluation is reused only while its `eval` fingerprint (model sha256, request sh
 size) matches; anything else is evaluated again, so a retrained or replaced checkpoint never
 serves stale numbers.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from mtu_dist.utils.fileio import atomic_write_json
 from mtu_dist.runner.runinfo import git_commit
+from mtu_dist.utils.fileio import atomic_write_json
 
 
 def eval_paths(folder: Path, meta: dict, request_sha: str | None) -> tuple[Path, Path]:
@@ -27,8 +28,11 @@ def eval_paths(folder: Path, meta: dict, request_sha: str | None) -> tuple[Path,
 
 def fingerprint(meta: dict, request_sha: str | None, retain_sample: int) -> dict:
     """What an evaluation depends on: the weights, the request (forget/retain splits), the sample size."""
-    return {"model_sha256": meta["sha256"]["model.safetensors"], "request_sha256": request_sha,
-            "retain_sample": retain_sample}
+    return {
+        "model_sha256": meta["sha256"]["model.safetensors"],
+        "request_sha256": request_sha,
+        "retain_sample": retain_sample,
+    }
 
 
 def load_cached(folder: Path, meta: dict, request_sha: str | None, retain_sample: int) -> tuple[dict, dict] | None:
@@ -51,10 +55,20 @@ def write_eval(s, folder: Path, meta: dict, splits: dict, losses: dict, request=
     sha = request.eval_key if request else None
     metrics_path, losses_path = eval_paths(folder, meta, sha)
     m = s.manifest
-    report = {"run": {"command": "eval", "checkpoint": str(folder), "dataset": m.dataset, "tasks": list(m.tasks),
-                      "num_classes": m.num_classes, "world_size": s.world, "git_commit": git_commit(),
-                      "request_sha256": sha},
-              "eval": fingerprint(meta, sha, s.cfg.eval.retain_sample), "splits": splits}
+    report = {
+        "run": {
+            "command": "eval",
+            "checkpoint": str(folder),
+            "dataset": m.dataset,
+            "tasks": list(m.tasks),
+            "num_classes": m.num_classes,
+            "world_size": s.world,
+            "git_commit": git_commit(),
+            "request_sha256": sha,
+        },
+        "eval": fingerprint(meta, sha, s.cfg.eval.retain_sample),
+        "splits": splits,
+    }
     if metrics_path.name == "metrics.json" and metrics_path.is_file():
         try:
             previous = json.loads(metrics_path.read_text())
@@ -72,9 +86,10 @@ def reference_eval(s, ckpt: str, request=None) -> tuple[dict, dict] | None:
     """The checkpoint `ckpt` evaluated on `request` (default the session's): the valid cache if there is one,
     else a fresh (collective) evaluation that is then cached. Rank 0 gets (report, losses); the
     other ranks take part in the evaluation and get None."""
-    from mtu_dist.runner.checkpoint import read_state
     from mtu_dist.evaluation.evaluate import evaluate
+    from mtu_dist.runner.checkpoint import read_state
     from mtu_dist.runner.unlearn import load_original
+
     meta = read_state(ckpt)
     folder = Path(meta["_folder"])
     request = request or s.request
@@ -95,6 +110,7 @@ def _broadcast_flag(s, flag: bool) -> bool:
     if s.world == 1:
         return flag
     import torch.distributed as dist
+
     box = [flag]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])

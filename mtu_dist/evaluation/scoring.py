@@ -6,6 +6,7 @@ run given with `--retrain` gives the gap and the cost ratio). `mtu score RUN` re
 files a finished run left, without running a model, so a benchmark can score every method once the
 retrain has finished. The numbers themselves are pure functions (`unlearning_metrics`).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtu_dist.errors import UserError
-from mtu_dist.tasks import TASKS
 from mtu_dist.evaluation.unlearning_metrics import cost_ratio, delta_m, gap_to_retrain, mia_auc, uis
+from mtu_dist.tasks import TASKS
 
 
 @dataclass
 class Results:
     """One model's evaluation on a request: metrics.json, losses.json, and where they came from."""
+
     report: dict
     losses: dict
     path: str
@@ -32,18 +34,32 @@ def request_tasks(splits: dict) -> tuple[str, list[str]]:
     return setting, [t for t in TASKS if t in splits.get("forget", {})]
 
 
-def unlearning_block(report: dict, losses: dict, original: Results | None = None,
-                     retrain: Results | None = None) -> dict:
+def unlearning_block(
+    report: dict, losses: dict, original: Results | None = None, retrain: Results | None = None
+) -> dict:
     """Every unlearning score of one run; a score whose reference is missing is None."""
     splits = report["splits"]
     tasks = report["run"].get("tasks") or [t for t in TASKS if t in splits.get("val", {})]
     setting, targets = request_tasks(splits)
-    block = {"setting": setting, "target_tasks": targets,
-             **mia_auc(losses, tasks, targets if setting == "partial" else None),
-             "mia_auc_retrain": None, "mia_auc_gap": None, "uis": None, "delta_m": None, "delta_m_per_split": None,
-             "gap_retrain": None, "gap_retrain_per_split": None, "cost_s": report.get("time_s"), "cost_ratio": None,
-             "uis_retrain": None, "uis_excess": None, "below_floor": None, "equal_forgetting": None,
-             "references": {"original": original and original.path, "retrain": retrain and retrain.path}}
+    block = {
+        "setting": setting,
+        "target_tasks": targets,
+        **mia_auc(losses, tasks, targets if setting == "partial" else None),
+        "mia_auc_retrain": None,
+        "mia_auc_gap": None,
+        "uis": None,
+        "delta_m": None,
+        "delta_m_per_split": None,
+        "gap_retrain": None,
+        "gap_retrain_per_split": None,
+        "cost_s": report.get("time_s"),
+        "cost_ratio": None,
+        "uis_retrain": None,
+        "uis_excess": None,
+        "below_floor": None,
+        "equal_forgetting": None,
+        "references": {"original": original and original.path, "retrain": retrain and retrain.path},
+    }
     if original is not None:
         _check_same_instances(losses, original, "original")
         block["uis"] = uis(original.report["splits"], splits, setting, targets)
@@ -75,15 +91,23 @@ def equal_forgetting(trajectory: dict, retrain_splits: dict) -> dict:
     between trajectory points), its largest forget progress, and the whole curve."""
     from mtu_dist.evaluation.statistics import at_level
     from mtu_dist.evaluation.trajectory import curve
-    level = {t: retrain_splits["forget"][t][TASKS[t].primary] for t in trajectory["targets"]
-             if t in retrain_splits.get("forget", {})}
+
+    level = {
+        t: retrain_splits["forget"][t][TASKS[t].primary]
+        for t in trajectory["targets"]
+        if t in retrain_splits.get("forget", {})
+    }
     points = curve(trajectory, level)
     reached = at_level(points, 1.0)
     progress = [p["progress"] for p in points if p["progress"] is not None]
-    return {"reached": reached is not None, "step": reached and reached["step"],
-            "task_interference": reached and reached["task_interference"],
-            "instance_interference": reached and reached["instance_interference"],
-            "max_progress": max(progress) if progress else None, "curve": points}
+    return {
+        "reached": reached is not None,
+        "step": reached and reached["step"],
+        "task_interference": reached and reached["task_interference"],
+        "instance_interference": reached and reached["instance_interference"],
+        "max_progress": max(progress) if progress else None,
+        "curve": points,
+    }
 
 
 def curve_metrics(block: dict | None) -> list[tuple[int, dict[str, float]]]:
@@ -91,18 +115,41 @@ def curve_metrics(block: dict | None) -> list[tuple[int, dict[str, float]]]:
     eq = (block or {}).get("equal_forgetting")
     if not eq:
         return []
-    return [(p["step"], {f"traj/{k}": float(p[k]) for k in ("progress", "task_interference", "instance_interference")
-                         if p.get(k) is not None}) for p in eq["curve"]]
+    return [
+        (
+            p["step"],
+            {
+                f"traj/{k}": float(p[k])
+                for k in ("progress", "task_interference", "instance_interference")
+                if p.get(k) is not None
+            },
+        )
+        for p in eq["curve"]
+    ]
 
 
 def mlflow_metrics(block: dict | None) -> dict[str, float]:
     """The block as MLflow metrics (docs/design.md §7 names); undefined scores are left out."""
     if not block:
         return {}
-    out = {k: block.get(k) for k in ("mia_auc", "mia_auc_target", "mia_auc_gap", "gap_retrain", "delta_m", "cost_ratio",
-                                     "uis_retrain", "uis_excess", "below_floor")}
+    out = {
+        k: block.get(k)
+        for k in (
+            "mia_auc",
+            "mia_auc_target",
+            "mia_auc_gap",
+            "gap_retrain",
+            "delta_m",
+            "cost_ratio",
+            "uis_retrain",
+            "uis_excess",
+            "below_floor",
+        )
+    }
     eq = block.get("equal_forgetting") or {}
-    out.update({f"eqf/{k}": eq.get(k) for k in ("reached", "task_interference", "instance_interference", "max_progress")})
+    out.update(
+        {f"eqf/{k}": eq.get(k) for k in ("reached", "task_interference", "instance_interference", "max_progress")}
+    )
     if block["uis"]:
         out["uis"] = block["uis"]["mean"]
         out.update({f"uis/{t}": v for t, v in block["uis"]["per_task"].items()})
@@ -115,13 +162,16 @@ def _check_same_instances(losses: dict, ref: Results, what: str) -> None:
     for sp in ("forget", "retain", "val"):
         mine, theirs = ({r[0] for r in x.get(sp, [])} for x in (losses, ref.losses))
         if mine != theirs:
-            raise UserError(f"{ref.path}: the {what} reference was evaluated on other {sp} instances "
-                            f"({len(theirs)} vs {len(mine)}); evaluate it with the same request and eval.retain_sample")
+            raise UserError(
+                f"{ref.path}: the {what} reference was evaluated on other {sp} instances "
+                f"({len(theirs)} vs {len(mine)}); evaluate it with the same request and eval.retain_sample"
+            )
 
 
 # --------------------------------------------------------------------------
 # run folders
 # --------------------------------------------------------------------------
+
 
 def _final(path: str | Path) -> Path:
     path = Path(path)
@@ -140,8 +190,11 @@ def _read_json(path: Path, what: str) -> dict:
 def run_results(path: str | Path) -> Results:
     """A finished run's own final/metrics.json and final/losses.json."""
     folder = _final(path)
-    return Results(_read_json(folder / "metrics.json", "metrics.json"), _read_json(folder / "losses.json", "losses.json"),
-                   str(Path(path)))
+    return Results(
+        _read_json(folder / "metrics.json", "metrics.json"),
+        _read_json(folder / "losses.json", "losses.json"),
+        str(Path(path)),
+    )
 
 
 def retain_sample_of(path: str | Path) -> int:
@@ -149,20 +202,24 @@ def retain_sample_of(path: str | Path) -> int:
     return _read_json(_final(path) / "state.json", "state.json")["config"]["eval"]["retain_sample"]
 
 
-def retrain_reference(path: str | Path, pairs_sha: str, retain_sample: int, *, request_sha: str | None = None,
-                      what: str = "request") -> Results:
+def retrain_reference(
+    path: str | Path, pairs_sha: str, retain_sample: int, *, request_sha: str | None = None, what: str = "request"
+) -> Results:
     """The retrain run on the same pairs (the same request, or a lineage's cumulative forget set), checked
     before it is compared with anything."""
     ref = retrain_if_same(path, pairs_sha, retain_sample, request_sha=request_sha)
     if ref is None:
         run = run_results(path).report.get("run", {})
-        raise UserError(f"{path}: the retrain run removed other pairs (request {str(run.get('request_sha256'))[:12]}) "
-                        f"than this run's {what} (pairs sha256 {pairs_sha[:12]})")
+        raise UserError(
+            f"{path}: the retrain run removed other pairs (request {str(run.get('request_sha256'))[:12]}) "
+            f"than this run's {what} (pairs sha256 {pairs_sha[:12]})"
+        )
     return ref
 
 
-def retrain_if_same(path: str | Path, pairs_sha: str, retain_sample: int, *,
-                    request_sha: str | None = None) -> Results | None:
+def retrain_if_same(
+    path: str | Path, pairs_sha: str, retain_sample: int, *, request_sha: str | None = None
+) -> Results | None:
     """The retrain run if it removed exactly these pairs (else None); a mismatched eval sample is an error."""
     ref = run_results(path)
     run = ref.report.get("run", {})
@@ -173,22 +230,27 @@ def retrain_if_same(path: str | Path, pairs_sha: str, retain_sample: int, *,
     if not same:
         return None
     if retain_sample_of(path) != retain_sample:
-        raise UserError(f"{path}: the retrain run was evaluated with eval.retain_sample = {retain_sample_of(path)}, "
-                        f"this run with {retain_sample}")
+        raise UserError(
+            f"{path}: the retrain run was evaluated with eval.retain_sample = {retain_sample_of(path)}, "
+            f"this run with {retain_sample}"
+        )
     return ref
 
 
 def original_reference(path: str | Path, request_sha: str, retain_sample: int) -> Results:
     """The original model's cached evaluation on the request (`mtu eval` or `mtu unlearn` wrote it)."""
-    from mtu_dist.runner.checkpoint import read_state
     from mtu_dist.evaluation.reference import eval_paths, load_cached
+    from mtu_dist.runner.checkpoint import read_state
+
     meta = read_state(path)
     cached = load_cached(Path(meta["_folder"]), meta, request_sha, retain_sample)
     if cached is None:
         expected = eval_paths(Path(meta["_folder"]), meta, request_sha)[0]
-        raise UserError(f"{expected}: no valid evaluation of the original on request {request_sha[:12]} with "
-                        f"eval.retain_sample = {retain_sample}; run `mtu eval --ckpt {path} --request REQUEST "
-                        f"--set eval.retain_sample={retain_sample}` first")
+        raise UserError(
+            f"{expected}: no valid evaluation of the original on request {request_sha[:12]} with "
+            f"eval.retain_sample = {retain_sample}; run `mtu eval --ckpt {path} --request REQUEST "
+            f"--set eval.retain_sample={retain_sample}` first"
+        )
     return Results(*cached, meta["_folder"])
 
 
@@ -196,8 +258,9 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
     """Recompute a finished run's unlearning block(s) from its files; rewrite metrics.json, log to its MLflow
     run. `retrain` serves the block whose pairs it removed: the request's, the lineage's cumulative set's
     (an unlearning chain), or both where they are the same pairs."""
-    from mtu_dist.utils.fileio import atomic_write_json
     from mtu_dist.reporting.tracking import Tracker
+    from mtu_dist.utils.fileio import atomic_write_json
+
     mine = run_results(run)
     report = mine.report
     if "forget" not in report.get("splits", {}):
@@ -207,8 +270,9 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
     origin = original or report["run"].get("origin")
     pairs = report["run"].get("request_pairs_sha256")
     ret = retrain and retrain_if_same(retrain, pairs, n, request_sha=report["run"]["request_sha256"])
-    block = unlearning_block(report, mine.losses, original=original_reference(origin, key, n) if origin else None,
-                             retrain=ret or None)
+    block = unlearning_block(
+        report, mine.losses, original=original_reference(origin, key, n) if origin else None, retrain=ret or None
+    )
     report["unlearning"] = block
     metrics = mlflow_metrics(block)
     cum = report.get("cumulative")
@@ -216,8 +280,9 @@ def score_command(run: str, *, original: str | None, retrain: str | None, tracki
     if cum is not None:
         cum_ret = retrain and retrain_if_same(retrain, cum["pairs_sha256"], n)
         # one request on the original: the same evaluation against the same references
-        cum["unlearning"] = (block if cum["same_as_request"] else
-                             cumulative_block(report, cum, mine, retrain=cum_ret or None))
+        cum["unlearning"] = (
+            block if cum["same_as_request"] else cumulative_block(report, cum, mine, retrain=cum_ret or None)
+        )
         if cum["depth"] > 1:  # as the run logged them (runner/commands.py): a first step's are its request's
             metrics |= {f"cumulative/{k}": v for k, v in mlflow_metrics(cum["unlearning"]).items()}
     if retrain and not ret and not cum_ret:
@@ -246,13 +311,24 @@ def cumulative_block(report: dict, cum: dict, mine: Results, *, retrain: Results
 
 def block_table(block: dict) -> str:
     """The block as a two-column Markdown table."""
-    rows = [("MIA AUC", block["mia_auc"]), ("MIA AUC, target tasks", block["mia_auc_target"]),
-            ("MIA AUC gap to retrain", block["mia_auc_gap"]), ("UIS (mean)", (block["uis"] or {}).get("mean")),
-            *[(f"UIS {t}", v) for t, v in ((block["uis"] or {}).get("per_task") or {}).items()],
-            ("UIS of the retrain (floor)", block.get("uis_retrain")), ("UIS excess over the floor", block.get("uis_excess")),
-            *[(f"at equal forgetting: {k.replace('_', ' ')}", block["equal_forgetting"].get(k))
-              for k in ("task_interference", "instance_interference", "max_progress") if block.get("equal_forgetting")],
-            ("gap to retrain (pp)", block["gap_retrain"]), ("delta_m (%)", block["delta_m"]),
-            ("cost s", block["cost_s"]), ("cost ratio to retrain", block["cost_ratio"])]
-    return "\n".join(["| score | value |", "|---|---|"] +
-                     [f"| {k} | {'' if v is None else f'{v:.4f}'} |" for k, v in rows])
+    rows = [
+        ("MIA AUC", block["mia_auc"]),
+        ("MIA AUC, target tasks", block["mia_auc_target"]),
+        ("MIA AUC gap to retrain", block["mia_auc_gap"]),
+        ("UIS (mean)", (block["uis"] or {}).get("mean")),
+        *[(f"UIS {t}", v) for t, v in ((block["uis"] or {}).get("per_task") or {}).items()],
+        ("UIS of the retrain (floor)", block.get("uis_retrain")),
+        ("UIS excess over the floor", block.get("uis_excess")),
+        *[
+            (f"at equal forgetting: {k.replace('_', ' ')}", block["equal_forgetting"].get(k))
+            for k in ("task_interference", "instance_interference", "max_progress")
+            if block.get("equal_forgetting")
+        ],
+        ("gap to retrain (pp)", block["gap_retrain"]),
+        ("delta_m (%)", block["delta_m"]),
+        ("cost s", block["cost_s"]),
+        ("cost ratio to retrain", block["cost_ratio"]),
+    ]
+    return "\n".join(
+        ["| score | value |", "|---|---|"] + [f"| {k} | {'' if v is None else f'{v:.4f}'} |" for k, v in rows]
+    )

@@ -13,11 +13,12 @@ on the per-seed differences of two methods on the same requests and seeds.
 **Equal forgetting.** A trajectory is a list of points (step, forget progress, interference...).
 `at_level` interpolates linearly between the two points around the first crossing of a level.
 """
+
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -58,23 +59,26 @@ def interval(values, level: float = LEVEL, n_boot: int = N_BOOT, seed: int = BOO
     return Interval(mean, float(mean - widen * (mean - lo)), float(mean + widen * (hi - mean)), int(v.size))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _widen(n: int, level: float) -> float:
     from scipy.stats import norm, t
+
     q = (1 - level) / 2
     return float(t.ppf(1 - q, n - 1) / norm.ppf(1 - q))
 
 
 def paired(a: dict, b: dict, level: float = LEVEL) -> Interval | None:
     """Interval of mean(a - b) over the keys (seeds) both have a finite value for."""
-    keys = [k for k in a if k in b and a[k] is not None and b[k] is not None
-            and math.isfinite(a[k]) and math.isfinite(b[k])]
+    keys = [
+        k for k in a if k in b and a[k] is not None and b[k] is not None and math.isfinite(a[k]) and math.isfinite(b[k])
+    ]
     return interval([a[k] - b[k] for k in keys], level)
 
 
 # --------------------------------------------------------------------------
 # trajectories
 # --------------------------------------------------------------------------
+
 
 def progress(forget: dict, original: dict, retrain: dict) -> float | None:
     """How far the forget pairs have gone from the original's level to the retrain's: per target task
@@ -103,7 +107,13 @@ def at_level(points: list[dict], level: float = 1.0, x: str = "progress") -> dic
             if prev is None or p[x] == prev[x]:
                 return dict(p)
             w = (level - prev[x]) / (p[x] - prev[x])
-            return {k: (prev[k] + w * (p[k] - prev[k]) if isinstance(p.get(k), (int, float))
-                        and isinstance(prev.get(k), (int, float)) and k != x else p.get(k)) for k in p} | {x: level}
+            return {
+                k: (
+                    prev[k] + w * (p[k] - prev[k])
+                    if isinstance(p.get(k), (int, float)) and isinstance(prev.get(k), (int, float)) and k != x
+                    else p.get(k)
+                )
+                for k in p
+            } | {x: level}
         prev = p
     return None

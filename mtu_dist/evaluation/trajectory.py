@@ -18,6 +18,7 @@ before unlearning), over
 
 In the full setting every task is a target, so task-level interference is undefined (None).
 """
+
 from __future__ import annotations
 
 import time
@@ -38,10 +39,12 @@ class Recorder:
         self.s, self.points, self.seconds = s, [], 0.0
         forgetting, forgotten = s.forget_entries, s.forgotten_entries
         every = lambda k: np.ones(len(m.tasks), bool)  # noqa: E731
-        retain_ids = [k for k in m.split("train").keys if k not in forgotten][:u.trajectory_sample]
-        self.sets = {"forget": forget_set,
-                     "retain": load_instances(m, "train", retain_ids, every),
-                     "val": load_instances(m, "val", m.split("val").keys[:u.trajectory_sample], every)}
+        retain_ids = [k for k in m.split("train").keys if k not in forgotten][: u.trajectory_sample]
+        self.sets = {
+            "forget": forget_set,
+            "retain": load_instances(m, "train", retain_ids, every),
+            "val": load_instances(m, "val", m.split("val").keys[: u.trajectory_sample], every),
+        }
         if set(targets) != set(m.tasks):
             kept = lambda k: np.array([t not in forgetting[k] for t in m.tasks])  # noqa: E731
             self.sets["forget_kept"] = load_instances(m, "train", list(forgetting), kept)
@@ -54,21 +57,32 @@ class Recorder:
         model.eval()
         for name in SPLITS:
             if name in self.sets:
-                metrics, _ = run_split(model, instance_batches(self.sets[name], s.rank, s.world, 16, blank_sample(m)),
-                                       m.tasks, m.num_classes, s.world, losses=False)  # metrics only
+                metrics, _ = run_split(
+                    model,
+                    instance_batches(self.sets[name], s.rank, s.world, 16, blank_sample(m)),
+                    m.tasks,
+                    m.num_classes,
+                    s.world,
+                    losses=False,
+                )  # metrics only
                 point[name] = {t: primary(metrics, t) for t in metrics}
         model.train()
         self.points.append(point)
         self.seconds += time.perf_counter() - t0
 
     def result(self) -> dict:
-        return {"every": self.s.cfg.unlearn.trajectory_every, "sample": self.s.cfg.unlearn.trajectory_sample,
-                "targets": self.targets, "points": self.points}
+        return {
+            "every": self.s.cfg.unlearn.trajectory_every,
+            "sample": self.s.cfg.unlearn.trajectory_sample,
+            "targets": self.targets,
+            "points": self.points,
+        }
 
 
 # --------------------------------------------------------------------------
 # interference and progress (pure)
 # --------------------------------------------------------------------------
+
 
 def _move(p0: dict, p: dict, split: str, tasks) -> list[float]:
     out = []
@@ -85,18 +99,27 @@ def interference(p0: dict, p: dict, targets) -> dict:
     others = [t for t in tasks if t not in targets]
     task_level = _move(p0, p, "forget_kept", others) + _move(p0, p, "retain", others) + _move(p0, p, "val", others)
     inst_level = _move(p0, p, "retain", targets) + _move(p0, p, "val", targets)
-    return {"task_interference": float(np.mean(task_level)) if task_level else None,
-            "instance_interference": float(np.mean(inst_level)) if inst_level else None}
+    return {
+        "task_interference": float(np.mean(task_level)) if task_level else None,
+        "instance_interference": float(np.mean(inst_level)) if inst_level else None,
+    }
 
 
 def curve(trajectory: dict, retrain_forget: dict) -> list[dict]:
     """Per point: step, forget progress toward the retrain's forget level (statistics.progress) and
     both interferences. `retrain_forget`: {task: primary} of the retrain on the request's forget pairs."""
     from mtu_dist.evaluation.statistics import progress
+
     points, targets = trajectory["points"], trajectory["targets"]
     if not points:
         return []
     p0 = points[0]
     start = {t: p0["forget"][t] for t in targets if t in p0.get("forget", {})}
-    return [{"step": p["step"], "progress": progress(p.get("forget", {}), start, retrain_forget),
-             **interference(p0, p, targets)} for p in points]
+    return [
+        {
+            "step": p["step"],
+            "progress": progress(p.get("forget", {}), start, retrain_forget),
+            **interference(p0, p, targets),
+        }
+        for p in points
+    ]

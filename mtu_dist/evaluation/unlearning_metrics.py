@@ -14,6 +14,7 @@ touches a model or talks to other ranks, so every number can be recomputed from 
 * `delta_m`: the multi-task Delta_m (Maninis et al., CVPR 2019; Vandenhende et al., TPAMI 2021).
 * `cost_ratio`: unlearning wall time over retraining wall time.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import numpy as np
 
 from mtu_dist.tasks import TASKS
 
-MIA_SEED = 0          # one val split for every run and method, whatever the training seed
-LOSS_FLOOR = 1e-6     # log(loss + floor): losses are >= 0 and an overfit model drives them to ~0
+MIA_SEED = 0  # one val split for every run and method, whatever the training seed
+LOSS_FLOOR = 1e-6  # log(loss + floor): losses are >= 0 and an overfit model drives them to ~0
 DELTA_M_SPLITS = ("val", "retain")  # what the unlearned model must keep: generalisation and the retained fit
 
 # Each task's primary metric in percent: mIoU and delta<1.25 are fractions, within_30 is already a
@@ -34,6 +35,7 @@ PRIMARY_PERCENT = {"seg": 100.0, "depth": 100.0, "normal": 1.0}
 # --------------------------------------------------------------------------
 # membership inference
 # --------------------------------------------------------------------------
+
 
 def loss_features(records, tasks: list[str]) -> tuple[list[str], np.ndarray]:
     """Instances x tasks: log(loss + LOSS_FLOOR) per instance and task; NaN where an instance has no
@@ -60,8 +62,9 @@ def split_val(keys: list[str], seed: int = MIA_SEED) -> tuple[list[str], list[st
     return [keys[i] for i in order[:half]], [keys[i] for i in order[half:]]
 
 
-def attack_auc(member: np.ndarray, nonmember: np.ndarray, positive: np.ndarray, negative: np.ndarray,
-               seed: int = MIA_SEED) -> float | None:
+def attack_auc(
+    member: np.ndarray, nonmember: np.ndarray, positive: np.ndarray, negative: np.ndarray, seed: int = MIA_SEED
+) -> float | None:
     """Fit logistic regression on member (1) vs non-member (0) rows; ROC AUC of its scores on
     positive (1) vs negative (0) rows. None when a group is empty.
 
@@ -73,6 +76,7 @@ def attack_auc(member: np.ndarray, nonmember: np.ndarray, positive: np.ndarray, 
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
+
     if min(len(member), len(nonmember), len(positive), len(negative)) == 0:
         return None
     train = np.vstack([member, nonmember])
@@ -90,8 +94,7 @@ def attack_auc(member: np.ndarray, nonmember: np.ndarray, positive: np.ndarray, 
     return float(roc_auc_score(np.r_[np.ones(len(positive)), np.zeros(len(negative))], scores))
 
 
-def mia_auc(losses: dict, tasks: list[str], target_tasks: list[str] | None = None,
-            seed: int = MIA_SEED) -> dict:
+def mia_auc(losses: dict, tasks: list[str], target_tasks: list[str] | None = None, seed: int = MIA_SEED) -> dict:
     """The membership-inference AUC of one model on one forget request.
 
     Features: one column per task, the instance's loss on it. A forgotten instance's row joins its
@@ -109,9 +112,17 @@ def mia_auc(losses: dict, tasks: list[str], target_tasks: list[str] | None = Non
     row = {k: i for i, k in enumerate(val_keys)}
     non_x = val_x[[row[k] for k in attack_half]]
     held_x = val_x[[row[k] for k in heldout]]
-    out = {"mia_auc": attack_auc(ret_x, non_x, fgt_x, held_x, seed), "mia_auc_target": None,
-           "mia_counts": {"member": len(ret_keys), "nonmember": len(attack_half), "forget": len(fgt_x),
-                          "heldout": len(heldout)}, "mia_seed": seed}
+    out = {
+        "mia_auc": attack_auc(ret_x, non_x, fgt_x, held_x, seed),
+        "mia_auc_target": None,
+        "mia_counts": {
+            "member": len(ret_keys),
+            "nonmember": len(attack_half),
+            "forget": len(fgt_x),
+            "heldout": len(heldout),
+        },
+        "mia_seed": seed,
+    }
     if target_tasks:
         cols = [tasks.index(t) for t in target_tasks if t in tasks]
         out["mia_auc_target"] = attack_auc(ret_x[:, cols], non_x[:, cols], fgt_x[:, cols], held_x[:, cols], seed)
@@ -121,6 +132,7 @@ def mia_auc(losses: dict, tasks: list[str], target_tasks: list[str] | None = Non
 # --------------------------------------------------------------------------
 # metric-based scores
 # --------------------------------------------------------------------------
+
 
 def _primary(splits: dict, split: str, task: str) -> float | None:
     value = splits.get(split, {}).get(task, {}).get(TASKS[task].primary)
@@ -172,8 +184,11 @@ def gap_to_retrain(unlearned: dict, retrain: dict) -> dict:
     (The MIA AUC gap is reported beside it, in AUC units.) Lower is better; 0 = retrain."""
     per_split = {}
     for sp, tasks in unlearned.items():
-        diffs = {t: abs(u - r) * PRIMARY_PERCENT[t] for t in tasks
-                 if (u := _primary(unlearned, sp, t)) is not None and (r := _primary(retrain, sp, t)) is not None}
+        diffs = {
+            t: abs(u - r) * PRIMARY_PERCENT[t]
+            for t in tasks
+            if (u := _primary(unlearned, sp, t)) is not None and (r := _primary(retrain, sp, t)) is not None
+        }
         if diffs:
             per_split[sp] = diffs
     return {"mean": _mean([v for d in per_split.values() for v in d.values()]), "per_split": per_split}
@@ -195,10 +210,15 @@ def delta_m(original: dict, unlearned: dict, splits=DELTA_M_SPLITS) -> dict:
         per_task = []
         for t, o_mets in original.get(sp, {}).items():
             u_mets = unlearned.get(sp, {}).get(t, {})
-            rel = [(1 if hib else -1) * (u_mets[k] - o_mets[k]) / abs(o_mets[k])
-                   for k, hib in TASKS[t].higher_is_better.items()
-                   if k in o_mets and k in u_mets and o_mets[k] != 0
-                   and math.isfinite(o_mets[k]) and math.isfinite(u_mets[k])]
+            rel = [
+                (1 if hib else -1) * (u_mets[k] - o_mets[k]) / abs(o_mets[k])
+                for k, hib in TASKS[t].higher_is_better.items()
+                if k in o_mets
+                and k in u_mets
+                and o_mets[k] != 0
+                and math.isfinite(o_mets[k])
+                and math.isfinite(u_mets[k])
+            ]
             if rel:
                 per_task.append(100.0 * float(np.mean(rel)))
         out[sp] = _mean(per_task)

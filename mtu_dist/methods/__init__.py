@@ -1,4 +1,5 @@
 """The method registry: the runner looks methods up here and never names one."""
+
 from __future__ import annotations
 
 from mtu_dist.errors import UserError
@@ -34,6 +35,7 @@ def build_method(name: str, options: dict) -> Method:
     if name not in METHODS:
         raise UserError(f"unknown method '{name}' (available: {', '.join(sorted(METHODS))})")
     from pydantic import ValidationError
+
     try:
         return METHODS[name](options)
     except ValidationError as e:

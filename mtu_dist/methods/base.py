@@ -5,6 +5,7 @@ the forward/backward, clipping, divergence guard and optimizer step, identically
 Methods that manipulate per-task gradients override `step` instead. Method knobs are a pydantic
 `Options` model, validated from `unlearn.options` in the config.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,16 +33,17 @@ def _record_nothing(batch: dict, role: str) -> None:
 @dataclass
 class StepContext:
     """What a method may use at one step."""
-    model: torch.nn.Module       # DDP-wrapped (or DeepSpeed's engine) unless the method manages gradients itself
+
+    model: torch.nn.Module  # DDP-wrapped (or DeepSpeed's engine) unless the method manages gradients itself
     tasks: tuple[str, ...]
     world: int
-    alpha: float                 # unlearn.alpha: retain weight
+    alpha: float  # unlearn.alpha: retain weight
     step: int
     rank: int = 0
     targets: tuple[str, ...] = ()  # tasks with at least one forget pair in the request
     config: UnlearnConfig | None = None  # the `unlearn` config section
-    seed: int = 0                  # the run's seed: methods derive every random draw from it (same on every rank)
-    num_classes: int = 0           # seg classes
+    seed: int = 0  # the run's seed: methods derive every random draw from it (same on every rank)
+    num_classes: int = 0  # seg classes
     # record(batch, role): put the supervision pairs of `batch` in the run's ledger under `role` (e.g. the
     # retain pairs a method borrows as targets); the runner wires it to the ledger
     record: Callable[[dict, str], None] = field(default=_record_nothing)
@@ -60,7 +62,7 @@ class StepContext:
         preds = self.model(torch.cat([b["image"] for b in batches]))
         out, start = [], 0
         for b, n in zip(batches, sizes):
-            part = {t: p[start:start + n] for t, p in preds.items()}
+            part = {t: p[start : start + n] for t, p in preds.items()}
             out.append(normalised_losses(part, b, self.tasks, global_counts(b, self.world)))
             start += n
         return out
@@ -71,6 +73,7 @@ def _strict(options: type[BaseModel]) -> type[BaseModel]:
     """The method's option schema under the config's type rules (no bool for a number, no fraction for
     an integer, no NaN/inf)."""
     from mtu_dist.config import Strict
+
     return type(options.__name__, (options, Strict), {})
 
 
@@ -79,15 +82,16 @@ class Method:
     override `step` and set `manages_gradients` (methods that combine per-task gradient signals)."""
 
     Options: type[BaseModel] = NoOptions
-    uses_retain: bool = True          # whether the runner streams retain batches to this method
-    uses_forget: bool = True          # ... and forget batches (what is not used is not consumed or recorded)
-    manages_gradients: bool = False   # True: `step` writes .grad itself; the model is not DDP-wrapped
+    uses_retain: bool = True  # whether the runner streams retain batches to this method
+    uses_forget: bool = True  # ... and forget batches (what is not used is not consumed or recorded)
+    manages_gradients: bool = False  # True: `step` writes .grad itself; the model is not DDP-wrapped
 
     def __init__(self, options: dict):
         self.opts = _strict(self.Options).model_validate(options)
 
-    def setup(self, ctx: StepContext, retain_batches: Iterator[dict] | None,
-              forget_batches: Iterator[dict] | None) -> dict[str, float]:
+    def setup(
+        self, ctx: StepContext, retain_batches: Iterator[dict] | None, forget_batches: Iterator[dict] | None
+    ) -> dict[str, float]:
         """Once before unlearning (e.g. subspaces from the retain stream, a saliency mask from the forget
         stream); either iterator is None when the method does not use it. Returns values to log.
         A resumed run calls it again on the original model with the same batches, so whatever it

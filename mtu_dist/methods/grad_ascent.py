@@ -1,6 +1,7 @@
 """`grad_ascent`: maximise the loss on the forget pairs only (Thudi et al., "Unrolling SGD:
 Understanding Factors Influencing Machine Unlearning", EuroS&P 2022). No retain term: the reference
 point for how much damage unconstrained forgetting does."""
+
 from __future__ import annotations
 
 from mtu_dist.methods.base import Method

@@ -18,6 +18,7 @@ arXiv 2605.19042; docs/design.md §4).
    forget/retain gradients (heads are never projected).
 All of it runs on the distributed step of `mtu_dist/distributed/gradstep.py`, in either reduction mode.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -34,11 +35,11 @@ from mtu_dist.runner.objective import global_counts, normalised_losses
 
 class IamuOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    project: bool = True                                   # step 2 (off: ablation iamu_no_proj)
-    orthogonalize: bool = True                             # step 3 (off: ablation iamu_no_orth)
+    project: bool = True  # step 2 (off: ablation iamu_no_proj)
+    orthogonalize: bool = True  # step 3 (off: ablation iamu_no_orth)
     subspace: Literal["gradients", "activations"] = "gradients"
-    energy: float = Field(0.97, gt=0, le=1)                # epsilon: energy kept per task basis
-    subspace_batches: int = Field(8, ge=1)                 # retain batches used for the bases
+    energy: float = Field(0.97, gt=0, le=1)  # epsilon: energy kept per task basis
+    subspace_batches: int = Field(8, ge=1)  # retain batches used for the bases
     # bases of long rows from a randomized sketch (lowrank.py; measured in bench/iamu_setup.py): rows of at
     # least `lowrank_min_in` (ViT-B width and up; the default conv model's rows, <= 576, and ResNet's first
     # stage stay on the exact eigh of [in, in]), at most `max_rank` directions, a sketch of max_rank +
@@ -48,12 +49,12 @@ class IamuOptions(BaseModel):
     oversample: int = Field(16, ge=0)
     power_iters: int = Field(0, ge=0)
     mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
-    span: Literal["per_task", "per_sample"] = "per_task"   # retain span for step 3
-    span_samples: int = Field(4, ge=1)                     # per rank, for span: per_sample
-    orth_heads: bool = True                                # step 3 over the target tasks' head columns too (instance-level
-                                                           # interference also runs through a task's own head)
-    rescale: bool = False                                  # restore the forget direction's pre-projection norm
-    trace_dir: str | None = None                           # tests/debugging: rank 0 dumps each step's tensors
+    span: Literal["per_task", "per_sample"] = "per_task"  # retain span for step 3
+    span_samples: int = Field(4, ge=1)  # per rank, for span: per_sample
+    orth_heads: bool = True  # step 3 over the target tasks' head columns too (instance-level
+    # interference also runs through a task's own head)
+    rescale: bool = False  # restore the forget direction's pre-projection norm
+    trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
 
 def _orth(mat: torch.Tensor, tol: float = 1e-7) -> torch.Tensor:
@@ -87,7 +88,7 @@ def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
         return cov.new_zeros(cov.shape[0], 0)
     level = torch.tensor(energy, dtype=vals.dtype, device=vals.device)
     k = int(torch.searchsorted(torch.cumsum(vals, 0) / total, level).item()) + 1
-    return vecs[:, :min(k, vals.numel())].contiguous()  # a view would keep the whole [in, in] alive
+    return vecs[:, : min(k, vals.numel())].contiguous()  # a view would keep the whole [in, in] alive
 
 
 def project_rows(g: torch.Tensor, basis: torch.Tensor, mode: str) -> torch.Tensor:
@@ -121,8 +122,10 @@ class Iamu(SignalMethod):
             if self.opts.subspace == "gradients":
                 own = self._gradient_bases(ctx, retain_batches, logs)
             else:
-                own = {i: {t: energy_basis(c, self.opts.energy) for t, c in per_t.items()}
-                       for i, per_t in self._activation_covariances(ctx, retain_batches).items()}
+                own = {
+                    i: {t: energy_basis(c, self.opts.energy) for t, c in per_t.items()}
+                    for i, per_t in self._activation_covariances(ctx, retain_batches).items()
+                }
             self.bases = self._bases(ctx, own)
             dims = [b.shape[1] for per_t in self.bases.values() for b in per_t.values()]
             logs["basis_dim_mean"] = sum(dims) / max(len(dims), 1)
@@ -161,16 +164,20 @@ class Iamu(SignalMethod):
         acc = self._sum_split(self._pass(ctx, batches, first), ctx, ("cov", "y", "tr"))
         for _ in range(self.opts.power_iters):  # Omega <- orth(C Omega), one more pass over the same batches
             omega = {(i, t): torch.linalg.qr(acc["y", i, t])[0] for i, t in omega}
-            again = self._pass(ctx, batches,
-                               lambda i, t, g: {("y", i, t): g.T @ (g @ omega[i, t])} if (i, t) in omega else {})
+            again = self._pass(
+                ctx,
+                batches,
+                lambda i, t, g, omega=omega: {("y", i, t): g.T @ (g @ omega[i, t])} if (i, t) in omega else {},
+            )
             acc.update(self._sum_split(again, ctx, ("y",)))
         own, kept = {}, []
         for i in mine:
             own[i] = {}
             for t in ctx.tasks:
                 if (i, t) in omega:
-                    own[i][t], share = lowrank_basis(acc["y", i, t], omega[i, t], float(acc["tr", i, t]),
-                                                     self.opts.energy, self.opts.max_rank)
+                    own[i][t], share = lowrank_basis(
+                        acc["y", i, t], omega[i, t], float(acc["tr", i, t]), self.opts.energy, self.opts.max_rank
+                    )
                     kept.append(share)
                 else:
                     own[i][t] = energy_basis(acc["cov", i, t], self.opts.energy)
@@ -186,7 +193,7 @@ class Iamu(SignalMethod):
             losses = normalised_losses(ctx.model(batch["image"]), batch, ctx.tasks, global_counts(batch, ctx.world))
             sig = self.signals([losses[t] for t in ctx.tasks], ctx)
             for pc in self.my_pieces(self.projected_idx):
-                g = sig[self.blocks.index(pc.rank), :, pc.dst:pc.dst + pc.n].view(len(ctx.tasks), -1, pc.row_size)
+                g = sig[self.blocks.index(pc.rank), :, pc.dst : pc.dst + pc.n].view(len(ctx.tasks), -1, pc.row_size)
                 for j, t in enumerate(ctx.tasks):
                     for key, val in terms(pc.index, t, g[j]).items():
                         acc[key] = acc.get(key, 0) + val
@@ -202,8 +209,7 @@ class Iamu(SignalMethod):
         for pc in self.layout.pieces:
             owners.setdefault(pc.index, set()).add(pc.rank)
         split = [i for i in self.projected_idx if len(owners[i]) > 1]
-        keys = [(name, i, t) for i in split for t in ctx.tasks for name in names
-                if (name == "cov") != self.sketched(i)]
+        keys = [(name, i, t) for i in split for t in ctx.tasks for name in names if (name == "cov") != self.sketched(i)]
         if not keys:
             return acc
         p0 = self.params[0]
@@ -213,7 +219,7 @@ class Iamu(SignalMethod):
         out, off = dict(acc), 0
         for k in keys:
             n = shapes[k].numel()
-            out[k] = flat[off:off + n].view(shapes[k])
+            out[k] = flat[off : off + n].view(shapes[k])
             off += n
         return out
 
@@ -235,6 +241,7 @@ class Iamu(SignalMethod):
                 x = torch.nn.functional.unfold(inp[0], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
                 x = x.transpose(1, 2).reshape(-1, x.shape[1]).detach()
                 acts[i] = acts.get(i, 0) + x.T @ x
+
             hooks.append(conv.register_forward_hook(hook))
         with torch.no_grad():
             for _ in range(self.opts.subspace_batches):
@@ -275,8 +282,9 @@ class Iamu(SignalMethod):
         f_losses, r_losses, preds = self.forward_losses(ctx, forget, retain)
         signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
         if self.opts.span == "per_sample":  # per-sample retain rows (retain preds follow the forget ones)
-            signals += self.per_sample_signals(preds, retain, ctx, self.opts.span_samples,
-                                               start=forget["image"].shape[0])
+            signals += self.per_sample_signals(
+                preds, retain, ctx, self.opts.span_samples, start=forget["image"].shape[0]
+            )
         x = self.signals(signals, ctx, probe=True)  # [blocks, K, S]
         nF, nT = len(targets), len(tasks)
         logs, trace = {}, {}
@@ -286,9 +294,9 @@ class Iamu(SignalMethod):
             trace["signals"] = self.layout.to_natural(gather_blocks(x, self.mode, ctx.world))
         if self.opts.project:
             logs.update(self._project(x, targets, ctx))
-        g_f = x[:, :nF].sum(1)                      # summed forget direction [blocks, S]
-        g_r = x[:, nF:nF + nT].sum(1)               # retain gradient of the summed task losses
-        span = x[:, nF:nF + nT] if self.opts.span == "per_task" else x[:, nF + nT:]
+        g_f = x[:, :nF].sum(1)  # summed forget direction [blocks, S]
+        g_r = x[:, nF : nF + nT].sum(1)  # retain gradient of the summed task losses
+        span = x[:, nF : nF + nT] if self.opts.span == "per_task" else x[:, nF + nT :]
         g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
         update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
         self.write_update(update, ctx)
@@ -306,24 +314,24 @@ class Iamu(SignalMethod):
                 basis = self.bases[t].get(pc.index)
                 if basis is None:
                     continue
-                g = x[blk, j, pc.dst:pc.dst + pc.n].view(-1, pc.row_size)
+                g = x[blk, j, pc.dst : pc.dst + pc.n].view(-1, pc.row_size)
                 before[j] += g.pow(2).sum()
                 g.copy_(project_rows(g, basis.to(g.dtype), self.direction))
                 after[j] += g.pow(2).sum()
         sums = allreduce_small(torch.cat([before, after]), self.mode, ctx.world)
-        before, after = sums[:len(targets)], sums[len(targets):]
+        before, after = sums[: len(targets)], sums[len(targets) :]
         return {f"proj_removed/{t}": 1 - after[j] / before[j].clamp(min=1e-30) for j, t in enumerate(targets)}
 
     def _orthogonalize(self, g_f, g_r, span, ctx: StepContext, logs, pre_norm2) -> torch.Tensor:
         """Gram of [g_f; g_r; span] over this rank's shared columns -> one small all_reduce (which also
         completes the pre-projection norm of the forget direction)."""
-        cols = self.orth_cols[self.blocks]                 # [blocks, S]
+        cols = self.orth_cols[self.blocks]  # [blocks, S]
         vecs = torch.cat([g_f[:, None], g_r[:, None], span], 1) * cols[:, None].to(g_f.dtype)
         local = torch.einsum("bks,bls->kl", vecs, vecs)
         packed = allreduce_small(torch.cat([local.reshape(-1), pre_norm2.reshape(1)]), self.mode, ctx.world)
         gram, pre_norm2 = packed[:-1].view_as(local), packed[-1]
         self.last_gram = gram
-        keep = [0] + list(range(2, gram.shape[0]))           # [g_f; span]
+        keep = [0] + list(range(2, gram.shape[0]))  # [g_f; span]
         sub = gram[keep][:, keep]
         logs["cos_forget_retain/before"] = gram[0, 1] / (gram[0, 0] * gram[1, 1]).clamp(min=1e-30).sqrt()
         if not self.opts.orthogonalize:
@@ -344,15 +352,17 @@ class Iamu(SignalMethod):
         scale = (pre_norm2 / norm2.clamp(min=1e-30)).sqrt()
         return torch.where(cols.bool(), g_f * scale, g_f)
 
-
     def _dump(self, ctx: StepContext, tensors: dict) -> None:
         if ctx.rank == 0:
             from pathlib import Path
 
             from safetensors.torch import save_file
+
             Path(self.opts.trace_dir).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      Path(self.opts.trace_dir) / f"step-{ctx.step:04d}.safetensors")
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                Path(self.opts.trace_dir) / f"step-{ctx.step:04d}.safetensors",
+            )
 
 
 class IamuNoProj(Iamu):

@@ -7,11 +7,11 @@ gamma follows the paper's schedule by default: it decays linearly from `l1` at t
 every trainable parameter. Each rank adds 1/world of it, so the objective summed over ranks is
 exactly retain + gamma * ||theta||_1 whatever the world size.
 """
+
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtu_dist.methods.base import Method
@@ -19,8 +19,8 @@ from mtu_dist.methods.base import Method
 
 class L1SparseOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    l1: float = Field(5e-4, ge=0)                           # gamma at the first step
-    schedule: Literal["linear", "constant"] = "linear"     # linear: gamma * (1 - (step - 1) / steps)
+    l1: float = Field(5e-4, ge=0)  # gamma at the first step
+    schedule: Literal["linear", "constant"] = "linear"  # linear: gamma * (1 - (step - 1) / steps)
 
 
 class L1Sparse(Method):

@@ -18,6 +18,7 @@ least `energy` of C's trace (conservative: it may keep a few more directions tha
 the estimate is a lower bound on what the basis captures. When the cap (`max_rank`) binds, the basis
 keeps less than `energy`; the estimate says how much.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,9 @@ def energy_rank(vals: torch.Tensor, total: float, energy: float, max_rank: int) 
     return r, float(share[r - 1])
 
 
-def lowrank_basis(y: torch.Tensor, omega: torch.Tensor, total: float, energy: float,
-                  max_rank: int) -> tuple[torch.Tensor, float]:
+def lowrank_basis(
+    y: torch.Tensor, omega: torch.Tensor, total: float, energy: float, max_rank: int
+) -> tuple[torch.Tensor, float]:
     """Basis [n, r] of a sketched covariance by the energy rule, and the (lower-bound) share it keeps."""
     vals, vecs = nystrom_eig(y, omega)
     r, kept = energy_rank(vals, total, energy, max_rank)

@@ -1,5 +1,6 @@
 """`neggrad_plus`: alpha * retain loss - (1 - alpha) * forget loss (NegGrad+, Kurmanji et al.,
 "Towards Unbounded Machine Unlearning", NeurIPS 2023). alpha is `unlearn.alpha`."""
+
 from __future__ import annotations
 
 from mtu_dist.methods.base import Method

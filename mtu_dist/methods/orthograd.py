@@ -14,6 +14,7 @@ alpha * g_retain - (1 - alpha) * g_f (alpha = `unlearn.alpha`; the retain term d
 the forget term, which is orthogonal to every retain sample; `unlearn.alpha=0` is the pure projected
 ascent).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,9 +42,10 @@ class OrthoGrad(SignalMethod):
     def step(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict]:
         f, r, _ = self.forward_losses(ctx, forget, retain)
         n = self.opts.span_samples or retain["image"].shape[0]
-        x = self.signals([sum(f[t] for t in ctx.targets), sum(r.values()), *self.span_losses(retain, ctx, n)], ctx,
-                         probe=True)
-        g_f, g_r, span = x[:, 0], x[:, 1], x[:, 2:]                   # [blocks, S], [blocks, S], [blocks, m, S]
+        x = self.signals(
+            [sum(f[t] for t in ctx.targets), sum(r.values()), *self.span_losses(retain, ctx, n)], ctx, probe=True
+        )
+        g_f, g_r, span = x[:, 0], x[:, 1], x[:, 2:]  # [blocks, S], [blocks, S], [blocks, m, S]
         vecs = torch.cat([g_f[:, None], span], 1)
         gram = allreduce_small(torch.einsum("bks,bls->kl", vecs, vecs), self.mode, ctx.world)
         c = orthogonalize(gram)
@@ -63,7 +65,11 @@ class OrthoGrad(SignalMethod):
             if i >= sup.shape[0]:  # span_samples above the local batch
                 mine.append(zero)
                 continue
-            preds = ctx.model(retain["image"][i:i + 1])
-            mine.append(sum(TASKS[t].per_sample_loss(preds[t], retain[t][i:i + 1])[0] * sup[i, j].to(preds[t].dtype)
-                            for j, t in enumerate(ctx.tasks)))
+            preds = ctx.model(retain["image"][i : i + 1])
+            mine.append(
+                sum(
+                    TASKS[t].per_sample_loss(preds[t], retain[t][i : i + 1])[0] * sup[i, j].to(preds[t].dtype)
+                    for j, t in enumerate(ctx.tasks)
+                )
+            )
         return [mine[i] if r == ctx.rank else zero for r in range(ctx.world) for i in range(n)]

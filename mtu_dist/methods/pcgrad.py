@@ -13,6 +13,7 @@ random orders come from a generator seeded by (seed, step): identical on every r
 global RNG. Surgery covers the shared parameters (the paper's setting: task-specific parameters get
 their own gradients); `heads: true` extends it to the heads' columns.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,9 @@ class PCGrad(SignalMethod):
         tasks, targets = ctx.tasks, ctx.targets
         f, r, _ = self.forward_losses(ctx, forget, retain)
         x = self.signals([f[t] for t in targets] + [r[u] for u in tasks], ctx, probe=True)  # [blocks, K, S]
-        weight = torch.tensor([-(1 - ctx.alpha)] * len(targets) + [ctx.alpha] * len(tasks), dtype=x.dtype,
-                              device=x.device)
+        weight = torch.tensor(
+            [-(1 - ctx.alpha)] * len(targets) + [ctx.alpha] * len(tasks), dtype=x.dtype, device=x.device
+        )
         vecs = x * weight[None, :, None]
         cols = self.surgery_cols[self.blocks][:, None].to(x.dtype)  # [blocks, 1, S]
         masked = vecs * cols

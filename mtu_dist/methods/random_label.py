@@ -14,14 +14,15 @@ Dense analogue, per forget pair (instance i, task t):
   target this step (its mask is turned off, and the global normalisation counts without it).
 Objective: alpha * retain + (1 - alpha) * random-target forget loss (alpha = `unlearn.alpha`).
 """
+
 from __future__ import annotations
 
 import zlib
 
 import torch
 
-from mtu_dist.tasks import IGNORE_INDEX
 from mtu_dist.methods.base import Method
+from mtu_dist.tasks import IGNORE_INDEX
 
 
 def seeded(*parts) -> torch.Generator:

@@ -9,6 +9,7 @@ Gradient-based Weight Saliency", ICLR 2024).
    the gradient of every non-salient weight set to zero, so only salient weights move (under SGD, with
    or without momentum, and Adam alike: a weight whose gradient is always zero never moves).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -22,8 +23,8 @@ from mtu_dist.methods.random_label import RandomLabel
 
 class SalUnOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    fraction: float = Field(0.5, gt=0, le=1)   # share of weights kept trainable (the most salient)
-    saliency_batches: int = Field(4, ge=1)     # forget batches the saliency gradient is summed over
+    fraction: float = Field(0.5, gt=0, le=1)  # share of weights kept trainable (the most salient)
+    saliency_batches: int = Field(4, ge=1)  # forget batches the saliency gradient is summed over
 
 
 def top_fraction_mask(scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
@@ -47,7 +48,9 @@ class SalUn(RandomLabel):
         for _ in range(self.opts.saliency_batches):
             (f,) = replace(ctx, model=net).losses(next(forget_batches))
             grads = torch.autograd.grad(sum(f.values()), self.params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, self.params)])
+            flat = torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, self.params)]
+            )
             if ctx.world > 1:  # every rank's share of the global forget loss: their sum is its gradient
                 dist.all_reduce(flat)
             for t, g in zip(total, flat.split([p.numel() for p in self.params])):
@@ -56,7 +59,9 @@ class SalUn(RandomLabel):
         if ctx.world > 1:  # one mask for every rank, whatever the last bits of the reduced gradients
             flat = torch.cat([m.reshape(-1) for m in self.masks]).to(torch.uint8)
             dist.broadcast(flat, src=0)
-            self.masks = [m.view_as(p).bool() for m, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+            self.masks = [
+                m.view_as(p).bool() for m, p in zip(flat.split([p.numel() for p in self.params]), self.params)
+            ]
         # masked where each gradient is formed, before DDP or DeepSpeed reduces (and partitions) it
         for p, m in zip(self.params, self.masks):
             p.register_hook(lambda g, m=m: g * m.to(g.dtype))

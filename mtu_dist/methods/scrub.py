@@ -17,6 +17,7 @@ temperature-softened class distributions, times T^2 (Hinton distillation, as SCR
 normalised by global counts, exactly like the losses. Defaults (T = 4, task_weight 0.99, kd_weight
 0.001) are the weights of the authors' public CIFAR configuration.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtu_dist.runner.objective import global_counts, normalised_losses
 from mtu_dist.methods.base import Method
+from mtu_dist.runner.objective import global_counts, normalised_losses
 
 
 class ScrubOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(4.0, gt=0)     # seg distillation temperature T
-    task_weight: float = Field(0.99, ge=0)    # min step: weight of the retain task loss (gamma)
-    kd_weight: float = Field(0.001, ge=0)     # min step: weight of the retain divergence (alpha)
-    min_per_max: int = Field(1, ge=1)         # min steps before each max step
+    temperature: float = Field(4.0, gt=0)  # seg distillation temperature T
+    task_weight: float = Field(0.99, ge=0)  # min step: weight of the retain task loss (gamma)
+    kd_weight: float = Field(0.001, ge=0)  # min step: weight of the retain divergence (alpha)
+    min_per_max: int = Field(1, ge=1)  # min steps before each max step
     max_until: float = Field(0.5, ge=0, le=1)  # max steps only within this fraction of unlearn.steps
 
 
@@ -42,7 +43,7 @@ def seg_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     log_s = F.log_softmax(student / temperature, dim=1)
     log_t = F.log_softmax(teacher / temperature, dim=1)
     kl = (log_t.exp() * (log_t - log_s)).sum(1)  # [B, H, W]
-    return kl.flatten(1).mean(1) * temperature ** 2
+    return kl.flatten(1).mean(1) * temperature**2
 
 
 def depth_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,7 +60,7 @@ DIVERGENCES = {"seg": seg_divergence, "depth": depth_divergence, "normal": norma
 def divergences(student: dict, teacher: dict, batch: dict, tasks, world: int, temperature: float) -> dict:
     """Per task: this rank's share of the global-batch mean divergence over the supervised pairs."""
     counts = global_counts(batch, world)
-    sup = (batch["mask"] & batch["valid"][:, None])
+    sup = batch["mask"] & batch["valid"][:, None]
     out = {}
     for j, t in enumerate(tasks):
         per = DIVERGENCES[t](student[t], teacher[t], temperature)
@@ -93,10 +94,14 @@ class Scrub(Method):
         div = divergences(student, teacher, batch, ctx.tasks, ctx.world, self.opts.temperature)
         device = batch["image"].device
         if kind == "max":
-            return -sum(div.values()), {"max_step": torch.tensor(1.0 / ctx.world, device=device),
-                                        **{f"forget_div/{t}": div[t] for t in ctx.targets}}
+            return -sum(div.values()), {
+                "max_step": torch.tensor(1.0 / ctx.world, device=device),
+                **{f"forget_div/{t}": div[t] for t in ctx.targets},
+            }
         losses = normalised_losses(student, batch, ctx.tasks, global_counts(batch, ctx.world))
         total = self.opts.task_weight * sum(losses.values()) + self.opts.kd_weight * sum(div.values())
-        return total, {"max_step": torch.tensor(0.0, device=device),
-                       **{f"retain_div/{t}": v for t, v in div.items()},
-                       **{f"retain/{t}": v for t, v in losses.items()}}
+        return total, {
+            "max_step": torch.tensor(0.0, device=device),
+            **{f"retain_div/{t}": v for t, v in div.items()},
+            **{f"retain/{t}": v for t, v in losses.items()},
+        }

@@ -6,6 +6,7 @@ reduction mode, and returns the columns this rank works on as [blocks, K, S]. A 
 them into an update, hands it to `write_update` (the optimizer's gradient, with or without DeepSpeed),
 and the runner's optimizer steps. The model is not DDP-wrapped for these methods (no second all-reduce).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,7 @@ class SignalMethod(Method):
         mask = torch.zeros(self.layout.world, self.layout.shard, dtype=torch.bool, device="cpu")
         for pc in self.layout.pieces:
             if pc.index in wanted:
-                mask[pc.rank, pc.dst:pc.dst + pc.n] = True
+                mask[pc.rank, pc.dst : pc.dst + pc.n] = True
         return mask.to(self.params[0].device)  # filled on the host (one write per piece), moved once
 
     def my_pieces(self, indices):
@@ -73,8 +74,11 @@ class SignalMethod(Method):
         buf = self.layout.new_buffer(len(losses), dtype, self.params[0].device)
         engine = self.engine
         if engine == "auto":  # measured once, on the first real step's K signals (setup just uses sequential)
-            engine = self._agreed(engines.pick_engine(losses, self.params, self.layout, buf, repeats=1), ctx) if probe \
+            engine = (
+                self._agreed(engines.pick_engine(losses, self.params, self.layout, buf, repeats=1), ctx)
+                if probe
                 else "sequential"
+            )
             self.engine = engine if probe else "auto"
         engines.ENGINES[engine](losses, self.params, self.layout, buf)
         out = reduce_signals(buf, self.mode, ctx.rank, ctx.world)

@@ -14,6 +14,7 @@ seed), one panel (row) per benchmark x setting.
 For `mtu demo`: `demo_uis` (UIS per method, one bar per setting) and `demo_interference` (the relative
 drop of each task's primary metric on retain and val against the original, per method and setting).
 """
+
 from __future__ import annotations
 
 import io
@@ -63,16 +64,29 @@ def scaling(rows) -> bytes:
     linear = {label: pts for label, pts in thr.items() if len(pts) > 1}  # one world size: nothing to scale
     for label, pts in linear.items():  # ideal: throughput proportional to world size
         (w0, s0) = pts[0]
-        left.plot([p[0] for p in pts], [s0 * p[0] / w0 for p in pts], ":", color="gray",
-                  label=f"linear scaling{label[5:]}")
+        left.plot(
+            [p[0] for p in pts], [s0 * p[0] / w0 for p in pts], ":", color="gray", label=f"linear scaling{label[5:]}"
+        )
     _lines(left, thr)
-    left.set(xlabel="world size (ranks)", ylabel="samples / s",
-             title="training throughput" + ("" if linear else " (one world size: no scaling line)"))
+    left.set(
+        xlabel="world size (ranks)",
+        ylabel="samples / s",
+        title="training throughput" + ("" if linear else " (one world size: no scaling line)"),
+    )
     _lines(right, _series(train, lambda r: f"train{n_label(r)}", lambda r: r.world_size, lambda r: r.step_s))
-    _lines(right, _series(unl, lambda r: f"unlearn {r.method}, f={r.forget_fraction:g}{n_label(r)}",
-                          lambda r: r.world_size, lambda r: r.step_s), "--s")
-    right.set(xlabel="world size (ranks)", ylabel="seconds / step",
-              title="step time (unlearning: per forget fraction f)")
+    _lines(
+        right,
+        _series(
+            unl,
+            lambda r: f"unlearn {r.method}, f={r.forget_fraction:g}{n_label(r)}",
+            lambda r: r.world_size,
+            lambda r: r.step_s,
+        ),
+        "--s",
+    )
+    right.set(
+        xlabel="world size (ranks)", ylabel="seconds / step", title="step time (unlearning: per forget fraction f)"
+    )
     for ax in (left, right):
         ax.set_xticks(sorted({r.world_size for r in rows}))
         ax.grid(alpha=0.3)
@@ -100,8 +114,9 @@ def draw_all(rows) -> tuple[dict[str, bytes], list[str]]:
     else:
         notes.append("no unlearning cells: cost_vs_forget.png not drawn")
     if any("uis" in r.quality for r in unl):
-        figures["uis_vs_forget.png"] = vs_forget(unl, lambda r: r.quality.get("uis"), "UIS (lower is better)",
-                                                 "unlearning impact score")
+        figures["uis_vs_forget.png"] = vs_forget(
+            unl, lambda r: r.quality.get("uis"), "UIS (lower is better)", "unlearning impact score"
+        )
     else:
         notes.append("no run recorded `uis` (`mtu unlearn --retrain RUN` records it): uis_vs_forget.png not drawn")
     return figures, notes
@@ -110,6 +125,7 @@ def draw_all(rows) -> tuple[dict[str, bytes], list[str]]:
 # --------------------------------------------------------------------------
 # paper-table figures (`mtu report`): one panel per benchmark x setting
 # --------------------------------------------------------------------------
+
 
 def _panels(n: int, width: float, height: float):
     cols = min(n, 2) or 1
@@ -126,8 +142,13 @@ def uis_bars(groups: dict[str, list[tuple[str, float, float, float]]], ours: str
     for ax, (label, items) in zip(axes, groups.items()):
         names = [m for m, *_ in items]
         colors = ["tab:red" if m == ours else "tab:gray" if m == "retrain" else "tab:blue" for m in names]
-        ax.barh(range(len(items)), [v for _, v, _, _ in items], xerr=[[lo for *_, lo, _ in items], [hi for *_, hi in items]],
-                color=colors, capsize=2)
+        ax.barh(
+            range(len(items)),
+            [v for _, v, _, _ in items],
+            xerr=[[lo for *_, lo, _ in items], [hi for *_, hi in items]],
+            color=colors,
+            capsize=2,
+        )
         ax.set_yticks(range(len(items)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set(xlabel="UIS (lower is better; bars: 95% interval)", title=label)
@@ -149,23 +170,44 @@ def tradeoff(groups: dict[str, dict[str, list[list[tuple]]]], ours: str) -> byte
                 for i, c in enumerate(curves):
                     pts = [(p[1], p[2 + col]) for p in c if p[1] is not None and p[2 + col] is not None]
                     if pts:
-                        ax.plot([x for x, _ in pts], [y for _, y in pts], "-", lw=2 if m == ours else 1,
-                                color=color[m], alpha=0.8, label=m if i == 0 else None)
+                        ax.plot(
+                            [x for x, _ in pts],
+                            [y for _, y in pts],
+                            "-",
+                            lw=2 if m == ours else 1,
+                            color=color[m],
+                            alpha=0.8,
+                            label=m if i == 0 else None,
+                        )
             ax.axvline(1.0, color="black", ls=":", lw=1)
-            ax.set(xlabel="forget progress (1 = the retrain's forget level)", ylabel=f"{what} interference",
-                   title=f"{label}: {what}")
+            ax.set(
+                xlabel="forget progress (1 = the retrain's forget level)",
+                ylabel=f"{what} interference",
+                title=f"{label}: {what}",
+            )
             ax.grid(alpha=0.3)
             if len(ax.get_lines()) > 1:
                 ax.legend(fontsize=6, ncol=2)
             else:  # the full setting has no non-target task: task-level interference is undefined there
-                ax.text(0.5, 0.5, "no trajectories" if not by_method else "undefined here (every task is a target)"
-                        if col == 0 else "no points", ha="center", va="center", transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no trajectories"
+                    if not by_method
+                    else "undefined here (every task is a target)"
+                    if col == 0
+                    else "no points",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                )
     return _png(fig)
 
 
 # --------------------------------------------------------------------------
 # demo figures (`mtu demo`, `mtu report` of a demo): summary rows per setting (tables.summary)
 # --------------------------------------------------------------------------
+
 
 def _bar_style(method: str) -> dict:
     return {"hatch": "//", "alpha": 0.6} if method == "retrain" else {}
@@ -174,6 +216,7 @@ def _bar_style(method: str) -> dict:
 def _bar_legend(ax, labels: list[str], title: str | None = None) -> None:
     """One plain patch per colour (not the first bar drawn, which may be the hatched reference) and the hatch."""
     from matplotlib.patches import Patch
+
     handles = [Patch(color=f"C{k}", label=label) for k, label in enumerate(labels)]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="retrain (reference)"))
     ax.legend(handles=handles, fontsize=7, title=title, title_fontsize=7)
@@ -181,17 +224,23 @@ def _bar_legend(ax, labels: list[str], title: str | None = None) -> None:
 
 def demo_uis(by_setting: dict[str, dict[str, dict]]) -> bytes:
     """UIS per method (lower is better), one bar per setting; the retrain (hatched) is the reference."""
-    methods = [m for m in dict.fromkeys(m for rows in by_setting.values() for m in rows)
-               if any(rows.get(m, {}).get("uis") is not None for rows in by_setting.values())]
+    methods = [
+        m
+        for m in dict.fromkeys(m for rows in by_setting.values() for m in rows)
+        if any(rows.get(m, {}).get("uis") is not None for rows in by_setting.values())
+    ]
     fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(methods), 1) * len(by_setting) + 1.5))
     height = 0.8 / max(len(by_setting), 1)
-    for k, (setting, rows) in enumerate(by_setting.items()):
+    for k, rows in enumerate(by_setting.values()):
         for i, m in enumerate(methods):
             v = rows.get(m, {}).get("uis")
             if v is not None:
                 ax.barh(i + k * height, v, height, color=f"C{k}", **_bar_style(m))
-    ax.set_yticks([i + height * (len(by_setting) - 1) / 2 for i in range(len(methods))],
-                  [f"{m} (reference)" if m == "retrain" else m for m in methods], fontsize=8)
+    ax.set_yticks(
+        [i + height * (len(by_setting) - 1) / 2 for i in range(len(methods))],
+        [f"{m} (reference)" if m == "retrain" else m for m in methods],
+        fontsize=8,
+    )
     ax.invert_yaxis()
     ax.set(xlabel="UIS (lower is better)", title="unlearning impact score per method")
     ax.grid(axis="x", alpha=0.3)
@@ -205,8 +254,11 @@ def relative_drop(rows: dict[str, dict], split: str, task: str) -> dict[str, flo
     orig = rows.get("original", {}).get("splits", {}).get(split, {}).get(task)
     if not orig:
         return {}
-    return {m: 100 * (orig - v) / orig for m, r in rows.items() if m != "original"
-            and (v := r["splits"].get(split, {}).get(task)) is not None}
+    return {
+        m: 100 * (orig - v) / orig
+        for m, r in rows.items()
+        if m != "original" and (v := r["splits"].get(split, {}).get(task)) is not None
+    }
 
 
 def demo_interference(by_setting: dict[str, dict[str, dict]]) -> bytes:
@@ -214,6 +266,7 @@ def demo_interference(by_setting: dict[str, dict[str, dict]]) -> bytes:
     primary metric against the original, one bar per task for every method; the retrain (hatched) is the
     reference: what removing the pairs by training without them costs."""
     from mtu_dist.tasks import TASKS
+
     splits = ("retain", "val")
     fig, axes = plt.subplots(max(len(by_setting), 1), 2, figsize=(12, 4 * max(len(by_setting), 1)), squeeze=False)
     for row, (setting, rows) in zip(axes, by_setting.items()):
@@ -227,9 +280,13 @@ def demo_interference(by_setting: dict[str, dict[str, dict]]) -> bytes:
                     if m in drop:
                         ax.bar(i + k * width, drop[m], width, color=f"C{k}", **_bar_style(m))
             ax.axhline(0, color="black", lw=0.8)
-            ax.set_xticks([i + width * (len(tasks) - 1) / 2 for i in range(len(methods))],
-                          [f"{m} (ref.)" if m == "retrain" else m for m in methods],
-                          rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(
+                [i + width * (len(tasks) - 1) / 2 for i in range(len(methods))],
+                [f"{m} (ref.)" if m == "retrain" else m for m in methods],
+                rotation=45,
+                ha="right",
+                fontsize=7,
+            )
             ax.set(ylabel="drop vs the original (%; lower is better)", title=f"{setting}-task request: {sp} split")
             ax.grid(axis="y", alpha=0.3)
             if tasks:

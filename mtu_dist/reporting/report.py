@@ -27,7 +27,8 @@ the retrain and the rows below the floor are marked and never ranked (tables.py)
 
 Then the goal lines: `OURS`' mean UIS against the strongest baseline (the lowest mean UIS among the
 methods that are neither references nor `OURS` and its ablations, nor below the floor), per benchmark
-and averaged over benchmarks, with the paired difference (same requests and seeds) and its interval; `OURS`' MIA AUC against the retrain's; in the partial setting, the largest relative move
+and averaged over benchmarks, with the paired difference (same requests and seeds) and its interval;
+`OURS`' MIA AUC against the retrain's; in the partial setting, the largest relative move
 of a kept task's primary metric, on the forgotten instances and on val, against the original.
 Plots (`plots.py`): `uis.png` (UIS per method, bars with the 95% interval) and `tradeoff.png` (per
 benchmark x setting: forget progress toward the retrain's level on x, task-level and instance-level
@@ -38,6 +39,7 @@ interference on y, one curve per method and seed). Everything is written atomica
 turn its children into text and figures, write and log them. Both accept a demo's parent run (`mtu
 demo`) as well: its tables (the JSON rows it logged under `demo/`) and its UIS and interference figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,9 +71,9 @@ OURS = "iamu"
 ABLATIONS = ("iamu_no_proj", "iamu_no_orth")
 REFERENCES = ("original", "retrain")
 SPLITS = ("forget", "forget_kept", "retain", "val")
-GOALS = {"full": 0.30, "partial": 0.50}   # OURS' UIS at least this fraction below the strongest baseline
-MIA_GOAL = 0.03                           # |MIA AUC - retrain's|
-KEPT_GOAL = 0.01                          # kept tasks: relative move of the primary metric vs the original
+GOALS = {"full": 0.30, "partial": 0.50}  # OURS' UIS at least this fraction below the strongest baseline
+MIA_GOAL = 0.03  # |MIA AUC - retrain's|
+KEPT_GOAL = 0.01  # kept tasks: relative move of the primary metric vs the original
 
 
 MEMO_GOALS = {"excess": 0.25, "mia_original": 0.90, "mia_retrain": 0.60}  # the benchmark's memorisation targets
@@ -91,18 +93,20 @@ class Row:
 @dataclass(frozen=True)
 class ParentKind:
     """A kind of parent run the report commands read, and how its children become tables and figures."""
-    what: str                 # "benchmark", "sweep"
-    command: str              # the `mtu.command` tag of its parent runs
+
+    what: str  # "benchmark", "sweep"
+    command: str  # the `mtu.command` tag of its parent runs
     made_by: str
-    folder_flag: str          # the option naming its folder, which records the parent run and the store
-    record: str               # that folder's record file
-    build: Callable           # (client, parent run, folder or None) -> (Markdown text, {file name: bytes})
-    demo_note: str = ""       # said under a demo's tables (a demo parent is accepted by both commands)
+    folder_flag: str  # the option naming its folder, which records the parent run and the store
+    record: str  # that folder's record file
+    build: Callable  # (client, parent run, folder or None) -> (Markdown text, {file name: bytes})
+    demo_note: str = ""  # said under a demo's tables (a demo parent is accepted by both commands)
 
 
 def find_parent(client, *, parent: str | None, experiment: str | None, uri: str, kind: ParentKind | None = None):
     """The run `--parent` names, or the latest top-level parent run of `kind` in `--experiment`."""
     from mlflow.exceptions import MlflowException
+
     kind = kind or BENCHMARK
     if parent:
         try:
@@ -112,8 +116,12 @@ def find_parent(client, *, parent: str | None, experiment: str | None, uri: str,
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"--experiment {experiment!r}: no such experiment in {uri}")
-    runs = client.search_runs([exp.experiment_id], f"tags.`mtu.command` = '{kind.command}'",
-                              order_by=["attributes.start_time DESC"], max_results=100)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`mtu.command` = '{kind.command}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
     runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     if not runs:
         raise UserError(f"--experiment {experiment!r}: it holds no {kind.what} parent run ({kind.made_by})")
@@ -121,8 +129,12 @@ def find_parent(client, *, parent: str | None, experiment: str | None, uri: str,
 
 
 def collect(client, parent) -> list[Row]:
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=50000)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )
     latest, curves = {}, {}
     for r in runs:
         t = r.data.tags
@@ -151,6 +163,7 @@ def _curve(client, run_id: str) -> list[tuple]:
 # numbers
 # --------------------------------------------------------------------------
 
+
 def stats(values) -> Interval | None:
     """Mean and 95% interval over the finite values (statistics.interval), or None."""
     return interval(list(values))
@@ -160,23 +173,40 @@ def _primary_key(split: str, task: str) -> str:
     return f"eval/{split}/{task}/{TASKS[task].primary}"
 
 
-SCORES = {"mia_auc": Column("", "MIA AUC", "", "ref"), "mia_auc_target": Column("", "MIA AUC target", "", "ref"),
-          "uis": Column("", "UIS", "", "min"), "uis_excess": Column("", "UIS excess", "", "min"),
-          "gap_retrain": Column("", "gap to retrain", "pp", "min"), "paper/cost_s": Column("", "cost", "s", "min"),
-          "cost_ratio": Column("", "cost ratio", "x retrain", "min")}
+SCORES = {
+    "mia_auc": Column("", "MIA AUC", "", "ref"),
+    "mia_auc_target": Column("", "MIA AUC target", "", "ref"),
+    "uis": Column("", "UIS", "", "min"),
+    "uis_excess": Column("", "UIS excess", "", "min"),
+    "gap_retrain": Column("", "gap to retrain", "pp", "min"),
+    "paper/cost_s": Column("", "cost", "s", "min"),
+    "cost_ratio": Column("", "cost ratio", "x retrain", "min"),
+}
 
 
 def columns(rows: list[Row]) -> list[tuple[Column, str]]:
     """(column, metric key) of every column the rows have."""
-    cols = [(primary_column(sp, t), _primary_key(sp, t)) for sp in SPLITS for t in TASKS
-            if any(_primary_key(sp, t) in r.metrics for r in rows)]
-    keys = ["mia_auc", *(["mia_auc_target"] if any("mia_auc_target" in r.metrics for r in rows) else []),
-            "uis", "uis_excess", "gap_retrain", "paper/cost_s", "cost_ratio"]
+    cols = [
+        (primary_column(sp, t), _primary_key(sp, t))
+        for sp in SPLITS
+        for t in TASKS
+        if any(_primary_key(sp, t) in r.metrics for r in rows)
+    ]
+    keys = [
+        "mia_auc",
+        *(["mia_auc_target"] if any("mia_auc_target" in r.metrics for r in rows) else []),
+        "uis",
+        "uis_excess",
+        "gap_retrain",
+        "paper/cost_s",
+        "cost_ratio",
+    ]
     return cols + [(SCORES[k], k) for k in keys]
 
 
 def method_order(names) -> list[str]:
     from mtu_dist.methods import METHODS
+
     known = [*REFERENCES, *(m for m in METHODS if m != OURS and m not in ABLATIONS), OURS, *ABLATIONS]
     return [m for m in known if m in names] + sorted(set(names) - set(known))
 
@@ -194,8 +224,11 @@ def _fmt(s: Interval | None, key: str) -> str:
 
 def below_floor(by_method: dict[str, list[Row]]) -> set[str]:
     """Methods whose mean UIS is below the retrain's on the same requests: not better, only off the scale."""
-    return {m for m, rs in by_method.items() if m not in REFERENCES
-            and (s := stats(r.metrics.get("uis_excess") for r in rs)) is not None and s.mean < 0}
+    return {
+        m
+        for m, rs in by_method.items()
+        if m not in REFERENCES and (s := stats(r.metrics.get("uis_excess") for r in rs)) is not None and s.mean < 0
+    }
 
 
 def group(rows: list[Row]) -> dict[tuple[str, str], dict[str, list[Row]]]:
@@ -216,8 +249,14 @@ def _table(by_method: dict[str, list[Row]], cols: list[tuple[Column, str]], meth
     rows = []
     for m in methods:
         cells = [stats(r.metrics.get(k) for r in by_method[m]) for _, k in cols]
-        rows.append(TableRow([m], [c and c.mean for c in cells],
-                             [(fmt or _fmt)(c, k) for c, (_, k) in zip(cells, cols)], role=_role(m, low)))
+        rows.append(
+            TableRow(
+                [m],
+                [c and c.mean for c in cells],
+                [(fmt or _fmt)(c, k) for c, (_, k) in zip(cells, cols)],
+                role=_role(m, low),
+            )
+        )
     return Table(["method"], [c for c, _ in cols], rows)
 
 
@@ -228,10 +267,12 @@ def table(by_method: dict[str, list[Row]]) -> str:
 
 def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
     """Per method: interference when the forget pairs first reach the retrain's forget level."""
-    cols = [(Column("", "reached"), "eqf/reached"),
-            (Column("", "task-level interference", "", "min"), "eqf/task_interference"),
-            (Column("", "instance-level interference", "", "min"), "eqf/instance_interference"),
-            (Column("", "largest forget progress", "1 = the retrain's level"), "eqf/max_progress")]
+    cols = [
+        (Column("", "reached"), "eqf/reached"),
+        (Column("", "task-level interference", "", "min"), "eqf/task_interference"),
+        (Column("", "instance-level interference", "", "min"), "eqf/instance_interference"),
+        (Column("", "largest forget progress", "1 = the retrain's level"), "eqf/max_progress"),
+    ]
     rows = []
     for m in method_order(by_method):
         rs = [r for r in by_method[m] if "eqf/reached" in r.metrics]
@@ -240,9 +281,14 @@ def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
         reached = [r for r in rs if r.metrics["eqf/reached"] > 0]
         at = [stats(r.metrics.get(k) for r in reached) for _, k in cols[1:3]]
         top = stats(r.metrics.get("eqf/max_progress") for r in rs)
-        rows.append(TableRow([m], [None, *(s and s.mean for s in at), top and top.mean],
-                             [f"{len(reached)}/{len(rs)}", *(_fmt(s, k) or "-" for s, (_, k) in zip(at, cols[1:3])),
-                              _fmt(top, "p")], role="below floor" if m in below_floor(by_method) else None))
+        rows.append(
+            TableRow(
+                [m],
+                [None, *(s and s.mean for s in at), top and top.mean],
+                [f"{len(reached)}/{len(rs)}", *(_fmt(s, k) or "-" for s, (_, k) in zip(at, cols[1:3])), _fmt(top, "p")],
+                role="below floor" if m in below_floor(by_method) else None,
+            )
+        )
     return markdown(Table(["method"], [c for c, _ in cols], rows)) if rows else ""
 
 
@@ -254,13 +300,18 @@ def memorisation(by_method: dict[str, list[Row]]) -> dict:
     orig, ret = by_method.get("original", []), by_method.get("retrain", [])
     out = {"tasks": {}}
     for t in TASKS:
+
         def forget_of(r, t=t):
             return r.metrics.get(_primary_key("forget", t), r.metrics.get(_primary_key("forget_kept", t)))
+
         pairs = [(forget_of(r), r.metrics.get(_primary_key("val", t))) for r in orig]
         pairs = [(f, v) for f, v in pairs if f is not None and v]
         if pairs:
-            out["tasks"][t] = {"forget": stats(f for f, _ in pairs), "val": stats(v for _, v in pairs),
-                               "excess": stats(f / v - 1 for f, v in pairs)}
+            out["tasks"][t] = {
+                "forget": stats(f for f, _ in pairs),
+                "val": stats(v for _, v in pairs),
+                "excess": stats(f / v - 1 for f, v in pairs),
+            }
     out["mia_original"] = stats(r.metrics.get("mia_auc") for r in orig)
     out["mia_retrain"] = stats(r.metrics.get("mia_auc") for r in ret)
     return out
@@ -271,10 +322,14 @@ def memorisation_lines(memo: dict) -> list[str]:
     lines = ["| task | original forget | original val | forget / val - 1 | goal |", "|---|---|---|---|---|"]
     for t, v in memo["tasks"].items():
         ok = v["excess"].mean >= g["excess"]
-        lines.append(f"| {t} | {_fmt(v['forget'], 'm')} | {_fmt(v['val'], 'm')} | {_fmt(v['excess'], 'm')} | "
-                     f">= {g['excess']:.2f}: {_verdict(ok)} |")
-    for key, what, ok in (("mia_original", "MIA AUC, original", lambda x: x >= g["mia_original"]),
-                          ("mia_retrain", "MIA AUC, retrain", lambda x: x <= g["mia_retrain"])):
+        lines.append(
+            f"| {t} | {_fmt(v['forget'], 'm')} | {_fmt(v['val'], 'm')} | {_fmt(v['excess'], 'm')} | "
+            f">= {g['excess']:.2f}: {_verdict(ok)} |"
+        )
+    for key, what, ok in (
+        ("mia_original", "MIA AUC, original", lambda x: x >= g["mia_original"]),
+        ("mia_retrain", "MIA AUC, retrain", lambda x: x <= g["mia_retrain"]),
+    ):
         if memo[key] is not None:
             bound = (">= " if key == "mia_original" else "<= ") + f"{g[key]:.2f}"
             lines.append(f"| {what} | {_fmt(memo[key], 'm')} | | | {bound}: {_verdict(ok(memo[key].mean))} |")
@@ -316,9 +371,13 @@ def _worst_kept_move(by_method, method: str, tasks) -> dict[int, float]:
     orig = {r.seed: r for r in by_method.get("original", [])}
     out = {}
     for r in by_method.get(method, []):
-        moves = [abs(u - o) / abs(o) for sp in ("forget_kept", "val") for t in tasks
-                 if (o := orig.get(r.seed) and orig[r.seed].metrics.get(_primary_key(sp, t)))
-                 and (u := r.metrics.get(_primary_key(sp, t))) is not None]
+        moves = [
+            abs(u - o) / abs(o)
+            for sp in ("forget_kept", "val")
+            for t in tasks
+            if (o := orig.get(r.seed) and orig[r.seed].metrics.get(_primary_key(sp, t)))
+            and (u := r.metrics.get(_primary_key(sp, t))) is not None
+        ]
         if moves:
             out[r.seed] = max(moves)
     return out
@@ -333,8 +392,11 @@ def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozens
     paired difference of OURS minus the strongest baseline on the same requests and seeds."""
     base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low}
     if OURS not in uis or not base:
-        why = (f"every baseline is below the floor: {', '.join(sorted(low))}" if OURS in uis and low
-               else f"{OURS} or baselines missing")
+        why = (
+            f"every baseline is below the floor: {', '.join(sorted(low))}"
+            if OURS in uis and low
+            else f"{OURS} or baselines missing"
+        )
         return f"- {label}: UIS goal not computable ({why})"
     best = min(base, key=base.get)
     below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
@@ -342,12 +404,16 @@ def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozens
     skipped = f"; below the floor, not ranked: {', '.join(sorted(low))}" if low else ""
     pair = ""
     if diffs and best in diffs and (d := paired(*diffs[best])) is not None:
-        pair = (f"; paired difference {OURS} - {best} {d.mean:+.4f}" +
-                (f" [{d.lo:+.4f}, {d.hi:+.4f}], {'excludes' if d.excludes(0) else 'includes'} 0" if d.n > 1
-                 else " (one seed: no interval)"))
-    return (f"- {label}: {OURS} mean UIS {uis[OURS]:.4f} vs strongest baseline {best} {base[best]:.4f}: "
-            f"{100 * below:.0f}% below (goal >= {100 * GOALS[setting]:.0f}%{floor}{skipped}){pair}: "
-            f"{_verdict(below >= GOALS[setting])}")
+        pair = f"; paired difference {OURS} - {best} {d.mean:+.4f}" + (
+            f" [{d.lo:+.4f}, {d.hi:+.4f}], {'excludes' if d.excludes(0) else 'includes'} 0"
+            if d.n > 1
+            else " (one seed: no interval)"
+        )
+    return (
+        f"- {label}: {OURS} mean UIS {uis[OURS]:.4f} vs strongest baseline {best} {base[best]:.4f}: "
+        f"{100 * below:.0f}% below (goal >= {100 * GOALS[setting]:.0f}%{floor}{skipped}){pair}: "
+        f"{_verdict(below >= GOALS[setting])}"
+    )
 
 
 def goal_lines(groups: dict) -> str:
@@ -371,28 +437,45 @@ def goal_lines(groups: dict) -> str:
             if ours and ref:
                 gap = abs(ours.mean - ref.mean)
                 d = paired(per_seed(groups[k], OURS, "mia_auc"), per_seed(groups[k], "retrain", "mia_auc"))
-                pair = (f"; paired difference {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" if d is not None and d.n > 1 else "")
-                out.append(f"- {setting}, {k[0]}: {OURS} MIA AUC {ours.mean:.3f} vs retrain {ref.mean:.3f}: gap {gap:.3f} "
-                           f"(goal <= {MIA_GOAL}{pair}): {_verdict(gap <= MIA_GOAL)}")
+                pair = (
+                    f"; paired difference {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" if d is not None and d.n > 1 else ""
+                )
+                out.append(
+                    f"- {setting}, {k[0]}: {OURS} MIA AUC {ours.mean:.3f} vs retrain {ref.mean:.3f}: gap {gap:.3f} "
+                    f"(goal <= {MIA_GOAL}{pair}): {_verdict(gap <= MIA_GOAL)}"
+                )
             if setting == "partial":
-                kept = [t for t in TASKS if any(_primary_key("forget_kept", t) in r.metrics
-                                                for rs in groups[k].values() for r in rs)]
-                moves = (_relative_moves(groups[k], OURS, "forget_kept", kept)
-                         + _relative_moves(groups[k], OURS, "val", kept))
-                ref = (_relative_moves(groups[k], "retrain", "forget_kept", kept)
-                       + _relative_moves(groups[k], "retrain", "val", kept))
+                kept = [
+                    t
+                    for t in TASKS
+                    if any(_primary_key("forget_kept", t) in r.metrics for rs in groups[k].values() for r in rs)
+                ]
+                moves = _relative_moves(groups[k], OURS, "forget_kept", kept) + _relative_moves(
+                    groups[k], OURS, "val", kept
+                )
+                ref = _relative_moves(groups[k], "retrain", "forget_kept", kept) + _relative_moves(
+                    groups[k], "retrain", "val", kept
+                )
                 if moves:
                     worst = max(moves)
                     floor = f"; the retrain's: {100 * max(ref):.2f}%" if ref else ""
                     d = paired(_worst_kept_move(groups[k], OURS, kept), _worst_kept_move(groups[k], "retrain", kept))
-                    pair = (f"; paired difference of the per-seed largest move {OURS} - retrain {100 * d.mean:+.2f}% "
-                            f"[{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]" if d is not None and d.n > 1 else "")
-                    out.append(f"- {setting}, {k[0]}: {OURS} kept tasks ({', '.join(kept)}) move at most "
-                               f"{100 * worst:.2f}% vs the original (forget_kept and val; goal <= {100 * KEPT_GOAL:.0f}%"
-                               f"{floor}{pair}): {_verdict(worst <= KEPT_GOAL)}")
+                    pair = (
+                        f"; paired difference of the per-seed largest move {OURS} - retrain {100 * d.mean:+.2f}% "
+                        f"[{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]"
+                        if d is not None and d.n > 1
+                        else ""
+                    )
+                    out.append(
+                        f"- {setting}, {k[0]}: {OURS} kept tasks ({', '.join(kept)}) move at most "
+                        f"{100 * worst:.2f}% vs the original (forget_kept and val; goal <= {100 * KEPT_GOAL:.0f}%"
+                        f"{floor}{pair}): {_verdict(worst <= KEPT_GOAL)}"
+                    )
                 else:
-                    out.append(f"- {setting}, {k[0]}: {OURS} kept tasks ({', '.join(kept) or 'none'}): not computable "
-                               "(no run of it, or the original's metric is 0)")
+                    out.append(
+                        f"- {setting}, {k[0]}: {OURS} kept tasks ({', '.join(kept) or 'none'}): not computable "
+                        "(no run of it, or the original's metric is 0)"
+                    )
     return "\n".join(out)
 
 
@@ -401,20 +484,37 @@ def render(rows: list[Row], title: str) -> str:
     parts = [f"# {title}", ""]
     for (bench, setting), by_method in groups.items():
         seeds = sorted({r.seed for rs in by_method.values() for r in rs})
-        parts += [f"## {bench}, {setting}-task (seeds {', '.join(map(str, seeds))}; mean [95% interval])", "",
-                  table(by_method), "", "UIS per task:", "", uis_table(by_method), ""]
+        parts += [
+            f"## {bench}, {setting}-task (seeds {', '.join(map(str, seeds))}; mean [95% interval])",
+            "",
+            table(by_method),
+            "",
+            "UIS per task:",
+            "",
+            uis_table(by_method),
+            "",
+        ]
         eq = equal_forgetting_table(by_method)
         if eq:
-            parts += ["Interference at equal forgetting (the forget pairs at the retrain's forget level; "
-                      "relative moves against the model before unlearning):", "", eq, ""]
+            parts += [
+                "Interference at equal forgetting (the forget pairs at the retrain's forget level; "
+                "relative moves against the model before unlearning):",
+                "",
+                eq,
+                "",
+            ]
         memo = memorisation(by_method)
         if memo["tasks"]:
             parts += ["Memorisation of the original on these requests:", "", *memorisation_lines(memo), ""]
     parts.append(goal_lines(groups))
-    parts += ["", metrics_legend(), f"Directions: {DIRECTIONS}.",
-              "UIS: unlearning impact score (mean over tasks). MIA AUC: membership inference on the forget vs "
-              "val losses. gap to retrain: mean |difference| to the retrain over the primary metrics of every "
-              "split, in percentage points. cost: unlearning wall time (the retrain: its training time)."]
+    parts += [
+        "",
+        metrics_legend(),
+        f"Directions: {DIRECTIONS}.",
+        "UIS: unlearning impact score (mean over tasks). MIA AUC: membership inference on the forget vs "
+        "val losses. gap to retrain: mean |difference| to the retrain over the primary metrics of every "
+        "split, in percentage points. cost: unlearning wall time (the retrain: its training time).",
+    ]
     return "\n".join(parts) + "\n"
 
 
@@ -422,18 +522,28 @@ def tuning_lines(bench: Path) -> str:
     """How many of each method's tuning trials reached the forget target on the dev request, per unit
     (from the benchmark folder's tune/<benchmark>-<setting>/tuned.yaml)."""
     import yaml
+
     units = {p.parent.name: yaml.safe_load(p.read_text()) or {} for p in sorted(bench.glob("tune/*/tuned.yaml"))}
     if not units:
         return ""
     names = method_order({m for u in units.values() for m in (u.get("methods") or {})})
-    lines = ["", "## Tuning: feasible trials on the dev request (every target task within the tolerance)", "",
-             "| method | " + " | ".join(units) + " |", "|---|" + "---|" * len(units)]
+    lines = [
+        "",
+        "## Tuning: feasible trials on the dev request (every target task within the tolerance)",
+        "",
+        "| method | " + " | ".join(units) + " |",
+        "|---|" + "---|" * len(units),
+    ]
     for m in names:
         cells = []
         for u in units.values():
             e = (u.get("methods") or {}).get(m)
-            cells.append("" if not e else f"{e.get('feasible_trials', '?')}/{e.get('trials', '?')}"
-                         + ("" if e.get("feasible") else " (none: least forget gap chosen)"))
+            cells.append(
+                ""
+                if not e
+                else f"{e.get('feasible_trials', '?')}/{e.get('trials', '?')}"
+                + ("" if e.get("feasible") else " (none: least forget gap chosen)")
+            )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -444,8 +554,11 @@ def plot_data(rows: list[Row]) -> tuple[dict, dict]:
     for key, by_method in group(rows).items():
         label = f"{key[0]}, {key[1]}"
         order = [m for m in method_order(by_method) if m != "original"]
-        uis[label] = [(m, s.mean, s.mean - s.lo, s.hi - s.mean) for m in order
-                      if (s := stats(r.metrics.get("uis") for r in by_method[m]))]
+        uis[label] = [
+            (m, s.mean, s.mean - s.lo, s.hi - s.mean)
+            for m in order
+            if (s := stats(r.metrics.get("uis") for r in by_method[m]))
+        ]
         trade[label] = {m: [r.curve for r in by_method[m] if r.curve] for m in order}
         trade[label] = {m: c for m, c in trade[label].items() if c}
     return uis, trade
@@ -453,6 +566,7 @@ def plot_data(rows: list[Row]) -> tuple[dict, dict]:
 
 def _benchmark(client, run, bench: Path | None) -> tuple[str, dict[str, bytes]]:
     from mtu_dist.reporting.plots import tradeoff, uis_bars
+
     rows = collect(client, run)
     if not rows:
         raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): no finished benchmark rows under it")
@@ -476,8 +590,12 @@ DEMO_FOLDER = "demo"  # the demo's artifact folder on its parent run (and under 
 def demo_section(record: dict) -> str:
     """One setting of a demo (a record the demo logs: dataset, setting, request, rows) as Markdown."""
     from mtu_dist.reporting.tables import method_table
-    return (f"## {record['dataset']}, {record['setting']}-task request ({record['request']})\n\n"
-            + markdown(method_table(record["rows"])) + "\n")
+
+    return (
+        f"## {record['dataset']}, {record['setting']}-task request ({record['request']})\n\n"
+        + markdown(method_table(record["rows"]))
+        + "\n"
+    )
 
 
 def demo_records(client, run) -> list[dict]:
@@ -485,6 +603,7 @@ def demo_records(client, run) -> list[dict]:
     import os
     import tempfile
     from unittest import mock
+
     names = [a.path for a in client.list_artifacts(run.info.run_id, DEMO_FOLDER) if a.path.endswith(".json")]
     records = []
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a progress bar per small file would bury the table
@@ -497,14 +616,17 @@ def demo_records(client, run) -> list[dict]:
 def demo_figures(by_setting: dict[str, dict[str, dict]]) -> dict[str, bytes]:
     """The demo's figures from its summary rows per setting (tables.summary)."""
     from mtu_dist.reporting.plots import demo_interference, demo_uis
+
     return {"uis.png": demo_uis(by_setting), "interference.png": demo_interference(by_setting)}
 
 
 def _demo(client, run, note: str) -> tuple[str, dict[str, bytes]]:
     records = demo_records(client, run)
     if not records:
-        raise UserError(f"parent run {run.info.run_id} ({run.info.run_name}): the demo logged no table under it "
-                        f"(artifacts/{DEMO_FOLDER}; a demo stopped before its first table?)")
+        raise UserError(
+            f"parent run {run.info.run_id} ({run.info.run_name}): the demo logged no table under it "
+            f"(artifacts/{DEMO_FOLDER}; a demo stopped before its first table?)"
+        )
     text = f"# Demo {run.info.run_name} (parent run {run.info.run_id})\n\n" + "\n".join(map(demo_section, records))
     return text + (f"\n{note}\n" if note else ""), demo_figures({r["setting"]: r["rows"] for r in records})
 
@@ -513,16 +635,25 @@ def _demo(client, run, note: str) -> tuple[str, dict[str, bytes]]:
 # the command body `mtu report` and `mtu compare` share
 # --------------------------------------------------------------------------
 
-def parent_command(kind: ParentKind, *, parent: str | None, experiment: str | None, folder: str | None,
-                   tracking_uri: str | None, out: str | None) -> Path:
+
+def parent_command(
+    kind: ParentKind,
+    *,
+    parent: str | None,
+    experiment: str | None,
+    folder: str | None,
+    tracking_uri: str | None,
+    out: str | None,
+) -> Path:
     """Find the parent run (by id, by its folder's record, or the latest of `kind` in an experiment), turn
     its children into a Markdown text and figures, print the text, write everything atomically to `out`
     and log it to the parent run under report/. A demo's parent run is accepted too: its tables."""
     if folder:
         record = Path(folder) / kind.record
         if not record.is_file():
-            raise UserError(f"{kind.folder_flag} {folder}: no {kind.record} there "
-                            f"(is it a folder made by {kind.made_by}?)")
+            raise UserError(
+                f"{kind.folder_flag} {folder}: no {kind.record} there (is it a folder made by {kind.made_by}?)"
+            )
         rec = json.loads(record.read_text())
         parent, tracking_uri = rec["parent_run_id"], tracking_uri or rec["tracking_uri"]
     uri = resolve_uri(tracking_uri)
@@ -533,8 +664,11 @@ def parent_command(kind: ParentKind, *, parent: str | None, experiment: str | No
         text, figures = _demo(client, run, kind.demo_note)
     else:
         text, figures = kind.build(client, run, Path(folder) if folder else None)
-    dest = Path(out) if out else (Path(folder) / "report" if folder else
-                                  Path("reports") / f"{run.info.run_name}-{run.info.run_id[:8]}")
+    dest = (
+        Path(out)
+        if out
+        else (Path(folder) / "report" if folder else Path("reports") / f"{run.info.run_name}-{run.info.run_id[:8]}")
+    )
     ensure_writable_dir(dest)
     print(text)
     files = {"table.md": text.encode(), **figures}
@@ -545,7 +679,9 @@ def parent_command(kind: ParentKind, *, parent: str | None, experiment: str | No
     return dest
 
 
-def report_command(*, parent: str | None, experiment: str | None, bench: str | None, tracking_uri: str | None,
-                   out: str | None) -> Path:
-    return parent_command(BENCHMARK, parent=parent, experiment=experiment, folder=bench, tracking_uri=tracking_uri,
-                          out=out)
+def report_command(
+    *, parent: str | None, experiment: str | None, bench: str | None, tracking_uri: str | None, out: str | None
+) -> Path:
+    return parent_command(
+        BENCHMARK, parent=parent, experiment=experiment, folder=bench, tracking_uri=tracking_uri, out=out
+    )

@@ -7,6 +7,7 @@ checked before anything starts, and a sqlite store that was moved is pointed at 
 beside it (tracking.relocate_artifacts); the process then becomes the MLflow server (exec), so signals
 reach it directly.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,20 +30,36 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise UserError(f"port {port} on {host}: cannot listen ({e.strerror or e}); "
-                            "another server holds it? pick another with --port") from None
+            raise UserError(
+                f"port {port} on {host}: cannot listen ({e.strerror or e}); "
+                "another server holds it? pick another with --port"
+            ) from None
 
 
 def server_argv(*, store: str, artifacts: str, host: str, port: int, workers: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-            "--artifacts-destination", str(Path(artifacts).resolve()), "--host", host, "--port", str(port),
-            "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store,
+        "--artifacts-destination",
+        str(Path(artifacts).resolve()),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
 def serve(*, store: str, artifacts: str, host: str = DEFAULT_HOST, port: int = 5000, workers: int = 1) -> None:
     if store.startswith(("http://", "https://")):
-        raise UserError(f"--store {store}: a server needs a database store (e.g. sqlite:///mlflow.db), "
-                        "not another server")
+        raise UserError(
+            f"--store {store}: a server needs a database store (e.g. sqlite:///mlflow.db), not another server"
+        )
     check_reachable(store)
     if store.startswith("sqlite:///"):
         with store_lock(sqlite_path(store)):

@@ -10,6 +10,7 @@ to the retrain and wall time are better lower. On the forget split no direction 
 goal is the retrain's level (a model that never saw the pairs), so those columns, and MIA AUC, mark the
 value closest to the retrain's (`≈R`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,16 +35,16 @@ METRICS = {
     "within_30": ("<30°", "%", "% of pixels with an angular error below 30°"),
 }
 ARROW = {"max": "↑", "min": "↓", "ref": "≈R", None: ""}
-REFERENCE, BEFORE = "reference", "before"   # row roles (the retrain; the original before unlearning): never "best"
-FORGET_SPLITS = ("forget", "forget_kept")              # the goal there is the retrain's level
+REFERENCE, BEFORE = "reference", "before"  # row roles (the retrain; the original before unlearning): never "best"
+FORGET_SPLITS = ("forget", "forget_kept")  # the goal there is the retrain's level
 SPLITS = ("forget", "forget_kept", "retain", "val")
 
 
 @dataclass(frozen=True)
 class Column:
-    group: str              # what the column is measured on: a split, or "" for a score
-    name: str               # e.g. "seg mIoU", "UIS"
-    unit: str = ""          # e.g. "0–1", "%", "s"
+    group: str  # what the column is measured on: a split, or "" for a score
+    name: str  # e.g. "seg mIoU", "UIS"
+    unit: str = ""  # e.g. "0–1", "%", "s"
     better: str | None = None  # "max", "min", "ref" (closest to the reference row's value) or None (no best)
     spec: str = ".3f"
 
@@ -60,10 +61,10 @@ class Column:
 
 @dataclass
 class Row:
-    keys: list[str]                      # the identifying cells (e.g. [method])
-    values: list[float | None]           # one per column, compared for "best"
-    texts: list[str] | None = None       # shown instead of the formatted values (e.g. a mean with its interval)
-    role: str | None = None              # REFERENCE, BEFORE, or another label: not a contender
+    keys: list[str]  # the identifying cells (e.g. [method])
+    values: list[float | None]  # one per column, compared for "best"
+    texts: list[str] | None = None  # shown instead of the formatted values (e.g. a mean with its interval)
+    role: str | None = None  # REFERENCE, BEFORE, or another label: not a contender
 
     def label(self) -> str:
         return self.keys[0] + (f" ({self.role})" if self.role else "")
@@ -94,8 +95,10 @@ def metrics_legend(tasks=None) -> str:
     return "Metrics: " + "; ".join(parts) + "."
 
 
-DIRECTIONS = ("↑ higher is better, ↓ lower is better; ≈R: the closer to the retrain's value the better (on the "
-              "forget pairs the goal is the level of a model that never saw them, not the lowest value)")
+DIRECTIONS = (
+    "↑ higher is better, ↓ lower is better; ≈R: the closer to the retrain's value the better (on the "
+    "forget pairs the goal is the level of a model that never saw them, not the lowest value)"
+)
 
 
 def _finite(v) -> bool:
@@ -151,8 +154,10 @@ def _legend(table: Table, bold: bool) -> list[str]:
 
 def markdown(table: Table) -> str:
     marks = best(table)
-    lines = ["| " + " | ".join([*table.keys, *(c.header() for c in table.columns)]) + " |",
-             "|" + "---|" * (len(table.keys) + len(table.columns))]
+    lines = [
+        "| " + " | ".join([*table.keys, *(c.header() for c in table.columns)]) + " |",
+        "|" + "---|" * (len(table.keys) + len(table.columns)),
+    ]
     for i, row in enumerate(table.rows):
         cells = [_cell(row, c, col) for c, col in enumerate(table.columns)]
         cells = [f"**{t}**" if i in marks[c] and t else t for c, t in enumerate(cells)]
@@ -174,8 +179,12 @@ def plain(table: Table) -> str:
         body.append([row.label(), *row.keys[1:], *cells])
     widths = [max(len(x) for x in [*h, *(b[j] for b in body)]) for j, h in enumerate(head)]
     nk = len(table.keys)
-    fmt = lambda cells, left=False: "  ".join(x.ljust(w) if j < nk or left else x.rjust(w)  # noqa: E731
-                                              for j, (x, w) in enumerate(zip(cells, widths))).rstrip()
+
+    def fmt(cells, left=False):
+        return "  ".join(
+            x.ljust(w) if j < nk or left else x.rjust(w) for j, (x, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
     lines = [fmt([h[0] for h in head], left=True)] + [fmt([h[k] for h in head]) for k in range(1, 4)]
     lines += ["  ".join("-" * w for w in widths)] + [fmt(b) for b in body]
     return "\n".join(lines + [""] + [textwrap.fill(x, 110, subsequent_indent="  ") for x in _legend(table, bold=False)])
@@ -195,19 +204,30 @@ def csv_text(table: Table) -> str:
 # metrics.json reports
 # --------------------------------------------------------------------------
 
+
 def summary(report: dict) -> dict:
     """What a method table shows of one metrics.json report: primary metric per split and task, the
     unlearning scores and the wall time (None where the report has none)."""
     u = report.get("unlearning") or {}
-    return {"splits": {sp: {t: m[TASKS[t].primary] for t, m in tasks.items() if t in TASKS}
-                       for sp, tasks in report["splits"].items()},
-            "uis": (u.get("uis") or {}).get("mean"), "uis_per_task": (u.get("uis") or {}).get("per_task"),
-            "mia_auc": u.get("mia_auc"), "gap_retrain": u.get("gap_retrain"), "time_s": report.get("time_s")}
+    return {
+        "splits": {
+            sp: {t: m[TASKS[t].primary] for t, m in tasks.items() if t in TASKS}
+            for sp, tasks in report["splits"].items()
+        },
+        "uis": (u.get("uis") or {}).get("mean"),
+        "uis_per_task": (u.get("uis") or {}).get("per_task"),
+        "mia_auc": u.get("mia_auc"),
+        "gap_retrain": u.get("gap_retrain"),
+        "time_s": report.get("time_s"),
+    }
 
 
-SCORES = [("uis", Column("", "UIS", "", "min", ".3f")), ("mia_auc", Column("", "MIA AUC", "", "ref", ".3f")),
-          ("gap_retrain", Column("", "gap to retrain", "pp", "min", ".3f")),
-          ("time_s", Column("", "time", "s", "min", ".1f"))]
+SCORES = [
+    ("uis", Column("", "UIS", "", "min", ".3f")),
+    ("mia_auc", Column("", "MIA AUC", "", "ref", ".3f")),
+    ("gap_retrain", Column("", "gap to retrain", "pp", "min", ".3f")),
+    ("time_s", Column("", "time", "s", "min", ".1f")),
+]
 ROLES = {"original": BEFORE, "retrain": REFERENCE}
 
 
@@ -218,13 +238,17 @@ def method_table(rows: dict[str, dict]) -> Table:
     first = next(iter(rows.values()))["splits"]
     cols = [(sp, t) for sp in SPLITS if sp in first for t in TASKS if t in first[sp]]
     columns = [primary_column(sp, t) for sp, t in cols] + [c for _, c in SCORES]
-    out = [Row([name], [s["splits"][sp].get(t) for sp, t in cols] + [s.get(k) for k, _ in SCORES], role=ROLES.get(name))
-           for name, s in rows.items()]
-    legend = [metrics_legend([t for t in TASKS if any(t == ct for _, ct in cols)]),
-              f"Directions: {DIRECTIONS}.",
-              "UIS: unlearning impact score, mean over tasks; MIA AUC: membership inference on the forget vs val "
-              "losses; a score a row has no reference for is empty. forget_kept: the kept tasks of the forgotten "
-              "instances (partial setting)."]
+    out = [
+        Row([name], [s["splits"][sp].get(t) for sp, t in cols] + [s.get(k) for k, _ in SCORES], role=ROLES.get(name))
+        for name, s in rows.items()
+    ]
+    legend = [
+        metrics_legend([t for t in TASKS if any(t == ct for _, ct in cols)]),
+        f"Directions: {DIRECTIONS}.",
+        "UIS: unlearning impact score, mean over tasks; MIA AUC: membership inference on the forget vs val "
+        "losses; a score a row has no reference for is empty. forget_kept: the kept tasks of the forgotten "
+        "instances (partial setting).",
+    ]
     return Table(["method"], columns, out, legend)
 
 
@@ -238,5 +262,7 @@ def split_table(report: dict) -> str:
     for name, sp in splits.items():
         cells = [format(sp[t][TASKS[t].primary], ".4f") if t in sp else "" for t in tasks]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows + [metrics_legend(tasks) + " ↑: higher is better (on a forget split the goal is the "
-                                                     "retrain's level instead)."])
+    return "\n".join(
+        rows
+        + [metrics_legend(tasks) + " ↑: higher is better (on a forget split the goal is the retrain's level instead)."]
+    )

@@ -12,6 +12,7 @@ absolute path (it resolves a relative one against the current directory, not the
 that was moved or copied is pointed at its own folder again whenever it is opened here or served by
 `mtu server` (`relocate_artifacts`).
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,10 @@ def check_reachable(uri: str) -> None:
     elif uri.startswith(("file:", "/", ".")):
         raise UserError(f"tracking URI {uri}: the file store is retired in MLflow 3; use sqlite:///path/mlflow.db")
     elif not uri.startswith(DATABASE_SCHEMES):
-        raise UserError(f"tracking URI {uri}: unsupported scheme (expected sqlite:///path/mlflow.db, http(s)://host:port "
-                        f"or a database URI: {', '.join(DATABASE_SCHEMES)})")
+        raise UserError(
+            f"tracking URI {uri}: unsupported scheme (expected sqlite:///path/mlflow.db, http(s)://host:port "
+            f"or a database URI: {', '.join(DATABASE_SCHEMES)})"
+        )
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -63,6 +66,7 @@ def _check_sqlite_store(uri: str, db: Path) -> None:
     """An existing file must be an SQLite database that is empty or already an MLflow store: MLflow would
     otherwise fail deep in its migrations, or add its tables to another program's database."""
     import sqlite3
+
     if not db.exists():
         return  # a new store: MLflow creates it
     if not db.is_file():
@@ -84,16 +88,27 @@ def _check_sqlite_store(uri: str, db: Path) -> None:
     except sqlite3.Error as e:
         raise UserError(f"tracking URI {uri}: {db} is not a readable SQLite database ({e})") from None
     if tables and not MLFLOW_TABLES <= tables:
-        raise UserError(f"tracking URI {uri}: {db} is an SQLite database of another program (tables: "
-                        f"{', '.join(sorted(tables)[:5])}), not an MLflow store")
+        raise UserError(
+            f"tracking URI {uri}: {db} is an SQLite database of another program (tables: "
+            f"{', '.join(sorted(tables)[:5])}), not an MLflow store"
+        )
 
 
 class Tracker:
     """One MLflow run (optionally the child of `parent_run_id`). A no-op where `enabled` is False.
     With `run_id`, an existing run is reopened to add to it (`mtu score`) instead of a new one made."""
 
-    def __init__(self, *, enabled: bool, uri: str | None, experiment: str, run_name: str,
-                 parent_run_id: str | None = None, tags: dict | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        uri: str | None,
+        experiment: str,
+        run_name: str,
+        parent_run_id: str | None = None,
+        tags: dict | None = None,
+        run_id: str | None = None,
+    ):
         self.enabled, self.run_id, self._buffer = enabled, None, []
         if not enabled:
             return
@@ -104,6 +119,7 @@ class Tracker:
             self.run_id = self._existing(run_id)
             return
         from mlflow.exceptions import MlflowException
+
         try:
             self._create(experiment, run_name, parent_run_id, tags)
         except MlflowException as e:
@@ -127,24 +143,28 @@ class Tracker:
 
     def _existing(self, run_id: str) -> str:
         from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_run(run_id).info.run_id
         except MlflowException:
-            raise UserError(f"tracking URI {self.uri}: no MLflow run {run_id}; pass the --tracking-uri "
-                            "the run was logged to") from None
+            raise UserError(
+                f"tracking URI {self.uri}: no MLflow run {run_id}; pass the --tracking-uri the run was logged to"
+            ) from None
 
     def log_params(self, params: dict) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Param
+
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if len(self._buffer) >= FLUSH_EVERY:
@@ -158,7 +178,7 @@ class Tracker:
     def flush(self) -> None:
         if self.enabled and self._buffer:
             for i in range(0, len(self._buffer), 1000):
-                self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+                self.client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
             self._buffer = []
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
@@ -200,6 +220,7 @@ def mlflow_client(uri: str):
     """An MlflowClient on `uri`. A sqlite store is opened under a lock beside it: the first process to use
     a new store creates and migrates its schema, and two doing that at once fail (duplicate column)."""
     from mlflow import MlflowClient
+
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
     db = sqlite_path(uri)
@@ -210,7 +231,7 @@ def mlflow_client(uri: str):
 
 
 def sqlite_path(uri: str) -> Path:
-    return Path(uri[len("sqlite:///"):].split("?")[0])
+    return Path(uri[len("sqlite:///") :].split("?")[0])
 
 
 def artifact_root(db: Path) -> str:
@@ -224,6 +245,7 @@ def relocate_artifacts(db: Path) -> int:
     `file://.../mlartifacts`); MLflow has no API to change an experiment's location, so the rows are
     updated in SQL. Call under `store_lock(db)`."""
     import sqlite3
+
     if not db.is_file() or db.stat().st_size == 0:
         return 0
     root = artifact_root(db)
@@ -232,12 +254,19 @@ def relocate_artifacts(db: Path) -> int:
         with con:  # one transaction: no reader sees experiments moved and their runs not
             if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
                 return 0
-            stale = [row[0] for row in con.execute(
-                "SELECT DISTINCT artifact_location FROM experiments WHERE artifact_location LIKE ? "
-                "AND artifact_location != ?", (f"file://%/{ARTIFACTS}", root))]
+            stale = [
+                row[0]
+                for row in con.execute(
+                    "SELECT DISTINCT artifact_location FROM experiments WHERE artifact_location LIKE ? "
+                    "AND artifact_location != ?",
+                    (f"file://%/{ARTIFACTS}", root),
+                )
+            ]
             for old in stale:
-                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
-                            "WHERE substr(artifact_uri, 1, ?) = ?", (root, len(old) + 1, len(old) + 1, old + "/"))
+                con.execute(
+                    "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE substr(artifact_uri, 1, ?) = ?",
+                    (root, len(old) + 1, len(old) + 1, old + "/"),
+                )
                 con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (root, old))
     finally:
         con.close()
@@ -248,6 +277,7 @@ def relocate_artifacts(db: Path) -> int:
 def store_lock(db: Path):
     """`<db>.lock` beside a sqlite store, held while its schema may be created or read half-made."""
     from mtu_dist.utils.locks import release, wait_lock
+
     fd = wait_lock(db.with_name(db.name + ".lock"))
     try:
         yield

@@ -3,13 +3,15 @@
 A checkpoint is a folder `step-NNNNNNN/` holding `model.safetensors`, optionally `optim.safetensors`,
 and `state.json` (step, epoch, resolved config, dataset layout and the sha256 of every tensor file). The
 torch RNG state travels with the optimizer state; data order is a pure function of (seed, epoch), so
-no other RNG state is needed to resume bit-identically. It is written to a temporary folder and renamed into place, so a crash leaves
+no other RNG state is needed to resume bit-identically. It is written to a temporary folder and renamed
+into place, so a crash leaves
 either the old checkpoint or the new one, never a torn one; a torn or tampered checkpoint fails its
 checksum on load, and `latest_checkpoint` falls back to the previous good one. Nothing is unpickled.
 A write that fails (full disk, unwritable folder) removes its temporary folder and names the
 checkpoint; the previous checkpoints are untouched. `check_resumable` refuses to continue a run under
 a different config, world size, request or origin model: that would silently change its result.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +31,11 @@ TENSOR_FILES = ("model.safetensors", "optim.safetensors")
 
 def _optim_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     sd = opt.state_dict()
-    flat = {f"state.{i}.{name}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-            for i, st in sd["state"].items() for name, v in st.items()}
+    flat = {
+        f"state.{i}.{name}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+        for i, st in sd["state"].items()
+        for name, v in st.items()
+    }
     return flat, sd["param_groups"]
 
 
@@ -49,8 +54,16 @@ RESUME_SAME = ("dataset", "data_sha256", "world_size", "deepspeed_stage", "reque
 RECORDED_SINCE = ("data_sha256",)  # compared only where the checkpoint records it (older ones do not)
 
 
-def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, step: int, epoch: int, config: dict,
-                    info: dict, optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    *,
+    step: int,
+    epoch: int,
+    config: dict,
+    info: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     try:
@@ -100,8 +113,10 @@ def read_state(folder: str | Path) -> dict:
         raise UserError(f"{path}: corrupt checkpoint metadata (not valid JSON)") from None
     sums = meta.get("sha256") if isinstance(meta, dict) else None
     if not isinstance(sums, dict) or not all(k in TENSOR_FILES and isinstance(v, str) for k, v in sums.items()):
-        raise UserError(f"{path}: corrupt checkpoint metadata (expected an object whose 'sha256' maps "
-                        f"{' / '.join(TENSOR_FILES)} to checksums)")
+        raise UserError(
+            f"{path}: corrupt checkpoint metadata (expected an object whose 'sha256' maps "
+            f"{' / '.join(TENSOR_FILES)} to checksums)"
+        )
     for name, digest in sums.items():
         f = folder / name
         if not f.is_file():
@@ -127,9 +142,11 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         raise UserError(f"{folder}/model.safetensors: does not fit this model ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
         if not (folder / "optim.safetensors").is_file():  # written under ZeRO-1/2 (distributed/stepper.py)
-            raise UserError(f"{folder}: holds no optimizer state (under DeepSpeed ZeRO-1/2 a stateful optimizer's "
-                            "state is partitioned over the ranks and not checkpointed), so the run cannot continue "
-                            "exactly; start anew with --overwrite")
+            raise UserError(
+                f"{folder}: holds no optimizer state (under DeepSpeed ZeRO-1/2 a stateful optimizer's "
+                "state is partitioned over the ranks and not checkpointed), so the run cannot continue "
+                "exactly; start anew with --overwrite"
+            )
         flat = load_file(folder / "optim.safetensors")
         refuse_non_finite(flat, folder / "optim.safetensors")
         torch.set_rng_state(flat.pop("rng.torch"))
@@ -171,15 +188,18 @@ def check_resumable(meta: dict, config: dict, info: dict) -> None:
         if key in RECORDED_SINCE and key not in meta:
             continue
         if meta.get(key) != info.get(key):
-            raise UserError(f"{where}: written with {key} = {meta.get(key)!r}, this run has {info.get(key)!r}; "
-                            "resume under the same launcher/request/origin, or start anew with --overwrite")
+            raise UserError(
+                f"{where}: written with {key} = {meta.get(key)!r}, this run has {info.get(key)!r}; "
+                "resume under the same launcher/request/origin, or start anew with --overwrite"
+            )
     then, now = _flat(meta.get("config", {})), _flat(config)
-    changed = sorted(k for k in then.keys() | now.keys()
-                     if then.get(k) != now.get(k) and not k.startswith(RESUME_FREE))
+    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k) and not k.startswith(RESUME_FREE))
     if changed:
         shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-        raise UserError(f"{where}: the config changed since this checkpoint ({shown}); resume with the config "
-                        "it was written with, or start anew with --overwrite")
+        raise UserError(
+            f"{where}: the config changed since this checkpoint ({shown}); resume with the config "
+            "it was written with, or start anew with --overwrite"
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ and world size) and the task mask applied to CPU batches.
 
 On the CPU every move is a no-op: the CPU path runs exactly the operations it ran before.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,10 @@ import torch
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch (tensors and keys) with its tensors on `device`; asynchronous from pinned memory (the
     copy is queued on the current stream, ahead of every kernel that reads it)."""
-    return {k: v.to(device, non_blocking=device.type == "cuda" and v.is_pinned()) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=device.type == "cuda" and v.is_pinned()) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
 
 
 def pins_memory(device: torch.device) -> bool:

@@ -4,14 +4,16 @@
 one forget pair (the first, or a named one) in the retain stream (`deliberate_leak`): a real leak
 through the real loop, which `mtu audit` must catch.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 
 
-def deliberate_leak(forget_entries: dict[str, tuple[str, ...]],
-                    newest: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, ...]]:
+def deliberate_leak(
+    forget_entries: dict[str, tuple[str, ...]], newest: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, tuple[str, ...]]:
     """Test hook: with `MTU_TEST_LEAK=1` the first pair of this run's own request (`newest`, default all of
     `forget_entries`; `MTU_TEST_LEAK=<instance>|<task>`: that pair, e.g. one an earlier request of a lineage
     forgot) is NOT masked out of the retain stream (its label stays too), so a run really trains on it.
@@ -26,8 +28,10 @@ def deliberate_leak(forget_entries: dict[str, tuple[str, ...]],
         instance, _, task = spec.partition("|")
         if task not in forget_entries.get(instance, ()):
             return forget_entries
-    print(f"mtu: WARNING: MTU_TEST_LEAK: forget pair {instance}|{task} is deliberately left in the "
-          "retain stream", file=sys.stderr)
+    print(
+        f"mtu: WARNING: MTU_TEST_LEAK: forget pair {instance}|{task} is deliberately left in the retain stream",
+        file=sys.stderr,
+    )
     out = dict(forget_entries)
     rest = tuple(t for t in out[instance] if t != task)
     if rest:

@@ -5,6 +5,7 @@ everything consumed so far (gathered over the ranks); a loop adds its own state 
 own (`unlearn`: stream positions, guard reference, done tasks, the method's state). Loading one first
 checks that the run may continue from it (same config, world size, data, request, origin).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,20 +33,38 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------- resume points
 
-def save_resume_point(s: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, step: int,
-                      epoch: int, ledger: Ledger, keep: int, **state) -> None:
+
+def save_resume_point(
+    s: Session,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    step: int,
+    epoch: int,
+    ledger: Ledger,
+    keep: int,
+    **state,
+) -> None:
     """Write `checkpoints/step-NNNNNNN` (rank 0) and prune all but the newest `keep`; every rank calls it."""
     consumed = ledger.gather(s.world)  # collective: every rank calls it
     if s.is_main:
         folder = s.run_dir / "checkpoints" / f"step-{step:07d}"
-        save_checkpoint(folder, model, step=step, epoch=epoch, config=s.cfg.model_dump(mode="json"),
-                        info={**run_info(s), "ledger": consumed, **state}, optimizer=optimizer)
+        save_checkpoint(
+            folder,
+            model,
+            step=step,
+            epoch=epoch,
+            config=s.cfg.model_dump(mode="json"),
+            info={**run_info(s), "ledger": consumed, **state},
+            optimizer=optimizer,
+        )
         prune(folder.parent, keep)
     s.barrier()
 
 
-def load_resume_point(s: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                      ledger: Ledger) -> dict | None:
+def load_resume_point(
+    s: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ledger: Ledger
+) -> dict | None:
     """Load the newest good resume point into `model`, `optimizer` and `ledger`; its state.json, or None
     when the run has none yet (it then starts from step 0)."""
     folder: Path | None = latest_checkpoint(s.run_dir / "checkpoints")
@@ -61,8 +80,10 @@ def load_resume_point(s: Session, model: torch.nn.Module, optimizer: torch.optim
 
 # ---------------------------------------------------------------- divergence guard
 
-def diverged(loss: float, gnorm: float, first: tuple[float, float] | None = None,
-             factor: float = math.inf) -> str | None:
+
+def diverged(
+    loss: float, gnorm: float, first: tuple[float, float] | None = None, factor: float = math.inf
+) -> str | None:
     """Why a step diverged, or None: a non-finite loss or gradient norm, or (given the first step's
     `first` = (|loss|, grad norm)) one above `factor` times its first value."""
     if not math.isfinite(loss) or not math.isfinite(gnorm):
@@ -112,13 +133,20 @@ def _keep(model: torch.nn.Module, good: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------- stop rule
 
+
 class StopRule:
     """Per target task, a primary-metric level on the forget pairs at which the task is *done*
     (`unlearn.stop_at`, `stop_drop` or `stop_band`); none of them set: never done. Thresholds come
     from the original model, before any step (a resumed run recomputes the same ones)."""
 
-    def __init__(self, s: Session, model: torch.nn.Module, forget_set: list[dict], original_val: dict | None,
-                 targets: tuple[str, ...]):
+    def __init__(
+        self,
+        s: Session,
+        model: torch.nn.Module,
+        forget_set: list[dict],
+        original_val: dict | None,
+        targets: tuple[str, ...],
+    ):
         self.s, self.forget_set, self.targets = s, forget_set, targets
         self.thresholds = self._thresholds(model, original_val)
         self.done: set[str] = set()
@@ -155,7 +183,14 @@ class StopRule:
 
     def _forget_metrics(self, model: torch.nn.Module, only: set[str] | None = None) -> dict:
         s, m = self.s, self.s.manifest
-        metrics, _ = run_split(model, instance_batches(self.forget_set, s.rank, s.world, 16, blank_sample(m)),
-                               m.tasks, m.num_classes, s.world, only=only, losses=False)
+        metrics, _ = run_split(
+            model,
+            instance_batches(self.forget_set, s.rank, s.world, 16, blank_sample(m)),
+            m.tasks,
+            m.num_classes,
+            s.world,
+            only=only,
+            losses=False,
+        )
         model.train()
         return metrics

@@ -5,6 +5,7 @@ of task t across all ranks, and the total is the sum over tasks. The sum of ever
 is then exactly the loss of the global batch, so 1-rank and N-rank runs optimise the same objective
 whatever the split (DDP averages gradients, so callers scale by the world size before backward).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,9 @@ def task_loss_sums(preds: dict, batch: dict, tasks: tuple[str, ...]) -> dict[str
     return {t: (TASKS[t].per_sample_loss(preds[t], batch[t]) * mask[:, j]).sum() for j, t in enumerate(tasks)}
 
 
-def normalised_losses(preds: dict, batch: dict, tasks: tuple[str, ...], counts: torch.Tensor) -> dict[str, torch.Tensor]:
+def normalised_losses(
+    preds: dict, batch: dict, tasks: tuple[str, ...], counts: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per task: this rank's share of the global-batch loss."""
     sums = task_loss_sums(preds, batch, tasks)
     return {t: sums[t] / counts[j].clamp(min=1).to(sums[t].dtype) for j, t in enumerate(tasks)}

@@ -1,6 +1,7 @@
 """A run folder belongs to one live run: rank 0 holds `<run>/.lock` for the run's life (released by the OS
 when the process ends, however it ends), so two runs into one folder cannot both write it, `--overwrite`
 or not. The verdict is rank 0's and every rank gets it, so no rank waits alone in a collective."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def _claim(run_dir: Path, may_exist: bool) -> bool:
     try:
         fd = try_lock(run_dir / LOCK)
     except Held as e:
-        raise UserError(f"{run_dir}: run folder is in use by another run ({e.holder}); wait for it to end or "
-                        "pass another --name") from None
+        raise UserError(
+            f"{run_dir}: run folder is in use by another run ({e.holder}); wait for it to end or pass another --name"
+        ) from None
     _HELD[str(run_dir.resolve())] = fd
     _PREVIOUS[str(run_dir.resolve())] = before
     _remove_torn_writes(run_dir)
@@ -111,6 +113,7 @@ def _from_rank0(acc, value):
     if acc.num_processes == 1:
         return value
     import torch.distributed as dist
+
     box = [value]
     dist.broadcast_object_list(box, src=0, device=acc.device)  # NCCL: through this rank's own GPU
     return box[0]

@@ -19,6 +19,7 @@ the first attempt (same batches, same result), then the resume point is loaded a
 restarts at its recorded position, so the run ends bit-identical to an uninterrupted one. Resume
 points, the divergence guard and the stop rule are in loop.py (the first two shared with train.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -66,8 +67,9 @@ def _endless(loader: BatchLoader, start: int = 0) -> Iterator[dict]:
         start, epoch = 0, epoch + 1
 
 
-def unlearn(s: Session, model: torch.nn.Module, original_val: dict | None,
-            resume: bool = False) -> tuple[torch.nn.Module, float, str]:
+def unlearn(
+    s: Session, model: torch.nn.Module, original_val: dict | None, resume: bool = False
+) -> tuple[torch.nn.Module, float, str]:
     u = s.cfg.unlearn
     method = build_method(u.method, u.options)
     model, stepper = _prepare(s, model, method)
@@ -91,8 +93,15 @@ def unlearn(s: Session, model: torch.nn.Module, original_val: dict | None,
     from tqdm import tqdm
 
     from mtu_dist.utils.logs import quiet
-    bar = tqdm(total=u.steps, initial=start, desc=f"unlearn {u.method}", disable=not s.is_main or quiet(),
-               leave=False, dynamic_ncols=True)
+
+    bar = tqdm(
+        total=u.steps,
+        initial=start,
+        desc=f"unlearn {u.method}",
+        disable=not s.is_main or quiet(),
+        leave=False,
+        dynamic_ncols=True,
+    )
     step = start
     for step in range(start + 1, u.steps + 1):
         streams.mask_tasks(stop.mask())  # a task already forgotten is not ascended further
@@ -104,8 +113,9 @@ def unlearn(s: Session, model: torch.nn.Module, original_val: dict | None,
         if u.check_sync:
             _check_in_sync(raw, s.world, step)
         guard.passed()
-        s.tracker.log_metrics({f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm)},
-                              step)
+        s.tracker.log_metrics(
+            {f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm)}, step
+        )
         bar.update(1)
         all_done = stop.update(raw)
         if u.checkpoint_every and step % u.checkpoint_every == 0:
@@ -125,11 +135,20 @@ def unlearn(s: Session, model: torch.nn.Module, original_val: dict | None,
 def _prepare(s: Session, model: torch.nn.Module, method: Method) -> tuple[torch.nn.Module, Stepper]:
     """The optimizer, and the model to run forward (wrapped for the gradient reduction, or not)."""
     u = s.cfg.unlearn
-    opt = (torch.optim.SGD(model.parameters(), lr=u.lr, momentum=u.momentum) if u.optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=u.lr))
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=u.lr, momentum=u.momentum)
+        if u.optimizer == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=u.lr)
+    )
     # a method that manages its gradients runs its own collectives: DDP's all-reduce must not run a second time
-    return prepare(s.acc, model, opt, wrap=not method.manages_gradients,
-                   micro_batch=max(1, u.retain_batch // s.world), clip=s.cfg.train.grad_clip)
+    return prepare(
+        s.acc,
+        model,
+        opt,
+        wrap=not method.manages_gradients,
+        micro_batch=max(1, u.retain_batch // s.world),
+        clip=s.cfg.train.grad_clip,
+    )
 
 
 def _setup(s: Session, method: Method, ctx: StepContext, streams: Streams) -> None:
@@ -148,8 +167,9 @@ def _undo_diverged(s: Session, guard: DivergenceGuard, stepper: Stepper, step: i
     return stopped
 
 
-def _wrap_up(s: Session, raw: torch.nn.Module, traj: Recorder | None, ledger: Ledger, t0: float, step: int,
-             stopped: str) -> float:
+def _wrap_up(
+    s: Session, raw: torch.nn.Module, traj: Recorder | None, ledger: Ledger, t0: float, step: int, stopped: str
+) -> float:
     """The run's last trajectory point, its cost (measuring is not unlearning), the ledger; the cost."""
     if traj is not None and traj.points[-1]["step"] != step:  # a diverged run: its restored parameters
         traj.record(raw, step)
@@ -174,14 +194,25 @@ class Streams:
         forgetting, forgotten = s.forget_entries, s.forgotten_entries
         self.blank = blank_sample(m)
         self.forget_set = load_instances(m, "train", list(forgetting), forget_mask(m, forgetting))
-        self.loader = (BatchLoader(m, "train", rank=s.rank, world=s.world,
-                                   local_batch=s.local_batch(s.cfg.unlearn.retain_batch, "unlearn.retain_batch"),
-                                   workers=s.cfg.data.workers, seed=s.cfg.seed,
-                                   mask_fn=retain_mask(m, forgotten, forgetting), pin_memory=pins_memory(s.acc.device))
-                       if method.uses_retain else None)
+        self.loader = (
+            BatchLoader(
+                m,
+                "train",
+                rank=s.rank,
+                world=s.world,
+                local_batch=s.local_batch(s.cfg.unlearn.retain_batch, "unlearn.retain_batch"),
+                workers=s.cfg.data.workers,
+                seed=s.cfg.seed,
+                mask_fn=retain_mask(m, forgotten, forgetting),
+                pin_memory=pins_memory(s.acc.device),
+            )
+            if method.uses_retain
+            else None
+        )
         self.recorded = {
             "forget": ledger.recording(self.batches("forget"), m.tasks, role="forget") if method.uses_forget else None,
-            "retain": ledger.recording(self.batches("retain"), m.tasks, role="retain") if self.loader else None}
+            "retain": ledger.recording(self.batches("retain"), m.tasks, role="retain") if self.loader else None,
+        }
         self.forget_in = _on_device(self.recorded["forget"], s.acc.device)
         self.retain_in = _on_device(self.recorded["retain"], s.acc.device)
 
@@ -190,13 +221,25 @@ class Streams:
         s, u = self.s, self.s.cfg.unlearn
         if role == "retain":
             return _endless(self.loader, drawn)
-        return islice(forget_batches(self.forget_set, global_batch=u.forget_batch, rank=s.rank, world=s.world,
-                                     seed=s.cfg.seed, blank=self.blank), drawn, None)
+        return islice(
+            forget_batches(
+                self.forget_set,
+                global_batch=u.forget_batch,
+                rank=s.rank,
+                world=s.world,
+                seed=s.cfg.seed,
+                blank=self.blank,
+            ),
+            drawn,
+            None,
+        )
 
     def next(self) -> tuple[dict | None, dict | None]:
         """This step's (forget, retain) batches on the model's device."""
-        return (next(self.forget_in) if self.forget_in is not None else None,
-                next(self.retain_in) if self.retain_in is not None else None)
+        return (
+            next(self.forget_in) if self.forget_in is not None else None,
+            next(self.retain_in) if self.retain_in is not None else None,
+        )
 
     def mask_tasks(self, mask: torch.Tensor) -> None:
         if self.recorded["forget"] is not None:
@@ -215,17 +258,30 @@ def _on_device(batches: Iterator[dict] | None, device: torch.device) -> Iterator
     return None if batches is None else (to_device(b, device) for b in batches)
 
 
-def _context(s: Session, forward: torch.nn.Module, stepper: Stepper, ledger: Ledger,
-             targets: tuple[str, ...]) -> StepContext:
+def _context(
+    s: Session, forward: torch.nn.Module, stepper: Stepper, ledger: Ledger, targets: tuple[str, ...]
+) -> StepContext:
     """What the method may use (step 0: setup; each step gets a copy with its number)."""
     m, u = s.manifest, s.cfg.unlearn
 
     def record(batch: dict, role: str) -> None:
         ledger.record(batch, m.tasks, role)
 
-    return StepContext(model=forward, tasks=m.tasks, world=s.world, alpha=u.alpha, step=0, rank=s.rank,
-                       targets=targets, config=u, seed=s.cfg.seed, num_classes=m.num_classes, record=record,
-                       backward=stepper.backward, reducing_backward=stepper.reduces_gradients)
+    return StepContext(
+        model=forward,
+        tasks=m.tasks,
+        world=s.world,
+        alpha=u.alpha,
+        step=0,
+        rank=s.rank,
+        targets=targets,
+        config=u,
+        seed=s.cfg.seed,
+        num_classes=m.num_classes,
+        record=record,
+        backward=stepper.backward,
+        reducing_backward=stepper.reduces_gradients,
+    )
 
 
 def _step(s: Session, method: Method, ctx: StepContext, streams: Streams, stepper: Stepper) -> tuple[dict, float]:
@@ -242,16 +298,38 @@ def target_tasks(entries: dict, tasks) -> tuple[str, ...]:
     return tuple(t for t in tasks if any(t in ts for ts in entries.values()))
 
 
-def _save(s: Session, raw: torch.nn.Module, stepper: Stepper, step: int, method: Method, ledger: Ledger,
-          streams: Streams, guard: DivergenceGuard, stop: StopRule) -> None:
-    state = {"drawn": streams.drawn(), "first": list(guard.first) if guard.first else None,
-             "done": sorted(stop.done), "method": method.resume_state()}
-    save_resume_point(s, raw, stepper.checkpoint_optimizer(), step=step, epoch=0, ledger=ledger,
-                      keep=s.cfg.unlearn.keep_checkpoints, unlearn=state)
+def _save(
+    s: Session,
+    raw: torch.nn.Module,
+    stepper: Stepper,
+    step: int,
+    method: Method,
+    ledger: Ledger,
+    streams: Streams,
+    guard: DivergenceGuard,
+    stop: StopRule,
+) -> None:
+    state = {
+        "drawn": streams.drawn(),
+        "first": list(guard.first) if guard.first else None,
+        "done": sorted(stop.done),
+        "method": method.resume_state(),
+    }
+    save_resume_point(
+        s,
+        raw,
+        stepper.checkpoint_optimizer(),
+        step=step,
+        epoch=0,
+        ledger=ledger,
+        keep=s.cfg.unlearn.keep_checkpoints,
+        unlearn=state,
+    )
 
 
-def _resume(s: Session, raw: torch.nn.Module, stepper: Stepper, method: Method, ledger: Ledger, streams: Streams,
-            stop: StopRule) -> tuple[int, tuple[float, float] | None]:
+def _resume(
+    s: Session, raw: torch.nn.Module, stepper: Stepper, method: Method, ledger: Ledger, streams: Streams, stop: StopRule
+) -> tuple[int, tuple[float, float] | None]:
     """Load the newest resume point into a run whose setup has just been redone on the original model:
     (the step it was written at, the divergence guard's reference); (0, None) when there is none."""
     meta = load_resume_point(s, raw, stepper.checkpoint_optimizer(), ledger)

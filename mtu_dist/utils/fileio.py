@@ -1,4 +1,5 @@
 """Atomic file output and hashing: a failed run never clobbers an earlier good result."""
+
 from __future__ import annotations
 
 import hashlib

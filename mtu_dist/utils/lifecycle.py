@@ -2,6 +2,7 @@
 system) and SIGHUP become an exception like Ctrl-C's KeyboardInterrupt, so `finally` blocks run, staging
 folders are removed and MLflow runs end KILLED instead of staying RUNNING; worker processes leave
 interrupts to their parent, which stops them and prints the one line."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ A lock file holds one line naming its holder (pid, host, start time, command), f
 of whoever finds it taken. Lock files are never deleted: deleting one that another process is about to
 lock would let two processes hold "the" lock on two different files.
 """
+
 from __future__ import annotations
 
 import fcntl

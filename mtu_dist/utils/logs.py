@@ -8,6 +8,7 @@ progress bars off. Warnings and errors are shown in every mode.
 The choice travels in the environment (MTU_QUIET, MTU_VERBOSE), so ranks a launcher starts and commands a
 sweep starts inherit it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,10 +38,12 @@ def progress_bar(iterable=None, *, total: int | None = None, desc: str, main: bo
     """A tqdm bar on stderr, as the training loop draws it; off on ranks other than 0 and under `-q`.
     `main` None: rank 0 of a launch (RANK), or a process no launcher started."""
     from tqdm import tqdm
+
     if main is None:
         main = os.environ.get("RANK", "0") == "0"
-    return tqdm(iterable, total=total, desc=desc, disable=not main or quiet(), leave=False, dynamic_ncols=True,
-                **kwargs)
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not main or quiet(), leave=False, dynamic_ncols=True, **kwargs
+    )
 
 
 def configure(*, quiet_flag: bool = False, verbose: int = 0) -> None:

@@ -4,6 +4,7 @@ audit found to OUT/rank<r>.json.
 
 usage: device_pass.py DATA_ROOT OUT CHECKPOINT REQUEST METHOD[,METHOD...] [--set section.field=value ...]
 """
+
 import json
 import os
 import sys
@@ -18,5 +19,6 @@ sets = sys.argv[7::2]
 audits = {m: unlearn_pass(root, out, ckpt, request, m, sets) for m in methods}
 audits["eval"] = eval_pass(root, out, ckpt, request)
 rank = int(os.environ.get("RANK", "0"))
-(out / f"rank{rank}.json").write_text(json.dumps({k: {"violations": a.violations, "collectives": dict(a.collectives)}
-                                                  for k, a in audits.items()}))
+(out / f"rank{rank}.json").write_text(
+    json.dumps({k: {"violations": a.violations, "collectives": dict(a.collectives)} for k, a in audits.items()})
+)

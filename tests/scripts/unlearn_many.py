@@ -7,6 +7,7 @@ calls). With one process a failing run is recorded (exit code and traceback) and
 with several ranks the first failure ends the process, so the launcher stops the other ranks
 instead of leaving them waiting in a collective.
 """
+
 import json
 import os
 import sys

@@ -15,10 +15,12 @@ Each cell is a subprocess started by the grid's launcher (see `launchers.py`) wi
 cell's coordinates (`mtu.sweep.*`), which is what `mtu compare` reads. A cell is *finished* when its
 `final/metrics.json` exists and its record matches the spec it would run now — the sha256 of the
 resolved config, world size, launcher, dataset manifest, forget request and, for unlearning, the
-models it starts from and is scored against — under the same parent run. Finished cells are skipped; a changed spec reruns the
+models it starts from and is scored against — under the same parent run. Finished cells are skipped; a
+changed spec reruns the
 cell (and, through the original model's sha256, the unlearning cells that start from it). A failed
 cell is reported and the sweep goes on; the sweep exits non-zero at the end, listing them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,17 +35,17 @@ import yaml
 
 from mtu_dist.config import load_config
 from mtu_dist.errors import UserError
-from mtu_dist.utils.fileio import atomic_write_json, ensure_writable_dir, sha256_file
-from mtu_dist.utils.lifecycle import run_child
 from mtu_dist.reporting.tracking import Tracker, check_reachable, flatten, mlflow_client, resolve_uri
 from mtu_dist.studies.sweep import launchers
 from mtu_dist.studies.sweep.grid import Cell, Grid, load_grid, original_world_size, plan
+from mtu_dist.utils.fileio import atomic_write_json, ensure_writable_dir, sha256_file
+from mtu_dist.utils.lifecycle import run_child
 
 
 @dataclass
 class Sweep:
     grid: Grid
-    base: Path          # the grid file's folder: relative paths in the grid resolve against it
+    base: Path  # the grid file's folder: relative paths in the grid resolve against it
     folder: Path
     uri: str
     launcher: str
@@ -63,8 +65,11 @@ class Sweep:
         return self.folder / "runs" / dataset / cell.name
 
     def sets(self, cell: Cell) -> list[str]:
-        extra = [f"data.root={self.data_root(cell.train_size)}", f"data.dataset={self.grid.dataset}",
-                 f"out={self.folder / 'runs'}"]
+        extra = [
+            f"data.root={self.data_root(cell.train_size)}",
+            f"data.dataset={self.grid.dataset}",
+            f"out={self.folder / 'runs'}",
+        ]
         return [*self.grid.set, *extra, *([f"unlearn.method={cell.method}"] if cell.kind == "unlearn" else [])]
 
 
@@ -72,9 +77,16 @@ def run_sweep(grid_path: str, *, out: str | None, tracking_uri: str | None, dry_
     grid, base = load_grid(grid_path)
     cfg = load_config([str((base / f).resolve()) for f in grid.config], grid.set)  # bad base config: fail now
     if not cfg.tracking.enabled:
-        raise UserError(f"{grid_path}: tracking.enabled is false, but a sweep's cells are recorded and compared through MLflow")
-    sw = Sweep(grid, base, Path(out or Path("sweeps") / grid.name).resolve(),
-               resolve_uri(tracking_uri or grid.tracking_uri or cfg.tracking.uri), grid.launcher)
+        raise UserError(
+            f"{grid_path}: tracking.enabled is false, but a sweep's cells are recorded and compared through MLflow"
+        )
+    sw = Sweep(
+        grid,
+        base,
+        Path(out or Path("sweeps") / grid.name).resolve(),
+        resolve_uri(tracking_uri or grid.tracking_uri or cfg.tracking.uri),
+        grid.launcher,
+    )
     launchers.accelerate_config(grid.launcher, base)  # unknown launcher: fail before any work
     cells = plan(grid)
     if dry_run:
@@ -100,32 +112,57 @@ def run_sweep(grid_path: str, *, out: str | None, tracking_uri: str | None, dry_
         client.set_terminated(parent, status)
     print(f"compare: mtu compare --sweep {sw.folder}")
     if failed:
-        raise UserError(f"sweep {grid.name}: {len(failed)} of {len(cells)} cells failed (logs in {sw.folder / 'logs'}): "
-                        + "; ".join(failed))
+        raise UserError(
+            f"sweep {grid.name}: {len(failed)} of {len(cells)} cells failed (logs in {sw.folder / 'logs'}): "
+            + "; ".join(failed)
+        )
 
 
 def _ensure_data(sw: Sweep, n: int):
     """The dataset of train size n: a given root (checked) or synthetic shards made once per spec."""
     from mtu_dist.data.manifest import load_manifest
+
     root = sw.data_root(n)
     if n in sw.grid.data_roots:
         m = load_manifest(sw.grid.dataset, root)
         if m.split("train").num_samples != n:
-            raise UserError(f"field 'data_roots.{n}': {root} holds {m.split('train').num_samples} train samples, not {n}")
+            raise UserError(
+                f"field 'data_roots.{n}': {root} holds {m.split('train').num_samples} train samples, not {n}"
+            )
         return m
     from mtu_dist.data.synth import SPECS
+
     if sw.grid.dataset not in SPECS:
-        raise UserError(f"field 'data_roots': {sw.grid.dataset!r} is not a synthetic dataset ({', '.join(sorted(SPECS))}), "
-                        f"so train size {n} needs an existing dataset root under data_roots")
+        raise UserError(
+            f"field 'data_roots': {sw.grid.dataset!r} is not a synthetic dataset ({', '.join(sorted(SPECS))}), "
+            f"so train size {n} needs an existing dataset root under data_roots"
+        )
     spec = {"dataset": sw.grid.dataset, "train": n, **sw.grid.synth.model_dump()}
     spec_file = root / "synth.json"
-    if (root / sw.grid.dataset / "manifest.json").is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+    if (
+        (root / sw.grid.dataset / "manifest.json").is_file()
+        and spec_file.is_file()
+        and json.loads(spec_file.read_text()) == spec
+    ):
         return load_manifest(sw.grid.dataset, root)
     from mtu_dist.data.synth_cmd import synth
+
     s = sw.grid.synth
     print(f"data: synthesizing {sw.grid.dataset} with {n} train samples into {root}")
-    synth([sw.grid.dataset], root, train=n, val=s.val, test=0, height=s.height, width=s.width, seed=s.seed,
-          shard_size=s.shard_size, workers=s.workers or os.cpu_count() or 1, overwrite=True, progress=lambda *_: None)
+    synth(
+        [sw.grid.dataset],
+        root,
+        train=n,
+        val=s.val,
+        test=0,
+        height=s.height,
+        width=s.width,
+        seed=s.seed,
+        shard_size=s.shard_size,
+        workers=s.workers or os.cpu_count() or 1,
+        overwrite=True,
+        progress=lambda *_: None,
+    )
     atomic_write_json(spec_file, spec)
     return load_manifest(sw.grid.dataset, root)
 
@@ -133,6 +170,7 @@ def _ensure_data(sw: Sweep, n: int):
 def _ensure_request(sw: Sweep, manifest, n: int, fraction: float) -> None:
     """`mtu forget make` for (n, fraction); kept as is when the file already holds exactly that draw."""
     from mtu_dist.compliance.request import load_request, make_request, write_request
+
     g, path = sw.grid, sw.request(n, fraction)
     raw = make_request(manifest, fraction=fraction, setting=g.setting, tasks=g.tasks, seed=g.request_seed)
     if not (path.is_file() and yaml.safe_load(path.read_text()) == raw):
@@ -143,6 +181,7 @@ def _ensure_request(sw: Sweep, manifest, n: int, fraction: float) -> None:
 def _parent_run(sw: Sweep, grid_path: str, experiment: str):
     """The sweep's parent run: the one recorded in sweep.json if it is still in this store, else a new one."""
     from mlflow.exceptions import MlflowException
+
     record_path = sw.folder / "sweep.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     client = mlflow_client(sw.uri)
@@ -155,18 +194,35 @@ def _parent_run(sw: Sweep, grid_path: str, experiment: str):
                 return client, run.info.run_id
         except MlflowException:
             pass
-        print(f"note: parent run {record['parent_run_id']} is gone from {sw.uri}; starting a new one (every cell reruns)")
-    parent = Tracker(enabled=True, uri=sw.uri, experiment=experiment, run_name=sw.grid.name,
-                     tags={"mtu.command": "sweep", "mtu.sweep.folder": str(sw.folder)})
+        print(
+            f"note: parent run {record['parent_run_id']} is gone from {sw.uri}; starting a new one (every cell reruns)"
+        )
+    parent = Tracker(
+        enabled=True,
+        uri=sw.uri,
+        experiment=experiment,
+        run_name=sw.grid.name,
+        tags={"mtu.command": "sweep", "mtu.sweep.folder": str(sw.folder)},
+    )
     parent.log_params({f"sweep.{k}": v for k, v in flatten(sw.grid.model_dump(mode="json")).items()})
     _log_grid(client, parent.run_id, grid_path)
-    atomic_write_json(record_path, {"parent_run_id": parent.run_id, "tracking_uri": sw.uri,
-                                    "experiment": experiment, "name": sw.grid.name})
+    atomic_write_json(
+        record_path,
+        {"parent_run_id": parent.run_id, "tracking_uri": sw.uri, "experiment": experiment, "name": sw.grid.name},
+    )
     return client, parent.run_id
 
 
-SUMMARY = ("uis", "mia_auc", "gap_retrain", "cost_ratio", "time/unlearn_s", "time/train_s", "time/step_s",
-           "throughput/samples_per_s")  # the cell metrics the parent summarises per method
+SUMMARY = (
+    "uis",
+    "mia_auc",
+    "gap_retrain",
+    "cost_ratio",
+    "time/unlearn_s",
+    "time/train_s",
+    "time/step_s",
+    "throughput/samples_per_s",
+)  # the cell metrics the parent summarises per method
 
 
 def summary_metrics(runs) -> dict[str, float]:
@@ -188,10 +244,17 @@ def summary_metrics(runs) -> dict[str, float]:
 
 def _log_summary(client, uri: str, parent: str) -> None:
     """The latest run of each cell, summarised on the parent (a cell rerun after a spec change counts once)."""
-    runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
-                              order_by=["attributes.start_time ASC"], max_results=50000)
-    latest = {r.data.tags["mtu.sweep.cell"]: r for r in runs
-              if r.info.status == "FINISHED" and "mtu.sweep.cell" in r.data.tags}
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )
+    latest = {
+        r.data.tags["mtu.sweep.cell"]: r
+        for r in runs
+        if r.info.status == "FINISHED" and "mtu.sweep.cell" in r.data.tags
+    }
     tracker = Tracker(enabled=True, uri=uri, experiment="", run_name="", run_id=parent)
     tracker.log_scores(summary_metrics(latest.values()))
     tracker.flush()
@@ -208,7 +271,9 @@ def _origin(sw: Sweep, cell: Cell, dataset: str) -> Path:
 
 
 def _retrain(sw: Sweep, cell: Cell, dataset: str) -> Path:
-    return sw.run_dir(Cell("retrain", original_world_size(sw.grid), cell.train_size, cell.forget_fraction, "retrain"), dataset)
+    return sw.run_dir(
+        Cell("retrain", original_world_size(sw.grid), cell.train_size, cell.forget_fraction, "retrain"), dataset
+    )
 
 
 def _needs(sw: Sweep, cell: Cell, dataset: str) -> list[Path]:
@@ -227,9 +292,13 @@ def _spec(sw: Sweep, cell: Cell, manifest) -> dict:
     cfg = load_config([str((sw.base / f).resolve()) for f in sw.grid.config], sw.sets(cell)).model_dump(mode="json")
     # where results are logged does not change them; a training run does not read the unlearn section
     drop = {"tracking"} | ({"unlearn"} if cell.kind != "unlearn" else set())
-    spec = {"kind": cell.kind, "config": {k: v for k, v in cfg.items() if k not in drop},
-            "world_size": cell.world_size, "launcher": sw.launcher,
-            "manifest_sha256": sha256_file(manifest.root / "manifest.json")}
+    spec = {
+        "kind": cell.kind,
+        "config": {k: v for k, v in cfg.items() if k not in drop},
+        "world_size": cell.world_size,
+        "launcher": sw.launcher,
+        "manifest_sha256": sha256_file(manifest.root / "manifest.json"),
+    }
     if cell.kind != "train":
         spec["request_sha256"] = sha256_file(sw.request(cell.train_size, cell.forget_fraction))
     spec["needs_model_sha256"] = [_model_sha(d) for d in _needs(sw, cell, manifest.dataset)]
@@ -238,8 +307,14 @@ def _spec(sw: Sweep, cell: Cell, manifest) -> dict:
 
 def _args(sw: Sweep, cell: Cell, dataset: str, resume: bool) -> list[str]:
     """The cell's `mtu` arguments. Only an interrupted (re)training resumes; anything else starts over."""
-    common = [*sw.config_args(), *[a for s in sw.sets(cell) for a in ("--set", s)], "--tracking-uri", sw.uri,
-              "--name", cell.name]
+    common = [
+        *sw.config_args(),
+        *[a for s in sw.sets(cell) for a in ("--set", s)],
+        "--tracking-uri",
+        sw.uri,
+        "--name",
+        cell.name,
+    ]
     if cell.kind == "train":
         return ["train", *common, "--resume" if resume else "--overwrite"]
     request = ["--request", str(sw.request(cell.train_size, cell.forget_fraction))]
@@ -269,8 +344,9 @@ def _run_or_skip(sw: Sweep, cell: Cell, manifest, client, parent: str, tag: str)
         print(f"{tag} {cell.name}: spec changed since it finished; running it again")
     resume = same and record.get("status") in ("running", "failed")
     argv, env = launchers.command(sw.launcher, sw.base, cell.world_size, _args(sw, cell, dataset, resume))
-    atomic_write_json(record_path, {"status": "running", "spec_sha256": sha, "parent_run_id": parent,
-                                    "command": argv, "spec": spec})
+    atomic_write_json(
+        record_path, {"status": "running", "spec_sha256": sha, "parent_run_id": parent, "command": argv, "spec": spec}
+    )
     print(f"{tag} {cell.name}: running on {cell.world_size} rank(s) ...", flush=True)
     t0 = time.perf_counter()
     log = sw.folder / "logs" / f"{cell.name}.log"
@@ -286,8 +362,9 @@ def _run_or_skip(sw: Sweep, cell: Cell, manifest, client, parent: str, tag: str)
     run_id = json.loads(final.read_text())["run"]["mlflow_run_id"]
     for k, v in {**cell.tags, "mtu.sweep.spec_sha256": sha}.items():
         client.set_tag(run_id, k, v)
-    atomic_write_json(record_path, {**json.loads(record_path.read_text()), "status": "done", "mlflow_run_id": run_id,
-                                    "wall_s": wall})
+    atomic_write_json(
+        record_path, {**json.loads(record_path.read_text()), "status": "done", "mlflow_run_id": run_id, "wall_s": wall}
+    )
     print(f"{tag} {cell.name}: done in {wall:.1f} s (run {run_id[:8]})")
     return None
 
@@ -302,5 +379,7 @@ def _print_plan(sw: Sweep, cells: list[Cell]) -> None:
     for cell in cells:
         record = sw.folder / "cells" / f"{cell.name}.json"
         status = json.loads(record.read_text()).get("status", "?") if record.is_file() else "pending"
-        argv, env = launchers.command(sw.launcher, sw.base, cell.world_size, _args(sw, cell, sw.grid.dataset, resume=False))
+        argv, env = launchers.command(
+            sw.launcher, sw.base, cell.world_size, _args(sw, cell, sw.grid.dataset, resume=False)
+        )
         print(f"{cell.name} [{status}]: {' '.join([*(f'{k}={v}' for k, v in env.items()), *argv])}")

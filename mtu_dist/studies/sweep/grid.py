@@ -4,7 +4,7 @@
     config: [default.yaml]              # base run config files, relative to this grid file
     set: [unlearn.steps=40]             # --set overrides applied to every cell
     dataset: synth-indoor
-    launcher: cpu                       # cpu | gpu | deepspeed_zero1 | deepspeed_zero2 | torchrun | path/to/accelerate.yaml
+    launcher: cpu                       # cpu | gpu | deepspeed_zero1 | deepspeed_zero2 | torchrun | <accelerate>.yaml
     axes:
       world_size: [1, 2, 4]
       train_size: [384, 1536]           # data size: one synthetic dataset per size (see `synth`), or `data_roots`
@@ -19,6 +19,7 @@ the train cells that provide originals. `retrain: true` adds a *retrain* cell (t
 (train size, forget fraction) at `original_world_size`, and every unlearning cell is scored against it
 (`mtu unlearn --retrain`: gap to retrain, cost ratio).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,12 +45,13 @@ class Axes(_Strict):
 
 class SynthSpec(_Strict):
     """How the synthetic dataset of each train size is generated (`mtu data synth` flags)."""
+
     val: int = Field(128, ge=1)
     height: int = Field(48, ge=8)
     width: int = Field(64, ge=8)
     shard_size: int | None = Field(None, ge=1)  # None: the default layout (reader slots up to 8 ranks x 2 workers fit)
     seed: int = 0
-    workers: int = Field(0, ge=0)       # writer processes; 0 = every core
+    workers: int = Field(0, ge=0)  # writer processes; 0 = every core
 
 
 class Grid(_Strict):
@@ -57,14 +59,14 @@ class Grid(_Strict):
     config: list[str] = []
     set: list[str] = []
     dataset: str = "synth-indoor"
-    data_roots: dict[int, str] = {}     # train size -> existing root holding `dataset`; other sizes are synthesized
+    data_roots: dict[int, str] = {}  # train size -> existing root holding `dataset`; other sizes are synthesized
     synth: SynthSpec = SynthSpec()
     setting: Literal["full", "partial"] = "full"
-    tasks: list[str] | None = None      # target tasks of a partial request
+    tasks: list[str] | None = None  # target tasks of a partial request
     request_seed: int = 0
     launcher: str = "cpu"
-    throughput: bool = True             # a train cell at every world size, not only the originals'
-    retrain: bool = False               # a retrain cell per (train size, forget fraction); unlearn cells score against it
+    throughput: bool = True  # a train cell at every world size, not only the originals'
+    retrain: bool = False  # a retrain cell per (train size, forget fraction); unlearn cells score against it
     original_world_size: int | None = None
     tracking_uri: str | None = None
     axes: Axes
@@ -87,9 +89,18 @@ class Cell:
     @property
     def tags(self) -> dict[str, str]:
         """What `mtu compare` groups by; set on the cell's MLflow run."""
-        return {f"mtu.sweep.{k}": str(v) for k, v in (("kind", self.kind), ("cell", self.name),
-                ("world_size", self.world_size), ("train_size", self.train_size),
-                ("forget_fraction", self.forget_fraction), ("method", self.method)) if v is not None}
+        return {
+            f"mtu.sweep.{k}": str(v)
+            for k, v in (
+                ("kind", self.kind),
+                ("cell", self.name),
+                ("world_size", self.world_size),
+                ("train_size", self.train_size),
+                ("forget_fraction", self.forget_fraction),
+                ("method", self.method),
+            )
+            if v is not None
+        }
 
 
 def load_grid(path: str | Path) -> tuple[Grid, Path]:
@@ -117,21 +128,33 @@ def load_grid(path: str | Path) -> tuple[Grid, Path]:
 
 def _check_axes(grid: Grid, path: Path) -> None:
     from mtu_dist.methods import METHODS
+
     a = grid.axes
-    rules = [("axes.world_size", [w for w in a.world_size if w < 1], "positive integers"),
-             ("axes.train_size", [n for n in a.train_size if n < 1], "positive integers"),
-             ("axes.forget_fraction", [f for f in a.forget_fraction if not 0 < f < 1], "fractions in (0, 1)"),
-             ("axes.method", [m for m in a.method if m not in METHODS], f"registered methods ({', '.join(sorted(METHODS))})")]
+    rules = [
+        ("axes.world_size", [w for w in a.world_size if w < 1], "positive integers"),
+        ("axes.train_size", [n for n in a.train_size if n < 1], "positive integers"),
+        ("axes.forget_fraction", [f for f in a.forget_fraction if not 0 < f < 1], "fractions in (0, 1)"),
+        (
+            "axes.method",
+            [m for m in a.method if m not in METHODS],
+            f"registered methods ({', '.join(sorted(METHODS))})",
+        ),
+    ]
     for field, bad, expected in rules:
         if bad:
             raise UserError(f"{path}: field '{field}': {bad} not allowed, expected {expected}")
-    for field, values in (("axes.world_size", a.world_size), ("axes.train_size", a.train_size),
-                          ("axes.forget_fraction", a.forget_fraction), ("axes.method", a.method)):
+    for field, values in (
+        ("axes.world_size", a.world_size),
+        ("axes.train_size", a.train_size),
+        ("axes.forget_fraction", a.forget_fraction),
+        ("axes.method", a.method),
+    ):
         if len(set(values)) != len(values):
             raise UserError(f"{path}: field '{field}': duplicate values in {values}")
     if grid.original_world_size is not None and grid.original_world_size not in a.world_size:
-        raise UserError(f"{path}: field 'original_world_size': {grid.original_world_size} is not in "
-                        f"axes.world_size {a.world_size}")
+        raise UserError(
+            f"{path}: field 'original_world_size': {grid.original_world_size} is not in axes.world_size {a.world_size}"
+        )
     if grid.setting == "partial" and not grid.tasks:
         raise UserError(f"{path}: field 'tasks': a partial-task sweep needs its target tasks (e.g. [seg])")
 
@@ -148,6 +171,11 @@ def plan(grid: Grid) -> list[Cell]:
     cells = [Cell("train", w, n) for n in a.train_size for w in train_ws]
     if grid.retrain:
         cells += [Cell("retrain", w0, n, f, "retrain") for n in a.train_size for f in a.forget_fraction]
-    cells += [Cell("unlearn", w, n, f, m) for n in a.train_size for f in a.forget_fraction
-              for m in a.method for w in a.world_size]
+    cells += [
+        Cell("unlearn", w, n, f, m)
+        for n in a.train_size
+        for f in a.forget_fraction
+        for m in a.method
+        for w in a.world_size
+    ]
     return cells

@@ -6,6 +6,7 @@ as the path of an accelerate config file. One rank runs `python -m mtu_dist.cli`
 is set up by the launcher even for one rank. `--main_process_port 0` lets Accelerate pick a free
 port, so cells never collide on a port.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,12 @@ import yaml
 from mtu_dist.errors import UserError
 
 LAUNCH_DIR = Path(__file__).resolve().parents[3] / "launch" / "accelerate"
-NAMED = {"cpu": "cpu_2proc.yaml", "gpu": "gpu_1node.yaml",
-         "deepspeed_zero1": "deepspeed_zero1.yaml", "deepspeed_zero2": "deepspeed_zero2.yaml"}
+NAMED = {
+    "cpu": "cpu_2proc.yaml",
+    "gpu": "gpu_1node.yaml",
+    "deepspeed_zero1": "deepspeed_zero1.yaml",
+    "deepspeed_zero2": "deepspeed_zero2.yaml",
+}
 CLI = ["-m", "mtu_dist.cli"]
 
 
@@ -27,8 +32,10 @@ def accelerate_config(launcher: str, base: Path) -> Path | None:
         return None
     path = LAUNCH_DIR / NAMED[launcher] if launcher in NAMED else (base / launcher).resolve()
     if not path.is_file():
-        raise UserError(f"field 'launcher': {launcher!r} is neither one of {sorted([*NAMED, 'torchrun'])} "
-                        f"nor an accelerate config file ({path} not found)")
+        raise UserError(
+            f"field 'launcher': {launcher!r} is neither one of {sorted([*NAMED, 'torchrun'])} "
+            f"nor an accelerate config file ({path} not found)"
+        )
     return path
 
 
@@ -45,5 +52,18 @@ def command(launcher: str, base: Path, world: int, args: list[str]) -> tuple[lis
         return [py, *CLI, *args], {"ACCELERATE_USE_CPU": "true"} if launcher == "cpu" else {}
     if config is None:
         return [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *CLI, *args], {}
-    return [py, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_machines", "1",
-            "--num_processes", str(world), "--main_process_port", "0", *CLI, *args], {}
+    return [
+        py,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(world),
+        "--main_process_port",
+        "0",
+        *CLI,
+        *args,
+    ], {}
