@@ -24,6 +24,7 @@ Resumable: the folder (`--out`, default bench/results/paper_table) keeps the par
 (`cells/<name>.json`) holds the sha256 of the spec it would run now, under the same parent, is
 skipped. Only in-process calls of the `mtu` commands: no per-run interpreter start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,8 @@ from mtu_dist.utils.fileio import atomic_write_json, sha256_file  # noqa: E402
 
 DATASETS = ("synth-indoor", "synth-street")
 SETTINGS = {"full": None, "partial": ["seg"]}
-DEV_SEED = 1000           # the dev request's seed: not an evaluation seed
-TRAIN_SEED = 0            # the original's (and every retrain's) training seed
+DEV_SEED = 1000  # the dev request's seed: not an evaluation seed
+TRAIN_SEED = 0  # the original's (and every retrain's) training seed
 EXPERIMENT = "paper_table"
 SUMMARY = ("uis", "mia_auc", "gap_retrain", "paper/cost_s")  # a row's scores the parent averages over seeds
 
@@ -54,19 +55,50 @@ SUMMARY = ("uis", "mia_auc", "gap_retrain", "paper/cost_s")  # a row's scores th
 # per-run costs (bench/README.md, "Paper table"): requests of 100 scenes (25% of 400), 200 val scenes
 # for the attack and the val terms, 5 evaluation seeds.
 SIZES = {
-    "default": {"train": 400, "val": 200, "height": 24, "width": 32, "shard_size": 50,
-                "config": {"model": {"width": 16, "head_width": 16}, "train": {"global_batch": 16},
-                           "unlearn": {"forget_batch": 16, "retain_batch": 32},
-                           "eval": {"batch": 50, "retain_sample": 200}},
-                "epochs": {"synth-indoor": 120, "synth-street": 200},
-                "fraction": 0.25, "seeds": [0, 1, 2, 3, 4], "trials": None, "steps": None, "datasets": list(DATASETS),
-                "curve_seeds": 2, "trajectory_every": 5, "trajectory_sample": 48},
-    "quick": {"train": 32, "val": 16, "height": 16, "width": 24, "shard_size": 8,
-              "config": {"model": {"width": 8, "head_width": 8}, "train": {"epochs": 2, "global_batch": 8},
-                         "unlearn": {"forget_batch": 4, "retain_batch": 8},
-                         "eval": {"batch": 8, "retain_sample": 8}},
-              "epochs": {}, "fraction": 0.1, "seeds": [0], "trials": 2, "steps": 3, "datasets": ["synth-indoor"],
-              "curve_seeds": 1, "trajectory_every": 1, "trajectory_sample": 8},
+    "default": {
+        "train": 400,
+        "val": 200,
+        "height": 24,
+        "width": 32,
+        "shard_size": 50,
+        "config": {
+            "model": {"width": 16, "head_width": 16},
+            "train": {"global_batch": 16},
+            "unlearn": {"forget_batch": 16, "retain_batch": 32},
+            "eval": {"batch": 50, "retain_sample": 200},
+        },
+        "epochs": {"synth-indoor": 120, "synth-street": 200},
+        "fraction": 0.25,
+        "seeds": [0, 1, 2, 3, 4],
+        "trials": None,
+        "steps": None,
+        "datasets": list(DATASETS),
+        "curve_seeds": 2,
+        "trajectory_every": 5,
+        "trajectory_sample": 48,
+    },
+    "quick": {
+        "train": 32,
+        "val": 16,
+        "height": 16,
+        "width": 24,
+        "shard_size": 8,
+        "config": {
+            "model": {"width": 8, "head_width": 8},
+            "train": {"epochs": 2, "global_batch": 8},
+            "unlearn": {"forget_batch": 4, "retain_batch": 8},
+            "eval": {"batch": 8, "retain_sample": 8},
+        },
+        "epochs": {},
+        "fraction": 0.1,
+        "seeds": [0],
+        "trials": 2,
+        "steps": 3,
+        "datasets": ["synth-indoor"],
+        "curve_seeds": 1,
+        "trajectory_every": 1,
+        "trajectory_sample": 8,
+    },
 }
 
 
@@ -86,8 +118,13 @@ class Bench:
         if dataset in self.size["epochs"]:
             conf["train"]["epochs"] = self.size["epochs"][dataset]
         # workers 0: the loader runs in the main process (no worker start per run; the data is small)
-        conf.update({"data": {"dataset": dataset, "root": str(self.out / "data"), "workers": 0}, "out": str(self.out / "runs"),
-                     "tracking": {"experiment": EXPERIMENT}})
+        conf.update(
+            {
+                "data": {"dataset": dataset, "root": str(self.out / "data"), "workers": 0},
+                "out": str(self.out / "runs"),
+                "tracking": {"experiment": EXPERIMENT},
+            }
+        )
         conf["unlearn"]["checkpoint_every"] = 0  # no resume points: a run is short, a killed one is redone
         return conf
 
@@ -99,7 +136,11 @@ class Bench:
         sha = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
         path = self.out / "cells" / f"{name}.json"
         rec = json.loads(path.read_text()) if path.is_file() else {}
-        ok = rec.get("spec_sha256") == sha and rec.get("parent_run_id") == self.parent and (final / "metrics.json").is_file()
+        ok = (
+            rec.get("spec_sha256") == sha
+            and rec.get("parent_run_id") == self.parent
+            and (final / "metrics.json").is_file()
+        )
         self.counts["skipped" if ok else "ran"] += 1
         if ok:
             print(f"  {name}: skipped (finished)")
@@ -107,6 +148,7 @@ class Bench:
 
     def record(self, name: str, sha: str, run_id: str | None, tags: dict, cost_s: float | None) -> None:
         from mtu_dist.reporting.tracking import Tracker
+
         if run_id:
             t = Tracker(enabled=True, uri=self.uri, experiment="", run_name="", run_id=run_id)
             t.set_name(name)  # unique in the experiment: run folders repeat across benchmarks (`original`)
@@ -114,19 +156,26 @@ class Bench:
             if cost_s is not None:
                 t.log_scores({"paper/cost_s": cost_s})
             t.flush()
-        atomic_write_json(self.out / "cells" / f"{name}.json",
-                          {"spec_sha256": sha, "parent_run_id": self.parent, "mlflow_run_id": run_id, "tags": tags})
+        atomic_write_json(
+            self.out / "cells" / f"{name}.json",
+            {"spec_sha256": sha, "parent_run_id": self.parent, "mlflow_run_id": run_id, "tags": tags},
+        )
 
     def log_summary(self) -> None:
         """Per (benchmark, setting, method) the mean over seeds of each row's scores, on the parent as
         `mean/<benchmark>/<setting>/<method>/<score>` (its own charts in MLflow; `mtu report` makes the table)."""
         from mtu_dist.reporting.tracking import Tracker
+
         groups: dict[str, dict[str, list[float]]] = {}
         for path in sorted((self.out / "cells").glob("*.json")):
             rec = json.loads(path.read_text())
             tags = rec["tags"]
-            if rec["parent_run_id"] != self.parent or not rec["mlflow_run_id"] or tags.get("role") == "curve" \
-                    or "setting" not in tags:
+            if (
+                rec["parent_run_id"] != self.parent
+                or not rec["mlflow_run_id"]
+                or tags.get("role") == "curve"
+                or "setting" not in tags
+            ):
                 continue  # the originals' training runs and the equal-forgetting runs are no table rows
             metrics = self.client.get_run(rec["mlflow_run_id"]).data.metrics
             group = groups.setdefault(f"mean/{tags['benchmark']}/{tags['setting']}/{tags['method']}", {})
@@ -164,11 +213,15 @@ class Bench:
         if failed:
             raise UserError(f"{len(failed)} unit(s) failed (logs in {self.out / 'logs'}): {', '.join(failed)}")
         from mtu_dist.reporting.report import report_command
-        report_command(parent=self.parent, experiment=None, bench=None, tracking_uri=self.uri, out=str(self.out / "report"))
+
+        report_command(
+            parent=self.parent, experiment=None, bench=None, tracking_uri=self.uri, out=str(self.out / "report")
+        )
 
     def units(self, units: list[str], walls: dict) -> list[str]:
         """Run units (`DATASET:original` or `DATASET:SETTING`), `--jobs` at a time; the failed ones."""
         from concurrent.futures import ThreadPoolExecutor
+
         if self.a.jobs <= 1:
             for u in units:
                 t = time.perf_counter()
@@ -183,6 +236,7 @@ class Bench:
     def spawn(self, unit: str) -> tuple[int, float]:
         """One unit in a worker process (this script with --unit), its output in logs/<unit>.log."""
         import subprocess
+
         argv = [sys.executable, str(Path(__file__).resolve()), *self.argv, "--unit", unit, "--jobs", "1"]
         log = self.out / "logs" / f"{unit.replace(':', '-')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -192,12 +246,16 @@ class Bench:
             rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - t
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        print(f"{unit}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.0f} s: {lines[-1][-200:] if lines else ''}",
-              flush=True)
+        print(
+            f"{unit}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.0f} s: "
+            f"{lines[-1][-200:] if lines else ''}",
+            flush=True,
+        )
         return rc, wall
 
     def unit(self, unit: str) -> None:
         from mtu_dist.methods import METHODS
+
         ds, _, what = unit.partition(":")
         manifest = self.data(ds)
         os.environ["MTU_PARENT_RUN_ID"] = self.parent
@@ -220,6 +278,7 @@ class Bench:
     def attach(self) -> None:
         """Worker mode: the parent run the main process opened (paper_table.json)."""
         from mlflow import MlflowClient
+
         rec = json.loads((self.out / "paper_table.json").read_text())
         self.parent, self.uri = rec["parent_run_id"], rec["tracking_uri"]
         self.client = MlflowClient(self.uri)
@@ -242,7 +301,9 @@ class Bench:
         """The parent run recorded in paper_table.json if it is still in this store, else a new one."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
+
         from mtu_dist.reporting.tracking import Tracker, check_reachable
+
         self.out.mkdir(parents=True, exist_ok=True)
         check_reachable(self.uri)
         path = self.out / "paper_table.json"
@@ -257,19 +318,27 @@ class Bench:
                     return
             except MlflowException:
                 pass
-        t = Tracker(enabled=True, uri=self.uri, experiment=EXPERIMENT, run_name=self.out.name,
-                    tags={"mtu.command": "paper_table", "mtu.paper.size": "quick" if self.a.quick else "default"})
+        t = Tracker(
+            enabled=True,
+            uri=self.uri,
+            experiment=EXPERIMENT,
+            run_name=self.out.name,
+            tags={"mtu.command": "paper_table", "mtu.paper.size": "quick" if self.a.quick else "default"},
+        )
         t.log_params({"size": json.dumps(self.size), "datasets": " ".join(self.datasets)})
         self.parent = t.run_id
         atomic_write_json(path, {"parent_run_id": self.parent, "tracking_uri": self.uri, "experiment": EXPERIMENT})
 
     def data(self, dataset: str):
         from mtu_dist.data.synth_cmd import synth_once
-        return synth_once(self.out / "data", dataset, {k: self.size[k] for k in ("train", "val", "height", "width",
-                                                                                 "shard_size")})
+
+        return synth_once(
+            self.out / "data", dataset, {k: self.size[k] for k in ("train", "val", "height", "width", "shard_size")}
+        )
 
     def original(self, dataset: str, manifest) -> Path:
         from mtu_dist.runner.commands import train_command
+
         folder = self.out / "runs" / dataset / "original"
         cfg = self.cfg(dataset, [f"seed={TRAIN_SEED}"])
         spec = {"config": _spec_config(cfg, training=True), "manifest": sha256_file(manifest.root / "manifest.json")}
@@ -277,30 +346,44 @@ class Bench:
         if not ok:
             print(f"{dataset}: training the original")
             rep = train_command(cfg, name="original", resume=False, overwrite=True, tracking_uri=self.uri)
-            self.record(f"{dataset}-original", sha, rep["run"]["mlflow_run_id"],
-                        {"role": "train", "benchmark": dataset}, rep["time_s"])
+            self.record(
+                f"{dataset}-original",
+                sha,
+                rep["run"]["mlflow_run_id"],
+                {"role": "train", "benchmark": dataset},
+                rep["time_s"],
+            )
         return folder
 
     def request(self, manifest, setting: str, seed: int, dev: Path | None) -> Path:
         """The dev request (dev None) or an evaluation request disjoint from the dev request."""
         import yaml
+
         from mtu_dist.compliance.request import load_request, make_request, write_request
+
         name = f"{manifest.dataset}-{setting}-{'dev' if dev is None else f's{seed}'}.yaml"
         path = self.out / "requests" / name
-        raw = make_request(manifest, fraction=self.size["fraction"], setting=setting, tasks=SETTINGS[setting],
-                           seed=seed, exclude=load_request(dev, manifest) if dev else None)
+        raw = make_request(
+            manifest,
+            fraction=self.size["fraction"],
+            setting=setting,
+            tasks=SETTINGS[setting],
+            seed=seed,
+            exclude=load_request(dev, manifest) if dev else None,
+        )
         if not (path.is_file() and yaml.safe_load(path.read_text()) == raw):
             write_request(raw, path, overwrite=True)
         return path
 
     def tune(self, dataset: str, setting: str, dev: Path, origin: Path, methods: list[str]) -> Path:
         from mtu_dist.studies.tune import TuneJob, load_space, tune
+
         space = load_space(self.a.space, self.a.trials or self.size["trials"])
         if self.size["steps"]:  # quick mode: a tiny step budget, the same for every method
             space.fixed["unlearn.steps"] = self.size["steps"]
         out = self.out / "tune" / f"{dataset}-{setting}"
         print(f"{dataset} {setting}: tuning {len(methods)} methods x {space.trials} trials on {dev.name}")
-        job = TuneJob(str(dev), str(origin), out, self.base(dataset), [], [], self.uri, space)
+        job = TuneJob(str(dev), str(origin), out, self.base(dataset), [], [], self.uri, space, f"{dataset}-{setting}")
         tune(job, methods, log=lambda msg: print("  " + msg))
         return out / "tuned.yaml"
 
@@ -308,6 +391,7 @@ class Bench:
         """One evaluation request's references: its retrain (which scores itself: `mtu retrain --original`)
         and the original's row (`mtu eval --retrain`). Returns the retrain's run folder."""
         from mtu_dist.runner.commands import retrain_command
+
         print(f"{dataset} {setting} seed {seed}: {req.name}")
         req_sha = sha256_file(req)
         tags = {"benchmark": dataset, "setting": setting, "seed": seed}
@@ -316,10 +400,22 @@ class Bench:
         spec = {"config": _spec_config(cfg, training=True), "request": req_sha, "origin": _model_sha(origin)}
         ok, sha = self.done(f"{dataset}-{retrain.name}", spec, retrain / "final")
         if not ok:
-            rep = retrain_command(cfg, request=str(req), name=retrain.name, resume=False, overwrite=True,
-                                  tracking_uri=self.uri, original=str(origin))
-            self.record(f"{dataset}-{retrain.name}", sha, rep["run"]["mlflow_run_id"],
-                        {**tags, "role": "retrain", "method": "retrain"}, rep["time_s"])
+            rep = retrain_command(
+                cfg,
+                request=str(req),
+                name=retrain.name,
+                resume=False,
+                overwrite=True,
+                tracking_uri=self.uri,
+                original=str(origin),
+            )
+            self.record(
+                f"{dataset}-{retrain.name}",
+                sha,
+                rep["run"]["mlflow_run_id"],
+                {**tags, "role": "retrain", "method": "retrain"},
+                rep["time_s"],
+            )
         self.original_row(dataset, setting, seed, req, req_sha, origin, retrain, tags)
         return retrain
 
@@ -340,42 +436,68 @@ class Bench:
         a trajectory point every `trajectory_every` steps."""
         from mtu_dist.runner.commands import unlearn_command
         from mtu_dist.studies.tune import chosen_overrides
+
         sets = [*chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
         if level is not None:
-            sets += ["unlearn.stop_at=" + json.dumps(level), f"unlearn.trajectory_every={self.size['trajectory_every']}",
-                     f"unlearn.trajectory_sample={self.size['trajectory_sample']}"]
+            sets += [
+                "unlearn.stop_at=" + json.dumps(level),
+                f"unlearn.trajectory_every={self.size['trajectory_every']}",
+                f"unlearn.trajectory_sample={self.size['trajectory_sample']}",
+            ]
         cfg = self.cfg(dataset, sets)
         name = f"{m}-{setting}-s{seed}" + ("-curve" if level is not None else "")
-        spec = {"config": _spec_config(cfg), "request": req_sha, "origin": _model_sha(origin),
-                "retrain": _model_sha(retrain)}
+        spec = {
+            "config": _spec_config(cfg),
+            "request": req_sha,
+            "origin": _model_sha(origin),
+            "retrain": _model_sha(retrain),
+        }
         ok, sha = self.done(f"{dataset}-{name}", spec, self.out / "runs" / dataset / name / "final")
         if ok:
             return
-        rep = unlearn_command(cfg, request=str(req), origin=str(origin), name=name, overwrite=True,
-                              tracking_uri=self.uri, retrain=str(retrain))
+        rep = unlearn_command(
+            cfg,
+            request=str(req),
+            origin=str(origin),
+            name=name,
+            overwrite=True,
+            tracking_uri=self.uri,
+            retrain=str(retrain),
+        )
         role = "method" if level is None else "curve"
-        self.record(f"{dataset}-{name}", sha, rep["run"]["mlflow_run_id"], {**tags, "role": role, "method": m},
-                    rep["time_s"])
+        self.record(
+            f"{dataset}-{name}", sha, rep["run"]["mlflow_run_id"], {**tags, "role": role, "method": m}, rep["time_s"]
+        )
         u = rep["unlearning"]
         eq = u.get("equal_forgetting") or {}
-        extra = (f", equal forgetting {'reached' if eq.get('reached') else 'NOT reached'} "
-                 f"(progress {eq.get('max_progress') or 0:.2f})" if level is not None else "")
-        print(f"  {name}: UIS {u['uis']['mean']:.4f}, MIA AUC {u['mia_auc']:.3f}, "
-              f"{rep['time_s']:.1f} s ({rep['stop_reason'][:40]}){extra}")
+        extra = (
+            f", equal forgetting {'reached' if eq.get('reached') else 'NOT reached'} "
+            f"(progress {eq.get('max_progress') or 0:.2f})"
+            if level is not None
+            else ""
+        )
+        print(
+            f"  {name}: UIS {u['uis']['mean']:.4f}, MIA AUC {u['mia_auc']:.3f}, "
+            f"{rep['time_s']:.1f} s ({rep['stop_reason'][:40]}){extra}"
+        )
 
     def original_row(self, dataset, setting, seed, req: Path, req_sha: str, origin: Path, retrain: Path, tags) -> None:
         """The original model as a row of the table: `mtu eval --request R --retrain RETRAIN` scores it like
         a method that did nothing (cost 0), as a child run of its own; no unlearning run is made."""
         from mtu_dist.runner.commands import eval_command
+
         name = f"original-{setting}-s{seed}"
         spec = {"request": req_sha, "origin": _model_sha(origin), "retrain": _model_sha(retrain)}
         final = self.out / "runs" / dataset / "original" / "final"
         ok, sha = self.done(f"{dataset}-{name}", spec, final)
         if ok:
             return
-        rep = eval_command(self.cfg(dataset), ckpt=str(origin), request=str(req), tracking_uri=self.uri,
-                           retrain=str(retrain))
-        self.record(f"{dataset}-{name}", sha, rep["mlflow_run_id"], {**tags, "role": "original", "method": "original"}, 0.0)
+        rep = eval_command(
+            self.cfg(dataset), ckpt=str(origin), request=str(req), tracking_uri=self.uri, retrain=str(retrain)
+        )
+        self.record(
+            f"{dataset}-{name}", sha, rep["mlflow_run_id"], {**tags, "role": "original", "method": "original"}, 0.0
+        )
 
 
 def _spec_config(cfg, training: bool = False) -> dict:
@@ -387,6 +509,7 @@ def _spec_config(cfg, training: bool = False) -> dict:
 def _forget_level(run_dir: Path) -> dict[str, float]:
     """A finished run's primary metric per task on the request's forget pairs (the retrain's forget level)."""
     from mtu_dist.tasks import TASKS
+
     forget = json.loads((Path(run_dir) / "final" / "metrics.json").read_text())["splits"]["forget"]
     return {t: round(float(v[TASKS[t].primary]), 6) for t, v in forget.items()}
 
@@ -396,27 +519,45 @@ def _model_sha(run_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="tiny data, 1 seed, 2 trials per method (tests, CI)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "paper_table"), help="benchmark folder")
-    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///<out>/mlflow.db)")
-    ap.add_argument("--datasets", nargs="+", choices=DATASETS,
-                    help="benchmarks (default: both; --quick: synth-indoor, whose three tasks give both settings kept tasks)")
+    ap.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///<out>/mlflow.db)"
+    )
+    ap.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=DATASETS,
+        help="benchmarks (default: both; --quick: synth-indoor, whose three tasks give both settings kept tasks)",
+    )
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--seeds", nargs="+", type=int, help="evaluation seeds (default: the size's)")
     ap.add_argument("--methods", nargs="+", help="registered methods (default: all)")
     ap.add_argument("--trials", type=int, help="trials per method (default: the size's)")
     ap.add_argument("--space", help="search-space YAML (default: configs/tune_space.yaml)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: the models are small, and on a shared machine more threads "
-                         "mostly wait on each other; also makes the numbers independent of the core count)")
-    ap.add_argument("--jobs", type=int, default=2,
-                    help="worker processes, one unit (benchmark x setting) each (default 2: one per core)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the models are small, and on a shared machine more threads "
+        "mostly wait on each other; also makes the numbers independent of the core count)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="worker processes, one unit (benchmark x setting) each (default 2: one per core)",
+    )
     ap.add_argument("--unit", help=argparse.SUPPRESS)  # worker mode: DATASET:original or DATASET:SETTING
     a = ap.parse_args(argv)
     import torch
-    from mtu_dist.utils.lifecycle import Terminated, raise_on_termination
+
     from mtu_dist.reporting.tracking import end_open_runs
+    from mtu_dist.utils.lifecycle import Terminated, raise_on_termination
+
     torch.set_num_threads(a.threads)
     raise_on_termination()  # SIGTERM unwinds like Ctrl-C: the parent run's `finally` runs
     status = "FAILED"

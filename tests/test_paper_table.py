@@ -5,6 +5,7 @@ sqlite MLflow store) is run once for the module; a second invocation adds an eva
 must reuse every tuning trial (the tuned configs do not depend on the evaluation request) and skip
 every finished run. The search-space and selection tests at the bottom are pure and fast.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,26 +15,31 @@ import sys
 
 import pytest
 import yaml
+from conftest import BIN, ROOT, run_mtu
 
 from mtu_dist.errors import UserError
 from mtu_dist.methods import METHODS
 from mtu_dist.studies.tune import criterion, load_space, sample, select
-
-from conftest import BIN, ROOT, run_mtu
 
 ENV = {"OMP_NUM_THREADS": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _bench(out, *extra):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_table.py"), "--quick", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=1800, env={**__import__("os").environ, **ENV})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "paper_table.py"), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**__import__("os").environ, **ENV},
+    )
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
 
 def _client(out):
     from mlflow import MlflowClient
+
     rec = json.loads((out / "paper_table.json").read_text())
     return MlflowClient(rec["tracking_uri"]), rec["parent_run_id"]
 
@@ -80,6 +86,7 @@ def test_report_table_goals_and_plots(bench, tmp_path):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000
     from PIL import Image
+
     assert Image.open(tmp_path / "rep" / "uis.png").size[0] > 200
     # the trade-off plot: one row of two panels (task-level, instance-level) per benchmark x setting
     w, h = Image.open(tmp_path / "rep" / "tradeoff.png").size
@@ -97,7 +104,9 @@ def test_one_parent_with_every_run_as_child(bench):
     runs = _children(client, parent)
     roles = {}
     for r in runs:
-        roles.setdefault(r.data.tags.get("mtu.paper.role") or ("trial" if "mtu.tune.method" in r.data.tags else "?"), []).append(r)
+        roles.setdefault(
+            r.data.tags.get("mtu.paper.role") or ("trial" if "mtu.tune.method" in r.data.tags else "?"), []
+        ).append(r)
     assert set(roles) == {"train", "original", "retrain", "method", "curve", "trial"}, set(roles)
     # 12 methods x 2 settings x 2 trials; then seeds {0, 1} in full and {0} in partial; curves: seed 0
     assert len(roles["trial"]) == len(METHODS) * 2 * 2
@@ -106,7 +115,9 @@ def test_one_parent_with_every_run_as_child(bench):
     assert all(r.info.status == "FINISHED" for r in runs)
     # the original's row is an evaluation (`mtu eval --retrain`), not an unlearning run
     originals = [r for r in roles["original"]]
-    assert all(r.data.tags.get("mtu.command") == "eval" for r in originals) and all("uis" in r.data.metrics for r in originals)
+    assert all(r.data.tags.get("mtu.command") == "eval" for r in originals) and all(
+        "uis" in r.data.metrics for r in originals
+    )
     # the retrain scored itself (`mtu retrain --original`): its UIS is the floor, its excess 0
     for r in roles["retrain"]:
         assert r.data.metrics["uis_excess"] == 0.0 and r.data.metrics["uis_retrain"] == r.data.metrics["uis"]
@@ -149,48 +160,120 @@ def test_mtu_tune_command(bench, tmp_path):
     """`mtu tune` on its own: a parent run with one child per trial, tuned.yaml for the methods asked."""
     out, *_ = bench
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"trials": 2, "seed": 3, "criterion": {"forget_tolerance": 0.1},
-                                     "fixed": {"unlearn.stop_band": 0.0, "unlearn.steps": 3},
-                                     "common": {"unlearn.lr": {"log_uniform": [0.001, 0.005]}},
-                                     "methods": {"grad_ascent": {}, "neggrad_plus": {"unlearn.alpha": {"uniform": [0.3, 0.9]}}}}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "trials": 2,
+                "seed": 3,
+                "criterion": {"forget_tolerance": 0.1},
+                "fixed": {"unlearn.stop_band": 0.0, "unlearn.steps": 3},
+                "common": {"unlearn.lr": {"log_uniform": [0.001, 0.005]}},
+                "methods": {"grad_ascent": {}, "neggrad_plus": {"unlearn.alpha": {"uniform": [0.3, 0.9]}}},
+            }
+        )
+    )
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # two `mtu tune` processes, one method each, sharing one --out: neither loses the other's entry
-    procs = [subprocess.Popen([str(BIN / "mtu"), "tune",
-                               "--request", str(out / "requests/synth-indoor-full-dev.yaml"),
-                               "--from", str(out / "runs/synth-indoor/original"), "--methods", m, "--space", str(space),
-                               "--out", str(tmp_path / "tune"), "--set", "data.workers=0", "--set", "eval.retain_sample=8",
-                               "--tracking-uri", db], cwd=tmp_path, env={**__import__("os").environ, **ENV},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for m in ("grad_ascent", "neggrad_plus")]
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "mtu"),
+                "tune",
+                "--request",
+                str(out / "requests/synth-indoor-full-dev.yaml"),
+                "--from",
+                str(out / "runs/synth-indoor/original"),
+                "--methods",
+                m,
+                "--space",
+                str(space),
+                "--out",
+                str(tmp_path / "tune"),
+                "--set",
+                "data.workers=0",
+                "--set",
+                "eval.retain_sample=8",
+                "--tracking-uri",
+                db,
+            ],
+            cwd=tmp_path,
+            env={**__import__("os").environ, **ENV},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in ("grad_ascent", "neggrad_plus")
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert "| grad_ascent |" in outs[0][0] and "| neggrad_plus |" in outs[1][0] and "feasible trials" in outs[0][0]
     tuned = yaml.safe_load((tmp_path / "tune/tuned.yaml").read_text())
     assert set(tuned["methods"]) == {"grad_ascent", "neggrad_plus"}
     assert "unlearn.stop_band=0.0" in tuned["methods"]["neggrad_plus"]["set"]
-    assert tuned["methods"]["neggrad_plus"]["trials"] == 2 and 0 <= tuned["methods"]["neggrad_plus"]["feasible_trials"] <= 2
+    assert (
+        tuned["methods"]["neggrad_plus"]["trials"] == 2
+        and 0 <= tuned["methods"]["neggrad_plus"]["feasible_trials"] <= 2
+    )
     from mlflow import MlflowClient
+
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("synth-indoor")
     parents = client.search_runs([exp.experiment_id], "tags.`mtu.command` = 'tune'")
     assert len(parents) == 2 and sum(len(_children(client, p.info.run_id)) for p in parents) == 4
+    # trial runs are named for the request's dataset and setting as well: unique across tuning jobs
+    names = sorted(c.info.run_name for p in parents for c in _children(client, p.info.run_id))
+    assert names == [f"tune-synth-indoor-full-{m}-t{i:02d}" for m in ("grad_ascent", "neggrad_plus") for i in (0, 1)]
     # `mtu unlearn --tuned`: the chosen knobs reach the run, a --set item still wins over them
     chosen = dict(x.split("=", 1) for x in tuned["methods"]["neggrad_plus"]["set"])
-    run_mtu("unlearn", "--request", out / "requests/synth-indoor-full-s0.yaml", "--from", out / "runs/synth-indoor/original",
-            "--method", "neggrad_plus", "--tuned", tmp_path / "tune/tuned.yaml", "--set", "unlearn.steps=1",
-            "--set", f"out={tmp_path / 'runs'}", "--set", "data.workers=0", "--set", "eval.retain_sample=8",
-            "--name", "tuned", "--tracking-uri", db, cwd=tmp_path, env=ENV, check=True)
+    run_mtu(
+        "unlearn",
+        "--request",
+        out / "requests/synth-indoor-full-s0.yaml",
+        "--from",
+        out / "runs/synth-indoor/original",
+        "--method",
+        "neggrad_plus",
+        "--tuned",
+        tmp_path / "tune/tuned.yaml",
+        "--set",
+        "unlearn.steps=1",
+        "--set",
+        f"out={tmp_path / 'runs'}",
+        "--set",
+        "data.workers=0",
+        "--set",
+        "eval.retain_sample=8",
+        "--name",
+        "tuned",
+        "--tracking-uri",
+        db,
+        cwd=tmp_path,
+        env=ENV,
+        check=True,
+    )
     resolved = yaml.safe_load((tmp_path / "runs/synth-indoor/tuned/config.yaml").read_text())["unlearn"]
     assert resolved["lr"] == float(chosen["unlearn.lr"]) and resolved["alpha"] == float(chosen["unlearn.alpha"])
     assert resolved["steps"] == 1 and resolved["method"] == "neggrad_plus"
-    bad = run_mtu("unlearn", "--request", out / "requests/synth-indoor-full-s0.yaml", "--from", out / "runs/synth-indoor/original",
-                  "--method", "scrub", "--tuned", tmp_path / "tune/tuned.yaml", cwd=tmp_path, env=ENV)
+    bad = run_mtu(
+        "unlearn",
+        "--request",
+        out / "requests/synth-indoor-full-s0.yaml",
+        "--from",
+        out / "runs/synth-indoor/original",
+        "--method",
+        "scrub",
+        "--tuned",
+        tmp_path / "tune/tuned.yaml",
+        cwd=tmp_path,
+        env=ENV,
+    )
     assert bad.returncode == 2 and "no tuned config for method 'scrub'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # --------------------------------------------------------------------------
 # search space and selection (pure)
 # --------------------------------------------------------------------------
+
 
 def test_space_gives_every_method_the_same_trial_count():
     space = load_space()
@@ -203,14 +286,25 @@ def test_space_gives_every_method_the_same_trial_count():
     assert all(lo * 0.99 <= x <= hi * 1.01 for x in lrs)
     # Latin hypercube: one draw per stratum of the log range
     import math
-    strata = sorted(int((math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo)) * space.trials * 0.9999) for x in lrs)
+
+    strata = sorted(
+        int((math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo)) * space.trials * 0.9999) for x in lrs
+    )
     assert strata == list(range(space.trials))
 
 
 def test_space_refuses_a_tuned_step_budget(tmp_path):
     bad = tmp_path / "space.yaml"
-    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1},
-                                   "common": {"unlearn.steps": {"choice": [30, 60]}}, "methods": {"iamu": {}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "trials": 2,
+                "criterion": {"forget_tolerance": 0.1},
+                "common": {"unlearn.steps": {"choice": [30, 60]}},
+                "methods": {"iamu": {}},
+            }
+        )
+    )
     with pytest.raises(UserError, match=r"common.unlearn.steps.*not tuned.*fixed"):
         load_space(bad)
     assert "unlearn.steps" in load_space().fixed  # the default space: one generous budget for all
@@ -218,13 +312,31 @@ def test_space_refuses_a_tuned_step_budget(tmp_path):
 
 def test_space_errors_name_the_field(tmp_path):
     bad = tmp_path / "space.yaml"
-    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1},
-                                   "methods": {"iamu": {"unlearn.options.energy": {"uniform": [0.9, 0.99]},
-                                                        "unlearn.options.mode": {"choice": ["onto_own"]}}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "trials": 2,
+                "criterion": {"forget_tolerance": 0.1},
+                "methods": {
+                    "iamu": {
+                        "unlearn.options.energy": {"uniform": [0.9, 0.99]},
+                        "unlearn.options.mode": {"choice": ["onto_own"]},
+                    }
+                },
+            }
+        )
+    )
     with pytest.raises(UserError, match=r"methods.iamu.*at most one method-specific knob"):
         load_space(bad)
-    bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1},
-                                   "methods": {"iamu": {"unlearn.lr": {"normal": [0, 1]}}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "trials": 2,
+                "criterion": {"forget_tolerance": 0.1},
+                "methods": {"iamu": {"unlearn.lr": {"normal": [0, 1]}}},
+            }
+        )
+    )
     with pytest.raises(UserError, match=r"methods.iamu.unlearn.lr"):
         load_space(bad)
     bad.write_text(yaml.safe_dump({"trials": 2, "criterion": {"forget_tolerance": 0.1}, "methods": {"iamu": {}}}))
@@ -238,16 +350,16 @@ def _splits(forget: float, val: float, retain: float) -> dict:
 
 def test_criterion_and_selection():
     original = _splits(forget=0.60, val=0.40, retain=0.62)
-    reached_costly = criterion(original, _splits(0.41, 0.30, 0.50), 0.1)   # forgot, big damage
-    reached_cheap = criterion(original, _splits(0.43, 0.39, 0.60), 0.1)    # forgot, little damage
-    not_reached = criterion(original, _splits(0.58, 0.40, 0.62), 0.1)      # no damage, no forgetting
+    reached_costly = criterion(original, _splits(0.41, 0.30, 0.50), 0.1)  # forgot, big damage
+    reached_cheap = criterion(original, _splits(0.43, 0.39, 0.60), 0.1)  # forgot, little damage
+    not_reached = criterion(original, _splits(0.58, 0.40, 0.62), 0.1)  # no damage, no forgetting
     assert reached_cheap["feasible"] and reached_costly["feasible"] and not not_reached["feasible"]
     assert reached_cheap["forget_gap"] == pytest.approx(0.03 / 0.40)
     assert reached_cheap["damage"] == pytest.approx((0.01 / 0.40 + 0.02 / 0.62) / 2)
     records = [{"trial": i, **c} for i, c in enumerate([not_reached, reached_costly, reached_cheap])]
     assert select(records)["trial"] == 2
     assert select(records[:1])["trial"] == 0  # nothing reached: the least forget gap
-    overshoot = criterion(original, _splits(0.10, 0.38, 0.60), 0.1)        # far below the val level
+    overshoot = criterion(original, _splits(0.10, 0.38, 0.60), 0.1)  # far below the val level
     assert not overshoot["feasible"]
 
 
@@ -258,36 +370,62 @@ def test_knob_sweep_runs_matched_knobs_on_the_tables_requests(bench, tmp_path):
     out, *_ = bench
     tuned = yaml.safe_load((out / "tune/synth-indoor-full/tuned.yaml").read_text())["methods"]["iamu"]["set"]
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "bench" / "knob_sweep.py"), "--quick", "--table", str(out), "--out", str(sweep),
-           "--seeds", "0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "knob_sweep.py"),
+        "--quick",
+        "--table",
+        str(out),
+        "--out",
+        str(sweep),
+        "--seeds",
+        "0",
+    ]
 
     def sweep_run(*args):
-        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600,
-                              env={**__import__("os").environ, **ENV})
+        proc = subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **ENV}
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
     sweep_run("--methods", "iamu", "grad_ascent", "--variant", "steps1:unlearn.steps=1,unlearn.lr=0.001")
     stdout = sweep_run("--methods", "iamu", "--variant", "tuned:" + ",".join(tuned))  # appends to results.jsonl
     rows = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["variant"]) for r in rows] == [("iamu", "steps1"), ("grad_ascent", "steps1"), ("iamu", "tuned")]
+    assert [(r["method"], r["variant"]) for r in rows] == [
+        ("iamu", "steps1"),
+        ("grad_ascent", "steps1"),
+        ("iamu", "tuned"),
+    ]
     for m in ("iamu", "grad_ascent"):  # the variant's knobs reached the run
         resolved = yaml.safe_load((sweep / f"synth-indoor/{m}-steps1-full-s0/config.yaml").read_text())
         assert resolved["unlearn"]["steps"] == 1 and resolved["unlearn"]["lr"] == 0.001
     table = json.loads((out / "runs/synth-indoor/iamu-full-s0/final/metrics.json").read_text())["unlearning"]
     assert rows[2]["uis"] == pytest.approx(table["uis"]["mean"], abs=1e-9)  # deterministic: same knobs, same numbers
-    assert "| synth-indoor | full | iamu | tuned | 1 |" in stdout and "| synth-indoor | full | grad_ascent | steps1 | 1 |" in stdout
-    bad = subprocess.run([*cmd, "--methods", "grad_ascent", "--variant", "t:" + ",".join(tuned)],
-                         capture_output=True, text=True, timeout=300)  # iamu's energy knob is not grad_ascent's
+    assert (
+        "| synth-indoor | full | iamu | tuned | 1 |" in stdout
+        and "| synth-indoor | full | grad_ascent | steps1 | 1 |" in stdout
+    )
+    bad = subprocess.run(
+        [*cmd, "--methods", "grad_ascent", "--variant", "t:" + ",".join(tuned)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # iamu's energy knob is not grad_ascent's
     assert bad.returncode == 2 and "unlearn.options.energy" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_knob_sweep_kept_move_is_the_largest_kept_task_move():
     sys.path.insert(0, str(ROOT / "bench"))
     from knob_sweep import kept_move
-    o = {"forget_kept": {"depth": {"delta1": 0.8}, "normal": {"within_30": 50.0}},
-         "val": {"seg": {"miou": 0.5}, "depth": {"delta1": 0.6}, "normal": {"within_30": 40.0}}}
-    u = {"forget_kept": {"depth": {"delta1": 0.78}, "normal": {"within_30": 49.0}},
-         "val": {"seg": {"miou": 0.1}, "depth": {"delta1": 0.63}, "normal": {"within_30": 40.0}}}
-    assert kept_move(o, u, ["seg"]) == pytest.approx(0.05)        # val depth: 0.03 / 0.6; the target seg is ignored
-    assert kept_move(o, u, ["seg", "depth", "normal"]) is None     # full setting: no kept task
+
+    o = {
+        "forget_kept": {"depth": {"delta1": 0.8}, "normal": {"within_30": 50.0}},
+        "val": {"seg": {"miou": 0.5}, "depth": {"delta1": 0.6}, "normal": {"within_30": 40.0}},
+    }
+    u = {
+        "forget_kept": {"depth": {"delta1": 0.78}, "normal": {"within_30": 49.0}},
+        "val": {"seg": {"miou": 0.1}, "depth": {"delta1": 0.63}, "normal": {"within_30": 40.0}},
+    }
+    assert kept_move(o, u, ["seg"]) == pytest.approx(0.05)  # val depth: 0.03 / 0.6; the target seg is ignored
+    assert kept_move(o, u, ["seg", "depth", "normal"]) is None  # full setting: no kept task

@@ -34,6 +34,7 @@ rewritten under a file lock, merged with what the others wrote. Resumable: a
 trial whose record holds the sha256 of the spec it would run now (resolved config, dev request,
 original model) is not run again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,9 +50,9 @@ import yaml
 
 from mtu_dist.config import load_config
 from mtu_dist.errors import UserError
+from mtu_dist.tasks import TASKS
 from mtu_dist.utils.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir
 from mtu_dist.utils.lifecycle import Terminated
-from mtu_dist.tasks import TASKS
 
 GENERAL_KNOBS = ("unlearn.lr", "unlearn.alpha")  # anything else is method-specific
 FIXED_ONLY = ("unlearn.steps",)  # the budget is the same for every trial: the stop rule decides
@@ -78,6 +79,7 @@ class Space:
 # --------------------------------------------------------------------------
 # the search space
 # --------------------------------------------------------------------------
+
 
 def load_space(path: str | Path | None = None, trials: int | None = None) -> Space:
     """Read and check a space file; `trials` overrides its trial count (for every method alike)."""
@@ -106,14 +108,23 @@ def load_space(path: str | Path | None = None, trials: int | None = None) -> Spa
     for where, knobs in [("common", common), *((f"methods.{m}", k or {}) for m, k in methods.items())]:
         for key in FIXED_ONLY:
             if key in knobs:
-                raise UserError(f"{path}: field '{where}.{key}': the step budget is not tuned; set it under 'fixed' "
-                                "(the same generous budget for every method, the stop rule deciding)")
+                raise UserError(
+                    f"{path}: field '{where}.{key}': the step budget is not tuned; set it under 'fixed' "
+                    "(the same generous budget for every method, the stop rule deciding)"
+                )
     for m, knobs in methods.items():
         specific = [k for k in {**common, **(knobs or {})} if k not in GENERAL_KNOBS]
         if len(specific) > 1:
             raise UserError(f"{path}: field 'methods.{m}': at most one method-specific knob (got {specific})")
-    return Space(str(path), n, int(raw.get("seed", 0)), float(tol), dict(raw.get("fixed") or {}), common,
-                 {m: dict(k or {}) for m, k in methods.items()})
+    return Space(
+        str(path),
+        n,
+        int(raw.get("seed", 0)),
+        float(tol),
+        dict(raw.get("fixed") or {}),
+        common,
+        {m: dict(k or {}) for m, k in methods.items()},
+    )
 
 
 def _check_knobs(path: Path, where: str, knobs) -> None:
@@ -121,12 +132,16 @@ def _check_knobs(path: Path, where: str, knobs) -> None:
         raise UserError(f"{path}: field '{where}' must map config fields to distributions")
     for key, dist in knobs.items():
         if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
-            raise UserError(f"{path}: field '{where}.{key}': expected one of {{uniform: [lo, hi]}}, "
-                            f"{{log_uniform: [lo, hi]}}, {{choice: [v1, v2, ...]}}")
+            raise UserError(
+                f"{path}: field '{where}.{key}': expected one of {{uniform: [lo, hi]}}, "
+                f"{{log_uniform: [lo, hi]}}, {{choice: [v1, v2, ...]}}"
+            )
         kind, values = next(iter(dist.items()))
         if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
-            raise UserError(f"{path}: field '{where}.{key}.{kind}': expected a list "
-                            f"{'of values' if kind == 'choice' else '[lo, hi]'}")
+            raise UserError(
+                f"{path}: field '{where}.{key}.{kind}': expected a list "
+                f"{'of values' if kind == 'choice' else '[lo, hi]'}"
+            )
         if kind == "log_uniform" and min(values) <= 0:
             raise UserError(f"{path}: field '{where}.{key}.log_uniform': bounds must be positive")
 
@@ -166,6 +181,7 @@ def overrides(knobs: dict) -> list[str]:
 # the selection criterion (pure functions of the original's and the trial's dev-request metrics)
 # --------------------------------------------------------------------------
 
+
 def _p(splits: dict, split: str, task: str) -> float | None:
     v = splits.get(split, {}).get(task, {}).get(TASKS[task].primary)
     return float(v) if v is not None and math.isfinite(v) else None
@@ -187,8 +203,11 @@ def criterion(original: dict, trial: dict, tolerance: float) -> dict:
     targets = [t for t in TASKS if t in trial.get("forget", {})]
     gaps = [_rel(_p(original, "val", t), _p(trial, "forget", t)) for t in targets]
     gap = None if not gaps or None in gaps else max(gaps)  # per task: every target must have forgotten
-    groups = [_mean(_rel(_p(original, sp, t), _p(trial, sp, t)) for t in original.get(sp, {}))
-              for sp in ("val", "retain", "forget_kept") if original.get(sp)]
+    groups = [
+        _mean(_rel(_p(original, sp, t), _p(trial, sp, t)) for t in original.get(sp, {}))
+        for sp in ("val", "retain", "forget_kept")
+        if original.get(sp)
+    ]
     damage = _mean(groups)
     gap = math.inf if gap is None else gap
     damage = math.inf if damage is None else damage
@@ -200,8 +219,11 @@ def select(records: list[dict]) -> dict:
     the lower trial index breaks exact ties. Records hold `trial`, `forget_gap`, `damage`, `feasible`."""
     if not records:
         raise ValueError("no trials to select from")
-    key = lambda r: ((0, r["damage"], r["forget_gap"]) if r["feasible"]  # noqa: E731
-                     else (1, r["forget_gap"], r["damage"]), r["trial"])
+
+    def key(r):
+        rank = (0, r["damage"], r["forget_gap"]) if r["feasible"] else (1, r["forget_gap"], r["damage"])
+        return rank, r["trial"]
+
     return min(records, key=key)
 
 
@@ -209,17 +231,20 @@ def select(records: list[dict]) -> dict:
 # running the trials
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class TuneJob:
     """What every trial shares: the dev request, the original model, the base config, where to write."""
+
     request: str
     origin: str
     out: Path
-    base: dict                  # config tree the trials start from (the original's model/data sections)
-    files: list[str]            # --config files
-    sets: list[str]             # --set items (applied before the fixed and tuned knobs)
+    base: dict  # config tree the trials start from (the original's model/data sections)
+    files: list[str]  # --config files
+    sets: list[str]  # --set items (applied before the fixed and tuned knobs)
     tracking_uri: str | None
     space: Space
+    label: str = ""  # what the dev request is for (`<dataset>-<setting>`): trial run names stay unique across them
 
     def config(self, knobs: dict):
         cfg = load_config(self.files, [*self.sets, *overrides(self.space.fixed), *overrides(knobs)], base=self.base)
@@ -233,29 +258,47 @@ def _spec_sha(job: TuneJob, cfg, request_sha: str, origin_sha: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def run_trial(job: TuneJob, method: str, index: int, knobs: dict, original_splits: dict, request_sha: str,
-              origin_sha: str) -> tuple[dict, bool]:
+def run_trial(
+    job: TuneJob, method: str, index: int, knobs: dict, original_splits: dict, request_sha: str, origin_sha: str
+) -> tuple[dict, bool]:
     """One trial (or its record, when it already finished with this spec): (record, ran)."""
-    from mtu_dist.runner.commands import unlearn_command
     from mtu_dist.reporting.tracking import Tracker
+    from mtu_dist.runner.commands import unlearn_command
+
     cfg = job.config({**knobs, "unlearn.method": method})
-    name = f"tune-{method}-t{index:02d}"
+    name = "-".join(x for x in ("tune", job.label, method, f"t{index:02d}") if x)
     record_path = job.out / "trials" / f"{method}-t{index:02d}.json"
     sha = _spec_sha(job, cfg, request_sha, origin_sha)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("spec_sha256") == sha:
             return record, False
-    report = unlearn_command(cfg, request=job.request, origin=job.origin, name=name, overwrite=True,
-                             tracking_uri=job.tracking_uri)
+    report = unlearn_command(
+        cfg, request=job.request, origin=job.origin, name=name, overwrite=True, tracking_uri=job.tracking_uri
+    )
     scores = criterion(original_splits, report["splits"], job.space.tolerance)
-    record = {"method": method, "trial": index, "knobs": knobs, **scores, "stop_reason": report.get("stop_reason"),
-              "time_s": report.get("time_s"), "request_sha256": request_sha, "spec_sha256": sha,
-              "mlflow_run_id": report["run"].get("mlflow_run_id"), "run_dir": report["run"].get("run_dir")}
+    record = {
+        "method": method,
+        "trial": index,
+        "knobs": knobs,
+        **scores,
+        "stop_reason": report.get("stop_reason"),
+        "time_s": report.get("time_s"),
+        "request_sha256": request_sha,
+        "spec_sha256": sha,
+        "mlflow_run_id": report["run"].get("mlflow_run_id"),
+        "run_dir": report["run"].get("run_dir"),
+    }
     if record["mlflow_run_id"]:
         t = Tracker(enabled=True, uri=cfg.tracking.uri, experiment="", run_name="", run_id=record["mlflow_run_id"])
-        t.log_metrics({f"tune/{k}": float(scores[k]) for k in ("forget_gap", "damage", "feasible")
-                       if math.isfinite(float(scores[k]))}, 0)
+        t.log_metrics(
+            {
+                f"tune/{k}": float(scores[k])
+                for k in ("forget_gap", "damage", "feasible")
+                if math.isfinite(float(scores[k]))
+            },
+            0,
+        )
         t.set_tags({"mtu.tune.method": method, "mtu.tune.trial": index, "mtu.tune.request_sha256": request_sha})
         t.flush()
     atomic_write_json(record_path, record)
@@ -264,10 +307,11 @@ def run_trial(job: TuneJob, method: str, index: int, knobs: dict, original_split
 
 def tune(job: TuneJob, methods: list[str], log=print) -> dict:
     """Run (or resume) every method's trials; write and return tuned.yaml's content."""
-    from mtu_dist.data.manifest import load_manifest
     from mtu_dist.compliance.request import load_request
-    from mtu_dist.runner.checkpoint import read_state
+    from mtu_dist.data.manifest import load_manifest
     from mtu_dist.methods import METHODS, build_method
+    from mtu_dist.runner.checkpoint import read_state
+
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {unknown} (available: {', '.join(sorted(METHODS))})")
@@ -290,14 +334,22 @@ def tune(job: TuneJob, methods: list[str], log=print) -> dict:
                 original_splits = _original_on(job, req.sha256, probe.eval.retain_sample)
             rec, ran = run_trial(job, m, i, knobs, original_splits or {}, req.sha256, origin_sha)
             records.append(rec)
-            log(f"tune {m} trial {i + 1}/{len(plans[m])}: {'ran' if ran else 'skipped (finished)'}; "
+            log(
+                f"tune {m} trial {i + 1}/{len(plans[m])}: {'ran' if ran else 'skipped (finished)'}; "
                 f"forget gap {rec['forget_gap']:.3f}, damage {rec['damage']:.4f}"
-                f"{'' if rec['feasible'] else ' (not forgotten)'}")
+                f"{'' if rec['feasible'] else ' (not forgotten)'}"
+            )
         best = select(records)
-        entry = {"set": overrides({**job.space.fixed, **best["knobs"]}), "trial": best["trial"],
-                 "forget_gap": best["forget_gap"], "damage": best["damage"], "feasible": best["feasible"],
-                 "feasible_trials": sum(bool(r["feasible"]) for r in records), "trials": len(records),
-                 "mlflow_run_id": best["mlflow_run_id"]}
+        entry = {
+            "set": overrides({**job.space.fixed, **best["knobs"]}),
+            "trial": best["trial"],
+            "forget_gap": best["forget_gap"],
+            "damage": best["damage"],
+            "feasible": best["feasible"],
+            "feasible_trials": sum(bool(r["feasible"]) for r in records),
+            "trials": len(records),
+            "mlflow_run_id": best["mlflow_run_id"],
+        }
         tuned = _merge_tuned(tuned_path, req.sha256, origin_sha, m, entry)
     return tuned
 
@@ -306,6 +358,7 @@ def _merge_tuned(path: Path, request_sha: str, origin_sha: str, method: str, ent
     """Add one method's entry to tuned.yaml under an exclusive lock, keeping what other `mtu tune`
     processes sharing the folder wrote meanwhile (read, merge, write atomically, unlock)."""
     import fcntl
+
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -323,8 +376,9 @@ def _finished(job: TuneJob, method: str, index: int) -> bool:
 
 def _original_on(job: TuneJob, request_sha: str, retain_sample: int) -> dict:
     """The original model's metrics on the dev request (evaluated once, cached beside it)."""
-    from mtu_dist.runner.commands import eval_command
     from mtu_dist.evaluation.scoring import original_reference
+    from mtu_dist.runner.commands import eval_command
+
     try:
         return original_reference(job.origin, request_sha, retain_sample).report["splits"]
     except UserError:
@@ -341,8 +395,12 @@ def _load_tuned(path: Path, request_sha: str, origin_sha: str) -> dict:
         old = yaml.safe_load(path.read_text()) or {}
         if all(old.get(k) == v for k, v in head.items()):
             return {**old, "methods": dict(old.get("methods") or {})}
-    return {**head, "criterion": "least damage (val, retain, kept tasks) among trials whose dev forget pairs "
-            "reached the original's val level within forget_tolerance; else least forget gap", "methods": {}}
+    return {
+        **head,
+        "criterion": "least damage (val, retain, kept tasks) among trials whose dev forget pairs "
+        "reached the original's val level within forget_tolerance; else least forget gap",
+        "methods": {},
+    }
 
 
 def chosen_overrides(path: str | Path, method: str, request_sha: str | None = None) -> list[str]:
@@ -361,25 +419,32 @@ def chosen_overrides(path: str | Path, method: str, request_sha: str | None = No
 
 
 def tune_command(a) -> None:
-    from mtu_dist.runner.checkpoint import read_state
-    from mtu_dist.runner.commands import config_from_checkpoint
-    from mtu_dist.data.manifest import load_manifest
     from mtu_dist.compliance.request import load_request
+    from mtu_dist.data.manifest import load_manifest
     from mtu_dist.methods import METHODS
     from mtu_dist.reporting.tracking import Tracker
+    from mtu_dist.runner.checkpoint import read_state
+    from mtu_dist.runner.commands import config_from_checkpoint
+
     space = load_space(a.space, a.trials)
     base = config_from_checkpoint(getattr(a, "from"))
     probe = load_config(a.config, a.set, base=base)
     req = load_request(a.request, load_manifest(probe.data.dataset, probe.data.root))
     read_state(getattr(a, "from"))
     out = Path(a.out or Path("tune") / f"{req.dataset}-{req.setting}")
-    job = TuneJob(a.request, getattr(a, "from"), out, base, a.config, a.set, a.tracking_uri, space)
+    job = TuneJob(
+        a.request, getattr(a, "from"), out, base, a.config, a.set, a.tracking_uri, space, f"{req.dataset}-{req.setting}"
+    )
     methods = a.methods or list(METHODS)
     parent = None
     if not os.environ.get("MTU_PARENT_RUN_ID") and probe.tracking.enabled:  # trials nest under one parent run
-        parent = Tracker(enabled=True, uri=a.tracking_uri or probe.tracking.uri,
-                         experiment=probe.tracking.experiment or req.dataset, run_name=f"tune-{req.setting}",
-                         tags={"mtu.command": "tune"})
+        parent = Tracker(
+            enabled=True,
+            uri=a.tracking_uri or probe.tracking.uri,
+            experiment=probe.tracking.experiment or req.dataset,
+            run_name=f"tune-{req.dataset}-{req.setting}",
+            tags={"mtu.command": "tune"},
+        )
         parent.log_params({"space": space.path, "trials": space.trials, "request_sha256": req.sha256})
         os.environ["MTU_PARENT_RUN_ID"] = parent.run_id
     status = "FAILED"
@@ -398,6 +463,9 @@ def tune_command(a) -> None:
     print("\n| method | trial | feasible trials | forget gap | damage | chosen knobs |\n|---|---|---|---|---|---|")
     for m in methods:
         e = tuned["methods"][m]
-        print(f"| {m} | {e['trial']} | {e.get('feasible_trials', '?')}/{e.get('trials', '?')} | "
-              f"{e['forget_gap']:.3f}{'' if e['feasible'] else ' (not reached)'} | {e['damage']:.4f} | {' '.join(e['set'])} |")
+        print(
+            f"| {m} | {e['trial']} | {e.get('feasible_trials', '?')}/{e.get('trials', '?')} | "
+            f"{e['forget_gap']:.3f}{'' if e['feasible'] else ' (not reached)'} | "
+            f"{e['damage']:.4f} | {' '.join(e['set'])} |"
+        )
     print(f"wrote {out / 'tuned.yaml'}")
