@@ -11,9 +11,8 @@
 #   bench/gpu.sh --set model.resnet_depth=18  # further arguments go to bench/suite.py
 #   bench/gpu.sh --dry-run                    # no GPU: the same ResNet path on the CPU, tiny sizes
 #                                             # (ResNet-18, 1 loader worker), to check the script itself;
-#                                             # without iamu: its setup eigendecomposes ResNet covariances
-#                                             # (up to 4608x4608 per task and layer), seconds on a GPU but
-#                                             # over 15 minutes on 2 CPU cores
+#                                             # without the iamu section (its CPU step timings say
+#                                             # nothing about a GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -37,6 +37,20 @@ def test_scores_are_one_point_at_step_zero(tmp_path):
     assert [m.step for m in client.get_metric_history(t.run_id, "loss/total")] == [1, 2, 3]
 
 
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """MLflow's UI shows an experiment without `mlflow.experimentKind` in its GenAI (traces) view, where
+    runs, charts and the compare view are one click away; a Tracker's new experiment carries the tag."""
+    from mlflow import MlflowClient
+
+    from mtu_dist.reporting.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(enabled=True, uri=uri, experiment="e", run_name="r").finish()
+    Tracker(enabled=True, uri=uri, experiment="e", run_name="r2").finish()  # an existing experiment: reused
+    exps = [e for e in MlflowClient(uri).search_experiments() if e.name == "e"]
+    assert len(exps) == 1 and exps[0].tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
 def _run_dir(tmp: Path, store: Path, tiny_root: Path) -> tuple[str, dict]:
     """A tiny `mtu train` into `store` (run from another folder), then `mtu eval` of its model."""
     uri = f"sqlite:///{store / 'mlflow.db'}"

@@ -60,6 +60,7 @@ def check_reachable(uri: str) -> None:
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 MLFLOW_TABLES = {"experiments", "runs", "metrics", "params"}
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the UI's "Model training" view
 
 
 def _check_sqlite_store(uri: str, db: Path) -> None:
@@ -132,7 +133,8 @@ class Tracker:
             location = None
             if self.uri.startswith("sqlite:///"):
                 location = artifact_root(sqlite_path(self.uri))
-            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+            # MLflow's UI opens an experiment without this tag in its GenAI (traces) view; ours hold training runs
+            exp_id = self.client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         else:
             exp_id = exp.experiment_id
         all_tags = dict(tags or {})
