@@ -49,11 +49,11 @@ TRAIN_SEED = 0  # the original's (and every retrain's) training seed
 EXPERIMENT = "paper_table"
 SUMMARY = ("uis", "mia_auc", "gap_retrain", "paper/cost_s")  # a row's scores the parent averages over seeds
 
-# Sizes: data (synth flags), model and training (`epochs` per benchmark: long enough to memorise the
-# training scenes), eval, request fraction, seeds, trials per method (None: the space file's), the
-# seeds that also get equal-forgetting runs, and their trajectories. `default` was sized from measured
-# per-run costs (bench/README.md, "Paper table"): requests of 100 scenes (25% of 400), 200 val scenes
-# for the attack and the val terms, 5 evaluation seeds.
+# Sizes: data (synth flags), model and training (`benchmarks`: per benchmark, long enough and large
+# enough to memorise the training scenes), eval, request fraction, seeds, trials per method (None: the
+# space file's), the seeds that also get equal-forgetting runs, and their trajectories. `default` was
+# sized from measured per-run costs (bench/README.md, "Paper table"): requests of 100 scenes (25% of
+# 400), 200 val scenes for the attack and the val terms, 5 evaluation seeds.
 SIZES = {
     "default": {
         "train": 400,
@@ -67,14 +67,21 @@ SIZES = {
             "unlearn": {"forget_batch": 16, "retain_batch": 32},
             "eval": {"batch": 50, "retain_sample": 200},
         },
-        "epochs": {"synth-indoor": 120, "synth-street": 200},
+        # per benchmark, over `config`: what makes its original memorise its training scenes (bench/README.md)
+        "benchmarks": {
+            "synth-indoor": {"train": {"epochs": 120}},
+            "synth-street": {
+                "model": {"width": 32, "head_width": 32},
+                "train": {"epochs": 200, "lr": 0.01, "weight_decay": 0.0},
+            },
+        },
         "fraction": 0.25,
         "seeds": [0, 1, 2, 3, 4],
         "trials": None,
         "steps": None,
         "datasets": list(DATASETS),
         "curve_seeds": 2,
-        "trajectory_every": 5,
+        "trajectory_every": 1,  # runs reach their level in a few to tens of steps: a point per step
         "trajectory_sample": 48,
     },
     "quick": {
@@ -89,7 +96,7 @@ SIZES = {
             "unlearn": {"forget_batch": 4, "retain_batch": 8},
             "eval": {"batch": 8, "retain_sample": 8},
         },
-        "epochs": {},
+        "benchmarks": {},
         "fraction": 0.1,
         "seeds": [0],
         "trials": 2,
@@ -115,8 +122,8 @@ class Bench:
 
     def base(self, dataset: str) -> dict:
         conf = json.loads(json.dumps(self.size["config"]))
-        if dataset in self.size["epochs"]:
-            conf["train"]["epochs"] = self.size["epochs"][dataset]
+        for section, fields in self.size["benchmarks"].get(dataset, {}).items():
+            conf.setdefault(section, {}).update(fields)
         # workers 0: the loader runs in the main process (no worker start per run; the data is small)
         conf.update(
             {

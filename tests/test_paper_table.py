@@ -281,7 +281,8 @@ def test_space_gives_every_method_the_same_trial_count():
     plans = {m: sample(space, m) for m in METHODS}
     assert {len(p) for p in plans.values()} == {space.trials}
     assert sample(space, "iamu") == plans["iamu"]  # seeded: the same trials every time
-    lo, hi = space.common["unlearn.lr"]["log_uniform"]
+    lo, hi = space.knobs("iamu")["unlearn.lr"]["log_uniform"]  # a method's own range over the common one
+    assert space.knobs("pcgrad")["unlearn.lr"] == space.common["unlearn.lr"]  # no range of its own: the common
     lrs = sorted(t["unlearn.lr"] for t in plans["iamu"])
     assert all(lo * 0.99 <= x <= hi * 1.01 for x in lrs)
     # Latin hypercube: one draw per stratum of the log range
@@ -355,12 +356,26 @@ def test_criterion_and_selection():
     not_reached = criterion(original, _splits(0.58, 0.40, 0.62), 0.1)  # no damage, no forgetting
     assert reached_cheap["feasible"] and reached_costly["feasible"] and not not_reached["feasible"]
     assert reached_cheap["forget_gap"] == pytest.approx(0.03 / 0.40)
-    assert reached_cheap["damage"] == pytest.approx((0.01 / 0.40 + 0.02 / 0.62) / 2)
+    # val, retain, and the overshoot group (0: the forget pairs are not below the val level)
+    assert reached_cheap["damage"] == pytest.approx((0.01 / 0.40 + 0.02 / 0.62 + 0) / 3)
     records = [{"trial": i, **c} for i, c in enumerate([not_reached, reached_costly, reached_cheap])]
     assert select(records)["trial"] == 2
     assert select(records[:1])["trial"] == 0  # nothing reached: the least forget gap
-    overshoot = criterion(original, _splits(0.10, 0.38, 0.60), 0.1)  # far below the val level
-    assert not overshoot["feasible"]
+
+
+def test_overshoot_reaches_the_target_but_costs_like_collateral():
+    """Reaching is one-sided: forget pairs far below the val level have forgotten (feasible, gap 0),
+    and the part of the fall beyond the tolerance is damage, so a trial that lands at the level with
+    the same collateral is chosen over it."""
+    original = _splits(forget=0.60, val=0.40, retain=0.62)
+    overshoot = criterion(original, _splits(0.10, 0.39, 0.60), 0.1)  # 75% below the val level
+    landed = criterion(original, _splits(0.38, 0.39, 0.60), 0.1)  # 5% below: within the tolerance
+    assert overshoot["feasible"] and overshoot["forget_gap"] == 0.0
+    collateral = (0.01 / 0.40 + 0.02 / 0.62) / 3
+    assert overshoot["damage"] == pytest.approx(collateral + (0.75 - 0.1) / 3)
+    assert landed["damage"] == pytest.approx(collateral)
+    records = [{"trial": i, **c} for i, c in enumerate([overshoot, landed])]
+    assert select(records)["trial"] == 1
 
 
 @pytest.mark.slow

@@ -13,18 +13,24 @@ rule of the space file's `fixed` section, and an MLflow child run.
 **Selection criterion.** A real user has neither a retrain nor the evaluation request when tuning,
 so the criterion uses only the original model and the unlearned model on the dev request:
 
-* *forget gap* = the largest over the target tasks t of |O_val,t - U_forget,t| / O_val,t: how far
-  the dev forget pairs' primary metric is from the original model's val level (the level the stop
-  rule aims at: forgotten pairs should look like unseen ones, not better and not worse). The largest,
-  not the mean: a trial that forgot one task and left another untouched has not forgotten;
+* *forget gap* = the largest over the target tasks t of max(0, U_forget,t - O_val,t) / O_val,t: how
+  far the dev forget pairs' primary metric still is *above* the original model's val level (the level
+  the stop rule aims at: forgotten pairs should look like unseen ones). The largest, not the mean: a
+  trial that forgot one task and left another untouched has not forgotten;
 * *damage* = mean over the groups that must not move of the mean |O - U| / O of the primary
   metrics: val (every task), retain (every task) and, in the partial setting, the kept tasks of the
-  dev request's instances (`forget_kept`).
+  dev request's instances (`forget_kept`); and one more group, the *overshoot*: the mean over target
+  tasks of how far the forget pairs fell below the val level beyond the tolerance,
+  max(0, (O_val,t - U_forget,t) / O_val,t - tolerance). Forgotten pairs worse than unseen ones are
+  a mark an attacker can read, so over-forgetting costs like collateral.
 
-A trial is *feasible* when its forget gap is at most `criterion.forget_tolerance` (so: on every
-target task). tuned.yaml records, per method, how many of its trials were feasible. The chosen trial
-is the feasible one with the least damage; when no trial is feasible, the one with the least forget
-gap (damage breaks ties). Nothing here reads a retrain, an MIA score or the evaluation request.
+A trial is *feasible* (it *reached* the forget target) when its forget gap is at most
+`criterion.forget_tolerance`, so on every target task. Reaching is one-sided on purpose: whether a
+run overshot is a matter of quality (damage), not of having forgotten, so a method whose every
+step size reaches the target is not left with nothing to choose from. tuned.yaml records, per
+method, how many of its trials reached the target. The chosen trial is the feasible one with the
+least damage; when no trial is feasible, the one with the least forget gap (damage breaks ties).
+Nothing here reads a retrain, an MIA score or the evaluation request.
 
 Outputs, in `--out` (default `tune/<dataset>-<setting>`): `runs/` (the trial run folders),
 `trials/<method>-tNN.json` (per trial: knobs, scores, MLflow run id, spec sha256) and `tuned.yaml`
@@ -191,6 +197,11 @@ def _rel(o: float | None, u: float | None) -> float | None:
     return None if o is None or u is None or o == 0 else abs(o - u) / abs(o)
 
 
+def _above(o: float | None, u: float | None) -> float | None:
+    """(u - o) / o: how far `u` is above `o`, relative (negative: below)."""
+    return None if o is None or u is None or o == 0 else (u - o) / abs(o)
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -201,13 +212,15 @@ def criterion(original: dict, trial: dict, tolerance: float) -> dict:
     `trial` are the two models' metrics.json `splits` on the dev request. An undefined term counts as
     the worst case (inf), so a trial that broke a metric is never chosen over one that did not."""
     targets = [t for t in TASKS if t in trial.get("forget", {})]
-    gaps = [_rel(_p(original, "val", t), _p(trial, "forget", t)) for t in targets]
-    gap = None if not gaps or None in gaps else max(gaps)  # per task: every target must have forgotten
+    above = [_above(_p(original, "val", t), _p(trial, "forget", t)) for t in targets]
+    gap = None if not above or None in above else max(0.0, *above)  # per task: every target must have forgotten
     groups = [
         _mean(_rel(_p(original, sp, t), _p(trial, sp, t)) for t in original.get(sp, {}))
         for sp in ("val", "retain", "forget_kept")
         if original.get(sp)
     ]
+    if above and None not in above:
+        groups.append(_mean(max(0.0, -a - tolerance) for a in above))  # the overshoot
     damage = _mean(groups)
     gap = math.inf if gap is None else gap
     damage = math.inf if damage is None else damage
