@@ -89,6 +89,9 @@ class UnlearnConfig(Section):
         "sgd"  # sgd keeps the update in the projected directions; adam rescales per coordinate
     )
     momentum: float = Field(0.0, ge=0, lt=1)
+    # step size at step t: lr * lr_growth**(t - 1). Above 1 it ramps up until the stop rule ends the run, so a
+    # step size below a method's reaching edge still reaches the target, at the gentlest step that does
+    lr_growth: float = Field(1.0, ge=1, le=2)
     forget_batch: int = Field(8, ge=1)  # global forget batch
     retain_batch: int = Field(16, ge=1)  # global retain batch
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the retain term: alpha*retain - (1-alpha)*forget

@@ -204,3 +204,52 @@ def test_divergence_guard_restores_last_good_state(unlearned):
     assert report["stop_reason"].startswith("diverged at step")
     params = load_file(final / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_lr_growth_ramps_the_step_size_the_optimizer_uses(tiny_original, tiny_root, tmp_path):
+    """unlearn.lr_growth: the step size at step t is lr * growth**(t - 1), set on the optimizer before the
+    step (logged as unlearn/lr); growth 1 (the default) leaves it at lr."""
+    import torch
+
+    from mtu_dist.distributed.stepper import PlainStepper
+
+    p = torch.nn.Parameter(torch.ones(2))
+    stepper = PlainStepper([p], torch.optim.SGD([p], lr=0.1), clip=10.0)
+    stepper.set_lr(0.3)
+    p.grad = torch.ones(2)
+    stepper.step()
+    assert p.detach().tolist() == pytest.approx([0.7, 0.7])  # the step used the new rate
+
+    req = tmp_path / "r.yaml"
+    run_mtu(
+        "forget",
+        "make",
+        "--dataset",
+        tiny_root / "synth-indoor",
+        "--fraction",
+        0.2,
+        "--setting",
+        "full",
+        "--out",
+        req,
+        check=True,
+    )
+    base = ["unlearn", *_common(tiny_root, tmp_path), "--request", req, "--from", tiny_original]
+    for name, growth in (("ramp", 1.5), ("flat", 1.0)):
+        run_mtu(
+            *base,
+            "--method",
+            "neggrad_plus",
+            "--name",
+            name,
+            "--set",
+            "unlearn.lr=0.01",
+            "--set",
+            f"unlearn.lr_growth={growth}",
+            "--set",
+            "unlearn.steps=3",
+            cwd=tmp_path,
+            check=True,
+        )
+    assert _history(tmp_path / "mlflow.db", "ramp", "unlearn/lr") == pytest.approx([0.01, 0.015, 0.0225])
+    assert _history(tmp_path / "mlflow.db", "flat", "unlearn/lr") == pytest.approx([0.01, 0.01, 0.01])

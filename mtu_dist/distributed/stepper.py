@@ -54,6 +54,10 @@ class PlainStepper:
     def checkpoint_optimizer(self):
         return self.opt
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
     def parameters_loaded(self) -> None:
         """Parameters were loaded into the model (resume, divergence guard): nothing else holds them."""
 
@@ -75,6 +79,10 @@ class ZeroStepper:
 
     def checkpoint_optimizer(self):
         return self.opt if self.stage == 0 or not any(self.opt.state.values()) else None  # ZeRO leaves {} entries
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers expose their inner groups
+            group["lr"] = lr
 
     def parameters_loaded(self) -> None:
         """ZeRO-1/2 optimizers step a float32 master copy of their partition: refresh it from the module."""

@@ -105,6 +105,9 @@ def unlearn(
     step = start
     for step in range(start + 1, u.steps + 1):
         streams.mask_tasks(stop.mask())  # a task already forgotten is not ascended further
+        lr = u.lr * u.lr_growth ** (step - 1)  # a function of the step: a resume continues the ramp
+        if u.lr_growth != 1.0:
+            stepper.set_lr(lr)
         logged, gnorm = _step(s, method, replace(ctx, step=step), streams, stepper)
         why = guard.check(logged["loss"], gnorm)
         if why:
@@ -114,7 +117,7 @@ def unlearn(
             _check_in_sync(raw, s.world, step)
         guard.passed()
         s.tracker.log_metrics(
-            {f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm)}, step
+            {f"unlearn/{k}": v for k, v in logged.items()} | {"unlearn/grad_norm": float(gnorm), "unlearn/lr": lr}, step
         )
         bar.update(1)
         all_done = stop.update(raw)
