@@ -232,7 +232,9 @@ def test_staging_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_k
 @pytest.mark.slow
 def test_two_runs_into_one_folder_cannot_both_win(tiny_root, tmp_path):
     db, out = tmp_path / "mlflow.db", tmp_path / "runs"
-    first = start(train_args(tiny_root, out, db, "race", "--set", "train.epochs=6"), tmp_path)
+    # long enough to still hold the folder when the second command, started after it is RUNNING, gets there
+    # (on a loaded machine 6 epochs ended first, and the second then rightly overwrote a finished run)
+    first = start(train_args(tiny_root, out, db, "race", "--set", "train.epochs=30"), tmp_path)
     run = out / "synth-indoor" / "race"
     wait_for(lambda: runs(db).get("race") == "RUNNING", first, "the first run")
     second = subprocess.run(

@@ -9,6 +9,7 @@ every finished run. The search-space and selection tests at the bottom are pure 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -268,6 +269,39 @@ def test_mtu_tune_command(bench, tmp_path):
         env=ENV,
     )
     assert bad.returncode == 2 and "no tuned config for method 'scrub'" in bad.stderr and "Traceback" not in bad.stderr
+    # the space changes (a fixed setting): the trials run again, scored against the original like the first time
+    raw = yaml.safe_load(space.read_text())
+    raw["fixed"]["unlearn.steps"] = 2
+    space.write_text(yaml.safe_dump(raw))
+    before = {i: json.loads((tmp_path / f"tune/trials/grad_ascent-t{i:02d}.json").read_text()) for i in (0, 1)}
+    run_mtu(
+        "tune",
+        "--request",
+        out / "requests/synth-indoor-full-dev.yaml",
+        "--from",
+        out / "runs/synth-indoor/original",
+        "--methods",
+        "grad_ascent",
+        "--space",
+        space,
+        "--out",
+        tmp_path / "tune",
+        "--set",
+        "data.workers=0",
+        "--set",
+        "eval.retain_sample=8",
+        "--tracking-uri",
+        db,
+        cwd=tmp_path,
+        env=ENV,
+        check=True,
+    )
+    for i in (0, 1):
+        rec = json.loads((tmp_path / f"tune/trials/grad_ascent-t{i:02d}.json").read_text())
+        assert rec["spec_sha256"] != before[i]["spec_sha256"]  # it ran again
+        # scored against the original: its damage is defined (against nothing, it would be inf). The quick
+        # original's val depth is 0, so its forget gap stays undefined (inf) by design
+        assert math.isfinite(rec["damage"]), rec
 
 
 # --------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import json
 import math
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,9 +273,17 @@ def _spec_sha(job: TuneJob, cfg, request_sha: str, origin_sha: str) -> str:
 
 
 def run_trial(
-    job: TuneJob, method: str, index: int, knobs: dict, original_splits: dict, request_sha: str, origin_sha: str
+    job: TuneJob,
+    method: str,
+    index: int,
+    knobs: dict,
+    original_splits: Callable[[], dict],
+    request_sha: str,
+    origin_sha: str,
 ) -> tuple[dict, bool]:
-    """One trial (or its record, when it already finished with this spec): (record, ran)."""
+    """One trial (or its record, when it already finished with this spec): (record, ran). The original's
+    dev-request metrics are asked for only when the trial runs: a record of another spec (the space
+    changed) is a trial to run and score like any other."""
     from mtu_dist.reporting.tracking import Tracker
     from mtu_dist.runner.commands import unlearn_command
 
@@ -289,7 +298,7 @@ def run_trial(
     report = unlearn_command(
         cfg, request=job.request, origin=job.origin, name=name, overwrite=True, tracking_uri=job.tracking_uri
     )
-    scores = criterion(original_splits, report["splits"], job.space.tolerance)
+    scores = criterion(original_splits(), report["splits"], job.space.tolerance)
     record = {
         "method": method,
         "trial": index,
@@ -339,13 +348,17 @@ def tune(job: TuneJob, methods: list[str], log=print) -> dict:
     ensure_writable_dir(job.out)
     tuned_path = job.out / "tuned.yaml"
     tuned = _load_tuned(tuned_path, req.sha256, origin_sha)
-    original_splits = None
+    cache: dict = {}
+
+    def original_splits() -> dict:  # evaluated once, and only if some trial runs (a resumed tuning may run none)
+        if not cache:
+            cache.update(_original_on(job, req.sha256, probe.eval.retain_sample))
+        return cache
+
     for m in methods:
         records = []
         for i, knobs in enumerate(plans[m]):
-            if original_splits is None and not _finished(job, m, i):
-                original_splits = _original_on(job, req.sha256, probe.eval.retain_sample)
-            rec, ran = run_trial(job, m, i, knobs, original_splits or {}, req.sha256, origin_sha)
+            rec, ran = run_trial(job, m, i, knobs, original_splits, req.sha256, origin_sha)
             records.append(rec)
             log(
                 f"tune {m} trial {i + 1}/{len(plans[m])}: {'ran' if ran else 'skipped (finished)'}; "
@@ -381,10 +394,6 @@ def _merge_tuned(path: Path, request_sha: str, origin_sha: str, method: str, ent
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return tuned
-
-
-def _finished(job: TuneJob, method: str, index: int) -> bool:
-    return (job.out / "trials" / f"{method}-t{index:02d}.json").is_file()
 
 
 def _original_on(job: TuneJob, request_sha: str, retain_sample: int) -> dict:
