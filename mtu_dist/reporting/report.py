@@ -529,7 +529,7 @@ def tuning_lines(bench: Path) -> str:
     names = method_order({m for u in units.values() for m in (u.get("methods") or {})})
     lines = [
         "",
-        "## Tuning: feasible trials on the dev request (every target task within the tolerance)",
+        "## Tuning: feasible trials on the dev request (reached: every target task at most the tolerance above val)",
         "",
         "| method | " + " | ".join(units) + " |",
         "|---|" + "---|" * len(units),
