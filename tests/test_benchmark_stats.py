@@ -13,7 +13,7 @@ import yaml
 from mtu_dist.evaluation.scoring import Results, unlearning_block
 from mtu_dist.evaluation.statistics import at_level, interval, paired, progress
 from mtu_dist.evaluation.trajectory import curve, interference
-from mtu_dist.reporting.report import Row, below_floor, memorisation, table, uis_line
+from mtu_dist.reporting.report import Row, below_floor, memorisation, memorisation_lines, table, uis_line
 from mtu_dist.studies.tune import _merge_tuned, criterion
 
 
@@ -169,11 +169,14 @@ def test_memorisation_figures_from_the_rows():
         )
         for s in (0, 1)
     ]
-    ret = [Row("b", "partial", s, "retrain", {"mia_auc": 0.55}) for s in (0, 1)]
+    # partial: the retrain still saw the kept tasks of the forget instances, so the goal reads the attack on
+    # the target tasks (mia_auc_target); a row without it (full setting) is read by mia_auc
+    ret = [Row("b", "partial", s, "retrain", {"mia_auc": 0.93, "mia_auc_target": 0.55}) for s in (0, 1)]
     memo = memorisation({"original": orig, "retrain": ret})
     assert memo["tasks"]["seg"]["excess"].mean == pytest.approx((0.6 / 0.4 + 0.7 / 0.4) / 2 - 1)
     assert memo["tasks"]["depth"]["excess"].mean == pytest.approx(0.5)  # kept pairs count for a kept task
     assert memo["mia_original"].mean == pytest.approx(0.95) and memo["mia_retrain"].mean == pytest.approx(0.55)
+    assert "| MIA AUC (target tasks), retrain | 0.550" in "\n".join(memorisation_lines(memo))
 
 
 def _writer(path, method, n):

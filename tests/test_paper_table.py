@@ -80,7 +80,7 @@ def test_report_table_goals_and_plots(bench, tmp_path):
     assert "MIA AUC" in text and "vs retrain" in text and "kept tasks" in text
     # equal forgetting (from the curve runs of seed 0) and the memorisation figures, per unit
     assert text.count("Interference at equal forgetting") == 2 and "| iamu | " in full.split("equal forgetting")[1]
-    assert text.count("Memorisation of the original") == 2 and "MIA AUC, retrain" in text
+    assert text.count("Memorisation of the original") == 2 and "MIA AUC (target tasks), retrain" in text
     assert "feasible trials on the dev request" in text
     assert re.search(r"\| iamu \| [012]/2[^|]* \| [012]/2", text), "per unit: feasible trials out of 2"
     for png in ("uis.png", "tradeoff.png"):

@@ -295,8 +295,8 @@ def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
 def memorisation(by_method: dict[str, list[Row]]) -> dict:
     """The original's memorisation on the requests, from the original's and the retrain's rows: per task
     the forget-pair primary metric (target pairs, and kept pairs in the partial setting), the val one and
-    their relative excess forget / val - 1; the MIA AUC of the original and of the retrain. Each an
-    interval over seeds."""
+    their relative excess forget / val - 1; the MIA AUC of the original and of the retrain on the target
+    tasks (`mia_auc_target`, where a row has it). Each an interval over seeds."""
     orig, ret = by_method.get("original", []), by_method.get("retrain", [])
     out = {"tasks": {}}
     for t in TASKS:
@@ -312,8 +312,14 @@ def memorisation(by_method: dict[str, list[Row]]) -> dict:
                 "val": stats(v for _, v in pairs),
                 "excess": stats(f / v - 1 for f, v in pairs),
             }
-    out["mia_original"] = stats(r.metrics.get("mia_auc") for r in orig)
-    out["mia_retrain"] = stats(r.metrics.get("mia_auc") for r in ret)
+
+    # the attack on what the request forgets: in the partial setting the retrain still trains on the kept
+    # tasks of the forget instances, so an attack on all their losses finds members (0.94 measured)
+    def mia(r):
+        return r.metrics.get("mia_auc_target", r.metrics.get("mia_auc"))
+
+    out["mia_original"] = stats(mia(r) for r in orig)
+    out["mia_retrain"] = stats(mia(r) for r in ret)
     return out
 
 
@@ -327,8 +333,8 @@ def memorisation_lines(memo: dict) -> list[str]:
             f">= {g['excess']:.2f}: {_verdict(ok)} |"
         )
     for key, what, ok in (
-        ("mia_original", "MIA AUC, original", lambda x: x >= g["mia_original"]),
-        ("mia_retrain", "MIA AUC, retrain", lambda x: x <= g["mia_retrain"]),
+        ("mia_original", "MIA AUC (target tasks), original", lambda x: x >= g["mia_original"]),
+        ("mia_retrain", "MIA AUC (target tasks), retrain", lambda x: x <= g["mia_retrain"]),
     ):
         if memo[key] is not None:
             bound = (">= " if key == "mia_original" else "<= ") + f"{g[key]:.2f}"
