@@ -224,3 +224,25 @@ def test_kept_task_goal_line_pairs_the_retrains_move():
     text = goal_lines({("b", "partial"): g})
     assert "move at most 7.50%" in text  # the mean over seeds of the val move, the larger one
     assert "iamu - retrain -7.50% [" in text  # per seed: 5 - 20, 10 - 10
+
+
+def test_partial_mia_goal_reads_the_attack_on_the_target_tasks():
+    """In the partial setting the retrain still trains on the kept tasks of the forget instances, so the MIA
+    goal compares the attack on the target tasks (mia_auc_target); the full setting keeps mia_auc."""
+    from mtu_dist.reporting.report import goal_lines
+
+    def rows(setting, method, mia, target):
+        return [
+            Row("b", setting, s, method, {"uis": 0.1, "mia_auc": mia, "mia_auc_target": target, "uis/seg": 0.1})
+            for s in (0, 1)
+        ]
+
+    groups = {
+        ("b", setting): {
+            m: rows(setting, m, mia, target) for m, mia, target in (("iamu", 0.60, 0.52), ("retrain", 0.93, 0.50))
+        }
+        for setting in ("full", "partial")
+    }
+    text = goal_lines(groups)
+    assert "partial, b: iamu MIA AUC (target tasks) 0.520 vs retrain 0.500: gap 0.020" in text
+    assert "full, b: iamu MIA AUC 0.600 vs retrain 0.930: gap 0.330" in text
