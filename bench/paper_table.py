@@ -4,7 +4,7 @@ For each benchmark (synth-indoor: seg/depth/normal; synth-street: seg/depth) x s
 target seg) x seed, every registered method plus the original and the retrain, all child runs of one
 MLflow parent run; `mtu report` then prints the table (mean +- std over seeds) and draws the plots.
 
-    .venv/bin/python bench/paper_table.py                 # default size (see SIZES; <= 60 min on 2 idle cores)
+    .venv/bin/python bench/paper_table.py                 # default size (see SIZES and bench/README.md, "Default size")
     .venv/bin/python bench/paper_table.py --quick         # tiny data, 1 seed, 2 trials (tests, CI)
     .venv/bin/mtu report --bench bench/results/paper_table
 
