@@ -22,3 +22,11 @@ rank = int(os.environ.get("RANK", "0"))
 (out / f"rank{rank}.json").write_text(
     json.dumps({k: {"violations": a.violations, "collectives": dict(a.collectives)} for k, a in audits.items()})
 )
+
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_initialized():
+    # a clean end: both ranks done, then the group torn down before the interpreter exits (left to exit,
+    # gloo's threads once aborted one rank with "terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
