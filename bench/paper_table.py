@@ -135,6 +135,11 @@ class Bench:
         conf["unlearn"]["checkpoint_every"] = 0  # no resume points: a run is short, a killed one is redone
         return conf
 
+    def train_cost(self, dataset: str) -> float:
+        """A benchmark's relative training cost (epochs x conv width^2): what orders the units."""
+        c = self.cfg(dataset)
+        return c.train.epochs * c.model.width**2
+
     def cfg(self, dataset: str, sets=()):
         return load_config(overrides=list(sets), base=self.base(dataset))
 
@@ -207,9 +212,10 @@ class Bench:
         try:
             failed = self.units([f"{ds}:original" for ds in self.datasets], walls)
             if not failed:
-                # setting-major: each worker starts on another benchmark, so both benchmarks' references
-                # (retrains, the original's rows: the memorisation figures) come early
-                failed = self.units([f"{ds}:{st}" for st in self.a.settings for ds in self.datasets], walls)
+                # the costliest benchmark's units first (longest-first keeps both workers busy to the end:
+                # a unit's cost is mostly its 5 retrains)
+                order = sorted(self.datasets, key=self.train_cost, reverse=True)
+                failed = self.units([f"{ds}:{st}" for ds in order for st in self.a.settings], walls)
             status = "FAILED" if failed else "FINISHED"
             self.log_summary()
         finally:
