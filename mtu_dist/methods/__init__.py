@@ -41,3 +41,10 @@ def build_method(name: str, options: dict) -> Method:
     except ValidationError as e:
         fields = "; ".join(f"unlearn.options.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise UserError(f"method '{name}': invalid options: {fields}") from None
+
+
+def resolved_options(name: str, options: dict) -> dict:
+    """The options a run of `name` actually uses: the given ones with the method's defaults filled in (and an
+    ablation's fixed switches). What decides a run's result, so records of finished runs hash it: a run
+    whose method's defaults changed is a different run."""
+    return build_method(name, options).opts.model_dump(mode="json")
