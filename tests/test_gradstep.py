@@ -125,3 +125,23 @@ def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch, broken_eigh
     got = energy_basis(cov, 0.97)
     assert got.shape == ref.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector
+
+
+def test_forget_norm_sets_the_forget_directions_length_over_its_columns():
+    from mtu_dist.methods.iamu import Iamu
+
+    g = torch.tensor([[3.0, 4.0, 0.0, 7.0]], dtype=torch.float64)  # [blocks, S]; column 3 outside cols
+    cols = torch.tensor([[True, True, True, False]])
+    norm2, pre = torch.tensor(25.0, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64)
+
+    def run(mode, n2=norm2):
+        return Iamu({"forget_norm": mode})._rescaled(g.clone(), n2, pre, cols)
+
+    torch.testing.assert_close(run("as_is"), g)
+    unit, restored = run("unit"), run("restored")
+    assert unit[0, :3].norm().item() == pytest.approx(1.0) and unit[0, 3] == 7.0
+    assert restored[0, :3].norm().item() == pytest.approx(10.0) and restored[0, 3] == 7.0
+    assert torch.allclose(unit[0, :3] / unit[0, :3].norm(), g[0, :3] / 5.0)  # the direction is kept
+    # constraints that removed (numerically) all of it: rounding noise is not scaled up to a step
+    tiny = torch.tensor(1e-20, dtype=torch.float64)
+    torch.testing.assert_close(run("unit", tiny), g)

@@ -53,7 +53,12 @@ class IamuOptions(BaseModel):
     span_samples: int = Field(4, ge=1)  # per rank, for span: per_sample
     orth_heads: bool = True  # step 3 over the target tasks' head columns too (instance-level
     # interference also runs through a task's own head)
-    rescale: bool = False  # restore the forget direction's pre-projection norm
+    # the length of the forget direction after steps 2-3 (over the shared and target-head columns):
+    # `as_is` (what the constraints left: the step shrinks with what they removed, so one step size moves
+    # a request by very different amounts), `restored` (its length before the constraints), or `unit`
+    # (length 1: each step moves the parameters by lr * (1 - alpha) along it, whatever the constraints
+    # removed and however the forget loss's gradient grows as it is ascended)
+    forget_norm: Literal["as_is", "restored", "unit"] = "as_is"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
 
@@ -345,11 +350,15 @@ class Iamu(SignalMethod):
         return self._rescaled(g_new, norm2, pre_norm2, cols)
 
     def _rescaled(self, g_f, norm2, pre_norm2, cols) -> torch.Tensor:
-        """`rescale`: give the shared part of the forget direction back its pre-projection norm, so the
-        constraints change the direction of the forget step but not its size."""
-        if not self.opts.rescale:
+        """`forget_norm`: the forget direction's length over `cols` (|g_f|^2 = norm2, global) set to its
+        pre-constraint length (`restored`) or to 1 (`unit`); `as_is` leaves it, and so does every mode when
+        the constraints removed (numerically) all of it: rounding noise is not a direction to step along.
+        Target heads outside `cols` (`orth_heads: false`) keep their forget gradient as it is."""
+        if self.opts.forget_norm == "as_is":
             return g_f
-        scale = (pre_norm2 / norm2.clamp(min=1e-30)).sqrt()
+        target = pre_norm2 if self.opts.forget_norm == "restored" else torch.ones_like(norm2)
+        removed = norm2 <= 1e-12 * pre_norm2
+        scale = torch.where(removed, torch.ones_like(norm2), (target / norm2.clamp(min=1e-30)).sqrt())
         return torch.where(cols.bool(), g_f * scale, g_f)
 
     def _dump(self, ctx: StepContext, tensors: dict) -> None:
