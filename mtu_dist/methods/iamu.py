@@ -63,7 +63,7 @@ class IamuOptions(BaseModel):
     # a request by very different amounts), `restored` (its length before the constraints), or `unit`
     # (length 1: each step moves the parameters by lr * (1 - alpha) along it, whatever the constraints
     # removed and however the forget loss's gradient grows as it is ascended)
-    forget_norm: Literal["as_is", "restored", "unit"] = "as_is"
+    forget_norm: Literal["as_is", "restored", "unit"] = "unit"  # measured best: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
 
@@ -423,3 +423,10 @@ class IamuNoOrth(Iamu):
 
     def __init__(self, options: dict):
         super().__init__({**options, "orthogonalize": False})
+
+
+class IamuNoNorm(Iamu):
+    """Ablation: iamu with the forget direction's length as the constraints left it (`forget_norm: as_is`)."""
+
+    def __init__(self, options: dict):
+        super().__init__({**options, "forget_norm": "as_is"})
