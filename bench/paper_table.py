@@ -514,9 +514,15 @@ class Bench:
 
 
 def _spec_config(cfg, training: bool = False) -> dict:
-    """What decides a run's result: the config without tracking (and, for training, without unlearn)."""
+    """What decides a run's result: the config without tracking (and, for training, without unlearn), the
+    method's options resolved (its defaults are part of the run)."""
+    from mtu_dist.methods import resolved_options
+
     drop = {"tracking", "out"} | ({"unlearn"} if training else set())
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
+    conf = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
+    if not training:
+        conf["unlearn"]["options"] = resolved_options(cfg.unlearn.method, cfg.unlearn.options)
+    return conf
 
 
 def _forget_level(run_dir: Path) -> dict[str, float]:

@@ -125,3 +125,63 @@ def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch, broken_eigh
     got = energy_basis(cov, 0.97)
     assert got.shape == ref.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector
+
+
+def test_forget_norm_sets_the_forget_directions_length_over_its_columns():
+    from mtu_dist.methods.iamu import Iamu
+
+    g = torch.tensor([[3.0, 4.0, 0.0, 7.0]], dtype=torch.float64)  # [blocks, S]; column 3 outside cols
+    cols = torch.tensor([[True, True, True, False]])
+    norm2, pre = torch.tensor(25.0, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64)
+
+    def run(mode, n2=norm2):
+        return Iamu({"forget_norm": mode})._rescaled(g.clone(), n2, pre, cols)
+
+    torch.testing.assert_close(run("as_is"), g)
+    unit, restored = run("unit"), run("restored")
+    assert unit[0, :3].norm().item() == pytest.approx(1.0) and unit[0, 3] == 7.0
+    assert restored[0, :3].norm().item() == pytest.approx(10.0) and restored[0, 3] == 7.0
+    assert torch.allclose(unit[0, :3] / unit[0, :3].norm(), g[0, :3] / 5.0)  # the direction is kept
+    # constraints that removed (numerically) all of it: rounding noise is not scaled up to a step
+    tiny = torch.tensor(1e-20, dtype=torch.float64)
+    torch.testing.assert_close(run("unit", tiny), g)
+
+
+def test_conflict_removal_is_the_non_negative_least_squares_and_leaves_no_conflict():
+    """`remove: conflicts` against scipy's NNLS on random spans (some rows conflicting with g, some not);
+    afterwards no retain row has a positive inner product with g (an ascent step climbs none of them)."""
+    from scipy.optimize import nnls
+
+    from mtu_dist.methods.iamu import conflict_coefficients
+
+    gen = torch.Generator().manual_seed(0)
+    for m in (1, 2, 3, 5):
+        for _ in range(20):
+            r = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+            g = torch.randn(12, generator=gen, dtype=torch.float64)
+            vecs = torch.cat([g[None], r])
+            c = conflict_coefficients(vecs @ vecs.T)
+            want, _ = nnls(r.T.numpy(), g.numpy())
+            torch.testing.assert_close(c, torch.from_numpy(want), rtol=1e-8, atol=1e-10)
+            g2 = g - c @ r
+            assert bool((c >= 0).all()) and bool((r @ g2 <= 1e-10).all())
+
+
+def test_conflict_removal_matches_span_removal_when_everything_conflicts_and_is_a_no_op_when_nothing_does():
+    from mtu_dist.methods.iamu import conflict_coefficients
+
+    r = torch.eye(3, 6, dtype=torch.float64)  # orthogonal retain rows
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    vecs = torch.cat([g[None], r])
+    torch.testing.assert_close(conflict_coefficients(vecs @ vecs.T), orthogonalize(vecs @ vecs.T))
+    vecs = torch.cat([-g[None], r])  # every <g, r> < 0: nothing to remove
+    assert conflict_coefficients(vecs @ vecs.T).abs().max() == 0
+    # more rows than dimensions (rank-deficient Gram, c not unique): the same residual as scipy's NNLS
+    from scipy.optimize import nnls
+
+    r = torch.randn(14, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    big = torch.cat([g[None], r])
+    c = conflict_coefficients(big @ big.T)
+    _, want = nnls(r.T.numpy(), g.numpy())
+    assert bool((c >= 0).all()) and bool((r @ (g - c @ r) <= 1e-9).all())
+    assert (g - c @ r).norm().item() == pytest.approx(want, rel=1e-8, abs=1e-10)

@@ -17,6 +17,10 @@ RUNS = {
     "bat": (1, "replicated", "batched"),
     "r2": (2, "replicated", "sequential"),
     "s2": (2, "sharded", "sequential"),
+    # the options whose numbers are global sums: the forget direction set to unit length (its norm sums
+    # over the columns each rank owns) and the conflict-only orthogonalization (solved from the global Gram)
+    "r1u": (1, "replicated", "sequential", ("forget_norm=unit", "remove=conflicts")),
+    "s2u": (2, "sharded", "sequential", ("forget_norm=unit", "remove=conflicts")),
 }
 
 
@@ -53,7 +57,7 @@ def runs(tiny_root, tiny_original, tmp_path_factory):
         check=True,
     )
 
-    def args(name, nproc, reduction, engine):
+    def args(name, nproc, reduction, engine, options=()):
         return [
             "unlearn",
             *common,
@@ -83,6 +87,7 @@ def runs(tiny_root, tiny_original, tmp_path_factory):
             f"unlearn.options.trace_dir={tmp / 'trace' / name}",
             "--set",
             f"data.workers={2 if nproc == 1 else 1}",
+            *[x for o in options for x in ("--set", f"unlearn.options.{o}")],
         ]
 
     for nproc in (1, 2):
@@ -121,3 +126,9 @@ def test_one_rank_two_ranks_and_both_modes_agree(runs):
 
 def test_batched_engine_matches_sequential(runs):
     _same(runs["r1"], runs["bat"])
+
+
+def test_unit_forget_norm_and_conflict_removal_agree_across_ranks_and_change_the_update(runs):
+    _same(runs["r1u"], runs["s2u"])
+    first, unit = runs["r1"][0][0]["update"], runs["r1u"][0][0]["update"]
+    assert not torch.allclose(first, unit)  # the option reaches the step

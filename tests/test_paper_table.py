@@ -478,3 +478,21 @@ def test_knob_sweep_kept_move_is_the_largest_kept_task_move():
     }
     assert kept_move(o, u, ["seg"]) == pytest.approx(0.05)  # val depth: 0.03 / 0.6; the target seg is ignored
     assert kept_move(o, u, ["seg", "depth", "normal"]) is None  # full setting: no kept task
+
+
+def test_a_runs_record_hashes_its_methods_resolved_options(tmp_path):
+    """A finished trial is skipped only if it would run the same: the spec holds the method's options with
+    its defaults filled in, so spelling a default out is the same run, and a changed option (or a changed
+    default, or an ablation's switch) is another."""
+    from mtu_dist.config import load_config
+    from mtu_dist.methods import resolved_options
+    from mtu_dist.studies.tune import _spec_sha
+
+    def sha(*sets):
+        return _spec_sha(None, load_config(overrides=["unlearn.method=iamu", *sets]), "r", "o")
+
+    default_energy = resolved_options("iamu", {})["energy"]
+    assert sha() == sha(f"unlearn.options.energy={default_energy}")
+    assert sha() != sha("unlearn.options.energy=0.5")
+    assert resolved_options("iamu_no_proj", {})["project"] is False
+    assert resolved_options("iamu", {})["project"] is True

@@ -6,7 +6,7 @@ from mtu_dist.errors import UserError
 from mtu_dist.methods.base import Method
 from mtu_dist.methods.finetune import Finetune
 from mtu_dist.methods.grad_ascent import GradAscent
-from mtu_dist.methods.iamu import Iamu, IamuNoOrth, IamuNoProj
+from mtu_dist.methods.iamu import Iamu, IamuNoNorm, IamuNoOrth, IamuNoProj
 from mtu_dist.methods.l1_sparse import L1Sparse
 from mtu_dist.methods.neggrad_plus import NegGradPlus
 from mtu_dist.methods.orthograd import OrthoGrad
@@ -28,6 +28,7 @@ METHODS: dict[str, type[Method]] = {
     "iamu": Iamu,
     "iamu_no_proj": IamuNoProj,
     "iamu_no_orth": IamuNoOrth,
+    "iamu_no_norm": IamuNoNorm,
 }
 
 
@@ -41,3 +42,10 @@ def build_method(name: str, options: dict) -> Method:
     except ValidationError as e:
         fields = "; ".join(f"unlearn.options.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise UserError(f"method '{name}': invalid options: {fields}") from None
+
+
+def resolved_options(name: str, options: dict) -> dict:
+    """The options a run of `name` actually uses: the given ones with the method's defaults filled in (and an
+    ablation's fixed switches). What decides a run's result, so records of finished runs hash it: a run
+    whose method's defaults changed is a different run."""
+    return build_method(name, options).opts.model_dump(mode="json")

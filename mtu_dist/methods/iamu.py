@@ -13,7 +13,8 @@ arXiv 2605.19042; docs/design.md §4).
    partial setting the others include the kept tasks of the same instances), or G <- G B_t B_t^T
    (`onto_own`), or onto the part of t's subspace orthogonal to the others' (`both`).
 3. Instance-level orthogonalization: the summed forget direction loses its component in the span of
-   the retain gradients (per task, or per sample as in OrthoGrad) — from a Gram matrix only.
+   the retain gradients (per task, or per sample as in OrthoGrad), or with `remove: conflicts` only the
+   part that conflicts with them (a non-negative least squares) — from a Gram matrix only.
 4. Update: alpha * sum_u g_retain^u - (1 - alpha) * g_forget; task heads follow their own
    forget/retain gradients (heads are never projected).
 All of it runs on the distributed step of `mtu_dist/distributed/gradstep.py`, in either reduction mode.
@@ -50,10 +51,19 @@ class IamuOptions(BaseModel):
     power_iters: int = Field(0, ge=0)
     mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
     span: Literal["per_task", "per_sample"] = "per_task"  # retain span for step 3
+    # what step 3 removes: the forget direction's whole component in the retain span (`span`), or only
+    # what conflicts (`conflicts`: the least change that leaves no retain gradient an ascent step would
+    # climb, <g_f', r> <= 0 for every r; components that also lower a retain loss are kept)
+    remove: Literal["span", "conflicts"] = "span"
     span_samples: int = Field(4, ge=1)  # per rank, for span: per_sample
     orth_heads: bool = True  # step 3 over the target tasks' head columns too (instance-level
     # interference also runs through a task's own head)
-    rescale: bool = False  # restore the forget direction's pre-projection norm
+    # the length of the forget direction after steps 2-3 (over the shared and target-head columns):
+    # `as_is` (what the constraints left: the step shrinks with what they removed, so one step size moves
+    # a request by very different amounts), `restored` (its length before the constraints), or `unit`
+    # (length 1: each step moves the parameters by lr * (1 - alpha) along it, whatever the constraints
+    # removed and however the forget loss's gradient grows as it is ascended)
+    forget_norm: Literal["as_is", "restored", "unit"] = "unit"  # measured best: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
 
@@ -105,6 +115,38 @@ def orthogonalize(gram: torch.Tensor) -> torch.Tensor:
     gram [1+m, 1+m] = [[<g,g>, <g,R>], [<R,g>, R R^T]]; c = (R R^T)^+ R g. The pseudo-inverse handles
     rank-deficient spans (duplicate or zero retain gradients)."""
     return torch.linalg.pinv(gram[1:, 1:], hermitian=True, rtol=1e-10) @ gram[1:, 0]
+
+
+def conflict_coefficients(gram: torch.Tensor) -> torch.Tensor:
+    """Coefficients c >= 0 with g_f' = g_f - c @ R the nearest vector to g_f that conflicts with no row of R
+    (<g_f', r> <= 0 for all r: an ascent step along g_f' raises no retain loss, to first order), from the
+    Gram of [g_f; R] only: the non-negative least squares min_{c >= 0} |g_f - c R|^2, by Lawson and Hanson's
+    active-set method on the Gram (finite; the same c on every rank, since every rank holds the same Gram)."""
+    m = gram.shape[0] - 1
+    b, q = gram[1:, 0], gram[1:, 1:]
+    c = gram.new_zeros(m)
+    tol = 1e-10 * (torch.diagonal(q).max().clamp(min=1e-30) * gram[0, 0].clamp(min=1e-30)).sqrt()
+    active: list[int] = []  # rows with c > 0
+    for _ in range(3 * m + 1):
+        w = b - q @ c  # <g_f', r>: the conflict each row still has
+        free = [j for j in range(m) if j not in active]
+        if not free or float(w[free].max()) <= tol:
+            break
+        active.append(max(free, key=lambda j: float(w[j])))
+        while True:
+            s = gram.new_zeros(m)
+            s[active] = torch.linalg.pinv(q[active][:, active], hermitian=True, rtol=1e-10) @ b[active]
+            if bool((s[active] > 0).all()):
+                c = s
+                break
+            # step from c towards s until the first coefficient reaches 0; drop it and solve again
+            idx = [j for j in active if s[j] <= 0]
+            step = min(float(c[j] / (c[j] - s[j])) for j in idx)
+            c = (c + step * (s - c)).clamp(min=0)
+            active = [j for j in active if c[j] > 0]
+            if not active:
+                break
+    return c
 
 
 class Iamu(SignalMethod):
@@ -336,7 +378,7 @@ class Iamu(SignalMethod):
         logs["cos_forget_retain/before"] = gram[0, 1] / (gram[0, 0] * gram[1, 1]).clamp(min=1e-30).sqrt()
         if not self.opts.orthogonalize:
             return self._rescaled(g_f, gram[0, 0], pre_norm2, cols)
-        c = orthogonalize(sub)
+        c = orthogonalize(sub) if self.opts.remove == "span" else conflict_coefficients(sub)
         g_new = g_f - torch.einsum("k,bks->bs", c, span * cols[:, None].to(g_f.dtype))
         # after: <g_f', g_r> and |g_f'|^2 from the same Gram, no second pass over the columns
         dot = gram[0, 1] - c @ gram[2:, 1]
@@ -345,11 +387,15 @@ class Iamu(SignalMethod):
         return self._rescaled(g_new, norm2, pre_norm2, cols)
 
     def _rescaled(self, g_f, norm2, pre_norm2, cols) -> torch.Tensor:
-        """`rescale`: give the shared part of the forget direction back its pre-projection norm, so the
-        constraints change the direction of the forget step but not its size."""
-        if not self.opts.rescale:
+        """`forget_norm`: the forget direction's length over `cols` (|g_f|^2 = norm2, global) set to its
+        pre-constraint length (`restored`) or to 1 (`unit`); `as_is` leaves it, and so does every mode when
+        the constraints removed (numerically) all of it: rounding noise is not a direction to step along.
+        Target heads outside `cols` (`orth_heads: false`) keep their forget gradient as it is."""
+        if self.opts.forget_norm == "as_is":
             return g_f
-        scale = (pre_norm2 / norm2.clamp(min=1e-30)).sqrt()
+        target = pre_norm2 if self.opts.forget_norm == "restored" else torch.ones_like(norm2)
+        removed = norm2 <= 1e-12 * pre_norm2
+        scale = torch.where(removed, torch.ones_like(norm2), (target / norm2.clamp(min=1e-30)).sqrt())
         return torch.where(cols.bool(), g_f * scale, g_f)
 
     def _dump(self, ctx: StepContext, tensors: dict) -> None:
@@ -377,3 +423,10 @@ class IamuNoOrth(Iamu):
 
     def __init__(self, options: dict):
         super().__init__({**options, "orthogonalize": False})
+
+
+class IamuNoNorm(Iamu):
+    """Ablation: iamu with the forget direction's length as the constraints left it (`forget_norm: as_is`)."""
+
+    def __init__(self, options: dict):
+        super().__init__({**options, "forget_norm": "as_is"})

@@ -267,7 +267,10 @@ class TuneJob:
 
 
 def _spec_sha(job: TuneJob, cfg, request_sha: str, origin_sha: str) -> str:
+    from mtu_dist.methods import resolved_options
+
     conf = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("tracking", "out")}
+    conf["unlearn"]["options"] = resolved_options(cfg.unlearn.method, cfg.unlearn.options)
     spec = {"config": conf, "request_sha256": request_sha, "origin_sha256": origin_sha}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
