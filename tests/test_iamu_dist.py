@@ -17,10 +17,11 @@ RUNS = {
     "bat": (1, "replicated", "batched"),
     "r2": (2, "replicated", "sequential"),
     "s2": (2, "sharded", "sequential"),
-    # the options whose numbers are global sums: the forget direction set to unit length (its norm sums
-    # over the columns each rank owns) and the conflict-only orthogonalization (solved from the global Gram)
-    "r1u": (1, "replicated", "sequential", ("forget_norm=unit", "remove=conflicts")),
-    "s2u": (2, "sharded", "sequential", ("forget_norm=unit", "remove=conflicts")),
+    # the other options whose numbers are global sums (the default runs above set the forget direction to unit
+    # length, its norm summed over the columns each rank owns): its pre-constraint length restored (a second
+    # global norm) and the conflict-only orthogonalization (solved from the global Gram)
+    "r1u": (1, "replicated", "sequential", ("forget_norm=restored", "remove=conflicts")),
+    "s2u": (2, "sharded", "sequential", ("forget_norm=restored", "remove=conflicts")),
 }
 
 
@@ -128,7 +129,7 @@ def test_batched_engine_matches_sequential(runs):
     _same(runs["r1"], runs["bat"])
 
 
-def test_unit_forget_norm_and_conflict_removal_agree_across_ranks_and_change_the_update(runs):
+def test_restored_forget_norm_and_conflict_removal_agree_across_ranks_and_change_the_update(runs):
     _same(runs["r1u"], runs["s2u"])
-    first, unit = runs["r1"][0][0]["update"], runs["r1u"][0][0]["update"]
-    assert not torch.allclose(first, unit)  # the option reaches the step
+    default, other = runs["r1"][0][0]["update"], runs["r1u"][0][0]["update"]
+    assert not torch.allclose(default, other)  # the options reach the step
