@@ -131,6 +131,78 @@ def test_a_run_stopped_by_ctrl_c_ends_killed_in_mlflow(tiny_root, tmp_path):
     assert runs(db) == {"stopped": "KILLED"}
 
 
+# The stop lands while torch's multi-worker iterator is half built (right after its first worker queue is
+# made): an iterator stopped there has no `_shutdown` yet and its __del__ printed a traceback.
+HALF_BUILT = """
+import os, signal, sys
+import torch
+from mtu_dist.data.manifest import load_manifest
+from mtu_dist.data.stream import BatchLoader
+from mtu_dist.utils.lifecycle import Terminated, raise_on_termination
+
+raise_on_termination()
+real_queue = torch.multiprocessing.Queue
+def queue_then_stop(*a, **k):
+    os.kill(os.getpid(), signal.{sig})
+    return real_queue(*a, **k)
+torch.multiprocessing.Queue = queue_then_stop
+loader = BatchLoader(load_manifest(sys.argv[1]), "train", rank=0, world=1, local_batch=8, workers=2)
+try:
+    for _ in loader.epoch(0):
+        print("mtu: a batch was read", file=sys.stderr)
+except (KeyboardInterrupt, Terminated):
+    print("mtu: stopped", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_loader_workers_start_waits_for_them_and_prints_one_line(tiny_root, tmp_path, sig):
+    script = tmp_path / "half_built.py"
+    script.write_text(HALF_BUILT.format(sig=sig))
+    proc = subprocess.Popen(
+        [str(BIN / "python"), str(script), str(tiny_root / "synth-indoor")],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = one_line_end(proc, 3, "mtu: stopped")
+    assert "Exception ignored" not in err, err
+
+
+# The stop lands inside a finalizer (as when the garbage collector runs one of sqlalchemy's weakref callbacks
+# under MLflow): Python prints it as "Exception ignored" and drops it, and the command went on to the end.
+IN_A_FINALIZER = """
+import os, signal, sys, time
+from mtu_dist.utils.lifecycle import Terminated, raise_on_termination
+
+raise_on_termination()
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.{sig})
+        for _ in range(10_000):  # the handler runs here, inside the finalizer
+            pass
+try:
+    Finalized()
+    t0 = time.time()
+    while time.time() - t0 < 20:
+        pass
+    print("mtu: went on", file=sys.stderr)
+except (KeyboardInterrupt, Terminated):
+    print("mtu: stopped", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_dropped_in_a_finalizer_is_sent_again(tmp_path, sig):
+    script = tmp_path / "in_a_finalizer.py"
+    script.write_text(IN_A_FINALIZER.format(sig=sig))
+    proc = subprocess.Popen([str(BIN / "python"), str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    err = one_line_end(proc, 3, "mtu: stopped")
+    assert "Exception ignored" not in err, err
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_rank0s_run(tiny_root, tmp_path):
     """Rank 1 dies hard in training (MTU_FAULT: os._exit, like kill -9); the launcher stops rank 0, whose

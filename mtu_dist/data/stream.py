@@ -52,6 +52,7 @@ from mtu_dist.data.sample import SEG_IGNORE, decode_sample
 from mtu_dist.errors import UserError
 from mtu_dist.runner.faults import deliberate_leak
 from mtu_dist.utils.fileio import sha256_bytes
+from mtu_dist.utils.lifecycle import quiet_loader_worker, signals_deferred
 
 MaskFn = Callable[[str], np.ndarray]  # instance key -> bool[T] supervision mask
 
@@ -332,10 +333,13 @@ class BatchLoader:
             pin_memory=self.pin_memory,
             persistent_workers=False,
             prefetch_factor=4 if self.workers else None,
+            worker_init_fn=quiet_loader_worker if self.workers else None,
         )
         parts, nw = [], max(self.workers, 1)
         try:
-            for chunk in loader:
+            with signals_deferred():  # an interrupt while the workers start waits until they have started
+                chunks = iter(loader)
+            for chunk in chunks:
                 parts.append(chunk)
                 if len(parts) == nw:
                     yield concat_batches(parts, self.pin_memory)

@@ -8,7 +8,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 from contextlib import contextmanager
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Terminated(BaseException):
@@ -21,8 +25,28 @@ def _raise(signum, _frame):
 
 
 def raise_on_termination() -> None:
+    """SIGTERM and SIGHUP raise Terminated; and a stop that Python drops is sent again (`_resend_dropped`)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise)
+    sys.unraisablehook = _resend_dropped
+
+
+def _resend_dropped(unraisable, _default=sys.__unraisablehook__) -> None:
+    """A stop landing in a finalizer or a weakref callback (the garbage collector runs them at any line) is
+    printed and dropped by Python, and the command would go on as if it had never been stopped. Send the
+    signal again instead, from another thread, so that it arrives after the finalizer has returned (and
+    again, should it land in another one)."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt):
+        sig = signal.SIGINT
+    elif isinstance(exc, Terminated) and exc.args and exc.args[0] in signal.Signals.__members__:
+        sig = signal.Signals[exc.args[0]]
+    else:
+        _default(unraisable)
+        return
+    timer = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+    timer.daemon = True
+    timer.start()
 
 
 def quiet_worker(*close_fds: int) -> None:
@@ -37,11 +61,36 @@ def quiet_worker(*close_fds: int) -> None:
         os.close(fd)
 
 
+def quiet_loader_worker(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: as `quiet_worker`. It also replaces the recording handlers a worker
+    forked inside `signals_deferred` inherits, so the parent's SIGTERM at shutdown still ends it."""
+    quiet_worker()
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP arriving inside are delivered on leaving. For constructors that an
+    interrupt half-way leaves broken: torch's multi-worker DataLoader iterator, stopped before its
+    `_shutdown` attribute exists, prints a traceback from its __del__ under the one line that says what
+    happened. Only the main thread has signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(caught):  # once each, in arrival order: the handlers raise as they would have
+            signal.raise_signal(s)
+
+
 @contextmanager
 def signals_ignored():
     """For the few lines that record how a command ended: a second Ctrl-C must not cut them short."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
         yield
     finally:
