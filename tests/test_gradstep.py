@@ -8,7 +8,16 @@ import torch
 from mtu_dist.config import RunConfig
 from mtu_dist.distributed import signals as engines
 from mtu_dist.distributed.gradstep import ParamLayout
-from mtu_dist.methods.iamu import _orth, energy_basis, orthogonalize, project_rows
+from mtu_dist.methods.iamu import (
+    IamuOptions,
+    _orth,
+    energy_basis,
+    energy_eig,
+    importance_scaled,
+    orthogonalize,
+    project_rows,
+    union_eig,
+)
 from mtu_dist.model import build_model
 from mtu_dist.tasks import TASKS
 
@@ -69,6 +78,69 @@ def test_projection_is_exact():
     torch.testing.assert_close(off + onto, grads, rtol=0, atol=1e-12)
     # linear: projecting the mean == mean of projections (what makes the reduce-then-project order valid)
     torch.testing.assert_close(project_rows(grads.mean(0), basis, "off"), off.mean(0), rtol=0, atol=1e-12)
+
+
+def _task_eig(seed: int, n: int = 20, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's truncated eigendecomposition (vals descending, orthonormal basis) with a spread spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    return torch.tensor([40.0, 9.0, 2.0, 0.5, 0.01], dtype=torch.float64)[:k], basis
+
+
+def test_scaled_projection_is_the_hard_one_at_the_limit():
+    torch.manual_seed(3)
+    g = torch.randn(7, 20, dtype=torch.float64)
+    vals, basis = _task_eig(0)
+    for mode in ("off", "onto"):
+        hard = project_rows(g, basis, mode)
+        torch.testing.assert_close(project_rows(g, importance_scaled(vals, basis, None), mode), hard, rtol=0, atol=0)
+        limit = project_rows(g, importance_scaled(vals, basis, 1e12), mode)
+        torch.testing.assert_close(limit, hard, rtol=0, atol=1e-9)
+        assert (project_rows(g, importance_scaled(vals, basis, 1.0), mode) - hard).norm() > 1e-3  # and soft below
+    # the union of two tasks' bases, rotated to their joint importance: the hard off_others projection at the limit
+    parts = [_task_eig(1), _task_eig(2)]
+    union = _orth(torch.cat([b for _, b in parts], dim=1))
+    joint_vals, joint = union_eig(parts)
+    assert joint.shape == union.shape == (20, 10)
+    torch.testing.assert_close(joint.T @ joint, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-12)
+    hard = project_rows(g, union, "off")
+    torch.testing.assert_close(
+        project_rows(g, importance_scaled(joint_vals, joint, 1e12), "off"), hard, atol=1e-9, rtol=0
+    )
+    # the joint importance is the spectrum of sum_u B_u diag(vals_u) B_u^T
+    direct = sum(b @ torch.diag(v) @ b.T for v, b in parts)
+    torch.testing.assert_close(joint_vals, torch.linalg.eigvalsh(direct).flip(0)[:10], rtol=0, atol=1e-10)
+    torch.testing.assert_close(joint.T @ direct @ joint, torch.diag(joint_vals), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 5.0])
+def test_scaled_projection_never_increases_a_protected_component(alpha):
+    """Off: each basis direction keeps 1 - lambda_i of its component, lambda_i = (a+1)s/(a s+1) of its
+    normalised singular value; onto: lambda_i of it. Outside the span: untouched (off) or removed (onto)."""
+    torch.manual_seed(4)
+    g = torch.randn(7, 20, dtype=torch.float64)
+    vals, basis = _task_eig(5)
+    s = (vals / vals.max()).sqrt()
+    lam = (alpha + 1) * s / (alpha * s + 1)
+    assert bool((lam > 0).all() and (lam <= 1 + 1e-15).all()) and lam[0] == 1  # the strongest is fully protected
+    w = importance_scaled(vals, basis, alpha)
+    off, onto = project_rows(g, w, "off"), project_rows(g, w, "onto")
+    torch.testing.assert_close(off @ basis, (g @ basis) * (1 - lam), rtol=0, atol=1e-12)
+    torch.testing.assert_close(onto @ basis, (g @ basis) * lam, rtol=0, atol=1e-12)
+    assert bool(((off @ basis).abs() <= (g @ basis).abs() + 1e-12).all())
+    outside = torch.eye(20, dtype=torch.float64) - basis @ basis.T
+    torch.testing.assert_close(off @ outside, g @ outside, rtol=0, atol=1e-12)
+    torch.testing.assert_close(onto @ outside, torch.zeros_like(g), rtol=0, atol=1e-12)
+
+
+def test_scaled_projection_options():
+    assert IamuOptions(mode="off_others", scaled_alpha=2).scaled_alpha == 2
+    with pytest.raises(ValueError, match="scaled_alpha applies to mode off_others or onto_own"):
+        IamuOptions(mode="both", scaled_alpha=2)
+    with pytest.raises(ValueError):
+        IamuOptions(scaled_alpha=-1)
+    vals, vecs = energy_eig(torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64)), 0.75)
+    assert vals.tolist() == [4.0] and vecs.shape == (3, 1)
 
 
 def test_energy_basis_keeps_stated_energy():

@@ -22,6 +22,12 @@ RUNS = {
     # global norm) and the conflict-only orthogonalization (solved from the global Gram)
     "r1u": (1, "replicated", "sequential", ("forget_norm=restored", "remove=conflicts")),
     "s2u": (2, "sharded", "sequential", ("forget_norm=restored", "remove=conflicts")),
+    # the soft (importance-scaled) projection off the other tasks' joint basis: its eigenvalues come from the
+    # globally summed covariances, so both modes and world sizes must agree
+    "r1s": (1, "replicated", "sequential", ("mode=off_others", "scaled_alpha=2")),
+    "r2s": (2, "replicated", "sequential", ("mode=off_others", "scaled_alpha=2")),
+    "s2s": (2, "sharded", "sequential", ("mode=off_others", "scaled_alpha=2")),
+    "r1h": (1, "replicated", "sequential", ("mode=off_others",)),
 }
 
 
@@ -133,3 +139,11 @@ def test_restored_forget_norm_and_conflict_removal_agree_across_ranks_and_change
     _same(runs["r1u"], runs["s2u"])
     default, other = runs["r1"][0][0]["update"], runs["r1u"][0][0]["update"]
     assert not torch.allclose(default, other)  # the options reach the step
+
+
+def test_scaled_projection_agrees_across_ranks_and_modes_and_is_softer_than_the_hard_one(runs):
+    _same(runs["r1s"], runs["r2s"])
+    _same(runs["r1s"], runs["s2s"])
+    soft, hard = runs["r1s"][0][0], runs["r1h"][0][0]
+    torch.testing.assert_close(soft["signals"], hard["signals"], **TOL)  # the same step-1 signals before step 2
+    assert not torch.allclose(soft["update"], hard["update"])  # the weights reach the step

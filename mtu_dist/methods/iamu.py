@@ -11,7 +11,11 @@ arXiv 2605.19042; docs/design.md §4).
 2. Task-aware projection (each step): target task t's forget gradient, layer by layer,
    G <- G (I - B B^T) with B the orthonormal union of the other tasks' bases (`off_others`; in the
    partial setting the others include the kept tasks of the same instances), or G <- G B_t B_t^T
-   (`onto_own`), or onto the part of t's subspace orthogonal to the others' (`both`).
+   (`onto_own`), or onto the part of t's subspace orthogonal to the others' (`both`). With `scaled_alpha`
+   the projection is soft, as in Scaled Gradient Projection (Saha and Roy, "Continual Learning with Scaled
+   Gradient Projection", AAAI 2023): each basis direction is removed (or kept) only by its importance
+   lambda = (a+1)s / (a s+1), s its singular value over the largest, so the weak directions of a small
+   layer's basis leave room to move; a -> inf is the hard projection.
 3. Instance-level orthogonalization: the summed forget direction loses its component in the span of
    the retain gradients (per task, or per sample as in OrthoGrad), or with `remove: conflicts` only the
    part that conflicts with them (a non-negative least squares) — from a Gram matrix only.
@@ -25,11 +29,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mtu_dist.distributed.gradstep import allreduce_small, gather_blocks, gather_update
 from mtu_dist.methods.base import StepContext
-from mtu_dist.methods.lowrank import gaussian_sketch, lowrank_basis
+from mtu_dist.methods.lowrank import gaussian_sketch, lowrank_eig
 from mtu_dist.methods.signal_method import SignalMethod
 from mtu_dist.runner.objective import global_counts, normalised_losses
 
@@ -50,6 +54,9 @@ class IamuOptions(BaseModel):
     oversample: int = Field(16, ge=0)
     power_iters: int = Field(0, ge=0)
     mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
+    # soft projection (step 2, modes off_others and onto_own): SGP's alpha, each basis direction weighted by
+    # its importance (alpha+1)s/(alpha s+1) of its normalised singular value s; None: the hard projection
+    scaled_alpha: float | None = Field(None, ge=0)
     span: Literal["per_task", "per_sample"] = "per_task"  # retain span for step 3
     # what step 3 removes: the forget direction's whole component in the retain span (`span`), or only
     # what conflicts (`conflicts`: the least change that leaves no retain gradient an ascent step would
@@ -65,6 +72,12 @@ class IamuOptions(BaseModel):
     # removed and however the forget loss's gradient grows as it is ascended)
     forget_norm: Literal["as_is", "restored", "unit"] = "unit"  # measured best: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
+
+    @model_validator(mode="after")
+    def _scaled_needs_a_weighted_mode(self):
+        if self.scaled_alpha is not None and self.mode == "both":
+            raise ValueError("scaled_alpha applies to mode off_others or onto_own, not both")
+        return self
 
 
 def _orth(mat: torch.Tensor, tol: float = 1e-7) -> torch.Tensor:
@@ -91,14 +104,43 @@ def eigh_descending(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
     """Top eigenvectors of a PSD matrix holding `energy` of its trace."""
+    return energy_eig(cov, energy)[1]
+
+
+def energy_eig(cov: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`energy_basis` with its eigenvalues: (vals [k] descending, vecs [n, k])."""
     vals, vecs = eigh_descending(cov)
     vals = vals.clamp(min=0)
     total = vals.sum()
     if total <= 0:
-        return cov.new_zeros(cov.shape[0], 0)
+        return cov.new_zeros(0), cov.new_zeros(cov.shape[0], 0)
     level = torch.tensor(energy, dtype=vals.dtype, device=vals.device)
-    k = int(torch.searchsorted(torch.cumsum(vals, 0) / total, level).item()) + 1
-    return vecs[:, : min(k, vals.numel())].contiguous()  # a view would keep the whole [in, in] alive
+    k = min(int(torch.searchsorted(torch.cumsum(vals, 0) / total, level).item()) + 1, vals.numel())
+    return vals[:k].contiguous(), vecs[:, :k].contiguous()  # a view would keep the whole [in, in] alive
+
+
+def union_eig(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The span of several truncated eigendecompositions (vals_u, B_u) of PSD matrices C_u, rotated to the
+    eigenvectors of sum_u C_u restricted to it (B^T sum_u B_u diag(vals_u) B_u^T B): the joint importance
+    of each direction of the union."""
+    basis = _orth(torch.cat([b for _, b in parts], dim=1))
+    if basis.shape[1] == 0:
+        return basis.new_zeros(0), basis
+    restricted = sum(((basis.T @ b) * v) @ (b.T @ basis) for v, b in parts)
+    vals, vecs = eigh_descending((restricted + restricted.T) / 2)
+    return vals.clamp(min=0), basis @ vecs
+
+
+def importance_scaled(vals: torch.Tensor, basis: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """SGP's soft basis W = B sqrt(Lambda), lambda_i = (alpha+1)s_i / (alpha s_i+1), s_i = sqrt(vals_i /
+    max vals) (a direction's singular value over the largest): G - G W W^T removes lambda_i of G's
+    component along b_i, G W W^T keeps lambda_i of it. alpha None: the basis itself (lambda = 1, the
+    hard projection and the limit alpha -> inf)."""
+    if alpha is None or basis.shape[1] == 0:
+        return basis
+    s = (vals.clamp(min=0) / vals.max().clamp(min=1e-30)).sqrt()
+    lam = (alpha + 1) * s / (alpha * s + 1)
+    return basis * lam.sqrt().to(basis.dtype)
 
 
 def project_rows(g: torch.Tensor, basis: torch.Tensor, mode: str) -> torch.Tensor:
@@ -165,7 +207,7 @@ class Iamu(SignalMethod):
                 own = self._gradient_bases(ctx, retain_batches, logs)
             else:
                 own = {
-                    i: {t: energy_basis(c, self.opts.energy) for t, c in per_t.items()}
+                    i: {t: energy_eig(c, self.opts.energy) for t, c in per_t.items()}
                     for i, per_t in self._activation_covariances(ctx, retain_batches).items()
                 }
             self.bases = self._bases(ctx, own)
@@ -187,8 +229,9 @@ class Iamu(SignalMethod):
         n = self.params[i][0].numel()
         return n >= self.opts.lowrank_min_in and self.sketch_cols(n) < n
 
-    def _gradient_bases(self, ctx: StepContext, retain_batches, logs) -> dict[int, dict[str, torch.Tensor]]:
-        """Per owned layer and task: exact energy basis of C (short rows) or a randomized one (long rows)."""
+    def _gradient_bases(self, ctx: StepContext, retain_batches, logs) -> dict[int, dict[str, tuple]]:
+        """Per owned layer and task: (eigenvalues, basis), the exact energy basis of C (short rows) or a
+        randomized one (long rows)."""
         batches = [next(retain_batches) for _ in range(self.opts.subspace_batches)]
         mine = sorted({pc.index for pc in self.my_pieces(self.projected_idx)})
         p0 = self.params[0]
@@ -217,12 +260,13 @@ class Iamu(SignalMethod):
             own[i] = {}
             for t in ctx.tasks:
                 if (i, t) in omega:
-                    own[i][t], share = lowrank_basis(
+                    vals, basis, share = lowrank_eig(
                         acc["y", i, t], omega[i, t], float(acc["tr", i, t]), self.opts.energy, self.opts.max_rank
                     )
+                    own[i][t] = vals, basis
                     kept.append(share)
                 else:
-                    own[i][t] = energy_basis(acc["cov", i, t], self.opts.energy)
+                    own[i][t] = energy_eig(acc["cov", i, t], self.opts.energy)
         if kept:
             logs.update(lowrank_layers=len(kept) / len(ctx.tasks), lowrank_energy_min=min(kept))
         return own
@@ -301,21 +345,27 @@ class Iamu(SignalMethod):
 
     def _bases(self, ctx: StepContext, own) -> dict[str, dict[int, torch.Tensor]]:
         """Per target task and layer: the basis implementing `mode` (`self.direction`: 'off' or 'onto'),
-        from each task's own basis per layer."""
+        from each task's own (eigenvalues, basis) per layer; weighted by importance with `scaled_alpha`."""
         bases: dict[str, dict[int, torch.Tensor]] = {}
         self.direction = "onto" if self.opts.mode in ("onto_own", "both") else "off"
+        alpha = self.opts.scaled_alpha
         for t in ctx.targets:
             bases[t] = {}
             for i, per_t in own.items():
                 if self.opts.subspace == "activations" or self.opts.mode == "onto_own":
-                    bases[t][i] = per_t[t]  # activations: task-agnostic, the same basis whatever the task
+                    # activations: task-agnostic, the same basis whatever the task
+                    bases[t][i] = importance_scaled(*per_t[t], alpha)
                     continue
-                others = _orth(torch.cat([b for u, b in per_t.items() if u != t], dim=1))  # an SVD: only when used
+                others = [vb for u, vb in per_t.items() if u != t]
+                if self.opts.mode == "off_others" and alpha is not None:
+                    bases[t][i] = importance_scaled(*union_eig(others), alpha)
+                    continue
+                union = _orth(torch.cat([b for _, b in others], dim=1))  # an SVD: only when used
                 if self.opts.mode == "off_others":
-                    bases[t][i] = others
+                    bases[t][i] = union
                 else:  # both: t's own directions, minus what the others use
-                    mine = per_t[t]
-                    bases[t][i] = _orth(mine - others @ (others.T @ mine))
+                    mine = per_t[t][1]
+                    bases[t][i] = _orth(mine - union @ (union.T @ mine))
         return bases
 
     # ---------------------------------------------------------------- one step

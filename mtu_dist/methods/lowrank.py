@@ -65,6 +65,14 @@ def lowrank_basis(
     y: torch.Tensor, omega: torch.Tensor, total: float, energy: float, max_rank: int
 ) -> tuple[torch.Tensor, float]:
     """Basis [n, r] of a sketched covariance by the energy rule, and the (lower-bound) share it keeps."""
+    _, basis, kept = lowrank_eig(y, omega, total, energy, max_rank)
+    return basis, kept
+
+
+def lowrank_eig(
+    y: torch.Tensor, omega: torch.Tensor, total: float, energy: float, max_rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """As `lowrank_basis`, with the basis directions' (Nyström) eigenvalues [r] first."""
     vals, vecs = nystrom_eig(y, omega)
     r, kept = energy_rank(vals, total, energy, max_rank)
-    return vecs[:, :r].contiguous(), kept
+    return vals[:r].contiguous(), vecs[:, :r].contiguous(), kept
