@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from mtu_dist.config import RunConfig
 from mtu_dist.distributed import signals as engines
 from mtu_dist.distributed.gradstep import ParamLayout
 from mtu_dist.methods.iamu import (
+    Iamu,
     IamuOptions,
     _orth,
     energy_basis,
@@ -133,9 +136,30 @@ def test_scaled_projection_never_increases_a_protected_component(alpha):
     torch.testing.assert_close(onto @ outside, torch.zeros_like(g), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [None, 2.0])
+def test_off_all_removes_the_target_tasks_own_subspace_and_off_others_keeps_it(alpha):
+    """Per target task, the basis `_bases` builds: off_others spans the other tasks' bases only, off_all
+    the target's own too (hard: their orthonormal union; scaled: the joint importance of all of them)."""
+    own = {0: {"seg": _task_eig(6), "depth": _task_eig(7)}}
+    ctx = SimpleNamespace(targets=["seg"])
+    g = torch.randn(7, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    seg_b, depth_b = own[0]["seg"][1], own[0]["depth"][1]
+    expected = {"off_others": [own[0]["depth"]], "off_all": [own[0]["depth"], own[0]["seg"]]}
+    for mode, parts in expected.items():
+        m = Iamu({"mode": mode, "scaled_alpha": alpha})
+        basis = m._bases(ctx, own)["seg"][0]
+        assert m.direction == "off"
+        want = importance_scaled(*union_eig(parts), alpha)
+        torch.testing.assert_close(project_rows(g, basis, "off"), project_rows(g, want, "off"), rtol=0, atol=1e-10)
+        if alpha is None:  # hard: nothing of the removed bases is left, the kept one is untouched where apart
+            assert (project_rows(g, basis, "off") @ depth_b).norm() < 1e-10
+            left = (project_rows(g, basis, "off") @ seg_b).norm()
+            assert (left < 1e-10) if mode == "off_all" else (left > 1e-2)
+
+
 def test_scaled_projection_options():
     assert IamuOptions(mode="off_others", scaled_alpha=2).scaled_alpha == 2
-    with pytest.raises(ValueError, match="scaled_alpha applies to mode off_others or onto_own"):
+    with pytest.raises(ValueError, match="scaled_alpha applies to modes off_others, off_all and onto_own, not both"):
         IamuOptions(mode="both", scaled_alpha=2)
     with pytest.raises(ValueError):
         IamuOptions(scaled_alpha=-1)

@@ -11,7 +11,9 @@ arXiv 2605.19042; docs/design.md §4).
 2. Task-aware projection (each step): target task t's forget gradient, layer by layer,
    G <- G (I - B B^T) with B the orthonormal union of the other tasks' bases (`off_others`; in the
    partial setting the others include the kept tasks of the same instances), or G <- G B_t B_t^T
-   (`onto_own`), or onto the part of t's subspace orthogonal to the others' (`both`). With `scaled_alpha`
+   (`onto_own`), or onto the part of t's subspace orthogonal to the others' (`both`), or off every task's
+   subspace, t's own included (`off_all`: its own retain gradients over `subspace_batches` batches are a
+   memory of the retain instances' directions, so this also guards other instances). With `scaled_alpha`
    the projection is soft, as in Scaled Gradient Projection (Saha and Roy, "Continual Learning with Scaled
    Gradient Projection", AAAI 2023): each basis direction is removed (or kept) only by its importance
    lambda = (a+1)s / (a s+1), s its singular value over the largest, so the weak directions of a small
@@ -53,8 +55,8 @@ class IamuOptions(BaseModel):
     max_rank: int = Field(128, ge=1)
     oversample: int = Field(16, ge=0)
     power_iters: int = Field(0, ge=0)
-    mode: Literal["off_others", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
-    # soft projection (step 2, modes off_others and onto_own): SGP's alpha, each basis direction weighted by
+    mode: Literal["off_others", "off_all", "onto_own", "both"] = "onto_own"  # measured best: see README "iamu"
+    # soft projection (step 2, every mode but both): SGP's alpha, each basis direction weighted by
     # its importance (alpha+1)s/(alpha s+1) of its normalised singular value s; None: the hard projection
     scaled_alpha: float | None = Field(None, ge=0)
     span: Literal["per_task", "per_sample"] = "per_task"  # retain span for step 3
@@ -76,7 +78,7 @@ class IamuOptions(BaseModel):
     @model_validator(mode="after")
     def _scaled_needs_a_weighted_mode(self):
         if self.scaled_alpha is not None and self.mode == "both":
-            raise ValueError("scaled_alpha applies to mode off_others or onto_own, not both")
+            raise ValueError("scaled_alpha applies to modes off_others, off_all and onto_own, not both")
         return self
 
 
@@ -356,12 +358,13 @@ class Iamu(SignalMethod):
                     # activations: task-agnostic, the same basis whatever the task
                     bases[t][i] = importance_scaled(*per_t[t], alpha)
                     continue
-                others = [vb for u, vb in per_t.items() if u != t]
-                if self.opts.mode == "off_others" and alpha is not None:
+                # off_all: t's own retain subspace too (the retain instances' directions of the same task)
+                others = [vb for u, vb in per_t.items() if u != t or self.opts.mode == "off_all"]
+                if self.direction == "off" and alpha is not None:
                     bases[t][i] = importance_scaled(*union_eig(others), alpha)
                     continue
                 union = _orth(torch.cat([b for _, b in others], dim=1))  # an SVD: only when used
-                if self.opts.mode == "off_others":
+                if self.direction == "off":
                     bases[t][i] = union
                 else:  # both: t's own directions, minus what the others use
                     mine = per_t[t][1]
