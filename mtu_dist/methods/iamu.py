@@ -65,9 +65,6 @@ class IamuOptions(BaseModel):
     # climb, <g_f', r> <= 0 for every r; components that also lower a retain loss are kept)
     remove: Literal["span", "conflicts"] = "span"
     span_samples: int = Field(4, ge=1)  # per rank, for span: per_sample
-    # step 3's span also holds the retain span vectors of the last `retain_memory` steps (other retain
-    # instances than the current batch's); 0: the current batch only
-    retain_memory: int = Field(0, ge=0)
     orth_heads: bool = True  # step 3 over the target tasks' head columns too (instance-level
     # interference also runs through a task's own head)
     # the length of the forget direction after steps 2-3 (over the shared and target-head columns):
@@ -206,7 +203,6 @@ class Iamu(SignalMethod):
         # the target tasks' heads only: a correction along a retain gradient must not leak into a kept
         # task's head, which the forget signal never touches
         self.orth_cols = self.column_mask(heads=ctx.targets if self.opts.orth_heads else ())
-        self.memory: list[torch.Tensor] = []  # step 3's past retain span vectors (`retain_memory`)
         logs = {}
         if self.opts.project:
             if self.opts.subspace == "gradients":
@@ -396,9 +392,7 @@ class Iamu(SignalMethod):
         g_f = x[:, :nF].sum(1)  # summed forget direction [blocks, S]
         g_r = x[:, nF : nF + nT].sum(1)  # retain gradient of the summed task losses
         span = x[:, nF : nF + nT] if self.opts.span == "per_task" else x[:, nF + nT :]
-        g_f = self._orthogonalize(g_f, g_r, torch.cat([span, *self.memory], 1), ctx, logs, pre_norm2)
-        if self.opts.retain_memory:  # x is reused next step: keep a copy
-            self.memory = [*self.memory, span.clone()][-self.opts.retain_memory :]
+        g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
         update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
         self.write_update(update, ctx)
         if self.opts.trace_dir:  # tests: the whole update, gathered for the trace only
