@@ -4,9 +4,11 @@ The development loop of the iamu issue: each variant (a set of `--set` items ove
 gets the paper table's tuning (`mtu tune`: the same space, trial count, budget and stop rule) on every
 (benchmark, setting) dev request of an existing paper-table folder, reusing its data, originals and dev
 requests. Printed per variant and unit: the selected trial's damage (the tuning criterion: collateral plus
-overshoot on the dev request), the mean damage over the trials that reached the target, how many reached,
-and the steps the selected trial took. A variant that wins here is then confirmed on the evaluation
-requests by `bench/paper_table.py --methods ...` (bench/README.md, "Paper table").
+overshoot on the dev request) and its parts (the mean relative move of val, retain and, in the partial
+setting, the kept tasks of the request's instances; the overshoot), the mean damage over the trials
+that reached the target, how many reached, and the steps the selected trial took. A variant that wins
+here is then confirmed on the evaluation requests by `bench/paper_table.py --methods ...`
+(bench/README.md, "Paper table").
 
     .venv/bin/python bench/iamu_dev.py --table bench/results/paper_table \\
         --variant base= --variant unit=unlearn.options.forget_norm=unit
@@ -46,6 +48,7 @@ def _unit(job: tuple) -> dict:
     trials = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob(f"{method}-t*.json"))]
     reached = [t["damage"] for t in trials if t["feasible"]]
     chosen = next(t for t in trials if t["trial"] == tuned["trial"])
+    moves = _damage_groups(origin, chosen, space.tolerance)
     return {
         "variant": variant,
         "unit": f"{ds}-{setting}",
@@ -53,7 +56,22 @@ def _unit(job: tuple) -> dict:
         "mean_reached": sum(reached) / len(reached) if reached else float("nan"),
         "reached": f"{len(reached)}/{len(trials)}",
         "stop": (chosen.get("stop_reason") or "")[:40],
+        **moves,
     }
+
+
+def _damage_groups(origin: Path, trial: dict, tolerance: float) -> dict:
+    """What the selected trial's damage is made of (mtu_dist/studies/tune.py: val, retain, kept, overshoot)."""
+    import yaml
+
+    from mtu_dist.evaluation.scoring import original_reference
+    from mtu_dist.studies.tune import damage_groups
+
+    run = Path(trial["run_dir"])
+    sample = yaml.safe_load((run / "config.yaml").read_text())["eval"]["retain_sample"]
+    original = original_reference(origin, trial["request_sha256"], sample).report["splits"]
+    mine = json.loads((run / "final" / "metrics.json").read_text())["splits"]
+    return damage_groups(original, mine, tolerance)
 
 
 def main(argv=None) -> int:
@@ -86,11 +104,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(_unit, jobs))
-    print("| variant | unit | selected damage | mean damage (reached) | reached | selected trial's stop |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| variant | unit | selected damage | its val / retain / kept / overshoot | mean damage (reached) "
+        "| reached | selected trial's stop |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        moves = " / ".join(
+            "-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("val", "retain", "forget_kept", "overshoot")
+        )
         print(
-            f"| {r['variant']} | {r['unit']} | {r['damage']:.4f} | {r['mean_reached']:.4f} | {r['reached']} "
+            f"| {r['variant']} | {r['unit']} | {r['damage']:.4f} | {moves} | {r['mean_reached']:.4f} | {r['reached']} "
             f"| {r['stop']} |"
         )
     return 0

@@ -208,21 +208,33 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _forget_above(original: dict, trial: dict) -> list[float | None]:
+    """Per target task: how far the forget pairs still are above the original's val level (relative)."""
+    targets = [t for t in TASKS if t in trial.get("forget", {})]
+    return [_above(_p(original, "val", t), _p(trial, "forget", t)) for t in targets]
+
+
+def damage_groups(original: dict, trial: dict, tolerance: float) -> dict[str, float | None]:
+    """The groups `damage` averages: the mean relative move of val, retain and (partial) forget_kept, and
+    the overshoot (None where undefined)."""
+    groups = {
+        sp: _mean(_rel(_p(original, sp, t), _p(trial, sp, t)) for t in original.get(sp, {}))
+        for sp in ("val", "retain", "forget_kept")
+        if original.get(sp)
+    }
+    above = _forget_above(original, trial)
+    if above and None not in above:
+        groups["overshoot"] = _mean(max(0.0, -a - tolerance) for a in above)
+    return groups
+
+
 def criterion(original: dict, trial: dict, tolerance: float) -> dict:
     """Forget gap, damage and feasibility of one trial (see the module docstring); `original` and
     `trial` are the two models' metrics.json `splits` on the dev request. An undefined term counts as
     the worst case (inf), so a trial that broke a metric is never chosen over one that did not."""
-    targets = [t for t in TASKS if t in trial.get("forget", {})]
-    above = [_above(_p(original, "val", t), _p(trial, "forget", t)) for t in targets]
+    above = _forget_above(original, trial)
     gap = None if not above or None in above else max(0.0, *above)  # per task: every target must have forgotten
-    groups = [
-        _mean(_rel(_p(original, sp, t), _p(trial, sp, t)) for t in original.get(sp, {}))
-        for sp in ("val", "retain", "forget_kept")
-        if original.get(sp)
-    ]
-    if above and None not in above:
-        groups.append(_mean(max(0.0, -a - tolerance) for a in above))  # the overshoot
-    damage = _mean(groups)
+    damage = _mean(damage_groups(original, trial, tolerance).values())
     gap = math.inf if gap is None else gap
     damage = math.inf if damage is None else damage
     return {"forget_gap": gap, "damage": damage, "feasible": gap <= tolerance}
