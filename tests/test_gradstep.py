@@ -281,3 +281,29 @@ def test_conflict_removal_matches_span_removal_when_everything_conflicts_and_is_
     _, want = nnls(r.T.numpy(), g.numpy())
     assert bool((c >= 0).all()) and bool((r @ (g - c @ r) <= 1e-9).all())
     assert (g - c @ r).norm().item() == pytest.approx(want, rel=1e-8, abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "configured", "expected"),
+    [
+        ("iamu", {}, 0.0, 0.9),  # iamu's update rule: momentum 0.9 whatever unlearn.momentum says
+        ("iamu_no_momentum", {}, 0.5, 0.0),
+        ("iamu", {"momentum": None}, 0.5, 0.5),  # None: the config's
+        ("neggrad_plus", {}, 0.3, 0.3),  # every other method: the config's
+    ],
+)
+def test_the_unlearning_optimizer_gets_the_methods_momentum(monkeypatch, method, options, configured, expected):
+    from mtu_dist.methods import build_method
+    from mtu_dist.runner import unlearn
+
+    built = {}
+
+    def prepare(acc, model, opt, **kwargs):
+        built["opt"] = opt
+        return model, None
+
+    monkeypatch.setattr(unlearn, "prepare", prepare)
+    cfg = RunConfig()
+    cfg.unlearn.momentum = configured
+    unlearn._prepare(SimpleNamespace(cfg=cfg, world=1, acc=None), _tiny_model(), build_method(method, options))
+    assert built["opt"].param_groups[0]["momentum"] == expected

@@ -89,6 +89,11 @@ class Method:
     def __init__(self, options: dict):
         self.opts = _strict(self.Options).model_validate(options)
 
+    def momentum(self, configured: float) -> float:
+        """The SGD momentum the runner's optimizer gets: `unlearn.momentum`, unless the method's update
+        rule fixes its own (the optimizer keeps the buffer, so resume and ZeRO treat it as any state)."""
+        return configured
+
     def setup(
         self, ctx: StepContext, retain_batches: Iterator[dict] | None, forget_batches: Iterator[dict] | None
     ) -> dict[str, float]:

@@ -21,8 +21,10 @@ arXiv 2605.19042; docs/design.md §4).
 3. Instance-level orthogonalization: the summed forget direction loses its component in the span of
    the retain gradients (per task, or per sample as in OrthoGrad), or with `remove: conflicts` only the
    part that conflicts with them (a non-negative least squares) — from a Gram matrix only.
-4. Update: alpha * sum_u g_retain^u - (1 - alpha) * g_forget; task heads follow their own
-   forget/retain gradients (heads are never projected).
+4. Update: alpha * sum_u g_retain^u - (1 - alpha) * g_forget, g_forget of unit length (`forget_norm`);
+   task heads follow their own forget/retain gradients (heads are never projected). The optimizer
+   applies heavy-ball momentum to it (`momentum`, 0.9): what steps 2-3 leave of one batch's forget
+   gradient changes from step to step, and the sum over steps keeps the part they share.
 All of it runs on the distributed step of `mtu_dist/distributed/gradstep.py`, in either reduction mode.
 """
 
@@ -73,6 +75,10 @@ class IamuOptions(BaseModel):
     # (length 1: each step moves the parameters by lr * (1 - alpha) along it, whatever the constraints
     # removed and however the forget loss's gradient grows as it is ascended)
     forget_norm: Literal["as_is", "restored", "unit"] = "unit"  # measured best: see README "iamu"
+    # step 4's heavy-ball momentum (the optimizer's: v <- momentum v + update): after steps 2-3 the forget
+    # direction is what one batch's gradient keeps beyond its retain span, which changes from step to step;
+    # momentum sums it over steps (about 1/(1 - momentum) of them). None: `unlearn.momentum`
+    momentum: float | None = Field(0.9, ge=0, lt=1)  # measured best: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -463,6 +469,9 @@ class Iamu(SignalMethod):
                 Path(self.opts.trace_dir) / f"step-{ctx.step:04d}.safetensors",
             )
 
+    def momentum(self, configured: float) -> float:
+        return configured if self.opts.momentum is None else self.opts.momentum
+
 
 class IamuNoProj(Iamu):
     """Ablation: iamu without the task-aware projection (step 2)."""
@@ -483,3 +492,10 @@ class IamuNoNorm(Iamu):
 
     def __init__(self, options: dict):
         super().__init__({**options, "forget_norm": "as_is"})
+
+
+class IamuNoMomentum(Iamu):
+    """Ablation: iamu with a plain SGD update, the forget direction of each step alone (`momentum: 0`)."""
+
+    def __init__(self, options: dict):
+        super().__init__({**options, "momentum": 0.0})

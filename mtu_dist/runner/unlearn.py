@@ -139,7 +139,7 @@ def _prepare(s: Session, model: torch.nn.Module, method: Method) -> tuple[torch.
     """The optimizer, and the model to run forward (wrapped for the gradient reduction, or not)."""
     u = s.cfg.unlearn
     opt = (
-        torch.optim.SGD(model.parameters(), lr=u.lr, momentum=u.momentum)
+        torch.optim.SGD(model.parameters(), lr=u.lr, momentum=method.momentum(u.momentum))
         if u.optimizer == "sgd"
         else torch.optim.Adam(model.parameters(), lr=u.lr)
     )
