@@ -20,11 +20,12 @@ from mtu_dist.tasks import TASKS
 pytestmark = pytest.mark.slow
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the trained model (and so every number below) depends on the reduction order
 # small steps: at 0.003+ single overshooting steps dominate neggrad_plus's side of the comparison. iamu's forget
-# direction has unit length (forget_norm: unit) and its update momentum 0.9, so its step size is a tenth of the
-# step's length over (1 - alpha): half the lower edge of its tuning decade (configs/tune_space.yaml). The budget
-# leaves room for the stop rule to see every target task at its level at once.
-LR = {"neggrad_plus": "0.001", "iamu": "0.0002"}
-STEPS = "800"
+# direction has unit length (forget_norm: unit) and its update momentum 0.9, which sums about 10 steps: at lr
+# 0.0001 its effective step is neggrad_plus's 0.001. The kept-task margin is small at this size: at 0.0002
+# iamu moved the kept tasks 0.76% against neggrad_plus's 0.69% (0.65% at 0.0001). The budget leaves room for
+# the stop rule to see every target task at its level at once.
+LR = {"neggrad_plus": "0.001", "iamu": "0.0001"}
+STEPS = "1600"
 
 
 def _change(orig: dict, new: dict, split: str, signed: bool) -> float:
