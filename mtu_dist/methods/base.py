@@ -91,7 +91,7 @@ class Method:
 
     def momentum(self, configured: float) -> float:
         """The SGD momentum the runner's optimizer gets: `unlearn.momentum`, unless the method's update
-        rule fixes its own (the optimizer keeps the buffer, so resume and ZeRO treat it as any state)."""
+        rule fixes its own (the optimizer keeps the buffer: checkpointed and resumed as any optimizer state)."""
         return configured
 
     def setup(
