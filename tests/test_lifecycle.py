@@ -165,6 +165,7 @@ def test_a_stop_while_the_loader_workers_start_waits_for_them_and_prints_one_lin
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_foreground_job,
     )
     err = one_line_end(proc, 3, "mtu: stopped")
     assert "Exception ignored" not in err, err
@@ -198,7 +199,13 @@ except (KeyboardInterrupt, Terminated):
 def test_a_stop_dropped_in_a_finalizer_is_sent_again(tmp_path, sig):
     script = tmp_path / "in_a_finalizer.py"
     script.write_text(IN_A_FINALIZER.format(sig=sig))
-    proc = subprocess.Popen([str(BIN / "python"), str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "python"), str(script)],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_foreground_job,
+    )
     err = one_line_end(proc, 3, "mtu: stopped")
     assert "Exception ignored" not in err, err
 
