@@ -14,7 +14,6 @@ from mtu_dist.methods.iamu import (
     Iamu,
     IamuOptions,
     _orth,
-    energy_basis,
     energy_eig,
     importance_scaled,
     orthogonalize,
@@ -172,9 +171,9 @@ def test_energy_basis_keeps_stated_energy():
     q = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0]
     vals = torch.tensor([50, 30, 15, 3, 1, 0.5, 0.3, 0.1, 0.1, 0.0], dtype=torch.float64)
     cov = q @ torch.diag(vals) @ q.T
-    b = energy_basis(cov, 0.97)
+    b = energy_eig(cov, 0.97)[1]
     assert b.shape[1] == 4  # 50+30+15 = 95% < 97% <= 98%
-    assert energy_basis(torch.zeros(4, 4, dtype=torch.float64), 0.97).shape[1] == 0
+    assert energy_eig(torch.zeros(4, 4, dtype=torch.float64), 0.97)[1].shape[1] == 0
 
 
 @pytest.mark.parametrize("rank_deficient", [False, True])
@@ -216,9 +215,9 @@ def test_energy_basis_falls_back_to_svd_when_eigh_fails(monkeypatch, broken_eigh
     without raising (seen on a 576x576 one of a model trained one epoch); the SVD path gives the same span."""
     a = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     cov = a @ a.T
-    ref = energy_basis(cov, 0.97)
+    ref = energy_eig(cov, 0.97)[1]
     monkeypatch.setattr(torch.linalg, "eigh", broken_eigh(torch.linalg.eigh))
-    got = energy_basis(cov, 0.97)
+    got = energy_eig(cov, 0.97)[1]
     assert got.shape == ref.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got @ got.T, ref @ ref.T, rtol=0, atol=1e-12)  # same projector
 

@@ -110,13 +110,8 @@ def eigh_descending(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.to(cov.dtype), vecs.to(cov.dtype)
 
 
-def energy_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
-    """Top eigenvectors of a PSD matrix holding `energy` of its trace."""
-    return energy_eig(cov, energy)[1]
-
-
 def energy_eig(cov: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`energy_basis` with its eigenvalues: (vals [k] descending, vecs [n, k])."""
+    """Top eigenpairs of a PSD matrix holding `energy` of its trace: (vals [k] descending, vecs [n, k])."""
     vals, vecs = eigh_descending(cov)
     vals = vals.clamp(min=0)
     total = vals.sum()
