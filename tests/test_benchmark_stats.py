@@ -246,3 +246,24 @@ def test_partial_mia_goal_reads_the_attack_on_the_target_tasks():
     text = goal_lines(groups)
     assert "partial, b: iamu MIA AUC (target tasks) 0.520 vs retrain 0.500: gap 0.020" in text
     assert "full, b: iamu MIA AUC 0.600 vs retrain 0.930: gap 0.330" in text
+
+
+def test_a_baseline_missing_a_seed_is_not_the_strongest():
+    """A stopped run leaves baselines with one seed; their mean is over other requests, so the goal line
+    ranks only the baselines that have every seed iamu has (and says which it left out)."""
+    from mtu_dist.reporting.report import goal_lines, incomplete
+
+    def rows(m, uis, seeds=(0, 1, 2)):
+        return [Row("b", "full", s, m, {"uis": u, "uis_excess": 0.1}) for s, u in zip(seeds, uis)]
+
+    g = {
+        "retrain": rows("retrain", [0.01, 0.01, 0.01]),
+        "iamu": rows("iamu", [0.10, 0.12, 0.14]),
+        "pcgrad": rows("pcgrad", [0.05], seeds=(0,)),  # lucky single seed: lowest mean, but incomplete
+        "salun": rows("salun", [0.20, 0.22, 0.24]),
+    }
+    assert incomplete(g) == {"pcgrad": "1 of 3 seeds"}
+    text = goal_lines({("b", "full"): g})
+    assert "strongest baseline salun 0.2200" in text and "45% below" in text  # (0.22 - 0.12) / 0.22
+    assert "incomplete, not ranked: pcgrad (1 of 3 seeds)" in text
+    assert "paired difference iamu - salun -0.1000 [" in text

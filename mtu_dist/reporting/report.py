@@ -18,7 +18,8 @@ the retrain and the rows below the floor are marked and never ranked (tables.py)
   retrain (percentage points), cost (unlearning wall time, setup included; the retrain: its training
   time; the original: 0) and its ratio to the retrain's;
 * UIS excess: UIS minus the retrain's UIS on the same request (the floor); a row whose mean excess is
-  below 0 is flagged `below floor` and never counts as the strongest baseline;
+  below 0 is flagged `below floor` and never counts as the strongest baseline, nor does a row that
+  lacks a seed `OURS` has (a stopped run's leftover: its mean is over other requests);
 * below it, UIS per task (the breakdown of the UIS column);
 * interference at equal forgetting, from each run's trajectory (trajectory.py): task-level and
   instance-level interference when the forget pairs first reach the retrain's forget level
@@ -231,6 +232,17 @@ def below_floor(by_method: dict[str, list[Row]]) -> set[str]:
     }
 
 
+def incomplete(by_method: dict[str, list[Row]]) -> dict[str, str]:
+    """Baselines without a UIS on every seed OURS has, as `method -> "k of n seeds"`: their mean is over
+    other requests, so they are listed but never the strongest baseline (nor paired on a subset)."""
+    seeds = set(per_seed(by_method, OURS))
+    return {
+        m: f"{len(have & seeds)} of {len(seeds)} seeds"
+        for m in baselines(by_method)
+        if not seeds <= (have := set(per_seed(by_method, m)))
+    }
+
+
 def group(rows: list[Row]) -> dict[tuple[str, str], dict[str, list[Row]]]:
     """(benchmark, setting) -> method -> rows (one per seed)."""
     out: dict = defaultdict(lambda: defaultdict(list))
@@ -393,14 +405,23 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozenset(), diffs: dict | None = None) -> str:
+def uis_line(
+    label: str,
+    uis: dict[str, float],
+    setting: str,
+    low: set = frozenset(),
+    diffs: dict | None = None,
+    partial: dict[str, str] | None = None,
+) -> str:
     """The UIS goal line; `diffs` = {baseline: (per-seed OURS values, per-seed baseline values)} for the
-    paired difference of OURS minus the strongest baseline on the same requests and seeds."""
-    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low}
+    paired difference of OURS minus the strongest baseline on the same requests and seeds; `partial`
+    = {baseline: why} (incomplete) are listed and not ranked, as the rows below the floor (`low`)."""
+    partial = partial or {}
+    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low and m not in partial}
     if OURS not in uis or not base:
         why = (
-            f"every baseline is below the floor: {', '.join(sorted(low))}"
-            if OURS in uis and low
+            f"no baseline is ranked: below the floor {sorted(low)}, incomplete {sorted(partial)}"
+            if OURS in uis and (low or partial)
             else f"{OURS} or baselines missing"
         )
         return f"- {label}: UIS goal not computable ({why})"
@@ -408,6 +429,8 @@ def uis_line(label: str, uis: dict[str, float], setting: str, low: set = frozens
     below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
     floor = f"; the retrain's own UIS: {uis['retrain']:.4f}" if "retrain" in uis else ""
     skipped = f"; below the floor, not ranked: {', '.join(sorted(low))}" if low else ""
+    if partial:
+        skipped += "; incomplete, not ranked: " + ", ".join(f"{m} ({why})" for m, why in sorted(partial.items()))
     pair = ""
     if diffs and best in diffs and (d := paired(*diffs[best])) is not None:
         pair = f"; paired difference {OURS} - {best} {d.mean:+.4f}" + (
@@ -432,12 +455,17 @@ def goal_lines(groups: dict) -> str:
         for k in keys:
             g = groups[k]
             diffs = {m: (per_seed(g, OURS), per_seed(g, m)) for m in baselines(g)}
-            out.append(uis_line(f"{setting}, {k[0]}", per_bench[k[0]], setting, below_floor(g), diffs))
+            out.append(
+                uis_line(f"{setting}, {k[0]}", per_bench[k[0]], setting, below_floor(g), diffs, incomplete(g))
+            )
         common = set.intersection(*(set(u) for u in per_bench.values()))
         if len(per_bench) > 1:
             avg = {m: float(np.mean([u[m] for u in per_bench.values()])) for m in common}
             low = set.union(*(below_floor(groups[k]) for k in keys))
-            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting, low))
+            gaps: dict[str, str] = {}
+            for k in keys:
+                gaps.update({m: f"{why} on {k[0]}" for m, why in incomplete(groups[k]).items()})
+            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting, low, partial=gaps))
         # partial: the attack on the target tasks (the retrain still trains on the kept ones of the same instances)
         mia, what = ("mia_auc_target", "MIA AUC (target tasks)") if setting == "partial" else ("mia_auc", "MIA AUC")
         for k in keys:
