@@ -455,9 +455,7 @@ def goal_lines(groups: dict) -> str:
         for k in keys:
             g = groups[k]
             diffs = {m: (per_seed(g, OURS), per_seed(g, m)) for m in baselines(g)}
-            out.append(
-                uis_line(f"{setting}, {k[0]}", per_bench[k[0]], setting, below_floor(g), diffs, incomplete(g))
-            )
+            out.append(uis_line(f"{setting}, {k[0]}", per_bench[k[0]], setting, below_floor(g), diffs, incomplete(g)))
         common = set.intersection(*(set(u) for u in per_bench.values()))
         if len(per_bench) > 1:
             avg = {m: float(np.mean([u[m] for u in per_bench.values()])) for m in common}
