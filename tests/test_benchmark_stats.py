@@ -267,3 +267,19 @@ def test_a_baseline_missing_a_seed_is_not_the_strongest():
     assert "strongest baseline salun 0.2200" in text and "45% below" in text  # (0.22 - 0.12) / 0.22
     assert "incomplete, not ranked: pcgrad (1 of 3 seeds)" in text
     assert "paired difference iamu - salun -0.1000 [" in text
+
+
+def test_the_uis_goal_needs_the_interval_below_zero_not_only_the_margin():
+    """32% below on the means, but the paired interval includes 0 (one seed goes the other way): NOT met."""
+    from mtu_dist.reporting.report import goal_lines
+
+    def rows(m, uis):
+        return [Row("b", "full", s, m, {"uis": u, "uis_excess": 0.1}) for s, u in enumerate(uis)]
+
+    g = {"retrain": rows("retrain", [0.01] * 4), "salun": rows("salun", [0.20, 0.20, 0.20, 0.20])}
+    g["iamu"] = rows("iamu", [0.05, 0.05, 0.05, 0.39])  # mean 0.135: 32.5% below 0.2
+    text = goal_lines({("b", "full"): g})
+    assert "32% below" in text and "includes 0" in text and text.rstrip().endswith("NOT met")
+    g["iamu"] = rows("iamu", [0.13, 0.14, 0.13, 0.14])  # the same margin, every request below
+    text = goal_lines({("b", "full"): g})
+    assert "32% below" in text and "excludes 0" in text and text.rstrip().endswith(": met")
