@@ -28,6 +28,9 @@ RUNS = {
     "r2s": (2, "replicated", "sequential", ("mode=off_others", "scaled_alpha=2")),
     "s2s": (2, "sharded", "sequential", ("mode=off_others", "scaled_alpha=2")),
     "r1h": (1, "replicated", "sequential", ("mode=off_others",)),
+    # the forget loss weighted toward the best-fit samples: its weights are normalised by global sums
+    "r1f": (1, "replicated", "sequential", ("focus=1.5",)),
+    "s2f": (2, "sharded", "sequential", ("focus=1.5",)),
 }
 
 
@@ -147,3 +150,11 @@ def test_scaled_projection_agrees_across_ranks_and_modes_and_is_softer_than_the_
     soft, hard = runs["r1s"][0][0], runs["r1h"][0][0]
     torch.testing.assert_close(soft["signals"], hard["signals"], **TOL)  # the same step-1 signals before step 2
     assert not torch.allclose(soft["update"], hard["update"])  # the weights reach the step
+
+
+def test_focused_forget_loss_agrees_across_ranks_and_changes_only_the_forget_signals(runs):
+    _same(runs["r1f"], runs["s2f"])
+    focused, plain = runs["r1f"][0][0]["signals"], runs["r1"][0][0]["signals"]
+    nf = 2  # target signals first, then the 3 retain ones
+    torch.testing.assert_close(focused[nf:], plain[nf:], **TOL)  # the retain signals are untouched
+    assert not torch.allclose(focused[:nf], plain[:nf])  # the weights reach the forget gradients

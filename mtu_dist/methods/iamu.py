@@ -79,6 +79,9 @@ class IamuOptions(BaseModel):
     # direction is what one batch's gradient keeps beyond its retain span, which changes from step to step;
     # momentum sums it over steps (about 1/(1 - momentum) of them). None: `unlearn.momentum`
     momentum: float | None = Field(0.9, ge=0, lt=1)  # measured best: see README "iamu"
+    # the forget loss with each sample weighted by (batch mean / its loss)^focus (objective.focused_losses):
+    # the ascent pushes hardest on the instances still fit best, which a membership attack picks out; 0: uniform
+    focus: float = Field(0.0, ge=0)
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -375,7 +378,7 @@ class Iamu(SignalMethod):
     # ---------------------------------------------------------------- one step
     def step(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict]:
         tasks, targets = ctx.tasks, ctx.targets
-        f_losses, r_losses, preds = self.forward_losses(ctx, forget, retain)
+        f_losses, r_losses, preds = self.forward_losses(ctx, forget, retain, self.opts.focus)
         signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
         if self.opts.span == "per_sample":  # per-sample retain rows (retain preds follow the forget ones)
             signals += self.per_sample_signals(

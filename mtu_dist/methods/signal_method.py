@@ -14,7 +14,7 @@ import torch
 from mtu_dist.distributed import signals as engines
 from mtu_dist.distributed.gradstep import ParamLayout, gather_update, reduce_signals
 from mtu_dist.methods.base import Method, StepContext
-from mtu_dist.runner.objective import global_counts, normalised_losses
+from mtu_dist.runner.objective import focused_losses, global_counts, normalised_losses
 from mtu_dist.tasks import TASKS
 
 Losses = dict[str, torch.Tensor]  # task -> this rank's share of the global-batch loss
@@ -50,12 +50,20 @@ class SignalMethod(Method):
         wanted = set(indices)
         return [pc for b in self.blocks for pc in self.layout.pieces_of(b) if pc.index in wanted]
 
-    def forward_losses(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[Losses, Losses, dict]:
+    def forward_losses(
+        self, ctx: StepContext, forget: dict, retain: dict, focus: float = 0.0
+    ) -> tuple[Losses, Losses, dict]:
         """The opening of every step: forget and retain batches through ONE forward pass (GroupNorm keeps
-        samples independent), then per task the forget losses, the retain losses, and the predictions."""
+        samples independent), then per task the forget losses (weighted toward the best-fit samples with
+        `focus` > 0: objective.focused_losses), the retain losses, and the predictions."""
         nf, tasks = forget["image"].shape[0], ctx.tasks
         preds = ctx.model(torch.cat([forget["image"], retain["image"]]))
-        f = normalised_losses({t: p[:nf] for t, p in preds.items()}, forget, tasks, global_counts(forget, ctx.world))
+        f_preds = {t: p[:nf] for t, p in preds.items()}
+        f = (
+            focused_losses(f_preds, forget, tasks, ctx.world, focus)
+            if focus
+            else normalised_losses(f_preds, forget, tasks, global_counts(forget, ctx.world))
+        )
         r = normalised_losses({t: p[nf:] for t, p in preds.items()}, retain, tasks, global_counts(retain, ctx.world))
         return f, r, preds
 

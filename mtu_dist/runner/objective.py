@@ -36,6 +36,30 @@ def normalised_losses(
     return {t: sums[t] / counts[j].clamp(min=1).to(sums[t].dtype) for j, t in enumerate(tasks)}
 
 
+def focused_losses(
+    preds: dict, batch: dict, tasks: tuple[str, ...], world: int, power: float
+) -> dict[str, torch.Tensor]:
+    """Per task: this rank's share of the global-batch loss with sample b weighted by (m_t / l_t(b))^power,
+    m_t the global batch's mean loss, the weights rescaled to mean 1 over its supervised samples (power 0:
+    `normalised_losses`). An ascent on it pushes hardest on the samples the model still fits best, the
+    ones a membership attack picks out. Weights and means are global (two small all-reduces) and carry
+    no gradient, so 1 and N ranks optimise the same objective."""
+    mask = (batch["mask"] & batch["valid"][:, None]).to(torch.float64)
+    per = torch.stack([TASKS[t].per_sample_loss(preds[t], batch[t]) for t in tasks], 1)  # [B, T]
+    loss = per.detach().double()
+    sums = torch.cat([(loss * mask).sum(0), mask.sum(0)])
+    if world > 1:
+        dist.all_reduce(sums)
+    counts = sums[len(tasks) :].clamp(min=1)
+    mean = sums[: len(tasks)] / counts
+    raw = (mean / loss.clamp(min=1e-12)).clamp(max=1e6).pow(power) * mask  # a zero loss is not an infinite weight
+    total = raw.sum(0)
+    if world > 1:
+        dist.all_reduce(total)
+    weights = (raw * (counts / total.clamp(min=1e-30))).to(per.dtype)
+    return {t: (per[:, j] * weights[:, j]).sum() / counts[j].to(per.dtype) for j, t in enumerate(tasks)}
+
+
 def reduce_for_logging(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     """Sum each rank's share (detached) -> the global-batch value, in one all-reduce."""
     keys = sorted(values)
