@@ -6,7 +6,9 @@ gets the paper table's tuning (`mtu tune`: the same space, trial count, budget a
 requests. Printed per variant and unit: the selected trial's damage (the tuning criterion: collateral plus
 overshoot on the dev request) and its parts (the mean relative move of val, retain and, in the partial
 setting, the kept tasks of the request's instances; the overshoot), the mean damage over the trials
-that reached the target, how many reached, and the steps the selected trial took. A variant that wins
+that reached the target, how many reached, the steps the selected trial took, and its membership
+attack's AUC (on the target tasks in the partial setting; the tuning does not use it, and a dev request
+has no retrain to compare with: the evaluation requests' retrains score about 0.5). A variant that wins
 here is then confirmed on the evaluation requests by `bench/paper_table.py --methods ...`
 (bench/README.md, "Paper table").
 
@@ -49,7 +51,9 @@ def _unit(job: tuple) -> dict:
     reached = [t["damage"] for t in trials if t["feasible"]]
     chosen = next(t for t in trials if t["trial"] == tuned["trial"])
     moves = _damage_groups(origin, chosen, space.tolerance)
+    unlearning = json.loads((Path(chosen["run_dir"]) / "final" / "metrics.json").read_text())["unlearning"]
     return {
+        "mia": unlearning["mia_auc_target"] if setting == "partial" else unlearning["mia_auc"],
         "variant": variant,
         "unit": f"{ds}-{setting}",
         "damage": tuned["damage"],
@@ -106,16 +110,16 @@ def main(argv=None) -> int:
         rows = list(pool.map(_unit, jobs))
     print(
         "| variant | unit | selected damage | its val / retain / kept / overshoot | mean damage (reached) "
-        "| reached | selected trial's stop |"
+        "| reached | selected trial's stop | its MIA AUC |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         moves = " / ".join(
             "-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("val", "retain", "forget_kept", "overshoot")
         )
         print(
             f"| {r['variant']} | {r['unit']} | {r['damage']:.4f} | {moves} | {r['mean_reached']:.4f} | {r['reached']} "
-            f"| {r['stop']} |"
+            f"| {r['stop']} | {r['mia']:.3f} |"
         )
     return 0
 

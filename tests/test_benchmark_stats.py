@@ -283,3 +283,22 @@ def test_the_uis_goal_needs_the_interval_below_zero_not_only_the_margin():
     g["iamu"] = rows("iamu", [0.13, 0.14, 0.13, 0.14])  # the same margin, every request below
     text = goal_lines({("b", "full"): g})
     assert "32% below" in text and "excludes 0" in text and text.rstrip().endswith(": met")
+
+
+def test_the_paired_table_lists_iamu_minus_each_row_ablations_first():
+    from mtu_dist.reporting.report import paired_table
+
+    def rows(m, uis, mia):
+        return [Row("b", "full", s, m, {"uis": u, "mia_auc": a}) for s, (u, a) in enumerate(zip(uis, mia))]
+
+    g = {
+        "original": rows("original", [0.3, 0.3], [0.99, 0.99]),
+        "salun": rows("salun", [0.20, 0.30], [0.70, 0.80]),
+        "iamu": rows("iamu", [0.10, 0.12], [0.60, 0.62]),
+        "iamu_no_proj": rows("iamu_no_proj", [0.14], [0.66]),  # one seed in common
+    }
+    lines = paired_table(g).splitlines()
+    assert lines[0] == "| row | seeds | iamu - row: uis | iamu - row: mia auc |"
+    assert lines[2] == "| iamu_no_proj | 1 | -0.0400 | -0.060 |"  # ablations first; one seed: no interval
+    assert lines[3].startswith("| salun | 2 | -0.1400 [") and "| -0.140 [" in lines[3]  # per seed -0.1, -0.18
+    assert len(lines) == 4  # the original is the reference for UIS, not a row

@@ -21,6 +21,8 @@ the retrain and the rows below the floor are marked and never ranked (tables.py)
   below 0 is flagged `below floor` and never counts as the strongest baseline, nor does a row that
   lacks a seed `OURS` has (a stopped run's leftover: its mean is over other requests);
 * below it, UIS per task (the breakdown of the UIS column);
+* `OURS` minus each row, paired over the same requests: UIS and MIA AUC (the ablation table, and
+  the comparison with every baseline);
 * interference at equal forgetting, from each run's trajectory (trajectory.py): task-level and
   instance-level interference when the forget pairs first reach the retrain's forget level
   (interpolated), with the number of runs that reached it and the largest forget progress;
@@ -305,6 +307,35 @@ def equal_forgetting_table(by_method: dict[str, list[Row]]) -> str:
     return markdown(Table(["method"], [c for c, _ in cols], rows)) if rows else ""
 
 
+def paired_table(by_method: dict[str, list[Row]]) -> str:
+    """OURS minus every other method, paired over the requests (seeds) both ran: UIS, MIA AUC and (partial)
+    the MIA AUC on the target tasks, mean [95% interval]. Below 0 on UIS: OURS impacts less; the rows
+    of OURS' ablations are the ablation table (a row below 0 is a component that pays)."""
+    if OURS not in by_method:
+        return ""
+    keys = [k for k in ("uis", "mia_auc", "mia_auc_target") if per_seed(by_method, OURS, k)]
+    lines = [
+        "| row | seeds | " + " | ".join(f"{OURS} - row: {k.replace('_', ' ')}" for k in keys) + " |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
+    order = method_order(by_method)
+    for m in [a for a in ABLATIONS if a in order] + [m for m in order if m not in ABLATIONS]:
+        if m in (OURS, "original"):
+            continue
+        cells = [paired(per_seed(by_method, OURS, k), per_seed(by_method, m, k)) for k in keys]
+        if cells[0] is None:
+            continue
+        spec = lambda k: ".4f" if k == "uis" else ".3f"  # noqa: E731
+        text = [
+            ""
+            if d is None
+            else f"{d.mean:+{spec(k)}}" + (f" [{d.lo:+{spec(k)}}, {d.hi:+{spec(k)}}]" if d.n > 1 else "")
+            for k, d in zip(keys, cells)
+        ]
+        lines.append(f"| {m} | {cells[0].n} | " + " | ".join(text) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def memorisation(by_method: dict[str, list[Row]]) -> dict:
     """The original's memorisation on the requests, from the original's and the retrain's rows: per task
     the forget-pair primary metric (target pairs, and kept pairs in the partial setting), the val one and
@@ -540,6 +571,9 @@ def render(rows: list[Row], title: str) -> str:
                 eq,
                 "",
             ]
+        pairs = paired_table(by_method)
+        if pairs:
+            parts += [f"{OURS} minus each row, paired over the same requests (the ablation rows first):", "", pairs, ""]
         memo = memorisation(by_method)
         if memo["tasks"]:
             parts += ["Memorisation of the original on these requests:", "", *memorisation_lines(memo), ""]
