@@ -24,7 +24,9 @@ arXiv 2605.19042; docs/design.md §4).
 4. Update: alpha * sum_u g_retain^u - (1 - alpha) * g_forget, g_forget of unit length (`forget_norm`);
    task heads follow their own forget/retain gradients (heads are never projected). The optimizer
    applies heavy-ball momentum to it (`momentum`, 0.9): what steps 2-3 leave of one batch's forget
-   gradient changes from step to step, and the sum over steps keeps the part they share.
+   gradient changes from step to step, and the sum over steps keeps the part they share. With `focus`
+   > 0 the forget loss weights each sample by (batch mean / its loss)^focus (objective.focused_losses),
+   so the ascent pushes hardest on the instances the model still fits best.
 All of it runs on the distributed step of `mtu_dist/distributed/gradstep.py`, in either reduction mode.
 """
 
