@@ -117,6 +117,9 @@ class Bench:
         self.parent = None
         self.client = None
         self.counts = {"ran": 0, "skipped": 0}
+        self.method_sets = list(getattr(a, "method_set", None) or [])
+        if self.method_sets and not getattr(a, "methods", None):
+            raise UserError("--method-set needs --methods: it makes a variant of the methods it names")
 
     # ---------------- configs and records ----------------
 
@@ -396,7 +399,17 @@ class Bench:
             space.fixed["unlearn.steps"] = self.size["steps"]
         out = self.out / "tune" / f"{dataset}-{setting}"
         print(f"{dataset} {setting}: tuning {len(methods)} methods x {space.trials} trials on {dev.name}")
-        job = TuneJob(str(dev), str(origin), out, self.base(dataset), [], [], self.uri, space, f"{dataset}-{setting}")
+        job = TuneJob(
+            str(dev),
+            str(origin),
+            out,
+            self.base(dataset),
+            [],
+            self.method_sets,
+            self.uri,
+            space,
+            f"{dataset}-{setting}",
+        )
         tune(job, methods, log=lambda msg: print("  " + msg))
         return out / "tuned.yaml"
 
@@ -450,7 +463,7 @@ class Bench:
         from mtu_dist.runner.commands import unlearn_command
         from mtu_dist.studies.tune import chosen_overrides
 
-        sets = [*chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
+        sets = [*self.method_sets, *chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
         if level is not None:
             sets += [
                 "unlearn.stop_at=" + json.dumps(level),
@@ -555,6 +568,15 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--seeds", nargs="+", type=int, help="evaluation seeds (default: the size's)")
     ap.add_argument("--methods", nargs="+", help="registered methods (default: all)")
+    ap.add_argument(
+        "--method-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a variant of the methods given with --methods: this --set item in their tuning and runs (repeatable). "
+        "Their rows in the folder are replaced (every run records its resolved config); running again "
+        "without it brings the default back",
+    )
     ap.add_argument("--trials", type=int, help="trials per method (default: the size's)")
     ap.add_argument("--space", help="search-space YAML (default: configs/tune_space.yaml)")
     ap.add_argument(

@@ -496,3 +496,28 @@ def test_a_runs_record_hashes_its_methods_resolved_options(tmp_path):
     assert sha() != sha("unlearn.options.energy=0.5")
     assert resolved_options("iamu_no_proj", {})["project"] is False
     assert resolved_options("iamu", {})["project"] is True
+
+
+@pytest.mark.slow
+def test_method_set_makes_a_variant_of_the_named_methods_only(tmp_path):
+    """`--method-set` reaches the named method's tuning trials and evaluation runs, and nothing else."""
+    out = tmp_path / "bench"
+    _bench(out, "--methods", "iamu", "--settings", "full", "--method-set", "unlearn.options.focus=1.5")
+    runs = out / "runs" / "synth-indoor"
+    evaluated = yaml.safe_load((runs / "iamu-full-s0" / "config.yaml").read_text())
+    assert evaluated["unlearn"]["options"]["focus"] == 1.5
+    trials = sorted((out / "tune").glob("*/runs/*/tune-*/config.yaml"))  # the tuning trials
+    assert trials and all(yaml.safe_load(t.read_text())["unlearn"]["options"]["focus"] == 1.5 for t in trials)
+    retrain = yaml.safe_load((runs / "retrain-full-s0" / "config.yaml").read_text())
+    assert retrain["unlearn"]["options"] in ({}, None)  # the references are not a variant
+
+
+def test_method_set_needs_methods(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "paper_table.py"), "--quick", "--out", str(tmp_path / "b")]
+        + ["--method-set", "unlearn.options.focus=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "--method-set needs --methods" in proc.stderr and "Traceback" not in proc.stderr
