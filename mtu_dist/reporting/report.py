@@ -443,17 +443,17 @@ def uis_line(
     setting: str,
     low: set = frozenset(),
     diffs: dict | None = None,
-    partial: dict[str, str] | None = None,
+    incomplete_rows: dict[str, str] | None = None,
 ) -> str:
     """The UIS goal line; `diffs` = {baseline: (per-seed OURS values, per-seed baseline values)} for the
-    paired difference of OURS minus the strongest baseline on the same requests and seeds; `partial`
-    = {baseline: why} (incomplete) are listed and not ranked, as the rows below the floor (`low`)."""
-    partial = partial or {}
-    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low and m not in partial}
+    paired difference of OURS minus the strongest baseline on the same requests and seeds;
+    `incomplete_rows` = {baseline: why} are listed and not ranked, as the rows below the floor (`low`)."""
+    unranked = incomplete_rows or {}
+    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low and m not in unranked}
     if OURS not in uis or not base:
         why = (
-            f"no baseline is ranked: below the floor {sorted(low)}, incomplete {sorted(partial)}"
-            if OURS in uis and (low or partial)
+            f"no baseline is ranked: below the floor {sorted(low)}, incomplete {sorted(unranked)}"
+            if OURS in uis and (low or unranked)
             else f"{OURS} or baselines missing"
         )
         return f"- {label}: UIS goal not computable ({why})"
@@ -461,8 +461,8 @@ def uis_line(
     below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
     floor = f"; the retrain's own UIS: {uis['retrain']:.4f}" if "retrain" in uis else ""
     skipped = f"; below the floor, not ranked: {', '.join(sorted(low))}" if low else ""
-    if partial:
-        skipped += "; incomplete, not ranked: " + ", ".join(f"{m} ({why})" for m, why in sorted(partial.items()))
+    if unranked:
+        skipped += "; incomplete, not ranked: " + ", ".join(f"{m} ({why})" for m, why in sorted(unranked.items()))
     pair, ok = "", below >= GOALS[setting]
     if diffs and best in diffs and (d := paired(*diffs[best])) is not None:
         pair = f"; paired difference {OURS} - {best} {d.mean:+.4f}" + (
@@ -497,7 +497,7 @@ def goal_lines(groups: dict) -> str:
             gaps: dict[str, str] = {}
             for k in keys:
                 gaps.update({m: f"{why} on {k[0]}" for m, why in incomplete(groups[k]).items()})
-            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting, low, partial=gaps))
+            out.append(uis_line(f"{setting}, mean over benchmarks", avg, setting, low, incomplete_rows=gaps))
         # partial: the attack on the target tasks (the retrain still trains on the kept ones of the same instances)
         mia, what = ("mia_auc_target", "MIA AUC (target tasks)") if setting == "partial" else ("mia_auc", "MIA AUC")
         for k in keys:
