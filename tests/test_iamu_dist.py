@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import ROOT, run_many, run_mtu
@@ -31,6 +33,12 @@ RUNS = {
     # the forget loss weighted toward the best-fit samples: its weights are normalised by global sums
     "r1f": (1, "replicated", "sequential", ("focus=1.5",)),
     "s2f": (2, "sharded", "sequential", ("focus=1.5",)),
+    # the kept task (depth) of the forget instances: its loss on the forget batch is a signal of its own,
+    # normalised by global counts, in the span (`span`) and in the retain term too (`term`)
+    "r1k": (1, "replicated", "sequential", ("kept_on_forget=term",)),
+    "s2k": (2, "sharded", "sequential", ("kept_on_forget=term",)),
+    "r2ks": (2, "replicated", "sequential", ("kept_on_forget=span",)),
+    "r1ks": (1, "replicated", "sequential", ("kept_on_forget=span",)),
 }
 
 
@@ -108,11 +116,14 @@ def runs(tiny_root, tiny_original, tmp_path_factory):
             tag=f"iamu-{nproc}",
         )
     return {
-        name: (
-            [load_file(tmp / "trace" / name / f"step-{i:04d}.safetensors") for i in range(1, 6)],
-            load_file(tmp / "runs/synth-indoor" / name / "final" / "model.safetensors"),
-        )
-        for name in RUNS
+        "_dir": tmp,
+        **{
+            name: (
+                [load_file(tmp / "trace" / name / f"step-{i:04d}.safetensors") for i in range(1, 6)],
+                load_file(tmp / "runs/synth-indoor" / name / "final" / "model.safetensors"),
+            )
+            for name in RUNS
+        },
     }
 
 
@@ -158,3 +169,55 @@ def test_focused_forget_loss_agrees_across_ranks_and_changes_only_the_forget_sig
     nf = 2  # target signals first, then the 3 retain ones
     torch.testing.assert_close(focused[nf:], plain[nf:], **TOL)  # the retain signals are untouched
     assert not torch.allclose(focused[:nf], plain[:nf])  # the weights reach the forget gradients
+
+
+ALPHA = 0.5  # unlearn.alpha (the default; tiny.yaml keeps it)
+
+
+def _forget_direction(trace, n_retain=3, nf=2, with_kept=False):
+    """g_f' (after steps 2-3) from a traced step: update = alpha * g_r - (1 - alpha) * g_f'."""
+    sig = trace["signals"]
+    g_r = sig[nf : nf + n_retain + (1 if with_kept else 0)].sum(0)
+    return (ALPHA * g_r - trace["update"]) / (1 - ALPHA)
+
+
+def test_kept_pairs_of_the_forget_instances_agree_across_ranks_and_join_the_span(runs):
+    _same(runs["r1k"], runs["s2k"])
+    _same(runs["r1ks"], runs["r2ks"])
+    kept, plain = runs["r1ks"][0][0], runs["r1"][0][0]
+    assert kept["signals"].shape[0] == 2 + 3 + 1  # the kept task (depth) of the forget instances last
+    torch.testing.assert_close(kept["signals"][:5], plain["signals"], **TOL)  # the same step-1 signals
+    s_k = kept["signals"][5]
+    assert s_k.norm() > 0
+    # span: the forget direction after step 3 has no component along the kept pairs' gradient; without
+    # the option it has (the same step 1: same model, same batches)
+    with_span, without = _forget_direction(kept), _forget_direction(plain)
+    assert abs(with_span @ s_k) <= 1e-9 * with_span.norm() * s_k.norm()
+    assert abs(without @ s_k) > 1e-3 * without.norm() * s_k.norm()
+    # term: the kept gradient also enters the retain term of the update, with the same forget direction
+    term = runs["r1k"][0][0]
+    torch.testing.assert_close(_forget_direction(term, with_kept=True), with_span, **TOL)
+
+
+def test_the_kept_pairs_a_run_uses_are_retain_pairs_in_its_ledger_and_it_passes_the_audit(runs):
+    tmp = runs["_dir"]
+    run = tmp / "runs/synth-indoor/r1k"
+    proc = run_mtu("audit", run, cwd=tmp, check=True)
+    assert "leaks: 0" in proc.stdout, proc.stdout
+
+    def roles(name):
+        doc = json.loads((tmp / "runs/synth-indoor" / name / "final" / "ledger.json").read_text())
+        return {role: r["keys"] for role, r in doc["roles"].items()}
+
+    kept, plain = roles("r1k"), roles("r1")
+    assert kept["forget"] == plain["forget"]  # the same forget stream
+    # every draw of a forget instance also uses its kept depth label, recorded as a retain pair
+    draws: dict[str, int] = {}
+    for key, n in kept["forget"].items():
+        instance = key.split("|")[0]
+        draws[instance] = max(draws.get(instance, 0), n)
+    assert draws
+    for instance, n in draws.items():
+        extra = kept["retain"].get(f"{instance}|depth", 0) - plain["retain"].get(f"{instance}|depth", 0)
+        assert extra == n, (instance, extra, n)
+        assert f"{instance}|seg" not in kept["retain"] and f"{instance}|normal" not in kept["retain"]

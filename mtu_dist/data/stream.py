@@ -116,6 +116,22 @@ def blank_sample(manifest: Manifest) -> dict:
     return to_tensors(s, manifest.tasks, np.zeros(len(manifest.tasks), bool), key="", valid=False)
 
 
+KEPT = "kept_"  # the prefix of the kept supervision a forget sample carries (`with_kept`)
+
+
+def with_kept(sample: dict, kept: dict, tasks: tuple[str, ...]) -> dict:
+    """A forget sample that also carries its instance's kept supervision (`kept_mask`, `kept_<task>`):
+    the labels of the tasks a partial request leaves, which are retain data (`kept_view` reads them
+    back as a batch of their own, which the runner records under `retain`)."""
+    return {**sample, "kept_mask": kept["mask"], **{KEPT + t: kept[t] for t in tasks}}
+
+
+def kept_view(batch: dict, tasks: tuple[str, ...]) -> dict:
+    """The kept supervision of a batch of `with_kept` samples, as a batch (the same images and keys)."""
+    view = {k: batch[k] for k in ("image", "valid", "key")}
+    return {**view, "mask": batch["kept_mask"], **{t: batch[KEPT + t] for t in tasks}}
+
+
 def collate(samples: list[dict]) -> dict:
     out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "key"}
     out["key"] = [s["key"] for s in samples]

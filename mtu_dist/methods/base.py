@@ -41,6 +41,7 @@ class StepContext:
     step: int
     rank: int = 0
     targets: tuple[str, ...] = ()  # tasks with at least one forget pair in the request
+    kept: tuple[str, ...] = ()  # tasks at least one forget instance keeps (a partial request's other tasks)
     config: UnlearnConfig | None = None  # the `unlearn` config section
     seed: int = 0  # the run's seed: methods derive every random draw from it (same on every rank)
     num_classes: int = 0  # seg classes
@@ -85,6 +86,9 @@ class Method:
     uses_retain: bool = True  # whether the runner streams retain batches to this method
     uses_forget: bool = True  # ... and forget batches (what is not used is not consumed or recorded)
     manages_gradients: bool = False  # True: `step` writes .grad itself; the model is not DDP-wrapped
+    # True: forget batches also carry their instances' kept supervision (`kept_mask`, `kept_<task>`;
+    # stream.kept_view reads it as a batch), recorded as retain pairs
+    uses_kept: bool = False
 
     def __init__(self, options: dict):
         self.opts = _strict(self.Options).model_validate(options)

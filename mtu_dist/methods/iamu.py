@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mtu_dist.data.stream import kept_view
 from mtu_dist.distributed.gradstep import allreduce_small, gather_blocks, gather_update
 from mtu_dist.methods.base import StepContext
 from mtu_dist.methods.lowrank import gaussian_sketch, lowrank_eig
@@ -84,6 +85,11 @@ class IamuOptions(BaseModel):
     # the forget loss with each sample weighted by (batch mean / its loss)^focus (objective.focused_losses):
     # the ascent pushes hardest on the instances still fit best, which a membership attack picks out; 0: uniform
     focus: float = Field(0.0, ge=0)
+    # partial requests: the kept tasks' losses on the forget instances themselves (the labels a partial
+    # request leaves: retain pairs, carried by the forget batches), where the target task's ascent through
+    # the shared encoder hurts them most. `span`: they join step 3's retain span (the forget direction loses
+    # its component along them); `term`: also step 4's retain term (the update keeps those pairs fitted)
+    kept_on_forget: Literal["off", "span", "term"] = "off"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -201,6 +207,10 @@ def conflict_coefficients(gram: torch.Tensor) -> torch.Tensor:
 
 class Iamu(SignalMethod):
     Options = IamuOptions
+
+    @property
+    def uses_kept(self) -> bool:
+        return self.opts.kept_on_forget != "off"
 
     # ---------------------------------------------------------------- setup: layout + task subspaces
     def setup(self, ctx: StepContext, retain_batches, forget_batches) -> dict[str, float]:
@@ -381,13 +391,14 @@ class Iamu(SignalMethod):
     def step(self, ctx: StepContext, forget: dict, retain: dict) -> tuple[torch.Tensor, dict]:
         tasks, targets = ctx.tasks, ctx.targets
         f_losses, r_losses, preds = self.forward_losses(ctx, forget, retain, self.opts.focus)
-        signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks]
+        k_losses = self._kept_losses(ctx, forget, preds)
+        signals = [f_losses[t] for t in targets] + [r_losses[u] for u in tasks] + list(k_losses.values())
         if self.opts.span == "per_sample":  # per-sample retain rows (retain preds follow the forget ones)
             signals += self.per_sample_signals(
                 preds, retain, ctx, self.opts.span_samples, start=forget["image"].shape[0]
             )
         x = self.signals(signals, ctx, probe=True)  # [blocks, K, S]
-        nF, nT = len(targets), len(tasks)
+        nF, nT, nK = len(targets), len(tasks), len(k_losses)
         logs, trace = {}, {}
         cols = self.orth_cols[self.blocks][:, None].to(x.dtype)
         pre_norm2 = (x[:, :nF].sum(1, keepdim=True) * cols).pow(2).sum()  # partial over owned columns
@@ -396,15 +407,29 @@ class Iamu(SignalMethod):
         if self.opts.project:
             logs.update(self._project(x, targets, ctx))
         g_f = x[:, :nF].sum(1)  # summed forget direction [blocks, S]
-        g_r = x[:, nF : nF + nT].sum(1)  # retain gradient of the summed task losses
-        span = x[:, nF : nF + nT] if self.opts.span == "per_task" else x[:, nF + nT :]
+        # retain gradient of the summed task losses (`term`: and of the kept pairs of the forget instances)
+        g_r = x[:, nF : nF + nT + (nK if self.opts.kept_on_forget == "term" else 0)].sum(1)
+        # the retain span: per task or per sample, and the kept pairs' gradients (`span`, `term`) in either
+        span = x[:, nF : nF + nT + nK] if self.opts.span == "per_task" else x[:, nF + nT :]
         g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
         update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
         self.write_update(update, ctx)
         if self.opts.trace_dir:  # tests: the whole update, gathered for the trace only
             full = gather_update(update, self.mode, ctx.world)
             self._dump(ctx, {**trace, "gram": self.last_gram, "update": self.layout.to_natural(full[:, None])[0]})
-        return self.step_result(ctx, f_losses, r_losses, {k: v / ctx.world for k, v in logs.items()})  # global
+        stats = {**{k: v / ctx.world for k, v in logs.items()}, **{f"kept/{u}": v for u, v in k_losses.items()}}
+        return self.step_result(ctx, f_losses, r_losses, stats)  # logs are global, the kept losses rank shares
+
+    def _kept_losses(self, ctx: StepContext, forget: dict, preds: dict) -> dict[str, torch.Tensor]:
+        """`kept_on_forget`: per kept task, this rank's share of its loss on the forget batch's own instances
+        (their kept labels; predictions from the step's one forward pass). None in a full request."""
+        if not self.uses_kept or not ctx.kept:
+            return {}
+        kept = kept_view(forget, ctx.tasks)
+        nf = kept["image"].shape[0]
+        f_preds = {t: p[:nf] for t, p in preds.items()}
+        losses = normalised_losses(f_preds, kept, ctx.tasks, global_counts(kept, ctx.world))
+        return {u: losses[u] for u in ctx.kept}
 
     def _project(self, x, targets, ctx: StepContext) -> dict[str, torch.Tensor]:
         before = x.new_zeros(len(targets))

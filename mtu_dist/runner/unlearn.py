@@ -30,7 +30,17 @@ from itertools import islice
 import torch
 
 from mtu_dist.compliance.ledger import Ledger
-from mtu_dist.data.stream import BatchLoader, blank_sample, forget_batches, forget_mask, load_instances, retain_mask
+from mtu_dist.data.stream import (
+    BatchLoader,
+    blank_sample,
+    forget_batches,
+    forget_mask,
+    kept_mask,
+    kept_view,
+    load_instances,
+    retain_mask,
+    with_kept,
+)
 from mtu_dist.distributed.stepper import PlainStepper, ZeroStepper, prepare
 from mtu_dist.errors import UserError
 from mtu_dist.evaluation.trajectory import Recorder
@@ -195,8 +205,15 @@ class Streams:
         # a lineage step forgets its new pairs only (repeats of earlier requests are skipped), and its retain
         # stream excludes everything the lineage has forgotten, not just this request
         forgetting, forgotten = s.forget_entries, s.forgotten_entries
-        self.blank = blank_sample(m)
         self.forget_set = load_instances(m, "train", list(forgetting), forget_mask(m, forgetting))
+        # a method that uses the kept supervision of the forget instances (partial requests) gets it in the
+        # forget batches (stream.with_kept), recorded as what it is: retain pairs
+        self.carries_kept = method.uses_forget and method.uses_kept
+        self.forget_samples, self.blank = self.forget_set, blank_sample(m)
+        if self.carries_kept:
+            kept = load_instances(m, "train", list(forgetting), kept_mask(m, forgetting))
+            self.forget_samples = [with_kept(f, k, m.tasks) for f, k in zip(self.forget_set, kept)]
+            self.blank = with_kept(self.blank, self.blank, m.tasks)
         self.loader = (
             BatchLoader(
                 m,
@@ -216,7 +233,10 @@ class Streams:
             "forget": ledger.recording(self.batches("forget"), m.tasks, role="forget") if method.uses_forget else None,
             "retain": ledger.recording(self.batches("retain"), m.tasks, role="retain") if self.loader else None,
         }
-        self.forget_in = _on_device(self.recorded["forget"], s.acc.device)
+        forget = self.recorded["forget"]
+        if self.carries_kept:
+            forget = _recording_kept(forget, ledger, m.tasks)
+        self.forget_in = _on_device(forget, s.acc.device)
         self.retain_in = _on_device(self.recorded["retain"], s.acc.device)
 
     def batches(self, role: str, drawn: int = 0) -> Iterator[dict]:
@@ -226,7 +246,7 @@ class Streams:
             return _endless(self.loader, drawn)
         return islice(
             forget_batches(
-                self.forget_set,
+                self.forget_samples,
                 global_batch=u.forget_batch,
                 rank=s.rank,
                 world=s.world,
@@ -257,6 +277,13 @@ class Streams:
                 it.resume_at(self.batches(role, drawn[role]), drawn[role])
 
 
+def _recording_kept(batches: Iterator[dict], ledger: Ledger, tasks: tuple[str, ...]) -> Iterator[dict]:
+    """Forget batches that carry their instances' kept supervision: that part recorded under `retain`."""
+    for batch in batches:
+        ledger.record(kept_view(batch, tasks), tasks, role="retain")
+        yield batch
+
+
 def _on_device(batches: Iterator[dict] | None, device: torch.device) -> Iterator[dict] | None:
     return None if batches is None else (to_device(b, device) for b in batches)
 
@@ -278,6 +305,7 @@ def _context(
         step=0,
         rank=s.rank,
         targets=targets,
+        kept=kept_tasks(s.forget_entries, m.tasks),
         config=u,
         seed=s.cfg.seed,
         num_classes=m.num_classes,
@@ -299,6 +327,11 @@ def _step(s: Session, method: Method, ctx: StepContext, streams: Streams, steppe
 def target_tasks(entries: dict, tasks) -> tuple[str, ...]:
     """Every task some entry targets, in the dataset's order."""
     return tuple(t for t in tasks if any(t in ts for ts in entries.values()))
+
+
+def kept_tasks(entries: dict, tasks) -> tuple[str, ...]:
+    """Every task some forget instance keeps (partial requests; none in a full one), in the dataset's order."""
+    return tuple(t for t in tasks if any(t not in ts for ts in entries.values()))
 
 
 def _save(
