@@ -9,7 +9,18 @@ from conftest import accelerate_launch, read_json, run_mtu
 
 from mtu_dist.compliance.request import load_request
 from mtu_dist.data.manifest import load_manifest
-from mtu_dist.data.stream import BatchLoader, retain_mask
+from mtu_dist.data.stream import (
+    BatchLoader,
+    blank_sample,
+    forget_batches,
+    forget_mask,
+    kept_mask,
+    kept_view,
+    load_instances,
+    retain_mask,
+    with_kept,
+)
+from mtu_dist.runner.unlearn import kept_tasks
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +88,38 @@ def test_retain_mask_blanks_forget_labels(indoor, forgotten):
                 assert BLANK[t](batch[t][b]) == (t in lost), (key, t)
             checked += key in entries
     assert checked == len(entries) == 15
+
+
+def test_forget_batches_carry_the_kept_supervision_of_the_same_instances(indoor):
+    # a mixed partial request: some instances lose seg and normal, others only depth, one every task
+    keys = indoor.split("train").keys
+    entries = {k: ("seg", "normal") for k in keys[:6]} | {k: ("depth",) for k in keys[6:9]} | {keys[9]: indoor.tasks}
+    assert kept_tasks(entries, indoor.tasks) == indoor.tasks  # each task is kept by some instance
+    assert kept_tasks({k: indoor.tasks for k in keys[:4]}, indoor.tasks) == ()  # a full request keeps none
+    ids = list(entries)
+    forget = load_instances(indoor, "train", ids, forget_mask(indoor, entries))
+    kept = load_instances(indoor, "train", ids, kept_mask(indoor, entries))
+    samples = [with_kept(f, k, indoor.tasks) for f, k in zip(forget, kept)]
+    blank = blank_sample(indoor)
+    batches = forget_batches(
+        samples, global_batch=4, rank=1, world=2, seed=3, blank=with_kept(blank, blank, indoor.tasks)
+    )
+    plain = forget_batches(forget, global_batch=4, rank=1, world=2, seed=3, blank=blank)
+    seen = 0
+    for _ in range(6):  # past one pass of the 10 instances (2 global batches of 4 per pass)
+        batch, ref = next(batches), next(plain)
+        view = kept_view(batch, indoor.tasks)
+        assert batch["key"] == ref["key"] == view["key"]
+        for k in ("image", "mask", *indoor.tasks):  # the forget part is what it was
+            assert batch[k].equal(ref[k]), k
+        for b, key in enumerate(batch["key"]):
+            lost = entries[key]
+            assert view["mask"][b].tolist() == [t not in lost for t in indoor.tasks]
+            for t in indoor.tasks:  # a kept label is there, a forgotten one blanked
+                assert BLANK[t](view[t][b]) == (t in lost), (key, t)
+                assert BLANK[t](batch[t][b]) == (t not in lost), (key, t)
+            seen += 1
+    assert seen == 6 * 2
 
 
 @pytest.mark.slow
