@@ -95,6 +95,39 @@ def test_resume_after_kill_is_bit_identical(tiny_original, tiny_root, tmp_path):
     assert la == lb and set(la.values()) == {2}
 
 
+def test_an_iamu_run_on_the_kept_pairs_resumes_bit_identical(tiny_original, tiny_root, tmp_path):
+    """iamu with `kept_on_forget`: the forget batches carry the kept supervision (recorded as retain pairs)
+    and must restart at the same place, with the same ledger, after a kill."""
+    req = tmp_path / "partial.yaml"
+    made = ["--fraction", 0.2, "--setting", "partial", "--tasks", "seg", "--out", req]
+    run_mtu("forget", "make", "--dataset", tiny_root / "synth-indoor", *made, check=True)
+    common = [*_common(tiny_root, tmp_path), "--request", req, "--from", tiny_original, "--method", "iamu"]
+    for item in (
+        "unlearn.options.kept_on_forget=span",
+        "unlearn.options.subspace_batches=2",
+        "unlearn.signal_engine=sequential",
+        "unlearn.lr=0.0001",  # far from the stop rule's level: the run lasts its 6 steps
+        "unlearn.checkpoint_every=2",
+    ):
+        common += ["--set", item]
+    run_mtu("unlearn", *common, "--name", "straight", cwd=tmp_path, check=True)
+    crashed = run_mtu("unlearn", *common, "--name", "crashed", cwd=tmp_path, env={"MTU_FAULT": "unlearn:5"})
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    run_mtu("unlearn", *common, "--name", "crashed", "--resume", cwd=tmp_path, check=True)
+    a = load_file(tmp_path / "runs/synth-indoor/straight/final/model.safetensors")
+    b = load_file(tmp_path / "runs/synth-indoor/crashed/final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = _ledger(tmp_path / "runs/synth-indoor/straight/final")
+    assert la == _ledger(tmp_path / "runs/synth-indoor/crashed/final")
+    import yaml
+
+    forgotten = {e["id"] for e in yaml.safe_load(req.read_text())["entries"]}
+    kept = {k: n for k, n in la.items() if k.startswith("retain|") and k.split("|")[1] in forgotten}
+    assert {k.split("|")[2] for k in kept} == {"depth", "normal"}  # the kept pairs of the forget batches
+    # 6 steps of 4 forget instances (of 8): every draw uses both kept tasks
+    assert sum(kept.values()) >= 6 * 4 * 2
+
+
 def test_partial_retrain_never_sees_forget_pairs(tiny_root, tmp_path):
     req = tmp_path / "partial.yaml"
     run_mtu(
