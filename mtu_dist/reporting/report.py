@@ -72,7 +72,7 @@ from mtu_dist.tasks import TASKS
 from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
 
 OURS = "iamu"
-ABLATIONS = ("iamu_no_proj", "iamu_no_orth", "iamu_no_norm", "iamu_no_momentum")
+ABLATIONS = ("iamu_no_proj", "iamu_no_orth", "iamu_no_norm", "iamu_no_momentum", "iamu_no_kept")
 REFERENCES = ("original", "retrain")
 SPLITS = ("forget", "forget_kept", "retain", "val")
 GOALS = {"full": 0.30, "partial": 0.50}  # OURS' UIS at least this fraction below the strongest baseline
