@@ -302,3 +302,25 @@ def test_the_paired_table_lists_iamu_minus_each_row_ablations_first():
     assert lines[2] == "| iamu_no_proj | 1 | -0.0400 | -0.060 |"  # ablations first; one seed: no interval
     assert lines[3].startswith("| salun | 2 | -0.1400 [") and "| -0.140 [" in lines[3]  # per seed -0.1, -0.18
     assert len(lines) == 4  # the original is the reference for UIS, not a row
+
+
+def test_a_variant_of_ours_from_another_version_is_never_the_strongest_baseline():
+    """A store can hold rows of an ablation this version does not register (`iamu_no_kept`, say): a
+    variant of ours by its name, listed with the ablations, never ranked as a baseline."""
+    from mtu_dist.reporting.report import baselines, goal_lines, method_order, paired_table
+
+    def rows(m, uis):
+        return [Row("b", "partial", s, m, {"uis": u, "uis_excess": 0.1}) for s, u in enumerate(uis)]
+
+    g = {
+        "retrain": rows("retrain", [0.01] * 3),
+        "iamu": rows("iamu", [0.10, 0.11, 0.12]),
+        "iamu_no_kept": rows("iamu_no_kept", [0.09, 0.10, 0.11]),  # lower than iamu: would be "strongest"
+        "scrub": rows("scrub", [0.20, 0.21, 0.22]),
+        "zz_new_baseline": rows("zz_new_baseline", [0.30, 0.30, 0.30]),  # unknown, not ours: a baseline
+    }
+    assert baselines(g) == ["scrub", "zz_new_baseline"]
+    assert method_order(g)[-2:] == ["zz_new_baseline", "iamu_no_kept"]
+    text = goal_lines({("b", "partial"): g})
+    assert "strongest baseline scrub 0.2100" in text and "iamu_no_kept" not in text
+    assert paired_table(g).splitlines()[2].startswith("| iamu_no_kept | 3 |")  # with the ablations, first

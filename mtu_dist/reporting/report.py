@@ -72,7 +72,7 @@ from mtu_dist.tasks import TASKS
 from mtu_dist.utils.fileio import atomic_write_bytes, ensure_writable_dir
 
 OURS = "iamu"
-ABLATIONS = ("iamu_no_proj", "iamu_no_orth", "iamu_no_norm", "iamu_no_momentum", "iamu_no_kept")
+ABLATIONS = ("iamu_no_proj", "iamu_no_orth", "iamu_no_norm", "iamu_no_momentum")
 REFERENCES = ("original", "retrain")
 SPLITS = ("forget", "forget_kept", "retain", "val")
 GOALS = {"full": 0.30, "partial": 0.50}  # OURS' UIS at least this fraction below the strongest baseline
@@ -208,15 +208,23 @@ def columns(rows: list[Row]) -> list[tuple[Column, str]]:
     return cols + [(SCORES[k], k) for k in keys]
 
 
+def is_ablation(name: str) -> bool:
+    """A variant of ours (`iamu_...`): registered as an ablation, or one a store holds from another version
+    (never ranked as a baseline)."""
+    return name in ABLATIONS or name.startswith(OURS + "_")
+
+
 def method_order(names) -> list[str]:
     from mtu_dist.methods import METHODS
 
-    known = [*REFERENCES, *(m for m in METHODS if m != OURS and m not in ABLATIONS), OURS, *ABLATIONS]
-    return [m for m in known if m in names] + sorted(set(names) - set(known))
+    known = [*REFERENCES, *(m for m in METHODS if m != OURS and not is_ablation(m)), OURS, *ABLATIONS]
+    unknown = sorted(set(names) - set(known))
+    baseline_like = [m for m in unknown if not is_ablation(m)]
+    return [m for m in known if m in names] + baseline_like + [m for m in unknown if is_ablation(m)]
 
 
 def baselines(names) -> list[str]:
-    return [m for m in names if m not in REFERENCES and m != OURS and m not in ABLATIONS]
+    return [m for m in names if m not in REFERENCES and m != OURS and not is_ablation(m)]
 
 
 def _fmt(s: Interval | None, key: str) -> str:
@@ -319,7 +327,7 @@ def paired_table(by_method: dict[str, list[Row]]) -> str:
         "|---" * (len(keys) + 2) + "|",
     ]
     order = method_order(by_method)
-    for m in [a for a in ABLATIONS if a in order] + [m for m in order if m not in ABLATIONS]:
+    for m in [a for a in order if is_ablation(a)] + [m for m in order if not is_ablation(m)]:
         if m in (OURS, "original"):
             continue
         cells = [paired(per_seed(by_method, OURS, k), per_seed(by_method, m, k)) for k in keys]
