@@ -378,7 +378,6 @@ SMALL = {
     "iamu_no_orth": ("unlearn.options.subspace_batches=2",),
     "iamu_no_norm": ("unlearn.options.subspace_batches=2",),
     "iamu_no_momentum": ("unlearn.options.subspace_batches=2",),
-    "iamu_no_kept": ("unlearn.options.subspace_batches=2",),
     "salun": ("unlearn.options.saliency_batches=2",),
 }
 

@@ -34,11 +34,11 @@ RUNS = {
     "r1f": (1, "replicated", "sequential", ("focus=1.5",)),
     "s2f": (2, "sharded", "sequential", ("focus=1.5",)),
     # the kept task (depth) of the forget instances: its loss on the forget batch is a signal of its own,
-    # normalised by global counts, in the span (`span`, the default: every run above) and in the retain term
-    # too (`term`); `none` leaves it out
+    # normalised by global counts, in the span (`span`) and in the retain term too (`term`)
     "r1k": (1, "replicated", "sequential", ("kept_on_forget=term",)),
     "s2k": (2, "sharded", "sequential", ("kept_on_forget=term",)),
-    "r1n": (1, "replicated", "sequential", ("kept_on_forget=none",)),
+    "r1ks": (1, "replicated", "sequential", ("kept_on_forget=span",)),
+    "r2ks": (2, "replicated", "sequential", ("kept_on_forget=span",)),
 }
 
 
@@ -139,7 +139,7 @@ def _same(a, b):
 
 def test_one_rank_two_ranks_and_both_modes_agree(runs):
     ref = runs["r1"]
-    assert ref[0][0]["signals"].shape[0] == 2 + 3 + 1  # 2 target + 3 retain signals + the kept task (depth)
+    assert ref[0][0]["signals"].shape[0] == 2 + 3  # 2 target + 3 retain signals
     assert ref[0][0]["update"].abs().sum() > 0
     for name in ("r2", "s2", "s1"):
         _same(ref, runs[name])
@@ -166,7 +166,7 @@ def test_scaled_projection_agrees_across_ranks_and_modes_and_is_softer_than_the_
 def test_focused_forget_loss_agrees_across_ranks_and_changes_only_the_forget_signals(runs):
     _same(runs["r1f"], runs["s2f"])
     focused, plain = runs["r1f"][0][0]["signals"], runs["r1"][0][0]["signals"]
-    nf = 2  # target signals first, then the 3 retain ones and the kept one
+    nf = 2  # target signals first, then the 3 retain ones
     torch.testing.assert_close(focused[nf:], plain[nf:], **TOL)  # the retain signals are untouched
     assert not torch.allclose(focused[:nf], plain[:nf])  # the weights reach the forget gradients
 
@@ -182,8 +182,9 @@ def _forget_direction(trace, n_retain=3, nf=2, with_kept=False):
 
 
 def test_kept_pairs_of_the_forget_instances_agree_across_ranks_and_join_the_span(runs):
-    _same(runs["r1k"], runs["s2k"])  # `span` (the default) is checked across ranks and modes above
-    kept, plain = runs["r1"][0][0], runs["r1n"][0][0]
+    _same(runs["r1k"], runs["s2k"])
+    _same(runs["r1ks"], runs["r2ks"])
+    kept, plain = runs["r1ks"][0][0], runs["r1"][0][0]
     assert kept["signals"].shape[0] == 2 + 3 + 1  # the kept task (depth) of the forget instances last
     torch.testing.assert_close(kept["signals"][:5], plain["signals"], **TOL)  # the same step-1 signals
     s_k = kept["signals"][5]
@@ -208,7 +209,7 @@ def test_the_kept_pairs_a_run_uses_are_retain_pairs_in_its_ledger_and_it_passes_
         doc = json.loads((tmp / "runs/synth-indoor" / name / "final" / "ledger.json").read_text())
         return {role: r["keys"] for role, r in doc["roles"].items()}
 
-    kept, plain = roles("r1k"), roles("r1n")
+    kept, plain = roles("r1k"), roles("r1")
     assert kept["forget"] == plain["forget"]  # the same forget stream
     # every draw of a forget instance also uses its kept depth label, recorded as a retain pair
     draws: dict[str, int] = {}

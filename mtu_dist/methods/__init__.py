@@ -6,7 +6,7 @@ from mtu_dist.errors import UserError
 from mtu_dist.methods.base import Method
 from mtu_dist.methods.finetune import Finetune
 from mtu_dist.methods.grad_ascent import GradAscent
-from mtu_dist.methods.iamu import Iamu, IamuNoKept, IamuNoMomentum, IamuNoNorm, IamuNoOrth, IamuNoProj
+from mtu_dist.methods.iamu import Iamu, IamuNoMomentum, IamuNoNorm, IamuNoOrth, IamuNoProj
 from mtu_dist.methods.l1_sparse import L1Sparse
 from mtu_dist.methods.neggrad_plus import NegGradPlus
 from mtu_dist.methods.orthograd import OrthoGrad
@@ -30,7 +30,6 @@ METHODS: dict[str, type[Method]] = {
     "iamu_no_orth": IamuNoOrth,
     "iamu_no_norm": IamuNoNorm,
     "iamu_no_momentum": IamuNoMomentum,
-    "iamu_no_kept": IamuNoKept,
 }
 
 

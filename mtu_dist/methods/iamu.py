@@ -89,8 +89,8 @@ class IamuOptions(BaseModel):
     # request leaves: retain pairs, carried by the forget batches), where the target task's ascent through
     # the shared encoder hurts them most. `span`: they join step 3's retain span (the forget direction loses
     # its component along them); `term`: also step 4's retain term (the update keeps those pairs fitted); `none`
-    # leaves them out (the ablation iamu_no_kept). A full request keeps no task: nothing changes there
-    kept_on_forget: Literal["none", "span", "term"] = "span"  # measured best: see README "iamu"
+    # leaves them out. A full request keeps no task: nothing changes there
+    kept_on_forget: Literal["none", "span", "term"] = "none"  # measured: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -525,10 +525,3 @@ class IamuNoMomentum(Iamu):
 
     def __init__(self, options: dict):
         super().__init__({**options, "momentum": 0.0})
-
-
-class IamuNoKept(Iamu):
-    """Ablation: iamu without the kept pairs of the forget instances in step 3 (`kept_on_forget: none`)."""
-
-    def __init__(self, options: dict):
-        super().__init__({**options, "kept_on_forget": "none"})
