@@ -34,9 +34,10 @@ RUNS = {
     "r1f": (1, "replicated", "sequential", ("focus=1.5",)),
     "s2f": (2, "sharded", "sequential", ("focus=1.5",)),
     # the kept task (depth) of the forget instances: its loss on the forget batch is a signal of its own,
-    # normalised by global counts, in the span (`span`) and in the retain term too (`term`)
-    "r1k": (1, "replicated", "sequential", ("kept_on_forget=term",)),
-    "s2k": (2, "sharded", "sequential", ("kept_on_forget=term",)),
+    # normalised by global counts, in the span (`span`), in the retain term (`term`), or in both (`both`)
+    "r1k": (1, "replicated", "sequential", ("kept_on_forget=both",)),
+    "s2k": (2, "sharded", "sequential", ("kept_on_forget=both",)),
+    "r1t": (1, "replicated", "sequential", ("kept_on_forget=term",)),
     "r1ks": (1, "replicated", "sequential", ("kept_on_forget=span",)),
     "r2ks": (2, "replicated", "sequential", ("kept_on_forget=span",)),
 }
@@ -194,9 +195,13 @@ def test_kept_pairs_of_the_forget_instances_agree_across_ranks_and_join_the_span
     with_span, without = _forget_direction(kept), _forget_direction(plain)
     assert abs(with_span @ s_k) <= 1e-9 * with_span.norm() * s_k.norm()
     assert abs(without @ s_k) > 1e-3 * without.norm() * s_k.norm()
-    # term: the kept gradient also enters the retain term of the update, with the same forget direction
-    term = runs["r1k"][0][0]
-    torch.testing.assert_close(_forget_direction(term, with_kept=True), with_span, **TOL)
+    # both: the kept gradient also enters the retain term of the update, with the same forget direction
+    both = runs["r1k"][0][0]
+    torch.testing.assert_close(_forget_direction(both, with_kept=True), with_span, **TOL)
+    # term: the retain term only; the forget direction is the plain one, the update gains alpha * s_k
+    term = runs["r1t"][0][0]
+    torch.testing.assert_close(_forget_direction(term, with_kept=True), without, **TOL)
+    torch.testing.assert_close(term["update"] - plain["update"], ALPHA * s_k, **TOL)
 
 
 def test_the_kept_pairs_a_run_uses_are_retain_pairs_in_its_ledger_and_it_passes_the_audit(runs):

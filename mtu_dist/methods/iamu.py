@@ -88,9 +88,9 @@ class IamuOptions(BaseModel):
     # partial requests: the kept tasks' losses on the forget instances themselves (the labels a partial
     # request leaves: retain pairs, carried by the forget batches), where the target task's ascent through
     # the shared encoder hurts them most. `span`: they join step 3's retain span (the forget direction loses
-    # its component along them); `term`: also step 4's retain term (the update keeps those pairs fitted); `none`
-    # leaves them out. A full request keeps no task: nothing changes there
-    kept_on_forget: Literal["none", "span", "term"] = "none"  # measured: see README "iamu"
+    # its component along them); `term`: step 4's retain term instead (the update keeps those pairs fitted);
+    # `both`; `none` leaves them out. A full request keeps no task: nothing changes there
+    kept_on_forget: Literal["none", "span", "term", "both"] = "none"  # measured: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -408,10 +408,14 @@ class Iamu(SignalMethod):
         if self.opts.project:
             logs.update(self._project(x, targets, ctx))
         g_f = x[:, :nF].sum(1)  # summed forget direction [blocks, S]
-        # retain gradient of the summed task losses (`term`: and of the kept pairs of the forget instances)
-        g_r = x[:, nF : nF + nT + (nK if self.opts.kept_on_forget == "term" else 0)].sum(1)
-        # the retain span: per task or per sample, and the kept pairs' gradients (`span`, `term`) in either
-        span = x[:, nF : nF + nT + nK] if self.opts.span == "per_task" else x[:, nF + nT :]
+        # retain gradient of the summed task losses (`term`, `both`: and of the kept pairs of the forget instances)
+        kept_term, kept_span = (self.opts.kept_on_forget in modes for modes in (("term", "both"), ("span", "both")))
+        g_r = x[:, nF : nF + nT + (nK if kept_term else 0)].sum(1)
+        # the retain span: per task or per sample (`span`, `both`: and the kept pairs' gradients)
+        if self.opts.span == "per_task":
+            span = x[:, nF : nF + nT + (nK if kept_span else 0)]
+        else:
+            span = x[:, nF + nT + (0 if kept_span else nK) :]
         g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
         update = ctx.alpha * g_r - (1 - ctx.alpha) * g_f
         self.write_update(update, ctx)
