@@ -122,6 +122,18 @@ def test_forget_batches_carry_the_kept_supervision_of_the_same_instances(indoor)
     assert seen == 6 * 2
 
 
+def test_a_pair_forgotten_by_an_earlier_request_is_never_kept(indoor):
+    """A lineage step: this request forgets seg of some instances whose depth an earlier one forgot. Their
+    kept supervision is normal alone (depth must not come back as a retain pair)."""
+    keys = indoor.split("train").keys
+    now = {k: ("seg",) for k in keys[:4]}
+    forgotten = {k: ("seg", "depth") for k in keys[:2]} | {k: ("seg",) for k in keys[2:4]}  # the lineage so far
+    assert indoor.tasks == ("seg", "depth", "normal")
+    mask = kept_mask(indoor, now, forgotten)
+    assert [mask(k).tolist() for k in keys[:4]] == [[False, False, True]] * 2 + [[False, True, True]] * 2
+    assert kept_mask(indoor, now)(keys[0]).tolist() == [False, True, True]  # without the lineage: both kept
+
+
 @pytest.mark.slow
 def test_two_process_launch_sees_each_pair_once(indoor, tmp_path):
     req_path = tmp_path / "r.yaml"

@@ -78,9 +78,13 @@ def forget_mask(manifest: Manifest, entries: dict[str, tuple[str, ...]]) -> Mask
     return lambda key: np.array([t in entries[key] for t in manifest.tasks])
 
 
-def kept_mask(manifest: Manifest, entries: dict[str, tuple[str, ...]]) -> MaskFn:
-    """The tasks a forget instance keeps (a partial request's other tasks)."""
-    return lambda key: np.array([t not in entries[key] for t in manifest.tasks])
+def kept_mask(
+    manifest: Manifest, entries: dict[str, tuple[str, ...]], forgotten: dict[str, tuple[str, ...]] | None = None
+) -> MaskFn:
+    """The tasks a forget instance keeps (a partial request's other tasks), less those `forgotten` lists (a
+    lineage step: every pair forgotten so far, so an earlier request's pair never comes back as kept)."""
+    gone = forgotten or {}
+    return lambda key: np.array([t not in entries[key] and t not in gone.get(key, ()) for t in manifest.tasks])
 
 
 def to_tensors(s: dict, tasks: tuple[str, ...], mask: np.ndarray, key: str, valid: bool = True) -> dict:

@@ -409,7 +409,8 @@ class Iamu(SignalMethod):
             logs.update(self._project(x, targets, ctx))
         g_f = x[:, :nF].sum(1)  # summed forget direction [blocks, S]
         # retain gradient of the summed task losses (`term`, `both`: and of the kept pairs of the forget instances)
-        kept_term, kept_span = (self.opts.kept_on_forget in modes for modes in (("term", "both"), ("span", "both")))
+        kept = self.opts.kept_on_forget
+        kept_term, kept_span = kept in ("term", "both"), kept in ("span", "both")
         g_r = x[:, nF : nF + nT + (nK if kept_term else 0)].sum(1)
         # the retain span: per task or per sample (`span`, `both`: and the kept pairs' gradients)
         if self.opts.span == "per_task":

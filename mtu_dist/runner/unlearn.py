@@ -211,7 +211,7 @@ class Streams:
         self.carries_kept = method.uses_forget and method.uses_kept
         self.forget_samples, self.blank = self.forget_set, blank_sample(m)
         if self.carries_kept:
-            kept = load_instances(m, "train", list(forgetting), kept_mask(m, forgetting))
+            kept = load_instances(m, "train", list(forgetting), kept_mask(m, forgetting, forgotten))
             self.forget_samples = [with_kept(f, k, m.tasks) for f, k in zip(self.forget_set, kept)]
             self.blank = with_kept(self.blank, self.blank, m.tasks)
         self.loader = (
