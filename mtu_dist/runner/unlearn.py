@@ -208,9 +208,9 @@ class Streams:
         self.forget_set = load_instances(m, "train", list(forgetting), forget_mask(m, forgetting))
         # a method that uses the kept supervision of the forget instances (partial requests) gets it in the
         # forget batches (stream.with_kept), recorded as what it is: retain pairs
-        self.carries_kept = method.uses_forget and method.uses_kept
+        carries_kept = method.uses_forget and method.uses_kept
         self.forget_samples, self.blank = self.forget_set, blank_sample(m)
-        if self.carries_kept:
+        if carries_kept:
             kept = load_instances(m, "train", list(forgetting), kept_mask(m, forgetting, forgotten))
             self.forget_samples = [with_kept(f, k, m.tasks) for f, k in zip(self.forget_set, kept)]
             self.blank = with_kept(self.blank, self.blank, m.tasks)
@@ -234,7 +234,7 @@ class Streams:
             "retain": ledger.recording(self.batches("retain"), m.tasks, role="retain") if self.loader else None,
         }
         forget = self.recorded["forget"]
-        if self.carries_kept:
+        if carries_kept:
             forget = _recording_kept(forget, ledger, m.tasks)
         self.forget_in = _on_device(forget, s.acc.device)
         self.retain_in = _on_device(self.recorded["retain"], s.acc.device)
