@@ -332,6 +332,15 @@ class Task:
     new_meter: Callable[..., Meter]
     primary: str
     higher_is_better: dict[str, bool]
+    # the label of the left-right mirrored image ([B, ...] -> [B, ...], width last)
+    hflip: Callable[[Tensor], Tensor] = lambda target: target.flip(-1)
+
+
+def _hflip_normal(target: Tensor) -> Tensor:
+    """Camera-frame normals of the mirrored image: the x axis runs along the image width, so its
+    component changes sign (an invalid all-zero pixel stays zero)."""
+    out = target.flip(-1)
+    return torch.cat([-out[:, :1], out[:, 1:]], 1)
 
 
 def _new_seg_meter(num_classes: int, device: torch.device | str | None = None) -> Meter:
@@ -369,6 +378,7 @@ TASKS: dict[str, Task] = {
         valid_pixels=normal_valid_pixels,
         new_meter=_new_normal_meter,
         primary="within_30",
+        hflip=_hflip_normal,
         higher_is_better={
             "mean_angle": False,
             "median_angle": False,

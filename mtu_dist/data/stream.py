@@ -51,6 +51,7 @@ from mtu_dist.data.manifest import Manifest
 from mtu_dist.data.sample import SEG_IGNORE, decode_sample
 from mtu_dist.errors import UserError
 from mtu_dist.runner.faults import deliberate_leak
+from mtu_dist.tasks import TASKS
 from mtu_dist.utils.fileio import sha256_bytes
 from mtu_dist.utils.lifecycle import quiet_loader_worker, signals_deferred
 
@@ -134,6 +135,12 @@ def kept_view(batch: dict, tasks: tuple[str, ...]) -> dict:
     """The kept supervision of a batch of `with_kept` samples, as a batch (the same images and keys)."""
     view = {k: batch[k] for k in ("image", "valid", "key")}
     return {**view, "mask": batch["kept_mask"], **{t: batch[KEPT + t] for t in tasks}}
+
+
+def mirrored(batch: dict, tasks: tuple[str, ...]) -> dict:
+    """A batch mirrored left-right, images and labels alike (the task dictionary's `hflip`), with the same
+    keys and masks: the same supervision pairs, seen as a model that memorised them has not seen them."""
+    return {**batch, "image": batch["image"].flip(-1), **{t: TASKS[t].hflip(batch[t]) for t in tasks}}
 
 
 def collate(samples: list[dict]) -> dict:
