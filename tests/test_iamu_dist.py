@@ -40,6 +40,12 @@ RUNS = {
     "r1t": (1, "replicated", "sequential", ("kept_on_forget=term",)),
     "r1ks": (1, "replicated", "sequential", ("kept_on_forget=span",)),
     "r2ks": (2, "replicated", "sequential", ("kept_on_forget=span",)),
+    # the retain batch mirrored left-right: one more forward pass, one signal per task, normalised by global
+    # counts, in the span (`span`), the retain term (`term`) or both
+    "r1m": (1, "replicated", "sequential", ("mirror=both",)),
+    "s2m": (2, "sharded", "sequential", ("mirror=both",)),
+    "r1ms": (1, "replicated", "sequential", ("mirror=span",)),
+    "r1mt": (1, "replicated", "sequential", ("mirror=term",)),
 }
 
 
@@ -226,3 +232,27 @@ def test_the_kept_pairs_a_run_uses_are_retain_pairs_in_its_ledger_and_it_passes_
         extra = kept["retain"].get(f"{instance}|depth", 0) - plain["retain"].get(f"{instance}|depth", 0)
         assert extra == n, (instance, extra, n)
         assert f"{instance}|seg" not in kept["retain"] and f"{instance}|normal" not in kept["retain"]
+
+
+def test_the_mirrored_retain_batch_agrees_across_ranks_and_joins_the_span_or_the_term(runs):
+    _same(runs["r1m"], runs["s2m"])
+    span, plain = runs["r1ms"][0][0], runs["r1"][0][0]
+    assert span["signals"].shape[0] == 2 + 3 + 3  # one mirrored retain signal per task, last
+    torch.testing.assert_close(span["signals"][:5], plain["signals"], **TOL)  # the same step-1 signals
+    mirror = span["signals"][5:]
+    for j in range(3):  # each its own task's gradient, not the plain retain batch's
+        assert mirror[j].norm() > 0
+        assert (mirror[j] - plain["signals"][2 + j]).norm() > 1e-3 * mirror[j].norm()
+    # span: the forget direction after step 3 has no component along any mirrored gradient; without the
+    # option it has (the same step 1: same model, same batches)
+    with_span, without = _forget_direction(span), _forget_direction(plain)
+    for m in mirror:
+        assert abs(with_span @ m) <= 1e-9 * with_span.norm() * m.norm()
+    assert max(abs(without @ m) / (without.norm() * m.norm()) for m in mirror) > 1e-3
+    # both: the mirrored gradients also enter the retain term, with the same forget direction
+    both = runs["r1m"][0][0]
+    torch.testing.assert_close(_forget_direction(both, n_retain=6), with_span, **TOL)
+    # term: the retain term only; the forget direction is the plain one, the update gains alpha * their sum
+    term = runs["r1mt"][0][0]
+    torch.testing.assert_close(_forget_direction(term, n_retain=6), without, **TOL)
+    torch.testing.assert_close(term["update"] - plain["update"], ALPHA * mirror.sum(0), **TOL)

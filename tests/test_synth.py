@@ -276,3 +276,51 @@ def test_speed_small(dataset):
         render_sample(dataset, 0, "train", i, H, W)
     per = (time.perf_counter() - t0) / n
     assert per < 0.05, f"{per * 1e3:.1f} ms per 48x64 sample"
+
+
+def test_the_task_dictionarys_mirror_is_the_mirrored_scene():
+    """`Task.hflip` (what iamu's `mirror` option trains on) gives the labels of the left-right mirrored image:
+    the mirrored depth's back-projected normals (the principal point is the image centre, so a mirrored
+    image is the scene mirrored in the camera's x) agree with the mirrored normals on planar regions, to
+    the same tolerance as the unmirrored ones; without the x component's sign change they would not."""
+    import torch
+
+    from mtu_dist.data.stream import mirrored
+    from mtu_dist.tasks import TASKS
+
+    h, w = 96, 128
+    o = render_sample("synth-indoor", 0, "val", 1, h, w, return_ids=True)
+    depth = TASKS["depth"].hflip(torch.from_numpy(o["depth"])[None, None])[0, 0].numpy()
+    normal = TASKS["normal"].hflip(torch.from_numpy(o["normal"])[None])[0].numpy()
+    ids, planar = o["ids"][:, ::-1], o["planar"][:, ::-1]
+    same = np.ones((h - 2, w - 2), dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            same &= ids[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] == ids[1:-1, 1:-1]
+    mask = same & planar[1:-1, 1:-1]
+    n_depth = _depth_normals(depth, o["intrinsics"])[mask]
+
+    def angles(n):
+        return np.degrees(np.arccos(np.clip(np.sum(n_depth * n.transpose(1, 2, 0)[1:-1, 1:-1][mask], -1), -1, 1)))
+
+    right = angles(normal)
+    assert np.median(right) < 1.0 and np.percentile(right, 95) < 5.0, (np.median(right), np.percentile(right, 95))
+    plain_flip = o["normal"][:, :, ::-1]  # flipped but with x unchanged: wrong wherever the surface is not frontal
+    assert np.percentile(angles(plain_flip), 95) > 20.0
+    # seg and depth are flipped as they are; a batch keeps its keys and masks, and mirroring twice is identity
+    seg = torch.from_numpy(o["seg"].astype(np.int64))[None]
+    assert torch.equal(TASKS["seg"].hflip(seg), seg.flip(-1))
+    batch = {
+        "image": torch.rand(1, 3, h, w),
+        "seg": seg,
+        "depth": torch.from_numpy(o["depth"])[None, None],
+        "normal": torch.from_numpy(o["normal"])[None],
+        "mask": torch.tensor([[True, False, True]]),
+        "key": ["k"],
+    }
+    once = mirrored(batch, ("seg", "depth", "normal"))
+    assert torch.equal(once["image"], batch["image"].flip(-1)) and once["key"] == ["k"]
+    assert torch.equal(once["mask"], batch["mask"])
+    twice = mirrored(once, ("seg", "depth", "normal"))
+    for k in ("image", "seg", "depth", "normal"):
+        assert torch.equal(twice[k], batch[k]), k

@@ -99,6 +99,10 @@ class IamuOptions(BaseModel):
     # component along them); `term`: step 4's retain term; `both`; `none` leaves them out. One more
     # forward pass of the retain batch and one signal per task
     mirror: Literal["none", "span", "term", "both"] = "none"
+    # whether the forget direction also moves the target tasks' own heads. A head is shared by every
+    # instance of its task, so ascending it on the forget instances lowers the task everywhere (its val
+    # level too); without them (`false`) only the shared encoder forgets, the heads follow the retain term
+    forget_heads: bool = True
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -227,7 +231,10 @@ class Iamu(SignalMethod):
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
         # the target tasks' heads only: a correction along a retain gradient must not leak into a kept
         # task's head, which the forget signal never touches
-        self.orth_cols = self.column_mask(heads=ctx.targets if self.opts.orth_heads else ())
+        self.orth_cols = self.column_mask(heads=ctx.targets if self.opts.orth_heads and self.opts.forget_heads else ())
+        # the columns the forget direction may move (the shared ones, and the target heads unless `forget_heads`
+        # is off); None: every column its signals have
+        self.forget_cols = None if self.opts.forget_heads else self.column_mask(heads=())
         logs = {}
         if self.opts.project:
             if self.opts.subspace == "gradients":
@@ -418,6 +425,8 @@ class Iamu(SignalMethod):
         if self.opts.project:
             logs.update(self._project(x, targets, ctx))
         g_f = x[:, rows["forget"]].sum(1)  # summed forget direction [blocks, S]
+        if self.forget_cols is not None:
+            g_f = g_f * self.forget_cols[self.blocks].to(g_f.dtype)
         g_r = x[:, rows["term"]].sum(1)  # step 4's retain gradient
         span = x[:, rows["span"]]  # step 3's span
         g_f = self._orthogonalize(g_f, g_r, span, ctx, logs, pre_norm2)
