@@ -46,6 +46,9 @@ RUNS = {
     "s2m": (2, "sharded", "sequential", ("mirror=both",)),
     "r1ms": (1, "replicated", "sequential", ("mirror=span",)),
     "r1mt": (1, "replicated", "sequential", ("mirror=term",)),
+    # the forget direction over the shared columns only: its unit length and step 3 over those alone
+    "r1nh": (1, "replicated", "sequential", ("forget_on=shared",)),
+    "s2nh": (2, "sharded", "sequential", ("forget_on=shared",)),
 }
 
 
@@ -256,3 +259,31 @@ def test_the_mirrored_retain_batch_agrees_across_ranks_and_joins_the_span_or_the
     term = runs["r1mt"][0][0]
     torch.testing.assert_close(_forget_direction(term, n_retain=6), without, **TOL)
     torch.testing.assert_close(term["update"] - plain["update"], ALPHA * mirror.sum(0), **TOL)
+
+
+def _head_columns(final: dict, tasks: tuple[str, ...]) -> torch.Tensor:
+    """Bool mask over the natural parameter vector (the model's parameter order): the named tasks' heads."""
+    from mtu_dist.config import RunConfig
+    from mtu_dist.model import build_model
+
+    cfg = RunConfig().model.model_copy(update={"width": 8, "head_width": 8, "dtype": "float64"})
+    model = build_model(cfg, ("seg", "depth", "normal"), final["heads.seg.out.weight"].shape[0])
+    parts = [torch.full((p.numel(),), n.split(".")[1] in tasks) for n, p in model.named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == [n for n in model.state_dict() if n in final]
+    return torch.cat(parts)
+
+
+def test_without_the_heads_the_forget_direction_moves_only_shared_columns_and_agrees_across_ranks(runs):
+    _same(runs["r1nh"], runs["s2nh"])
+    no_heads, plain = runs["r1nh"][0][0], runs["r1"][0][0]
+    torch.testing.assert_close(no_heads["signals"], plain["signals"], **TOL)  # the same step-1 signals
+    targets = _head_columns(runs["r1"][1], ("seg", "normal"))  # the partial request's target tasks
+    assert targets.numel() == plain["update"].numel() and 0 < targets.sum() < targets.numel()
+    g_f, g_plain = _forget_direction(no_heads), _forget_direction(plain)
+    assert g_f[targets].abs().max() == 0  # the target heads follow the retain term alone
+    assert g_plain[targets].norm() > 1e-3 * g_plain.norm()  # the default moves them
+    torch.testing.assert_close(g_f.norm(), torch.ones((), dtype=g_f.dtype), **TOL)  # unit length, shared only
+    # step 3 over the shared columns: no component along the retain gradients there
+    shared = ~_head_columns(runs["r1"][1], ("seg", "depth", "normal"))
+    for r in no_heads["signals"][2:5]:
+        assert abs(g_f[shared] @ r[shared]) <= 1e-9 * g_f.norm() * r[shared].norm()

@@ -99,10 +99,12 @@ class IamuOptions(BaseModel):
     # component along them); `term`: step 4's retain term; `both`; `none` leaves them out. One more
     # forward pass of the retain batch and one signal per task
     mirror: Literal["none", "span", "term", "both"] = "none"
-    # whether the forget direction also moves the target tasks' own heads. A head is shared by every
-    # instance of its task, so ascending it on the forget instances lowers the task everywhere (its val
-    # level too); without them (`false`) only the shared encoder forgets, the heads follow the retain term
-    forget_heads: bool = True
+    # which columns the forget direction moves: `all` (the shared encoder and the target tasks' heads),
+    # `shared` (the encoder only: a head is shared by every instance of its task, so ascending it on the
+    # forget instances lowers the task everywhere, its val level too) or `heads` (the target heads only:
+    # the encoder features every other task reads, the kept tasks of a partial request's instances among
+    # them, move only with the retain term). Step 3 and the unit length act on the same columns
+    forget_on: Literal["all", "shared", "heads"] = "all"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
@@ -231,10 +233,16 @@ class Iamu(SignalMethod):
         self.projected_idx = sorted(i for i in self.shared_idx if self.params[i].dim() >= 2)
         # the target tasks' heads only: a correction along a retain gradient must not leak into a kept
         # task's head, which the forget signal never touches
-        self.orth_cols = self.column_mask(heads=ctx.targets if self.opts.orth_heads and self.opts.forget_heads else ())
-        # the columns the forget direction may move (the shared ones, and the target heads unless `forget_heads`
-        # is off); None: every column its signals have
-        self.forget_cols = None if self.opts.forget_heads else self.column_mask(heads=())
+        heads = ctx.targets if self.opts.orth_heads and self.opts.forget_on != "shared" else ()
+        self.orth_cols = self.column_mask(heads=heads)
+        # the columns the forget direction may move (`forget_on`); None: every column its signals have
+        self.forget_cols = {
+            "all": None,
+            "shared": self.column_mask(heads=()),
+            "heads": self.column_mask(heads=ctx.targets) & ~self.column_mask(heads=()),
+        }[self.opts.forget_on]
+        if self.opts.forget_on == "heads":
+            self.orth_cols = self.orth_cols & self.forget_cols
         logs = {}
         if self.opts.project:
             if self.opts.subspace == "gradients":
