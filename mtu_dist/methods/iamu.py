@@ -113,6 +113,12 @@ class IamuOptions(BaseModel):
             raise ValueError("scaled_alpha applies to modes off_others, off_all and onto_own, not both")
         return self
 
+    @model_validator(mode="after")
+    def _heads_only_needs_its_columns(self):
+        if self.forget_on == "heads" and not self.orth_heads:
+            raise ValueError("forget_on: heads needs orth_heads (step 3 and the unit length act on the heads' columns)")
+        return self
+
 
 def _orth(mat: torch.Tensor, tol: float = 1e-7) -> torch.Tensor:
     """Orthonormal basis of the column space of `mat` [n, m] (possibly empty)."""
