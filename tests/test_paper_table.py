@@ -521,3 +521,47 @@ def test_method_set_needs_methods(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "--method-set needs --methods" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fixed_step_runs_constant_steps_on_the_tables_dev_request(bench, tmp_path):
+    """bench/fixed_step.py: the tuning's fixed settings with a constant step size, its own budget and a
+    trajectory, on the dev request; the row reports the run that was made."""
+    out, *_ = bench
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fixed_step.py"), "--quick", "--table", str(out)]
+        + ["--out", str(tmp_path / "fx"), "--setting", "full", "--run", "iamu:0.002:0.7", "--run", "grad_ascent:0.001"]
+        + ["--steps", "4", "--every", "2", "--drops", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, **ENV},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "fx/runs/synth-indoor/fixed-synth-indoor-full-iamu-lr0.002-a0.7"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["unlearn"]
+    assert (cfg["lr"], cfg["alpha"], cfg["lr_growth"], cfg["steps"], cfg["trajectory_every"]) == (0.002, 0.7, 1.0, 4, 2)
+    assert cfg["stop_band"] == 0.0  # the tuning's fixed settings hold
+    steps = [p["step"] for p in json.loads((run / "final/metrics.json").read_text())["trajectory"]["points"]]
+    assert steps[0] == 0 and steps[-1] <= 4
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| iamu") or line.startswith("| grad_ascent")]
+    assert [r.split(" | ")[0] for r in rows] == ["| iamu lr 0.002 alpha 0.7", "| grad_ascent lr 0.001"]
+
+
+def test_fixed_step_selectivity_interpolates_the_retain_move_at_equal_forgetting():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fixed_step import selectivity
+
+    def point(step, forget, retain, val):
+        return {"step": step, "forget": {"seg": forget}, "retain": {"seg": retain, "depth": 1.0}, "val": {"seg": val}}
+
+    points = [point(0, 0.8, 0.5, 0.4), point(10, 0.72, 0.45, 0.4), point(20, 0.4, 0.3, 0.3)]
+    traj = {"targets": ["seg"], "points": points}
+    s = selectivity(traj, [0.05, 0.2, 0.6])
+    assert s["forget_drop"] == pytest.approx(0.5)
+    # retain: mean over seg and depth of |U - O| / O; depth never moves
+    assert s["retain"] == pytest.approx((0.2 / 0.5 + 0) / 2) and s["val"] == pytest.approx(0.25)
+    # forget drop 0.05 lies between 0 and 0.1 (halfway): retain move halfway to 0.05 / 0.5 / 2
+    assert s["retain@0.05"] == pytest.approx(0.5 * 0.05)
+    # 0.2 lies between 0.1 and 0.5 (a quarter of the way): 0.05 + 0.25 * (0.2 - 0.05)
+    assert s["retain@0.2"] == pytest.approx(0.05 + 0.25 * 0.15)
+    assert s["retain@0.6"] is None and s["kept"] is None
