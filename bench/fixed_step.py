@@ -79,7 +79,7 @@ def _run(job: tuple) -> dict:
     from mtu_dist.studies.tune import TuneJob, criterion, load_space
     from mtu_dist.utils.fileio import sha256_file
 
-    table, quick, out, method, lr, alpha, steps, every, ds, setting, space_path, drops = job
+    table, quick, out, method, lr, alpha, sets, steps, every, ds, setting, space_path, drops = job
     torch.set_num_threads(1)
     size = pt.SIZES["quick" if quick else "default"]
     bench = pt.Bench(argparse.Namespace(out=table, tracking_uri=None, quick=quick), size)
@@ -96,8 +96,11 @@ def _run(job: tuple) -> dict:
     }
     if alpha is not None:
         knobs["unlearn.alpha"] = alpha
+    knobs.update(s.split("=", 1) for s in sets)
     cfg = tj.config(knobs)
+    label = f"{method} lr {lr:g}" + (f" alpha {alpha:g}" if alpha is not None else "") + "".join(f" {s}" for s in sets)
     name = f"fixed-{ds}-{setting}-{method}-lr{lr:g}" + (f"-a{alpha:g}" if alpha is not None else "")
+    name += "".join("-" + s.rsplit(".", 1)[-1].replace("=", "") for s in sets)
     report = unlearn_command(
         cfg, request=str(dev), origin=str(origin), name=name, overwrite=True, tracking_uri=bench.uri
     )
@@ -106,7 +109,7 @@ def _run(job: tuple) -> dict:
     original = original_reference(origin, sha256_file(dev), cfg.eval.retain_sample).report["splits"]
     scores = criterion(original, metrics["splits"], space.tolerance)
     return {
-        "run": f"{method} lr {lr:g}" + (f" alpha {alpha:g}" if alpha is not None else ""),
+        "run": label,
         "stop": (metrics.get("stop_reason") or "")[:24],
         "steps": metrics["trajectory"]["points"][-1]["step"],
         "reached": scores["feasible"],
@@ -136,9 +139,10 @@ def main(argv=None) -> int:
     out = a.out or str(Path(a.table) / "fixed_step")
     jobs = []
     for spec in a.run:
-        method, lr, *alpha = spec.split(":")
+        head, *sets = spec.split(",")
+        method, lr, *alpha = head.split(":")
         jobs.append(
-            (a.table, a.quick, out, method, float(lr), float(alpha[0]) if alpha else None, a.steps, a.every)
+            (a.table, a.quick, out, method, float(lr), float(alpha[0]) if alpha else None, sets, a.steps, a.every)
             + (a.dataset, a.setting, a.space, a.drops)
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
