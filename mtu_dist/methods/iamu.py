@@ -20,7 +20,10 @@ arXiv 2605.19042; docs/design.md §4).
    layer's basis leave room to move; a -> inf is the hard projection.
 3. Instance-level orthogonalization: the summed forget direction loses its component in the span of
    the retain gradients (per task, or per sample as in OrthoGrad), or with `remove: conflicts` only the
-   part that conflicts with them (a non-negative least squares) — from a Gram matrix only.
+   part that conflicts with them (a non-negative least squares) — from a Gram matrix only. Optionally the
+   span also holds the kept tasks' gradients on the forget instances (`kept_on_forget`) or the retain
+   batch's gradients mirrored left-right (`mirror`), and `forget_on` limits the forget direction to the
+   shared encoder or to the target heads.
 4. Update: alpha * sum_u g_retain^u - (1 - alpha) * g_forget, g_forget of unit length (`forget_norm`);
    task heads follow their own forget/retain gradients (heads are never projected). The optimizer
    applies heavy-ball momentum to it (`momentum`, 0.9): what steps 2-3 leave of one batch's forget
@@ -98,13 +101,13 @@ class IamuOptions(BaseModel):
     # and say little about it. `span`: those gradients join step 3's span (the forget direction loses its
     # component along them); `term`: step 4's retain term; `both`; `none` leaves them out. One more
     # forward pass of the retain batch and one signal per task
-    mirror: Literal["none", "span", "term", "both"] = "none"
+    mirror: Literal["none", "span", "term", "both"] = "none"  # measured: see README "iamu"
     # which columns the forget direction moves: `all` (the shared encoder and the target tasks' heads),
     # `shared` (the encoder only: a head is shared by every instance of its task, so ascending it on the
     # forget instances lowers the task everywhere, its val level too) or `heads` (the target heads only:
     # the encoder features every other task reads, the kept tasks of a partial request's instances among
     # them, move only with the retain term). Step 3 and the unit length act on the same columns
-    forget_on: Literal["all", "shared", "heads"] = "all"
+    forget_on: Literal["all", "shared", "heads"] = "all"  # measured: see README "iamu"
     trace_dir: str | None = None  # tests/debugging: rank 0 dumps each step's tensors
 
     @model_validator(mode="after")
