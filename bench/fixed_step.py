@@ -38,9 +38,10 @@ def _rel_moves(first: dict, point: dict, split: str, tasks) -> float | None:
     return sum(moves) / len(moves) if moves else None
 
 
-def _drop(first: dict, point: dict, targets) -> float:
-    """Mean relative drop of the forget pairs' primary metric (target tasks)."""
-    return sum((first["forget"][t] - point["forget"][t]) / first["forget"][t] for t in targets) / len(targets)
+def _drop(first: dict, point: dict, targets) -> float | None:
+    """Mean relative drop of the forget pairs' primary metric (target tasks with a nonzero start; None if none)."""
+    drops = [(first["forget"][t] - point["forget"][t]) / first["forget"][t] for t in targets if first["forget"][t]]
+    return sum(drops) / len(drops) if drops else None
 
 
 def selectivity(trajectory: dict, drops: list[float]) -> dict:
@@ -58,7 +59,7 @@ def selectivity(trajectory: dict, drops: list[float]) -> dict:
         out[f"retain@{d}"] = None
         for a, b in zip(points, points[1:]):
             da, db = _drop(first, a, targets), _drop(first, b, targets)
-            if db >= d > da:
+            if da is not None and db is not None and db >= d > da:
                 w = (d - da) / (db - da)
                 ra, rb = (
                     _rel_moves(first, a, "retain", first["retain"]),
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         sel = " | ".join(_f(r[f"retain@{d}"]) for d in a.drops)
         damage = f"{r['damage']:.4f}" if r["reached"] else "-"
         print(
-            f"| {r['run']} | {r['stop']} | {r['steps']} | {r['forget_drop']:.3f} | {moves} | {sel} "
+            f"| {r['run']} | {r['stop']} | {r['steps']} | {_f(r['forget_drop'])} | {moves} | {sel} "
             f"| {'yes' if r['reached'] else 'no'} | {damage} |"
         )
     return 0

@@ -565,3 +565,9 @@ def test_fixed_step_selectivity_interpolates_the_retain_move_at_equal_forgetting
     # 0.2 lies between 0.1 and 0.5 (a quarter of the way): 0.05 + 0.25 * (0.2 - 0.05)
     assert s["retain@0.2"] == pytest.approx(0.05 + 0.25 * 0.15)
     assert s["retain@0.6"] is None and s["kept"] is None
+    # a target task whose forget metric starts at 0 has no relative drop: left out, never a division by zero
+    zero = {"targets": ["seg"], "points": [point(0, 0.0, 0.5, 0.4), point(10, 0.0, 0.45, 0.4)]}
+    assert selectivity(zero, [0.1]) == {"forget_drop": None, "retain": pytest.approx(0.05), "val": 0.0} | {
+        "kept": None,
+        "retain@0.1": None,
+    }
