@@ -143,6 +143,26 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(rows: list[dict], against: str) -> str:
+    """Per row group: its UIS minus the `against` group's (METHOD:VARIANT, same benchmark and setting) on the
+    seeds both ran, the mean with its 95% interval (evaluation/statistics.py: paired, as `mtu report`)."""
+    from mtu_dist.evaluation.statistics import paired
+
+    method, _, variant = against.partition(":")
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        groups[(r["dataset"], r["setting"], r["method"], r["variant"])][r["seed"]] = r["uis"]
+    lines = [f"| benchmark | setting | row | seeds | UIS minus {against}'s [95% interval] |", "|---|---|---|---|---|"]
+    for (ds, st, m, v), per in sorted(groups.items()):
+        ref = groups.get((ds, st, method, variant))
+        if ref is None or (m, v) == (method, variant):
+            continue
+        iv = paired(per, ref)
+        diff = "—" if iv is None else f"{iv.mean:+.4f} [{iv.lo:+.4f}, {iv.hi:+.4f}]"
+        lines.append(f"| {ds} | {st} | {m}:{v} | {len(set(per) & set(ref))} | {diff} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,6 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME:field=value,... (repeatable)")
     ap.add_argument("--quick", action="store_true", help="the table was made with paper_table.py --quick")
     ap.add_argument("--summary", action="store_true", help="only print the table of results.jsonl")
+    ap.add_argument(
+        "--against",
+        metavar="METHOD:VARIANT",
+        help="also print every other row's paired UIS difference to this row (same seeds), with its interval",
+    )
     a = ap.parse_args(argv)
     import torch
 
@@ -203,6 +228,9 @@ def main(argv=None) -> int:
                     )
         rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
         print(summary(rows) if rows else f"{results}: no results yet")
+        if rows and a.against:
+            print()
+            print(paired_table(rows, a.against))
     except UserError as e:
         print(f"knob_sweep: error: {e}", file=sys.stderr)
         return 2

@@ -571,3 +571,19 @@ def test_fixed_step_selectivity_interpolates_the_retain_move_at_equal_forgetting
         "kept": None,
         "retain@0.1": None,
     }
+
+
+def test_knob_sweep_paired_table_differences_rows_on_shared_seeds():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from knob_sweep import paired_table
+
+    def row(method, variant, seed, uis):
+        return {"dataset": "d", "setting": "partial", "method": method, "variant": variant, "seed": seed, "uis": uis}
+
+    rows = [row("a", "x", s, 0.1 + 0.01 * s) for s in range(3)] + [row("b", "y", s, 0.2 + 0.02 * s) for s in range(4)]
+    table = paired_table(rows, "b:y")
+    # a - b on seeds 0-2 only: -0.10, -0.11, -0.12 -> mean -0.11; the reference row is not listed against itself
+    (line,) = [x for x in table.splitlines() if x.startswith("| d |")]
+    assert "| a:x | 3 | -0.1100 [" in line
+    lo, hi = (float(v) for v in line.split("[")[1].split("]")[0].split(","))
+    assert lo < -0.11 < hi < 0
