@@ -245,13 +245,13 @@ class Iamu(SignalMethod):
         heads = ctx.targets if self.opts.orth_heads and self.opts.forget_on != "shared" else ()
         self.orth_cols = self.column_mask(heads=heads)
         # the columns the forget direction may move (`forget_on`); None: every column its signals have
-        self.forget_cols = {
-            "all": None,
-            "shared": self.column_mask(heads=()),
-            "heads": self.column_mask(heads=ctx.targets) & ~self.column_mask(heads=()),
-        }[self.opts.forget_on]
-        if self.opts.forget_on == "heads":
-            self.orth_cols = self.orth_cols & self.forget_cols
+        self.forget_cols = None
+        if self.opts.forget_on != "all":
+            shared = self.column_mask(heads=())
+            # heads: orth_cols holds the shared and target-head columns (orth_heads is required)
+            self.forget_cols = shared if self.opts.forget_on == "shared" else self.orth_cols & ~shared
+            if self.opts.forget_on == "heads":
+                self.orth_cols = self.forget_cols
         logs = {}
         if self.opts.project:
             if self.opts.subspace == "gradients":
