@@ -465,11 +465,7 @@ class Bench:
 
         sets = [*self.method_sets, *chosen_overrides(tuned, m), f"unlearn.method={m}", f"seed={seed}"]
         if level is not None:
-            sets += [
-                "unlearn.stop_at=" + json.dumps(level),
-                f"unlearn.trajectory_every={self.size['trajectory_every']}",
-                f"unlearn.trajectory_sample={self.size['trajectory_sample']}",
-            ]
+            sets += self.curve_sets(level)
         cfg = self.cfg(dataset, sets)
         name = f"{m}-{setting}-s{seed}" + ("-curve" if level is not None else "")
         spec = {
@@ -506,6 +502,15 @@ class Bench:
             f"  {name}: UIS {u['uis']['mean']:.4f}, MIA AUC {u['mia_auc']:.3f}, "
             f"{rep['time_s']:.1f} s ({rep['stop_reason'][:40]}){extra}"
         )
+
+    def curve_sets(self, level: dict) -> list[str]:
+        """The `--set` items that make a run its equal-forgetting run: stop at the retrain's forget `level`,
+        a trajectory point every `--trajectory-every` (or the size's) steps on the size's sample."""
+        return [
+            "unlearn.stop_at=" + json.dumps(level),
+            f"unlearn.trajectory_every={self.a.trajectory_every or self.size['trajectory_every']}",
+            f"unlearn.trajectory_sample={self.size['trajectory_sample']}",
+        ]
 
     def original_row(self, dataset, setting, seed, req: Path, req_sha: str, origin: Path, retrain: Path, tags) -> None:
         """The original model as a row of the table: `mtu eval --request R --retrain RETRAIN` scores it like
@@ -550,7 +555,7 @@ def _model_sha(run_dir: Path) -> str:
     return json.loads((Path(run_dir) / "final" / "state.json").read_text())["sha256"]["model.safetensors"]
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -580,6 +585,12 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, help="trials per method (default: the size's)")
     ap.add_argument("--space", help="search-space YAML (default: configs/tune_space.yaml)")
     ap.add_argument(
+        "--trajectory-every",
+        type=int,
+        help="steps between trajectory points of the equal-forgetting runs (default: the size's, 1; "
+        "configs/tune_space_constant.yaml's runs take hundreds of steps)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -593,7 +604,11 @@ def main(argv=None) -> int:
         help="worker processes, one unit (benchmark x setting) each (default 2: one per core)",
     )
     ap.add_argument("--unit", help=argparse.SUPPRESS)  # worker mode: DATASET:original or DATASET:SETTING
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     import torch
 
     from mtu_dist.reporting.tracking import end_open_runs

@@ -328,6 +328,36 @@ def test_space_gives_every_method_the_same_trial_count():
     assert strata == list(range(space.trials))
 
 
+def test_constant_step_space_covers_every_method_with_a_constant_step():
+    """configs/tune_space_constant.yaml: the default space's tuning with the ramp off and a longer budget;
+    every registered method has its own decade of step size (none falls back to the common range)."""
+    space = load_space(ROOT / "configs" / "tune_space_constant.yaml")
+    ramp = load_space()
+    assert set(space.methods) == set(METHODS)
+    assert space.fixed["unlearn.lr_growth"] == 1.0 and ramp.fixed["unlearn.lr_growth"] > 1.0
+    assert space.fixed["unlearn.steps"] > ramp.fixed["unlearn.steps"]
+    assert (space.trials, space.tolerance) == (ramp.trials, ramp.tolerance)  # the same tuning otherwise
+    for m in METHODS:
+        lo, hi = space.knobs(m)["unlearn.lr"]["log_uniform"]
+        assert hi / lo == pytest.approx(10), m
+
+
+def test_trajectory_every_reaches_the_equal_forgetting_runs(tmp_path):
+    """--trajectory-every sets the curve runs' trajectory spacing (default: the size's, 1)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import paper_table
+
+    def spacing(*argv):
+        bench = paper_table.Bench(
+            paper_table.parser().parse_args(["--out", str(tmp_path), *argv]), paper_table.SIZES["default"]
+        )
+        cfg = bench.cfg("synth-indoor", bench.curve_sets({"seg": 0.4}))
+        return cfg.unlearn.trajectory_every, cfg.unlearn.stop_at
+
+    assert spacing() == (1, {"seg": 0.4})
+    assert spacing("--trajectory-every", "10") == (10, {"seg": 0.4})
+
+
 def test_space_refuses_a_tuned_step_budget(tmp_path):
     bad = tmp_path / "space.yaml"
     bad.write_text(
