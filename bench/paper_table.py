@@ -310,7 +310,7 @@ class Bench:
     @property
     def curve_seeds(self) -> list[int]:
         """The seeds whose requests also get every method's equal-forgetting run."""
-        n = self.size["curve_seeds"]
+        n = self.size["curve_seeds"] if self.a.curve_seeds is None else self.a.curve_seeds
         return self.seeds[:n]
 
     def open_parent(self) -> None:
@@ -584,6 +584,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--trials", type=int, help="trials per method (default: the size's)")
     ap.add_argument("--space", help="search-space YAML (default: configs/tune_space.yaml)")
+    ap.add_argument(
+        "--curve-seeds",
+        type=int,
+        help="how many of the first evaluation seeds also get every method's equal-forgetting run "
+        "(default: the size's)",
+    )
     ap.add_argument(
         "--trajectory-every",
         type=int,

@@ -342,8 +342,9 @@ def test_constant_step_space_covers_every_method_with_a_constant_step():
         assert hi / lo == pytest.approx(10), m
 
 
-def test_trajectory_every_reaches_the_equal_forgetting_runs(tmp_path):
-    """--trajectory-every sets the curve runs' trajectory spacing (default: the size's, 1)."""
+def test_equal_forgetting_runs_options(tmp_path):
+    """--trajectory-every sets the curve runs' trajectory spacing (default: the size's, 1), --curve-seeds
+    which seeds get them."""
     sys.path.insert(0, str(ROOT / "bench"))
     import paper_table
 
@@ -356,6 +357,11 @@ def test_trajectory_every_reaches_the_equal_forgetting_runs(tmp_path):
 
     assert spacing() == (1, {"seg": 0.4})
     assert spacing("--trajectory-every", "10") == (10, {"seg": 0.4})
+    # --curve-seeds: how many of the first seeds get them (default: the size's 2)
+    args = ["--out", str(tmp_path), "--seeds", "3", "1", "4"]
+    assert paper_table.Bench(paper_table.parser().parse_args(args), paper_table.SIZES["default"]).curve_seeds == [3, 1]
+    one = paper_table.parser().parse_args([*args, "--curve-seeds", "1"])
+    assert paper_table.Bench(one, paper_table.SIZES["default"]).curve_seeds == [3]
 
 
 def test_space_refuses_a_tuned_step_budget(tmp_path):
