@@ -348,20 +348,20 @@ def test_equal_forgetting_runs_options(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import paper_table
 
+    def bench(*argv):
+        args = paper_table.parser().parse_args(["--out", str(tmp_path), *argv])
+        return paper_table.Bench(args, paper_table.SIZES["default"])
+
     def spacing(*argv):
-        bench = paper_table.Bench(
-            paper_table.parser().parse_args(["--out", str(tmp_path), *argv]), paper_table.SIZES["default"]
-        )
-        cfg = bench.cfg("synth-indoor", bench.curve_sets({"seg": 0.4}))
+        b = bench(*argv)
+        cfg = b.cfg("synth-indoor", b.curve_sets({"seg": 0.4}))
         return cfg.unlearn.trajectory_every, cfg.unlearn.stop_at
 
     assert spacing() == (1, {"seg": 0.4})
     assert spacing("--trajectory-every", "10") == (10, {"seg": 0.4})
     # --curve-seeds: how many of the first seeds get them (default: the size's 2)
-    args = ["--out", str(tmp_path), "--seeds", "3", "1", "4"]
-    assert paper_table.Bench(paper_table.parser().parse_args(args), paper_table.SIZES["default"]).curve_seeds == [3, 1]
-    one = paper_table.parser().parse_args([*args, "--curve-seeds", "1"])
-    assert paper_table.Bench(one, paper_table.SIZES["default"]).curve_seeds == [3]
+    assert bench("--seeds", "3", "1", "4").curve_seeds == [3, 1]
+    assert bench("--seeds", "3", "1", "4", "--curve-seeds", "1").curve_seeds == [3]
 
 
 def test_space_refuses_a_tuned_step_budget(tmp_path):
