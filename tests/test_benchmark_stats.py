@@ -324,3 +324,30 @@ def test_a_variant_of_ours_from_another_version_is_never_the_strongest_baseline(
     text = goal_lines({("b", "partial"): g})
     assert "strongest baseline scrub 0.2100" in text and "iamu_no_kept" not in text
     assert paired_table(g).splitlines()[2].startswith("| iamu_no_kept | 3 |")  # with the ablations, first
+
+
+def test_the_ablations_are_held_to_the_goal_against_the_strongest_ranked_baseline():
+    """The ablation table measures each row against the baseline the goal line picks (complete, above
+    the floor), with paired differences against it and the retrain over the seeds both ran."""
+    from mtu_dist.reporting.report import ablation_goal_table, strongest_baseline
+
+    def rows(m, uis, excess=0.1):
+        return [Row("b", "partial", s, m, {"uis": u, "uis_excess": excess}) for s, u in enumerate(uis)]
+
+    g = {
+        "retrain": rows("retrain", [0.03, 0.04, 0.05]),
+        "iamu": rows("iamu", [0.06, 0.05, 0.07]),
+        "iamu_no_proj": rows("iamu_no_proj", [0.04, 0.04, 0.04]),
+        "pcgrad": rows("pcgrad", [0.08, 0.09, 0.10]),
+        "scrub": rows("scrub", [0.01, 0.02]),  # lower, but two of three seeds: not ranked
+        "salun": rows("salun", [0.02, 0.02, 0.02], excess=-0.01),  # below the floor: not ranked
+    }
+    assert strongest_baseline(g) == "pcgrad"
+    lines = ablation_goal_table(g, "partial").splitlines()
+    assert lines[0].startswith("| row | seeds | mean UIS | below pcgrad (goal 50%) | row - pcgrad | row - retrain |")
+    assert lines[2].startswith("| iamu | 3 | 0.0600 | 33% | -0.0300 [")  # (0.09 - 0.06) / 0.09
+    # per seed -0.04, -0.05, -0.06 against pcgrad; +0.01, 0.00, -0.01 against the retrain
+    assert lines[3].startswith("| iamu_no_proj | 3 | 0.0400 | 56% | -0.0500 [") and "| +0.0000 [" in lines[3]
+    assert len(lines) == 4
+    del g["pcgrad"]
+    assert strongest_baseline(g) is None and ablation_goal_table(g, "partial") == ""
