@@ -83,7 +83,7 @@ def _run(job: tuple) -> dict:
     table, quick, out, method, lr, alpha, sets, steps, every, ds, setting, space_path, drops = job
     torch.set_num_threads(1)
     size = pt.SIZES["quick" if quick else "default"]
-    bench = pt.Bench(argparse.Namespace(out=table, tracking_uri=None, quick=quick), size)
+    bench = pt.Bench(pt.parser().parse_args(["--out", str(table), *(["--quick"] if quick else [])]), size)
     space = load_space(space_path)
     dev = Path(table) / "requests" / f"{ds}-{setting}-dev.yaml"
     origin = Path(table) / "runs" / ds / "original"

@@ -39,7 +39,7 @@ def _unit(job: tuple) -> dict:
 
     table, out, method, variant, sets, ds, setting, space_path = job
     torch.set_num_threads(1)
-    bench = pt.Bench(argparse.Namespace(out=table, tracking_uri=None, quick=False), pt.SIZES["default"])
+    bench = pt.Bench(pt.parser().parse_args(["--out", str(table)]), pt.SIZES["default"])
     base = bench.base(ds)
     space = load_space(space_path)
     dev = Path(table) / "requests" / f"{ds}-{setting}-dev.yaml"
