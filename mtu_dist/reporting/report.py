@@ -347,9 +347,13 @@ def paired_table(by_method: dict[str, list[Row]]) -> str:
 def strongest_baseline(by_method: dict[str, list[Row]]) -> str | None:
     """The baseline the UIS goal is measured against: the lowest mean UIS among the baselines with every
     seed OURS has and not below the retrain's floor (the goal line's rule); None when none qualifies."""
-    skip = below_floor(by_method) | set(incomplete(by_method))
-    uis = {m: u for m, u in mean_uis(by_method).items() if m in baselines(by_method) and m not in skip}
-    return min(uis, key=uis.get) if uis else None
+    return _ranked_best(mean_uis(by_method), below_floor(by_method) | set(incomplete(by_method)))
+
+
+def _ranked_best(uis: dict[str, float], skip) -> str | None:
+    """The lowest mean UIS among the baselines in `uis` not in `skip` (below the floor, incomplete)."""
+    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in skip}
+    return min(base, key=base.get) if base else None
 
 
 def ablation_goal_table(by_method: dict[str, list[Row]], setting: str) -> str:
@@ -360,7 +364,8 @@ def ablation_goal_table(by_method: dict[str, list[Row]], setting: str) -> str:
     rows = [m for m in method_order(by_method) if is_ablation(m) and per_seed(by_method, m)]
     if best is None or not rows:
         return ""
-    base = mean_uis(by_method)[best]
+    uis = mean_uis(by_method)
+    base = uis[best]
 
     def pair(m, ref):
         d = paired(per_seed(by_method, m), per_seed(by_method, ref))
@@ -373,7 +378,7 @@ def ablation_goal_table(by_method: dict[str, list[Row]], setting: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for m in [OURS, *rows] if OURS in by_method else rows:
-        u = mean_uis(by_method).get(m)
+        u = uis.get(m)
         if u is None:
             continue
         below = f"{100 * (base - u) / base:.0f}%" if base > 0 else ""
@@ -495,16 +500,15 @@ def uis_line(
     paired difference of OURS minus the strongest baseline on the same requests and seeds;
     `incomplete_rows` = {baseline: why} are listed and not ranked, as the rows below the floor (`low`)."""
     unranked = incomplete_rows or {}
-    base = {m: v for m, v in uis.items() if m in baselines(uis) and m not in low and m not in unranked}
-    if OURS not in uis or not base:
+    best = _ranked_best(uis, set(low) | set(unranked))
+    if OURS not in uis or best is None:
         why = (
             f"no baseline is ranked: below the floor {sorted(low)}, incomplete {sorted(unranked)}"
             if OURS in uis and (low or unranked)
             else f"{OURS} or baselines missing"
         )
         return f"- {label}: UIS goal not computable ({why})"
-    best = min(base, key=base.get)
-    below = (base[best] - uis[OURS]) / base[best] if base[best] > 0 else float("nan")
+    below = (uis[best] - uis[OURS]) / uis[best] if uis[best] > 0 else float("nan")
     floor = f"; the retrain's own UIS: {uis['retrain']:.4f}" if "retrain" in uis else ""
     skipped = f"; below the floor, not ranked: {', '.join(sorted(low))}" if low else ""
     if unranked:
@@ -519,7 +523,7 @@ def uis_line(
         # the goal is a margin *shown*: with an interval, it must lie below 0 as well
         ok = ok and (d.n <= 1 or d.hi < 0)
     return (
-        f"- {label}: {OURS} mean UIS {uis[OURS]:.4f} vs strongest baseline {best} {base[best]:.4f}: "
+        f"- {label}: {OURS} mean UIS {uis[OURS]:.4f} vs strongest baseline {best} {uis[best]:.4f}: "
         f"{100 * below:.0f}% below (goal >= {100 * GOALS[setting]:.0f}% and the paired interval below 0"
         f"{floor}{skipped}){pair}: {_verdict(ok)}"
     )
